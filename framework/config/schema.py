@@ -1,0 +1,121 @@
+"""The typed schema of every knob: one dataclass per Hydra config group.
+
+These dataclasses are the only thing the engine sees. Hydra composes YAML into them
+(`framework.config.store` registers them as the schema), and library users may build
+them by hand. Field comments are the documentation of each knob; README's knob table
+repeats the memory trade-off of the important ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class ModelConfig:
+    # A local HF folder, the name of a bundled model (framework/assets/NAME) or a hub id
+    # already present in the local HF cache (nothing is ever downloaded).
+    path: str = "pydoc-llama"
+    tokenizer: Optional[str] = None  # defaults to `path`
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto = float32 on CPU, checkpoint dtype on GPU
+    load_format: str = "auto"  # auto (safetensors) | dummy (random weights) | sharded (task=save_sharded output)
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0  # seeds dummy weights and unseeded sampling
+
+
+@dataclass
+class ParallelConfig:
+    # Weights and KV heads are split over this many ranks (GPUs, or CPU processes with gloo).
+    tensor_parallel_size: int = 1
+
+
+@dataclass
+class QuantizationConfig:
+    # none | fp8 | int8 | int4 (weights quantized at load) | auto (read the checkpoint's quantization_config)
+    method: str = "none"
+    group_size: int = 128  # int4: weights per scale along the input dimension
+
+
+class CompilationLevel(IntEnum):
+    """vLLM's compilation levels; YAML may give the name or the number."""
+
+    NO_COMPILATION = 0
+    DYNAMO_AS_IS = 1
+    DYNAMO_ONCE = 2
+    PIECEWISE = 3
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    # Longest prompt + output a request may have; null = the model's limit; "auto" = the longest that fits.
+    max_model_len: Optional[Any] = None
+    allow_long_max_model_len: bool = False  # permit max_model_len above config.json's limit
+    max_num_seqs: Optional[Any] = 256  # concurrent sequences per step; "auto" = the most that fit
+    max_num_batched_tokens: int = 2048  # tokens per step; prompts longer than this prefill in chunks
+    gpu_memory_utilization: float = 0.9  # share of GPU memory this engine may use in all
+    kv_cache_dtype: str = "auto"  # auto (model dtype) | fp8 (half the KV bytes of bf16)
+    cpu_kvcache_space_gib: float = 4.0  # CPU backend KV cache size (vLLM: VLLM_CPU_KVCACHE_SPACE)
+    enable_prefix_caching: bool = False  # share KV blocks of identical prompt prefixes
+    num_gpu_blocks_override: Optional[int] = None  # force the number of KV blocks (tests, debugging)
+
+
+@dataclass
+class CompilationConfig:
+    level: CompilationLevel = CompilationLevel.NO_COMPILATION
+    # Decode batch sizes captured as CUDA graphs; null = 1, 2, 4, 8, then steps of 8 up to max_num_seqs (max 256).
+    cudagraph_capture_sizes: Optional[List[int]] = None
+    enforce_eager: bool = False  # capture no CUDA graphs: saves the graph pool, costs decode speed
+
+
+@dataclass
+class MultimodalConfig:
+    limit_mm_per_prompt: Dict[str, int] = field(default_factory=dict)  # {image: 3, video: 1}; 0 disables
+    mm_processor_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the HF processor
+    mm_input_cache_gib: float = 4.0  # host cache of processed inputs (vLLM: VLLM_MM_INPUT_CACHE_GIB)
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "auto"  # auto (local for TP=1, else ray) | local (in process, TP=1) | ray (one actor per rank)
+    address: Optional[str] = None  # ray: an existing cluster ("auto" or host:port); null starts one
+    num_cpus_per_rank: float = 0.0  # ray: CPUs reserved per rank actor (0 lets ranks share small boxes)
+
+
+@dataclass
+class TaskConfig:
+    name: str = "generate"  # generate | chat | bench | plan | eval | serve | save_sharded
+    prompts: List[str] = field(default_factory=list)
+    prompts_file: Optional[str] = None  # one prompt per line, or JSONL with a "prompt" field
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: Optional[int] = None
+    ignore_eos: bool = False
+    output_file: str = "outputs.jsonl"  # written in the run folder
+    progress: bool = True
+    device_memory_gib: Optional[float] = None  # plan for this GPU size instead of the one present
+    # bench: a fixed synthetic workload
+    num_requests: int = 64
+    input_len_range: List[int] = field(default_factory=lambda: [32, 128])
+    output_len_range: List[int] = field(default_factory=lambda: [32, 128])
+    compare_hf: bool = True  # bench: also time HF transformers generate on the same requests
+    # serve
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # save_sharded
+    output_dir: Optional[str] = None
+
+
+@dataclass
+class FrameworkConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallelism: ParallelConfig = field(default_factory=ParallelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    compilation: CompilationConfig = field(default_factory=CompilationConfig)
+    multimodal: MultimodalConfig = field(default_factory=MultimodalConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)

@@ -1,0 +1,62 @@
+"""Turns a validated config into a ready engine (rank 0) or model runner (other ranks)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, List, Optional
+
+from framework.config.schema import FrameworkConfig
+from framework.engine.llm_engine import LLMEngine
+from framework.engine.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+def model_max_len(hf_config: Any) -> int:
+    text = getattr(hf_config, "text_config", None) or hf_config
+    limit = text.max_position_embeddings
+    window = getattr(text, "sliding_window", None)
+    if window and getattr(text, "use_sliding_window", True):
+        limit = min(limit, window)  # no sliding-window attention here: stay inside one window
+    return limit
+
+
+def resolve_max_model_len(cfg: FrameworkConfig, hf_config: Any) -> int:
+    value = cfg.cache.max_model_len
+    return model_max_len(hf_config) if value in (None, "auto") else int(value)
+
+
+def resolve_max_num_seqs(cfg: FrameworkConfig) -> int:
+    value = cfg.cache.max_num_seqs
+    return 256 if value == "auto" else int(value)
+
+
+def load_tokenizer(cfg: FrameworkConfig, model_path: Path) -> Optional[Any]:
+    folder = Path(cfg.model.tokenizer).expanduser() if cfg.model.tokenizer else model_path
+    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None  # token-id prompts only
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def eos_token_ids(model_path: Path, hf_config: Any, tokenizer: Optional[Any]) -> List[int]:
+    gen = model_path / "generation_config.json"
+    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    if eos is None:
+        eos = getattr(hf_config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def build_runner(cfg: FrameworkConfig, model_path: Path, hf_config: Any) -> ModelRunner:
+    return ModelRunner(cfg, model_path, hf_config, resolve_max_model_len(cfg, hf_config))
+
+
+def build_engine(cfg: FrameworkConfig, model_path: Path, hf_config: Any, runner: Optional[ModelRunner] = None
+                 ) -> LLMEngine:
+    runner = runner or build_runner(cfg, model_path, hf_config)
+    tokenizer = load_tokenizer(cfg, model_path)
+    return LLMEngine(cfg, runner, tokenizer, resolve_max_model_len(cfg, hf_config), resolve_max_num_seqs(cfg),
+                     eos_token_ids(model_path, hf_config, tokenizer))

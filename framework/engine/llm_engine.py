@@ -1,0 +1,152 @@
+"""The engine loop: admit requests, schedule a step, run the model, sample, detokenize.
+
+It lives on rank 0. A request it cannot serve (empty, too long, bad token ids or settings)
+finishes at once with an error; it never reaches the scheduler, so no other request is hurt.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Dict, List, Optional, Sequence as Seq, Union
+
+import torch
+
+from framework.config.schema import FrameworkConfig
+from framework.engine.block_manager import BlockManager
+from framework.engine.model_runner import ModelRunner
+from framework.engine.outputs import CompletionOutput, RequestOutput
+from framework.engine.sampler import sample
+from framework.engine.sampling_params import SamplingParams
+from framework.engine.scheduler import Scheduler
+from framework.engine.sequence import Sequence
+from framework.engine.step_input import build_step_input
+
+log = logging.getLogger(__name__)
+Prompt = Union[str, Dict[str, Any]]
+
+
+class LLMEngine:
+    def __init__(self, cfg: FrameworkConfig, runner: ModelRunner, tokenizer: Any, max_model_len: int,
+                 max_num_seqs: int, eos_token_ids: Seq[int]):
+        self.cfg, self.runner, self.tokenizer = cfg, runner, tokenizer
+        self.max_model_len, self.eos_token_ids = max_model_len, set(eos_token_ids)
+        self.vocab_size = runner.model.args.vocab_size
+        self.block_size = cfg.cache.block_size
+        num_blocks = runner.num_blocks_that_fit()
+        if not cfg.cache.enable_prefix_caching:  # never hold more than full concurrency can use
+            num_blocks = min(num_blocks, max_num_seqs * -(-max_model_len // self.block_size))
+        if num_blocks * self.block_size < max_model_len:
+            raise RuntimeError(f"the KV cache holds {num_blocks * self.block_size} tokens, less than one request "
+                               f"of cache.max_model_len={max_model_len}; lower cache.max_model_len or give "
+                               "the cache more memory")
+        runner.allocate_kv_cache(num_blocks)
+        log.info("KV cache: %d blocks x %d tokens = %d tokens; %.1f requests of %d tokens at once",
+                 num_blocks, self.block_size, num_blocks * self.block_size,
+                 num_blocks * self.block_size / max_model_len, max_model_len)
+        self.block_manager = BlockManager(num_blocks, self.block_size, cfg.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, cfg.cache.max_num_batched_tokens)
+        self.generator = torch.Generator().manual_seed(cfg.model.seed)
+        self._ids = itertools.count()
+        self.num_generated_tokens = 0
+
+    # --- requests ---------------------------------------------------------------------
+    def _tokenize(self, prompt: Prompt) -> tuple[Optional[str], List[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if self.tokenizer is None:
+            raise ValueError("this model folder has no tokenizer; pass {'prompt_token_ids': [...]}")
+        return prompt, self.tokenizer.encode(prompt)
+
+    def _problem(self, token_ids: List[int], params: SamplingParams) -> Optional[str]:
+        if not token_ids:
+            return "the prompt is empty"
+        if len(token_ids) >= self.max_model_len:
+            return (f"the prompt has {len(token_ids)} tokens; cache.max_model_len={self.max_model_len} "
+                    "leaves no room to generate")
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            return f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+        return params.problem()
+
+    def add_request(self, prompt: Prompt, params: SamplingParams) -> Union[Sequence, RequestOutput]:
+        """A Sequence now in the scheduler, or a finished RequestOutput carrying the error."""
+        request_id = str(next(self._ids))
+        try:
+            text, token_ids = self._tokenize(prompt)
+            problem = self._problem(token_ids, params)
+        except Exception as exc:  # a tokenizer failure is this request's problem only
+            text, token_ids, problem = None, [], f"could not tokenize the prompt: {exc}"
+        if problem:
+            return RequestOutput(request_id, text, token_ids, [CompletionOutput("", [], "error")],
+                                 error=f"request {request_id}: {problem}")
+        seq = Sequence(token_ids, params, request_id=request_id, prompt=text)
+        self.scheduler.add(seq)
+        return seq
+
+    # --- the loop -------------------------------------------------------------------
+    def step(self) -> List[Sequence]:
+        """One scheduler step; returns the sequences that finished in it."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        step = build_step_input(batch, self.block_size)
+        logits = self.runner.run(step)
+        sampling = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+            if seq.num_computed_tokens == seq.num_tokens:
+                sampling.append(seq)
+        tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling], self.generator)
+        finished = []
+        for seq, token in zip(sampling, tokens):
+            seq.token_ids.append(token)
+            self.num_generated_tokens += 1
+            reason = self._finish_reason(seq, token)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token: int) -> Optional[str]:
+        p = seq.params
+        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+            return "stop"
+        if p.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            hits = [text.find(s) for s in p.stop if s in text]
+            if hits:
+                seq.text = text[:min(hits)]
+                return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        token_ids = list(seq.output_token_ids)  # EOS stays in token_ids, as in vLLM; the text skips it
+        text = seq.text
+        if not text and self.tokenizer is not None:
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return RequestOutput(seq.request_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens],
+                             [CompletionOutput(text, token_ids, seq.finish_reason)],
+                             num_preemptions=seq.num_preemptions)
+
+    def generate(self, prompts: Seq[Prompt], params: Union[SamplingParams, Seq[SamplingParams]],
+                 progress: bool = False) -> List[RequestOutput]:
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        results: List[Union[Sequence, RequestOutput]] = [self.add_request(p, sp)
+                                                         for p, sp in zip(prompts, params_list)]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(results), desc="generate", unit="req", dynamic_ncols=True)
+            bar.update(sum(isinstance(r, RequestOutput) for r in results))
+        while self.scheduler.has_work():
+            done = self.step()
+            if bar is not None and done:
+                bar.update(len(done))
+        if bar is not None:
+            bar.close()
+        return [r if isinstance(r, RequestOutput) else self.output(r) for r in results]

@@ -1,0 +1,59 @@
+"""A request's state as it moves through the scheduler: tokens, KV blocks, progress."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from typing import List, Optional
+
+import torch
+
+from framework.engine.sampling_params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Sequence:
+    token_ids: List[int]
+    params: SamplingParams
+    request_id: str = ""
+    prompt: Optional[str] = None  # the text, when the request came as text
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    num_prompt_tokens: int = 0
+    # Tokens whose K/V are in the cache. Preemption resets it to 0 (recompute); prefix-cache hits raise it.
+    num_computed_tokens: int = 0
+    block_table: List[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: Optional[str] = None
+    text: str = ""
+    generator: Optional[torch.Generator] = None  # seeded requests only
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.token_ids)
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> List[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED

@@ -1,0 +1,45 @@
+"""Attention over the paged KV cache: write this step's K/V, then attend.
+
+The metadata describes one flat batch of new tokens from many sequences (prefill chunks and
+decodes mixed); the kernels read earlier tokens through each sequence's block table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+import kernels
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token (-1: padding, skipped)
+    cu_seqlens_q: torch.Tensor  # [B+1] int32: sequence b owns new-token rows cu[b]:cu[b+1]
+    seq_lens: torch.Tensor  # [B] int32: context length after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    decode_only: bool  # every sequence adds exactly one token: the split-K decode kernel applies
+    max_seq_len: int  # a host-side bound on seq_lens (sizes the decode split without a sync)
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.k_cache: Optional[torch.Tensor] = None  # [num_blocks, block_size, num_kv_heads, head_dim]
+        self.v_cache: Optional[torch.Tensor] = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        kernels.store_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if meta.decode_only:
+            out = kernels.paged_decode_attention(q, self.k_cache, self.v_cache, meta.seq_lens,
+                                                 meta.block_tables, self.scale, max_seq_len=meta.max_seq_len)
+        else:
+            out = kernels.paged_attention(q, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.seq_lens,
+                                          meta.block_tables, self.scale)
+        return out.reshape(-1, self.num_heads * self.head_dim)

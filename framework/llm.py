@@ -1,0 +1,43 @@
+"""The library entry point, used like vLLM's: `LLM(config).generate(prompts, SamplingParams(...))`."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from framework.config.schema import FrameworkConfig
+from framework.config.validate import validate, validate_against_model
+from framework.engine.outputs import RequestOutput
+from framework.engine.sampling_params import SamplingParams
+from framework.loader.resolve import load_hf_config, resolve_model_path
+
+Prompt = Union[str, Dict[str, Any]]
+
+
+class LLM:
+    def __init__(self, config: Optional[FrameworkConfig] = None):
+        from launchers import start_launcher
+
+        self.config = validate(config or FrameworkConfig())
+        self.model_path = resolve_model_path(self.config.model.path)
+        self.hf_config = load_hf_config(self.model_path)
+        validate_against_model(self.config, self.hf_config)
+        self.launcher = start_launcher(self.config, self.model_path, self.hf_config)
+
+    def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
+                 sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
+                 use_tqdm: bool = False) -> List[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        return self.launcher.generate(list(prompts), sampling_params or SamplingParams(), use_tqdm)
+
+    def stats(self) -> Dict[str, Any]:
+        """Load time, KV cache size and measured memory of each rank (for metrics.json)."""
+        return self.launcher.stats()
+
+    def shutdown(self) -> None:
+        self.launcher.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

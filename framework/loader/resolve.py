@@ -1,0 +1,30 @@
+"""Where a model's files are: a local folder, a bundled model, or the local HF hub cache."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List
+
+from framework.config.errors import UserError
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def resolve_model_path(path: str) -> Path:
+    """Never downloads: a hub id must already be in the local HF cache."""
+    looked: List[str] = []
+    for candidate in (Path(path).expanduser(), ASSETS / path, ASSETS / "shapes" / path):
+        looked.append(str(candidate))
+        if (candidate / "config.json").is_file():
+            return candidate
+    if "/" in path and not Path(path).is_absolute():
+        try:
+            from huggingface_hub import snapshot_download
+            return Path(snapshot_download(path, local_files_only=True))
+        except Exception as exc:  # offline and not cached: say where we looked
+            looked.append(f"the HF hub cache ({type(exc).__name__})")
+    raise UserError(f"model.path={path!r}: no config.json found; looked in {', '.join(looked)}")
+
+
+def load_hf_config(path: Path) -> Any:
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(str(path))

@@ -1,0 +1,38 @@
+"""What a rank actually used: peak memory, KV cache size, load time. Read after a run."""
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Any, Dict
+
+import torch
+
+GiB = 1 << 30
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def rank_stats(engine: Any) -> Dict[str, Any]:
+    runner = engine.runner
+    stats: Dict[str, Any] = {
+        "device": str(runner.device),
+        "dtype": str(runner.dtype).replace("torch.", ""),
+        "load_seconds": round(runner.load_seconds, 3),
+        "bytes_read": runner.load_stats.bytes_read,
+        "weight_bytes": sum(p.numel() * p.element_size() for p in runner.model.parameters()),
+        "kv_blocks": runner.num_blocks,
+        "kv_tokens": runner.num_blocks * runner.kv_spec.block_size,
+        "kv_bytes": runner.num_blocks * runner.kv_spec.bytes_per_block,
+        "num_preemptions": engine.scheduler.num_preemptions,
+    }
+    if runner.device.type == "cuda":
+        stats["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(runner.device)
+        free, total = torch.cuda.mem_get_info(runner.device)
+        stats["device_used_bytes"] = total - free
+    else:
+        stats["peak_rss_bytes"] = peak_rss_bytes()
+    return stats

@@ -1,0 +1,149 @@
+"""The Llama family: Llama 3.x, Mistral, Qwen2 and Granite share this one decoder.
+
+Their differences are a handful of numbers and flags read from config.json (`LlamaArgs`):
+Qwen2 has biases on q/k/v, Granite scales embeddings, attention, residuals and logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from framework.layers.activation import SiluAndMul
+from framework.layers.attention import Attention, AttentionMetadata
+from framework.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from framework.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from framework.layers.norm import RMSNorm
+from framework.layers.rotary import RotaryEmbedding, rope_parameters
+from framework.parallel import divide, tp_size
+
+
+@dataclass
+class LlamaArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_positions: int
+    rope: Dict[str, Any]
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    embedding_multiplier: float = 1.0  # Granite
+    attention_multiplier: Optional[float] = None  # Granite: replaces 1/sqrt(head_dim)
+    residual_multiplier: float = 1.0  # Granite
+    logits_scaling: float = 1.0  # Granite: logits are divided by it
+
+    @classmethod
+    def from_hf(cls, c: Any) -> "LlamaArgs":
+        arch = (getattr(c, "architectures", None) or [""])[0]
+        qwen2 = arch.startswith("Qwen2")
+        attention_bias = getattr(c, "attention_bias", False)
+        return cls(
+            vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+            num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+            rms_norm_eps=c.rms_norm_eps, max_positions=c.max_position_embeddings, rope=rope_parameters(c),
+            tie_word_embeddings=getattr(c, "tie_word_embeddings", False),
+            qkv_bias=qwen2 or attention_bias, o_bias=attention_bias and not qwen2,
+            mlp_bias=getattr(c, "mlp_bias", False),
+            embedding_multiplier=getattr(c, "embedding_multiplier", 1.0),
+            attention_multiplier=getattr(c, "attention_multiplier", None),
+            residual_multiplier=getattr(c, "residual_multiplier", 1.0),
+            logits_scaling=getattr(c, "logits_scaling", 1.0),
+        )
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, a: LlamaArgs, max_positions: int):
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(a.hidden_size, a.head_dim, a.num_heads, a.num_kv_heads, bias=a.qkv_bias)
+        self.o_proj = RowParallelLinear(a.num_heads * a.head_dim, a.hidden_size, bias=a.o_bias)
+        self.rotary = RotaryEmbedding(a.head_dim, max_positions, a.rope)
+        self.q_size = self.qkv_proj.num_heads * a.head_dim
+        self.kv_size = self.qkv_proj.num_kv_heads * a.head_dim
+        scale = a.attention_multiplier if a.attention_multiplier is not None else a.head_dim ** -0.5
+        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, a.head_dim, scale)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary(positions, q.unflatten(-1, (-1, self.attn.head_dim)),
+                           k.unflatten(-1, (-1, self.attn.head_dim)))
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(a.hidden_size, [a.intermediate_size] * 2, bias=a.mlp_bias)
+        self.down_proj = RowParallelLinear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, a: LlamaArgs, max_positions: int):
+        super().__init__()
+        self.self_attn = LlamaAttention(a, max_positions)
+        self.mlp = LlamaMLP(a)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.residual_multiplier = a.residual_multiplier
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor],
+                meta: AttentionMetadata) -> Tuple[torch.Tensor, torch.Tensor]:
+        # `residual` holds the running sum; each norm adds the previous block's output into it.
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta) * self.residual_multiplier
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x) * self.residual_multiplier, residual
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name -> (our fused module, shard id)
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, hf_config: Any, max_model_len: Optional[int] = None):
+        super().__init__()
+        a = self.args = LlamaArgs.from_hf(hf_config)
+        max_positions = max(a.max_positions, max_model_len or 0)
+        self.embed_tokens = VocabParallelEmbedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(a, max_positions) for _ in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.lm_head = ParallelLMHead(a.vocab_size, a.hidden_size)
+        if a.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def checkpoint_name(self, name: str) -> str:
+        """HF names carry a `model.` prefix on everything but lm_head."""
+        return name if name.startswith("lm_head") else f"model.{name}"
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        if self.args.embedding_multiplier != 1.0:
+            x = x * self.args.embedding_multiplier
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head.compute_logits(hidden)
+        return logits / self.args.logits_scaling if self.args.logits_scaling != 1.0 else logits

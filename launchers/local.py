@@ -1,0 +1,24 @@
+"""TP=1 in this process: the engine and its model runner live right here."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List
+
+from framework.config.schema import FrameworkConfig
+from framework.engine.build import build_engine
+from framework.engine.outputs import RequestOutput
+from framework.memory.measure import rank_stats
+
+
+class LocalLauncher:
+    def __init__(self, cfg: FrameworkConfig, model_path: Path, hf_config: Any):
+        self.engine = build_engine(cfg, model_path, hf_config)
+
+    def generate(self, prompts: List[Any], params: Any, progress: bool) -> List[RequestOutput]:
+        return self.engine.generate(prompts, params, progress)
+
+    def stats(self) -> Dict[str, Any]:
+        return {"ranks": [rank_stats(self.engine)]}
+
+    def shutdown(self) -> None:
+        self.engine = None
