@@ -16,7 +16,8 @@ import torch.distributed as dist
 from framework.config.schema import FrameworkConfig
 from framework.engine.step_input import StepInput
 from framework.layers.attention import Attention, AttentionMetadata
-from framework.loader.weights import LoadStats, init_dummy, load_safetensors
+from framework.loader import load_weights
+from framework.loader.weights import LoadStats
 from framework.models.registry import model_class
 from framework.parallel import tp_rank, tp_size
 
@@ -76,10 +77,7 @@ class ModelRunner:
                 self.model = model_class(hf_config)(hf_config, max_model_len).eval()
         finally:
             torch.set_default_dtype(default_dtype)
-        if cfg.model.load_format == "dummy":
-            self.load_stats = init_dummy(self.model, cfg.model.seed)
-        else:
-            self.load_stats: LoadStats = load_safetensors(self.model, model_path)
+        self.load_stats: LoadStats = load_weights(self.model, cfg.model, model_path)
         self.load_seconds = time.perf_counter() - start
 
         self.attn_layers: List[Attention] = [m for m in self.model.modules() if isinstance(m, Attention)]
