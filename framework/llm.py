@@ -29,6 +29,21 @@ class LLM:
             prompts = [prompts]
         return self.launcher.generate(list(prompts), sampling_params or SamplingParams(), use_tqdm)
 
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer, loaded in this process (the engine may live in another)."""
+        if not hasattr(self, "_tokenizer"):
+            from framework.engine.build import load_tokenizer
+            self._tokenizer = load_tokenizer(self.config, self.model_path)
+        return self._tokenizer
+
+    def apply_chat_template(self, user_message: str) -> str:
+        from framework.config.errors import UserError
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise UserError(f"model.path={self.config.model.path!r} has no chat template; use task=generate")
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": user_message}],
+                                                  add_generation_prompt=True, tokenize=False)
+
     def stats(self) -> Dict[str, Any]:
         """Load time, KV cache size and measured memory of each rank (for metrics.json)."""
         return self.launcher.stats()

@@ -85,7 +85,7 @@ class LauncherConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "generate"  # generate | chat | bench | plan | eval | serve | save_sharded
+    name: str = "generate"  # generate | chat | bench | plan | eval | save_sharded
     prompts: List[str] = field(default_factory=list)
     prompts_file: Optional[str] = None  # one prompt per line, or JSONL with a "prompt" field
     max_tokens: int = 64
@@ -102,9 +102,6 @@ class TaskConfig:
     input_len_range: List[int] = field(default_factory=lambda: [32, 128])
     output_len_range: List[int] = field(default_factory=lambda: [32, 128])
     compare_hf: bool = True  # bench: also time HF transformers generate on the same requests
-    # serve
-    host: str = "127.0.0.1"
-    port: int = 8000
     # save_sharded
     output_dir: Optional[str] = None
 

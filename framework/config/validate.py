@@ -16,7 +16,7 @@ DEVICES = ("auto", "cpu", "cuda")
 QUANT_METHODS = ("none", "fp8", "int8", "int4", "auto")
 KV_CACHE_DTYPES = ("auto", "fp8")
 LAUNCHERS = ("auto", "local", "ray")
-TASKS = ("generate", "chat", "bench", "plan", "eval", "serve", "save_sharded")
+TASKS = ("generate", "chat", "bench", "plan", "eval", "save_sharded")
 MODALITIES = ("image", "video", "audio")
 
 

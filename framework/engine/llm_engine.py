@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from typing import Any, Dict, List, Optional, Sequence as Seq, Union
 
 import torch
@@ -101,11 +102,14 @@ class LLMEngine:
                 sampling.append(seq)
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling], self.generator)
         finished = []
+        now = time.perf_counter()
         for seq, token in zip(sampling, tokens):
             seq.token_ids.append(token)
+            seq.first_token_time = seq.first_token_time or now
             self.num_generated_tokens += 1
             reason = self._finish_reason(seq, token)
             if reason:
+                seq.finish_time = now
                 self.scheduler.finish(seq, reason)
                 finished.append(seq)
         return finished
@@ -131,7 +135,9 @@ class LLMEngine:
             text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         return RequestOutput(seq.request_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens],
                              [CompletionOutput(text, token_ids, seq.finish_reason)],
-                             num_preemptions=seq.num_preemptions)
+                             num_preemptions=seq.num_preemptions,
+                             time_to_first_token=seq.first_token_time - seq.arrival_time,
+                             latency=seq.finish_time - seq.arrival_time)
 
     def generate(self, prompts: Seq[Prompt], params: Union[SamplingParams, Seq[SamplingParams]],
                  progress: bool = False) -> List[RequestOutput]:

@@ -20,6 +20,8 @@ class RequestOutput:
     outputs: List[CompletionOutput] = field(default_factory=list)
     error: Optional[str] = None  # why this request failed; the others are unaffected
     num_preemptions: int = 0
+    time_to_first_token: Optional[float] = None  # seconds from arrival
+    latency: Optional[float] = None  # seconds from arrival to the last token
 
     @property
     def text(self) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import List, Optional
@@ -36,6 +37,9 @@ class Sequence:
     text: str = ""
     generator: Optional[torch.Generator] = None  # seeded requests only
     num_preemptions: int = 0
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: Optional[float] = None
+    finish_time: Optional[float] = None
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

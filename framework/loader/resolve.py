@@ -12,7 +12,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 def resolve_model_path(path: str) -> Path:
     """Never downloads: a hub id must already be in the local HF cache."""
     looked: List[str] = []
-    for candidate in (Path(path).expanduser(), ASSETS / path, ASSETS / "shapes" / path):
+    for candidate in dict.fromkeys((Path(path).expanduser(), ASSETS / path, ASSETS / "shapes" / path)):
         looked.append(str(candidate))
         if (candidate / "config.json").is_file():
             return candidate

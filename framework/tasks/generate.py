@@ -1,0 +1,50 @@
+"""task=generate: run the prompts, print the completions, write them as JSONL."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import List
+
+from framework.config.schema import FrameworkConfig
+from framework.engine.outputs import RequestOutput
+from framework.llm import LLM
+from framework.tasks.metrics import write_metrics
+from framework.tasks.prompts import load_prompts, sampling_params
+
+
+def summarize(outputs: List[RequestOutput], seconds: float) -> dict:
+    ok = [o for o in outputs if o.error is None]
+    tokens = sum(len(o.token_ids) for o in ok)
+    latencies = sorted(o.latency for o in ok) or [0.0]
+    pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+    return {"requests": len(outputs), "failed_requests": len(outputs) - len(ok), "output_tokens": tokens,
+            "seconds": round(seconds, 4), "output_tokens_per_s": round(tokens / seconds, 2) if seconds else None,
+            "latency_s": {"p50": round(pct(0.5), 4), "p90": round(pct(0.9), 4), "p99": round(pct(0.99), 4),
+                          "mean": round(statistics.fmean(latencies), 4)},
+            "ttft_s_p50": round(sorted(o.time_to_first_token for o in ok)[len(ok) // 2], 4) if ok else None}
+
+
+def run(cfg: FrameworkConfig, run_dir: Path, chat: bool = False) -> int:
+    prompts = load_prompts(cfg.task)
+    with LLM(cfg) as llm:
+        inputs = [llm.apply_chat_template(p) for p in prompts] if chat else prompts
+        start = time.perf_counter()
+        outputs = llm.generate(inputs, sampling_params(cfg.task), use_tqdm=cfg.task.progress)
+        seconds = time.perf_counter() - start
+        stats = llm.stats()
+    out_path = Path(run_dir) / cfg.task.output_file
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with out_path.open("w") as f:
+        for prompt, o in zip(prompts, outputs):
+            f.write(json.dumps({"prompt": prompt, "text": o.text if not o.error else None,
+                                "token_ids": o.token_ids, "finish_reason": o.finish_reason,
+                                "error": o.error}) + "\n")
+    for prompt, o in zip(prompts, outputs):
+        print(f"\n>>> {prompt}\n{o.error or o.text}" + ("" if o.error else f"  [{o.finish_reason}]"))
+    summary = summarize(outputs, seconds)
+    print(f"\n{summary['requests']} requests, {summary['output_tokens']} tokens in {seconds:.2f} s "
+          f"({summary['output_tokens_per_s']} tok/s); outputs in {out_path}")
+    write_metrics(run_dir, {"throughput": summary, "measured": stats})
+    return 0
