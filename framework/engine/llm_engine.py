@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence as Seq, Union
 
 import torch
 
+from framework.config.errors import UserError
 from framework.config.schema import FrameworkConfig
 from framework.engine.block_manager import BlockManager
 from framework.engine.model_runner import ModelRunner
@@ -37,7 +38,7 @@ class LLMEngine:
         if not cfg.cache.enable_prefix_caching:  # never hold more than full concurrency can use
             num_blocks = min(num_blocks, max_num_seqs * -(-max_model_len // self.block_size))
         if num_blocks * self.block_size < max_model_len:
-            raise RuntimeError(f"the KV cache holds {num_blocks * self.block_size} tokens, less than one request "
+            raise UserError(f"the KV cache holds {num_blocks * self.block_size} tokens, less than one request "
                                f"of cache.max_model_len={max_model_len}; lower cache.max_model_len or give "
                                "the cache more memory")
         runner.allocate_kv_cache(num_blocks)
