@@ -20,8 +20,9 @@ def resolve_model_path(path: str) -> Path:
         try:
             from huggingface_hub import snapshot_download
             return Path(snapshot_download(path, local_files_only=True))
-        except Exception as exc:  # offline and not cached: say where we looked
-            looked.append(f"the HF hub cache ({type(exc).__name__})")
+        except Exception:  # offline and not cached: say where we looked
+            from huggingface_hub.constants import HF_HUB_CACHE
+            looked.append(f"the HF hub cache {HF_HUB_CACHE} (never downloaded: no network at run time)")
     raise UserError(f"model.path={path!r}: no config.json found; looked in {', '.join(looked)}")
 
 

@@ -134,8 +134,10 @@ class LlamaForCausalLM(nn.Module):
         """HF names carry a `model.` prefix on everything but lm_head."""
         return name if name.startswith("lm_head") else f"model.{name}"
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # inputs_embeds: a multimodal wrapper passes text embeddings with encoder outputs merged in
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.args.embedding_multiplier != 1.0:
             x = x * self.args.embedding_multiplier
         residual = None

@@ -47,4 +47,4 @@ def run(cfg: FrameworkConfig, run_dir: Path, chat: bool = False) -> int:
     print(f"\n{summary['requests']} requests, {summary['output_tokens']} tokens in {seconds:.2f} s "
           f"({summary['output_tokens_per_s']} tok/s); outputs in {out_path}")
     write_metrics(run_dir, {"throughput": summary, "measured": stats})
-    return 0
+    return 1 if summary["failed_requests"] == summary["requests"] else 0
