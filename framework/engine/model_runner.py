@@ -65,7 +65,9 @@ class ModelRunner:
         self.device = pick_device(cfg.model.device)
         self.dtype = pick_dtype(cfg.model.dtype, self.device, hf_config)
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device.index if self.device.index is not None else tp_rank())
+            # Ray shows each rank actor only its own GPU, so rank r may see just cuda:0
+            index = self.device.index if self.device.index is not None else tp_rank() % torch.cuda.device_count()
+            torch.cuda.set_device(index)
             self.device = torch.device("cuda", torch.cuda.current_device())
         torch.manual_seed(cfg.model.seed)
 
@@ -77,7 +79,7 @@ class ModelRunner:
                 self.model = model_class(hf_config)(hf_config, max_model_len).eval()
         finally:
             torch.set_default_dtype(default_dtype)
-        self.load_stats: LoadStats = load_weights(self.model, cfg.model, model_path)
+        self.load_stats: LoadStats = load_weights(self.model, cfg.model, model_path, cfg.quantization.method)
         self.load_seconds = time.perf_counter() - start
 
         self.attn_layers: List[Attention] = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -88,12 +90,13 @@ class ModelRunner:
 
     # --- KV cache -------------------------------------------------------------------
     def num_blocks_that_fit(self) -> int:
+        """With TP every rank calls this (a collective): all agree on the smallest rank's count."""
         if self.cfg.cache.num_gpu_blocks_override:
             return self.cfg.cache.num_gpu_blocks_override
         budget = self.cfg.cache.cpu_kvcache_space_gib * GiB
         if self.device.type == "cuda":
             budget = self._gpu_kv_budget()
-        return int(budget // self.kv_spec.bytes_per_block)
+        return self._agree(int(budget // self.kv_spec.bytes_per_block), dist.ReduceOp.MIN)
 
     def _gpu_kv_budget(self) -> float:
         """total × utilization − what is in use after a profiling forward at the largest step."""
@@ -115,7 +118,10 @@ class ModelRunner:
         self.execute(step)
         self._free_kv_cache()
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def allocate_kv_cache(self, num_blocks: Optional[int]) -> None:
+        """With TP every rank calls this (a collective): rank 0's count, after the engine's caps,
+        is broadcast, so other ranks pass None and hold exactly the blocks rank 0 schedules."""
+        num_blocks = self._agree(num_blocks or 0, None)
         self.num_blocks = num_blocks
         self._allocate_kv_cache(num_blocks)
 
@@ -125,6 +131,17 @@ class ModelRunner:
         for layer in self.attn_layers:
             layer.k_cache = torch.zeros(shape, dtype=s.dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=s.dtype, device=self.device)
+
+    def _agree(self, value: int, op: Optional[dist.ReduceOp]) -> int:
+        """One integer agreed across ranks: reduced with `op`, or rank 0's when op is None."""
+        if tp_size() == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        if op is None:
+            dist.broadcast(t, src=0)
+        else:
+            dist.all_reduce(t, op=op)
+        return int(t.item())
 
     def _free_kv_cache(self) -> None:
         for layer in self.attn_layers:

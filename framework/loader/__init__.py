@@ -9,7 +9,10 @@ from framework.config.schema import ModelConfig
 from framework.loader.weights import LoadStats, init_dummy, load_safetensors
 
 
-def load_weights(model: nn.Module, model_cfg: ModelConfig, folder: Path) -> LoadStats:
+def load_weights(model: nn.Module, model_cfg: ModelConfig, folder: Path, quantization: str = "none") -> LoadStats:
     if model_cfg.load_format == "dummy":
         return init_dummy(model, model_cfg.seed)
+    if model_cfg.load_format == "sharded":  # task=save_sharded output: this rank's own file
+        from framework.loader.sharded import load_sharded
+        return load_sharded(model, folder, quantization)
     return load_safetensors(model, folder)
