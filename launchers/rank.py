@@ -1,0 +1,99 @@
+"""One tensor-parallel rank inside a Ray actor: join the process group, build this rank's part, serve.
+
+Rank 0 holds the engine (scheduler, sampler, tokenizer) and drives every step; the other ranks
+hold a ModelRunner and follow rank 0's broadcasts in `serve`. Ray only starts and stops ranks:
+each step travels over torch.distributed, never through a Ray call.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from framework.config.errors import ConfigError, UserError
+from framework.config.schema import FrameworkConfig
+from framework.engine.build import build_engine, build_runner
+from framework.engine.outputs import RequestOutput
+from framework.loader.sharded import save_rank
+from framework.memory.measure import rank_stats
+
+# Generous: rank 0 may still be importing torch or reading its weights when the others arrive.
+RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
+
+
+class RankActor:
+    def __init__(self, cfg: FrameworkConfig, model_path: Path, hf_config: Any, rank: int, world_size: int):
+        self.cfg, self.model_path, self.hf_config = cfg, model_path, hf_config
+        self.rank, self.world_size = rank, world_size
+        self.engine = None
+        self.runner = None
+        if cfg.launcher.num_cpus_per_rank == 0:
+            # Ray pins an actor holding no CPUs to one thread; ranks sharing a node share its cores instead.
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))
+
+    def hello(self) -> Tuple[int, str]:
+        """This rank's process id and node address; answering at all means the actor is up."""
+        import ray
+        return os.getpid(), ray.util.get_node_ip_address()
+
+    def free_port(self) -> int:
+        """A port free on this node right now. Picked per run (bind to 0), so two engines on one
+        host never collide; the tiny window before torch binds it again is the usual trade-off."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def start(self, address: str, port: int, backend: str, weights_only: bool) -> None:
+        """Join the group, then build: every rank loads only its slices, all ranks concurrently."""
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
+                                world_size=self.world_size, timeout=RENDEZVOUS_TIMEOUT)
+        try:
+            self._build(weights_only)
+        except ConfigError as exc:  # its (key, value, expected) signature does not survive pickling
+            raise UserError(str(exc)) from None
+
+    def _build(self, weights_only: bool) -> None:
+        if weights_only:  # task=save_sharded: no KV cache, no engine
+            self.runner = build_runner(self.cfg, self.model_path, self.hf_config)
+        elif self.rank == 0:
+            self.engine = build_engine(self.cfg, self.model_path, self.hf_config)
+            self.runner = self.engine.runner
+        else:
+            self.runner = build_runner(self.cfg, self.model_path, self.hf_config)
+            # The same two collectives rank 0's engine makes: agree the block count, then allocate.
+            self.runner.num_blocks_that_fit()
+            self.runner.allocate_kv_cache(None)
+
+    # --- rank 0 -------------------------------------------------------------------------
+    def generate(self, prompts: List[Any], params: Any, progress: bool) -> List[RequestOutput]:
+        return self.engine.generate(prompts, params, progress)
+
+    def stop_workers(self) -> None:
+        self.runner.stop_workers()
+
+    # --- other ranks --------------------------------------------------------------------
+    def serve(self) -> None:
+        self.runner.serve_forever()
+
+    # --- every rank ---------------------------------------------------------------------
+    def stats(self) -> Dict[str, Any]:
+        # Only rank 0 has a scheduler; the other ranks report their runner's figures.
+        engine = self.engine or SimpleNamespace(runner=self.runner, scheduler=SimpleNamespace(num_preemptions=0))
+        stats = {"rank": self.rank, "pid": os.getpid(), **rank_stats(engine)}
+        if self.engine is None:
+            stats.pop("num_preemptions")
+        return stats
+
+    def save_shard(self, folder: str) -> Dict[str, Any]:
+        return save_rank(self.runner.model, Path(folder), self.rank)
+
+    def close(self) -> Optional[bool]:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return True

@@ -1,0 +1,115 @@
+"""Sharded checkpoints: save each rank's weights at TP=2, reload them at TP=2 with the same tokens,
+each rank reading only its own file; any other TP size or quantization is a clear error."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from framework import FrameworkConfig, SamplingParams
+from framework.config.errors import UserError
+from framework.llm import LLM
+from framework.loader.sharded import Manifest
+from framework.tasks import save_sharded
+
+PROMPTS = [[1, 5, 7, 9, 11], [3] * 21, list(range(10, 47))]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+def make_config(model_dir, tp: int, load_format: str = "auto") -> FrameworkConfig:
+    cfg = FrameworkConfig()
+    cfg.model.path = str(model_dir)
+    cfg.model.load_format = load_format
+    cfg.parallelism.tensor_parallel_size = tp
+    cfg.cache.cpu_kvcache_space_gib = 0.05
+    cfg.cache.block_size = 8
+    cfg.cache.max_model_len = 128
+    cfg.cache.max_num_seqs = 4
+    return cfg
+
+
+def greedy(cfg: FrameworkConfig):
+    with LLM(cfg) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                            SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+        return [o.token_ids for o in outs], llm.stats()["ranks"]
+
+
+def save(model_dir, out_dir, tp: int, run_dir) -> None:
+    cfg = make_config(model_dir, tp)
+    cfg.task.name, cfg.task.output_dir = "save_sharded", str(out_dir)
+    assert save_sharded.run(cfg, run_dir) == 0
+
+
+@pytest.fixture(scope="module")
+def saved_tp2(tiny_model, tmp_path_factory):
+    """(original folder, sharded folder saved at TP=2, TP=1 greedy tokens of the original)."""
+    model_dir = tiny_model("qwen2")  # tied embeddings and q/k/v biases: the awkward cases
+    out = tmp_path_factory.mktemp("sharded") / "tp2"
+    save(model_dir, out, 2, tmp_path_factory.mktemp("run"))
+    return model_dir, out, greedy(make_config(model_dir, 1))[0]
+
+
+def test_save_writes_a_loadable_model_folder(saved_tp2):
+    model_dir, out, _ = saved_tp2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tensor_parallel_size"] == 2 and manifest["quantization"] == "none"
+    assert manifest["dtype"] == "float32" and manifest["architectures"] == ["Qwen2ForCausalLM"]
+    assert manifest["files"] == ["rank0.safetensors", "rank1.safetensors"]
+    assert (out / "config.json").read_text() == (model_dir / "config.json").read_text()
+    assert (out / "generation_config.json").is_file()
+    assert not (out / "model.safetensors").exists()
+
+
+def test_reload_sharded_tp2_same_tokens_own_file_only(saved_tp2):
+    _, out, expected = saved_tp2
+    ours, ranks = greedy(make_config(out, 2, "sharded"))
+    assert ours == expected
+    for r in ranks:  # each rank read all of its own file's tensors, and nothing else
+        from safetensors import safe_open
+        with safe_open(str(out / f"rank{r['rank']}.safetensors"), "pt") as f:
+            own = sum(f.get_tensor(k).numel() * 4 for k in f.keys())
+        assert r["bytes_read"] == own == r["weight_bytes"]
+
+
+def test_reload_at_another_tp_size_is_a_clear_error(saved_tp2):
+    _, out, _ = saved_tp2
+    with pytest.raises(UserError, match=r"tensor_parallel_size=1.*saved with tensor_parallel_size=2"):
+        LLM(make_config(out, 1, "sharded"))
+
+
+def test_other_quantization_is_a_clear_error(saved_tp2):
+    _, out, _ = saved_tp2
+    manifest = Manifest.read(out)
+    with pytest.raises(UserError, match=r"quantization.method=int8.*saved with quantization.method=none"):
+        manifest.check(out, 2, "int8")
+    manifest.check(out, 2, "auto")  # auto resolves to the copied config.json's (none)
+
+
+def test_save_and_reload_tp1(tiny_model, tmp_path):
+    model_dir = tiny_model("llama")
+    save(model_dir, tmp_path / "tp1", 1, tmp_path / "run")
+    expected, (plain,) = greedy(make_config(model_dir, 1))
+    ours, (sharded,) = greedy(make_config(tmp_path / "tp1", 1, "sharded"))
+    assert ours == expected and sharded["bytes_read"] == plain["bytes_read"]
+
+
+def test_save_refuses_a_non_empty_folder(tiny_model, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="exists and is not empty"):
+        save(tiny_model("llama"), tmp_path / "out", 1, tmp_path / "run")
+
+
+def test_missing_manifest_is_a_clear_error(tiny_model):
+    with pytest.raises(UserError, match="manifest.json does not exist.*task=save_sharded"):
+        LLM(make_config(tiny_model("llama"), 1, "sharded"))

@@ -1,0 +1,79 @@
+"""Tensor parallelism on CPU (gloo ranks in Ray actors): TP=2 gives TP=1's greedy tokens, and
+each rank reads only its slices of the checkpoint."""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+
+from framework import FrameworkConfig, SamplingParams
+from framework.config import ConfigError
+from framework.llm import LLM
+
+PROMPTS = [[1, 5, 7, 9, 11], [3] * 21, list(range(10, 47)), [200, 7]]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    """One Ray instance for the module; launchers use it and leave it running."""
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+def make_config(model_dir, tp: int) -> FrameworkConfig:
+    cfg = FrameworkConfig()
+    cfg.model.path = str(model_dir)
+    cfg.parallelism.tensor_parallel_size = tp
+    cfg.cache.cpu_kvcache_space_gib = 0.05
+    cfg.cache.block_size = 8
+    cfg.cache.max_model_len = 128
+    cfg.cache.max_num_seqs = 4
+    return cfg
+
+
+def greedy(cfg: FrameworkConfig):
+    with LLM(cfg) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                            SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+        return [o.token_ids for o in outs], llm.stats()["ranks"]
+
+
+def replicated_bytes(model_dir, kv_replicated: bool) -> int:
+    """Bytes every rank reads whole: the norms (and K/V projections when KV heads < ranks)."""
+    from transformers import AutoConfig
+    c = AutoConfig.from_pretrained(model_dir)
+    norms = c.hidden_size * (2 * c.num_hidden_layers + 1)
+    head_dim = c.hidden_size // c.num_attention_heads
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * c.hidden_size if kv_replicated else 0
+    return 4 * (norms + kv)  # float32
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen2", {}), ("llama", {"num_key_value_heads": 1})],
+                         ids=["llama", "qwen2-tied-bias", "llama-one-kv-head"])
+def test_tp2_matches_tp1_and_reads_its_slices(tiny_model, arch, overrides):
+    model_dir = tiny_model(arch, **overrides)
+    expected, (single,) = greedy(make_config(model_dir, 1))
+    ours, ranks = greedy(make_config(model_dir, 2))
+    assert ours == expected
+    assert [r["rank"] for r in ranks] == [0, 1]
+    one_kv_head = overrides.get("num_key_value_heads") == 1
+    replicated = replicated_bytes(model_dir, kv_replicated=one_kv_head)
+    for r in ranks:
+        # Each rank reads exactly what it holds: half of every split weight, all of the replicated ones.
+        assert r["bytes_read"] == r["weight_bytes"]
+        assert r["bytes_read"] == (single["bytes_read"] - replicated) // 2 + replicated
+        assert r["load_seconds"] > 0
+        # Same block count on every rank; KV heads split (or, with one, replicated) across ranks.
+        assert r["kv_blocks"] == single["kv_blocks"]
+        assert r["kv_bytes"] == single["kv_bytes"] // (1 if one_kv_head else 2)
+
+
+def test_tp_not_dividing_heads_fails_before_any_weight(tiny_model, tmp_path):
+    # A folder with config.json only: reading any weight would fail with another error.
+    shutil.copy(tiny_model("llama") / "config.json", tmp_path / "config.json")
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size=3: must divide .*num_attention_heads=4"):
+        LLM(make_config(tmp_path, 3))
