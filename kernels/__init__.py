@@ -1,0 +1,88 @@
+"""Inference kernels: each op is a Triton kernel with a pure-torch reference beside it.
+
+Dispatch rule (the only one, applied by every op below): run the Triton kernel when the first
+tensor argument is on CUDA, or when Triton's CPU interpreter is on (`TRITON_INTERPRET=1`) and
+`KERNELS_FORCE_TRITON=1` asks for it (tests); otherwise run the torch reference. CPU code thus
+calls the same names as GPU code. Both variables are read at call time.
+
+The per-file names (`kernels.rms_norm.rms_norm`, `..._ref`) are the two implementations;
+the names exported here are the dispatching ops the engine calls.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import import_module
+
+import torch
+
+# import_module, not `from kernels import rms_norm`: the op defined below shadows the submodule
+# of the same name as a package attribute, and a re-import must still get the module.
+_act = import_module("kernels.activation")
+_attn = import_module("kernels.attention")
+_decode = import_module("kernels.decode_attention")
+_kv = import_module("kernels.kv_cache")
+_norm = import_module("kernels.rms_norm")
+_rope = import_module("kernels.rotary")
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """True when the op on `x` should run the Triton kernel (see the module docstring)."""
+    if x.is_cuda:
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("KERNELS_FORCE_TRITON") == "1"
+
+
+def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    fn = _kv.store_kv_cache if use_triton(key) else _kv.store_kv_cache_ref
+    fn(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                    block_tables: torch.Tensor, scale: float,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    fn = _attn.paged_attention if use_triton(q) else _attn.paged_attention_ref
+    return fn(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, out=out)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                           num_splits: int | None = None, max_seq_len: int | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    fn = _decode.paged_decode_attention if use_triton(q) else _decode.paged_decode_attention_ref
+    return fn(q, k_cache, v_cache, seq_lens, block_tables, scale,
+              num_splits=num_splits, max_seq_len=max_seq_len, out=out)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return (_norm.rms_norm if use_triton(x) else _norm.rms_norm_ref)(x, weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = _norm.fused_add_rms_norm if use_triton(x) else _norm.fused_add_rms_norm_ref
+    return fn(x, residual, weight, eps)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns new (q, k); the inputs are not modified (both implementations)."""
+    return (_rope.apply_rotary if use_triton(q) else _rope.apply_rotary_ref)(q, k, positions, cos, sin)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return (_act.silu_and_mul if use_triton(x) else _act.silu_and_mul_ref)(x)
+
+
+__all__ = [
+    "apply_rotary",
+    "fused_add_rms_norm",
+    "paged_attention",
+    "paged_decode_attention",
+    "rms_norm",
+    "silu_and_mul",
+    "store_kv_cache",
+    "use_triton",
+]

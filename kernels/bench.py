@@ -1,0 +1,177 @@
+"""GPU micro-benchmark: each Triton kernel against its torch reference, in GB/s.
+
+    python -m kernels.bench            # Llama-3.1-8B layer shapes, bf16
+    python -m kernels.bench --quick    # fewer cases (a smoke run)
+
+Every figure is measured in this process on this card, next to a device-to-device copy
+(bytes read + written) that stands for the achievable HBM roofline. GB/s counts the minimum
+bytes a kernel must move (inputs read once, outputs written once); for prefill attention,
+which is compute-bound, TFLOP/s is printed too. `triton.testing.do_bench` clears L2 between
+repetitions, so small inputs are not flattered by the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from triton.testing import do_bench, do_bench_cudagraph
+
+from kernels.activation import silu_and_mul, silu_and_mul_ref
+from kernels.attention import paged_attention, paged_attention_ref
+from kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
+from kernels.kv_cache import store_kv_cache, store_kv_cache_ref
+from kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+from kernels.rotary import apply_rotary, apply_rotary_ref
+
+DTYPE = torch.bfloat16
+HIDDEN, HQ, HKV, HEAD_DIM, INTER = 4096, 32, 8, 128, 14336  # Llama-3.1-8B
+BLOCK_SIZE = 16
+
+
+@dataclass
+class Case:
+    name: str
+    kernel: Callable[[], object]
+    reference: Callable[[], object]
+    bytes_moved: int
+    flops: int = 0
+
+
+def _ms(fn: Callable[[], object]) -> float:
+    return do_bench(fn, warmup=25, rep=100)
+
+
+def _graph_ms(fn: Callable[[], object]) -> float:
+    """Time per call replayed from a CUDA graph: the GPU time without Python launch overhead
+    (what the engine's graph-captured decode step pays). L2 is not flushed here."""
+    try:
+        return do_bench_cudagraph(fn, rep=100)
+    except Exception:  # e.g. a host sync inside fn
+        return float("nan")
+
+
+def copy_gbps() -> float:
+    """Device-to-device copy of 1 GiB, counting bytes read and written."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e6
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def elementwise_cases(tokens: int) -> list[Case]:
+    x = torch.randn(tokens, HIDDEN, device="cuda", dtype=DTYPE)
+    res = torch.randn_like(x)
+    w = torch.randn(HIDDEN, device="cuda", dtype=DTYPE)
+    gu = torch.randn(tokens, 2 * INTER, device="cuda", dtype=DTYPE)
+    q = torch.randn(tokens, HQ, HEAD_DIM, device="cuda", dtype=DTYPE)
+    k = torch.randn(tokens, HKV, HEAD_DIM, device="cuda", dtype=DTYPE)
+    pos = torch.randint(0, 8192, (tokens,), device="cuda")
+    inv = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM)
+    freqs = torch.outer(torch.arange(8192, device="cuda").float(), inv)
+    cos, sin = freqs.cos(), freqs.sin()
+    num_blocks = math.ceil(tokens / BLOCK_SIZE) * 4
+    k_cache = torch.zeros(num_blocks, BLOCK_SIZE, HKV, HEAD_DIM, device="cuda", dtype=DTYPE)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, device="cuda")[:tokens]
+    t = f"T={tokens}"
+    return [
+        Case(f"rms_norm {t}", lambda: rms_norm(x, w, 1e-5), lambda: rms_norm_ref(x, w, 1e-5),
+             2 * _nbytes(x)),
+        Case(f"fused_add_rms_norm {t}", lambda: fused_add_rms_norm(x, res, w, 1e-5),
+             lambda: fused_add_rms_norm_ref(x, res, w, 1e-5), 4 * _nbytes(x)),
+        Case(f"silu_and_mul {t}", lambda: silu_and_mul(gu), lambda: silu_and_mul_ref(gu),
+             _nbytes(gu) * 3 // 2),
+        Case(f"apply_rotary {t}", lambda: apply_rotary(q, k, pos, cos, sin),
+             lambda: apply_rotary_ref(q, k, pos, cos, sin), 2 * _nbytes(q, k)),
+        Case(f"store_kv_cache {t}", lambda: store_kv_cache(k, k, k_cache, v_cache, slots),
+             lambda: store_kv_cache_ref(k, k, k_cache, v_cache, slots), 4 * _nbytes(k)),
+    ]
+
+
+def _paged(seqs: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
+    """Random q and a shuffled paged cache for (q_len, seq_len) pairs."""
+    blocks = [math.ceil(s / BLOCK_SIZE) for _, s in seqs]
+    num_blocks = sum(blocks)
+    k_cache = torch.randn(num_blocks, BLOCK_SIZE, HKV, HEAD_DIM, device="cuda", dtype=DTYPE)
+    v_cache = torch.randn_like(k_cache)
+    perm = torch.randperm(num_blocks, device="cuda").int()
+    tables = torch.zeros(len(seqs), max(blocks), dtype=torch.int32, device="cuda")
+    start = 0
+    for b, n in enumerate(blocks):
+        tables[b, :n] = perm[start:start + n]
+        start += n
+    q_lens = torch.tensor([ql for ql, _ in seqs], dtype=torch.int32)
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu[1:] = q_lens.cumsum(0)
+    seq_lens = torch.tensor([s for _, s in seqs], dtype=torch.int32, device="cuda")
+    q = torch.randn(int(cu[-1]), HQ, HEAD_DIM, device="cuda", dtype=DTYPE)
+    return q, k_cache, v_cache, cu.cuda(), seq_lens, tables
+
+
+def decode_case(batch: int, context: int) -> Case:
+    q, k_cache, v_cache, _, seq_lens, tables = _paged([(1, context)] * batch)
+    args = (q, k_cache, v_cache, seq_lens, tables, HEAD_DIM**-0.5)
+    kv_bytes = 2 * batch * context * HKV * HEAD_DIM * q.element_size()
+    return Case(f"decode B={batch} ctx={context}",
+                lambda: paged_decode_attention(*args, max_seq_len=context),
+                lambda: paged_decode_attention_ref(*args), kv_bytes + 2 * _nbytes(q))
+
+
+def mixed_case(seqs: list[tuple[int, int]], name: str) -> Case:
+    q, k_cache, v_cache, cu, seq_lens, tables = _paged(seqs)
+    args = (q, k_cache, v_cache, cu, seq_lens, tables, HEAD_DIM**-0.5)
+    # Causal: the i-th new token sees (seq_len - q_len + i + 1) keys; 2 matmuls x 2 FLOP/MAC.
+    keys_seen = sum(ql * (s - ql) + ql * (ql + 1) // 2 for ql, s in seqs)
+    flops = 4 * keys_seen * HQ * HEAD_DIM
+    kv_bytes = 2 * sum(s for _, s in seqs) * HKV * HEAD_DIM * q.element_size()
+    return Case(name, lambda: paged_attention(*args), lambda: paged_attention_ref(*args),
+                kv_bytes + 2 * _nbytes(q), flops)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few cases only")
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA device"
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    roof = copy_gbps()
+    print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, {DTYPE}")
+    print(f"# device-to-device copy (1 GiB, read + write): {roof:.0f} GB/s\n")
+
+    cases: list[Case] = []
+    for tokens in ([16] if args.quick else [16, 4096]):
+        cases += elementwise_cases(tokens)
+    for batch, context in ([(8, 2048)] if args.quick else [(1, 8192), (8, 2048), (64, 1024), (64, 4096)]):
+        cases.append(decode_case(batch, context))
+    cases.append(mixed_case([(2048, 2048)], "prefill 1x2048"))
+    if not args.quick:
+        cases.append(mixed_case([(512, 4096)] + [(1, 1024)] * 32, "chunk 512@4096 + 32 decodes"))
+        cases.append(mixed_case([(1, 2048)] * 64, "mixed kernel, 64 decodes ctx 2048"))
+
+    print("triton ms / torch ms: triton.testing.do_bench (eager launches, L2 flushed); graph ms:")
+    print("the Triton call replayed from a CUDA graph. GB/s, % copy and TFLOP/s use triton ms.\n")
+    header = (f"{'case':<36}{'triton ms':>11}{'graph ms':>10}{'torch ms':>11}{'speedup':>9}"
+              f"{'GB/s':>8}{'% copy':>8}{'TFLOP/s':>9}")
+    print(header)
+    print("-" * len(header))
+    for case in cases:
+        t_ms = _ms(case.kernel)
+        g_ms = _graph_ms(case.kernel)
+        r_ms = _ms(case.reference)
+        gbps = case.bytes_moved / t_ms / 1e6
+        tflops = f"{case.flops / t_ms / 1e9:9.1f}" if case.flops else ""
+        print(f"{case.name:<36}{t_ms:>11.4f}{g_ms:>10.4f}{r_ms:>11.4f}{r_ms / t_ms:>8.2f}x"
+              f"{gbps:>8.0f}{100 * gbps / roof:>7.0f}%{tflops}")
+
+
+if __name__ == "__main__":
+    main()

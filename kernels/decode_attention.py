@@ -1,0 +1,274 @@
+"""Split-K ("flash-decoding") paged attention for pure-decode batches (one query per sequence).
+
+Why split: at decode a batch of B sequences gives only B * num_kv_heads programs, too few to
+fill 132 SMs when B is small and contexts are long. Splitting each context into `num_splits`
+contiguous chunks multiplies the parallelism; a second, tiny kernel merges the chunks' partial
+softmax results (running max, sum and unnormalised output) exactly.
+
+Why CUDA-graph safe: `num_splits` is picked from Python ints only (shapes, an optional
+`max_seq_len` hint, the block-table width), never from `seq_lens` values; each program reads its
+sequence's real length on the device and simply idles when its chunk is empty.
+
+GQA: one program handles every query head that shares a KV head, so each KV tile is read once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from kernels._triton import next_pow2, tl, triton
+
+# Keys per inner-loop tile (>= 16: it is the K dim of the P @ V dot). Independent of the cache's
+# block_size: keys are gathered per token through the block table, so any block_size works.
+BLOCK_N = 128  # beat 64 by up to 12% on H100 at batch 1-8 (kernels/bench.py, 2026-11-25)
+# A split shorter than this costs more in the merge than it wins in parallelism.
+MIN_KEYS_PER_SPLIT = 256
+MAX_SPLITS = 64
+NUM_WARPS = 4
+NUM_STAGES = 3
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
+    out_ptr, part_acc_ptr, part_ml_ptr,
+    scale_log2,
+    stride_qb, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bt,
+    BLOCK_SIZE: tl.constexpr,  # cache block size; constexpr so // and % become shifts
+    NUM_SPLITS: tl.constexpr,
+    GROUP: tl.constexpr,        # query heads per KV head
+    BLOCK_G: tl.constexpr,      # GROUP padded to a power of two >= 16 (tl.dot minimum)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+
+    # Chunk boundaries come from this sequence's own length, rounded to whole tiles.
+    tiles = tl.cdiv(seq_len, BLOCK_N)
+    chunk = tl.cdiv(tiles, NUM_SPLITS) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+    heads = kvh * GROUP + g
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < end
+        # Never dereference block-table entries past the sequence: they may hold -1 or junk.
+        blk = tl.load(bt_row + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        off = (n % BLOCK_SIZE).to(tl.int64)
+        kv_mask = n_ok[None, :] & d_ok[:, None]
+        kt = tl.load(k_cache_ptr + blk[None, :] * stride_kb + off[None, :] * stride_ks
+                     + kvh * stride_kh + d[:, None], mask=kv_mask, other=0.0)  # [D, N]
+        s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vs
+                    + kvh * stride_vh + d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                    other=0.0)  # [N, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
+                                            input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    row = (b * (GROUP * tl.num_programs(1)) + heads).to(tl.int64)  # flat (b, head) index
+    if NUM_SPLITS == 1:
+        # No merge needed: normalise and write the answer (0 for an empty sequence).
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        # Partials: acc unnormalised; (m, l) in log2 units. Empty chunks store m=-inf, l=0.
+        part = row * NUM_SPLITS + split
+        tl.store(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None])
+        tl.store(part_ml_ptr + part * 2, m_i, mask=g_ok)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=g_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    out_ptr, part_acc_ptr, part_ml_ptr,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per (sequence, query head): rescale each chunk to the global max and sum.
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_ok = s < NUM_SPLITS
+    part = row * NUM_SPLITS + s
+    m = tl.load(part_ml_ptr + part * 2, mask=s_ok, other=float("-inf"))
+    l = tl.load(part_ml_ptr + part * 2 + 1, mask=s_ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # all chunks empty: keep exp2 finite
+    w = tl.exp2(m - m_max)
+    l_sum = tl.sum(l * w, axis=0)
+    acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0)
+    o = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum > 0, l_sum, 1.0)
+    tl.store(out_ptr + row * HEAD_DIM + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """fp32 inputs get exact fp32 dots (tests, fp32 models); tf32 would cost ~3 digits."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def pick_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Splits so that batch * kv_heads * splits covers the SMs about twice, from Python ints only."""
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
+    want = -(-2 * sms // max(1, batch * num_kv_heads))  # ceil division, no Triton needed
+    most = -(-max(1, max_seq_len) // MIN_KEYS_PER_SPLIT)
+    return max(1, min(want, most, MAX_SPLITS))
+
+
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+           block_tables: torch.Tensor) -> None:
+    assert q.dim() == 3, "q must be [B, Hq, D]"
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "cache [blocks, bs, Hkv, D]"
+    assert q.shape[2] == k_cache.shape[3], "head_dim mismatch"
+    assert q.shape[1] % k_cache.shape[2] == 0, "Hq must be a multiple of Hkv"
+    assert seq_lens.shape == (q.shape[0],) and block_tables.shape[0] == q.shape[0]
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    max_seq_len: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton split-K decode attention: q `[B, Hq, D]` -> `[B, Hq, D]` (q's dtype).
+
+    Each sequence attends to its keys 0..seq_lens[b]-1 (its new token's K/V already stored).
+    `num_splits` defaults to a choice from the shapes and `max_seq_len` (a Python int upper
+    bound on seq_lens; defaults to the block table's capacity), so no host sync happens and the
+    call can be captured in a CUDA graph. A sequence with seq_len 0 yields zeros.
+    """
+    _check(q, k_cache, v_cache, seq_lens, block_tables)
+    batch, hq, head_dim = q.shape
+    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache head_dim must be contiguous"
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty((batch, hq, head_dim), dtype=q.dtype, device=q.device)
+    assert out.shape == (batch, hq, head_dim) and out.is_contiguous()
+    if batch == 0:
+        return out
+    if max_seq_len is None:
+        max_seq_len = block_tables.shape[1] * block_size
+    if num_splits is None:
+        num_splits = pick_num_splits(batch, hkv, max_seq_len, q.device)
+    group = hq // hkv
+    block_d = max(16, next_pow2(head_dim))
+    if num_splits > 1:
+        part_acc = torch.empty((batch * hq * num_splits, block_d), dtype=torch.float32, device=q.device)
+        part_ml = torch.empty((batch * hq * num_splits, 2), dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused placeholders
+    _decode_split_kernel[(batch, hkv, num_splits)](
+        q, k_cache, v_cache, seq_lens, block_tables, out, part_acc, part_ml,
+        scale * 1.4426950408889634,  # exp(x) = exp2(x * log2 e): exp2 is the fast instruction
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), BLOCK_SIZE=block_size,
+        NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=max(16, next_pow2(group)),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    if num_splits > 1:
+        _decode_merge_kernel[(batch * hq,)](
+            out, part_acc, part_ml,
+            NUM_SPLITS=num_splits, BLOCK_S=next_pow2(num_splits),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=4,
+        )
+    return out
+
+
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+              max_len: int) -> torch.Tensor:
+    """Dense `[B, Hkv, max_len, D]` copy of each sequence's first max_len cache rows.
+
+    Rows past a sequence's length are zeroed and their block-table entries replaced by block 0,
+    so -1/junk entries are never used as indices and stale or NaN slots can't leak into SDPA
+    (a masked score of NaN would still poison the softmax).
+    """
+    block_size = cache.shape[1]
+    nblk = -(-max_len // block_size)
+    lens = seq_lens.long()[:, None]
+    bt = block_tables[:, :nblk].long()
+    bt = torch.where(torch.arange(nblk, device=bt.device) * block_size < lens, bt, 0)
+    dense = cache[bt].flatten(1, 2)[:, :max_len]  # [B, L, Hkv, D]
+    keep = torch.arange(max_len, device=bt.device) < lens
+    return dense.masked_fill(~keep[:, :, None, None], 0).transpose(1, 2)
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    max_seq_len: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Torch reference of `paged_decode_attention`: one batched SDPA over gathered K/V.
+
+    `num_splits` and `max_seq_len` only steer the kernel; here the length comes from seq_lens
+    (a host read, fine on the CPU backend).
+    """
+    _check(q, k_cache, v_cache, seq_lens, block_tables)
+    batch, hq, head_dim = q.shape
+    hkv = k_cache.shape[2]
+    if out is None:
+        out = torch.empty((batch, hq, head_dim), dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    max_len = int(seq_lens.max())
+    if max_len == 0:
+        return out.zero_()
+    k = gather_kv(k_cache, block_tables, seq_lens, max_len).float()  # [B, Hkv, L, D]
+    v = gather_kv(v_cache, block_tables, seq_lens, max_len).float()
+    # GQA without repeating K/V: the G query heads of a KV head become G query rows.
+    qg = q.float().view(batch, hkv, hq // hkv, head_dim)
+    keep = torch.arange(max_len, device=q.device) < seq_lens[:, None]  # [B, L]
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=keep[:, None, None, :], scale=scale)
+    o = torch.where(seq_lens.view(batch, 1, 1, 1) > 0, o, 0.0)  # fully masked rows give NaN
+    out.copy_(o.reshape(batch, hq, head_dim))
+    return out

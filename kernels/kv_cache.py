@@ -1,0 +1,84 @@
+"""Write new tokens' K/V into the paged cache; slot -1 marks a padding row to skip.
+
+Cache layout (per layer): `[num_blocks, block_size, num_kv_heads, head_dim]`, contiguous, so a
+token's slot `block_id * block_size + offset` addresses one `[num_kv_heads, head_dim]` row.
+Skipping negative slots lets the engine pad a batch (CUDA graphs) without a scratch block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels._triton import next_pow2, tl, triton
+
+
+@triton.jit
+def _store_kv_cache_kernel(
+    key_ptr,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One program per token: its whole [heads, head_dim] row is one contiguous cache row.
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < NUM_HEADS) & (d < HEAD_DIM)
+    # Strides for key/value: they are usually column slices of the fused QKV output.
+    k = tl.load(key_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(value_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    dst = slot * (NUM_HEADS * HEAD_DIM) + h * HEAD_DIM + d
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           slot_mapping: torch.Tensor) -> None:
+    assert key.dim() == 3 and key.shape == value.shape, "key/value must be [T, Hkv, D]"
+    assert k_cache.shape == v_cache.shape and k_cache.dim() == 4, "cache must be [blocks, bs, Hkv, D]"
+    assert key.shape[1:] == k_cache.shape[2:], "key heads/head_dim must match the cache"
+    assert slot_mapping.shape == (key.shape[0],), "slot_mapping must be [T]"
+    # A non-contiguous cache would make a flat slot index wrong (and the torch path write a copy).
+    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "cache must be contiguous"
+
+
+def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Triton: `k_cache.view(-1, Hkv, D)[slot] = key[t]` for every t with slot >= 0, in place."""
+    _check(key, value, k_cache, v_cache, slot_mapping)
+    num_tokens, num_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    if value.stride(-1) != 1:
+        value = value.contiguous()
+    _store_kv_cache_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+        BLOCK_H=next_pow2(num_heads), BLOCK_D=next_pow2(head_dim),
+    )
+
+
+def store_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Torch reference of `store_kv_cache` (same semantics, in place)."""
+    _check(key, value, k_cache, v_cache, slot_mapping)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()  # boolean indexing syncs; fine on the CPU backend
+    num_heads, head_dim = key.shape[1:]
+    k_cache.view(-1, num_heads, head_dim).index_copy_(0, slots, key[keep].to(k_cache.dtype))
+    v_cache.view(-1, num_heads, head_dim).index_copy_(0, slots, value[keep].to(v_cache.dtype))
