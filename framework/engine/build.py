@@ -23,13 +23,27 @@ def model_max_len(hf_config: Any) -> int:
 
 
 def resolve_max_model_len(cfg: FrameworkConfig, hf_config: Any) -> int:
+    """An integer, null for the model's limit, or "auto" for the longest that fits (memory planner)."""
     value = cfg.cache.max_model_len
-    return model_max_len(hf_config) if value in (None, "auto") else int(value)
+    if value is None:
+        return model_max_len(hf_config)
+    if value != "auto":
+        return int(value)
+    from framework.memory.planner import engine_device_memory, resolve_auto_limits  # the planner imports build
+    return resolve_auto_limits(cfg, hf_config, engine_device_memory(cfg))[0]
 
 
-def resolve_max_num_seqs(cfg: FrameworkConfig) -> int:
+def resolve_max_num_seqs(cfg: FrameworkConfig, hf_config: Any = None) -> int:
+    """An integer, or for "auto" the most requests of max_model_len that fit at once, by the
+    memory planner. Callers without config.json at hand may omit hf_config (read from model.path)."""
     value = cfg.cache.max_num_seqs
-    return 256 if value == "auto" else int(value)
+    if value != "auto":
+        return int(value)
+    from framework.memory.planner import engine_device_memory, resolve_auto_limits  # the planner imports build
+    if hf_config is None:
+        from framework.loader.resolve import load_hf_config, resolve_model_path
+        hf_config = load_hf_config(resolve_model_path(cfg.model.path))
+    return resolve_auto_limits(cfg, hf_config, engine_device_memory(cfg))[1]
 
 
 def load_tokenizer(cfg: FrameworkConfig, model_path: Path) -> Optional[Any]:

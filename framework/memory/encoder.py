@@ -1,0 +1,78 @@
+"""The multimodal encoder's memory on each rank: its weights, one batch of its activations and
+the cache of its outputs. Zero for a text model, or when every modality's limit is 0.
+
+Our engine runs no vision encoder yet, so this follows vLLM's budget, the one users of these
+knobs know: the encoder runs on at most `max(max_num_batched_tokens, the largest item)` LLM
+tokens at once, and its output cache holds as many. An item's tokens come from the
+processor's pixel cap (`multimodal.mm_processor_kwargs.max_pixels`, else the HF processor's
+default) and can never exceed max_model_len. The encoder is assumed replicated on every rank
+(no TP slicing) and to use memory-efficient attention (no patches^2 scores).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping
+
+from framework.memory.shape import VisionShape
+from framework.memory.weights import vision_weight_elems
+
+IMAGE_MAX_PIXELS = 28 * 28 * 1280  # transformers Qwen2VLImageProcessor's default cap
+VIDEO_MAX_PIXELS = 28 * 28 * 768  # ... and Qwen2VLVideoProcessor's, per frame
+VIDEO_MAX_FRAMES = 768  # Qwen2VLVideoProcessor.max_frames
+DEFAULT_LIMIT = 1  # vLLM: one item per modality unless limit_mm_per_prompt says otherwise
+
+
+@dataclass(frozen=True)
+class EncoderBudget:
+    weight_bytes: int
+    activation_bytes: int
+    output_cache_bytes: int
+    tokens: int  # LLM tokens the encoder processes (and caches) at once
+    item_tokens: Dict[str, int]  # the largest item of each enabled modality
+
+    @property
+    def total(self) -> int:
+        return self.weight_bytes + self.activation_bytes + self.output_cache_bytes
+
+
+def limits(v: VisionShape, limit_mm_per_prompt: Mapping[str, int]) -> Dict[str, int]:
+    """Items per prompt of each modality this encoder takes (video only for Qwen2-VL-style ones)."""
+    modalities = ("image", "video") if v.temporal_patch_size > 1 else ("image",)
+    return {m: int(limit_mm_per_prompt.get(m, DEFAULT_LIMIT)) for m in modalities}
+
+
+def item_tokens(v: VisionShape, modality: str, kwargs: Mapping[str, Any], max_model_len: int) -> int:
+    """LLM tokens of the largest item of one modality."""
+    if v.merge_size > 1:  # Qwen2-VL family: dynamic resolution, merge_size^2 patches per token
+        pixels_per_token = (v.patch_size * v.merge_size) ** 2
+        if modality == "image":
+            tokens = int(kwargs.get("max_pixels", IMAGE_MAX_PIXELS)) // pixels_per_token
+        else:
+            per_frame = int(kwargs.get("max_pixels", VIDEO_MAX_PIXELS)) // pixels_per_token
+            frames = int(kwargs.get("max_frames", VIDEO_MAX_FRAMES))
+            tokens = per_frame * -(-frames // v.temporal_patch_size)
+    else:  # fixed resolution: one tile of (image_size / patch)^2 patches, or several (InternVL)
+        side = (v.image_size or 336) // v.patch_size
+        tiles = int(kwargs.get("max_dynamic_patch", 1))
+        tokens = side * side * (tiles + (1 if tiles > 1 else 0))  # + the thumbnail tile
+    return max(1, min(tokens, max_model_len))
+
+
+def encoder_budget(v: VisionShape, limit_mm_per_prompt: Mapping[str, int], kwargs: Mapping[str, Any],
+                   max_num_batched_tokens: int, max_model_len: int, dtype_bytes: int) -> EncoderBudget:
+    enabled = {m: n for m, n in limits(v, limit_mm_per_prompt).items() if n > 0}
+    if not enabled:
+        return EncoderBudget(0, 0, 0, 0, {})
+    items = {m: item_tokens(v, m, kwargs, max_model_len) for m in enabled}
+    tokens = max(max_num_batched_tokens, max(items.values()))
+    patches = tokens * v.merge_size ** 2
+    h, i = v.hidden_size, v.intermediate_size
+    # one block: hidden + residual + normed (3h), then the worse of attention (qkv, rotated q/k,
+    # output, projection: 7h) and the gated MLP (gate, up, their product: 3i)
+    per_patch = 3 * h + max(7 * h, 3 * i)
+    activation = patches * per_patch * dtype_bytes
+    return EncoderBudget(
+        weight_bytes=vision_weight_elems(v) * dtype_bytes,
+        activation_bytes=activation,
+        output_cache_bytes=tokens * v.out_hidden_size * dtype_bytes,
+        tokens=tokens, item_tokens=items)

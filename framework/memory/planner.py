@@ -1,0 +1,313 @@
+"""Know before you allocate: each rank's memory, predicted from config.json and the knobs alone.
+
+No weight is read and no GPU is needed. The KV cache gets what is left, exactly as the engine
+sizes it: on a GPU `gpu_memory_utilization x device - everything else` (ModelRunner.
+_gpu_kv_budget, which measures "everything else" with a profiling forward; we count it), on the
+CPU backend `cpu_kvcache_space_gib`; then, with prefix caching off, no more than
+max_num_seqs x max_model_len (LLMEngine caps it so). `num_gpu_blocks_override` wins over both.
+
+The verdict is the engine's own start-up test: the KV cache must hold one request of
+max_model_len. Headroom is what is left beyond that request; negative headroom is what must be
+saved per rank, which is how framework/memory/fixes.py ranks its suggestions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from framework.config.errors import UserError
+from framework.config.schema import FrameworkConfig
+from framework.engine.build import model_max_len
+from framework.engine.model_runner import pick_device, pick_dtype
+from framework.memory.activation import Step, capture_sizes, forward_peak, graph_pool_bytes
+from framework.memory.encoder import encoder_budget
+from framework.memory.shape import architecture, decoder_shape, vision_shape
+from framework.memory.weights import decoder_weight_bytes, kv_heads_per_rank, rotary_table_bytes
+
+GiB = 1 << 30
+MiB = 1 << 20
+# Memory outside torch's allocator on each rank. GPU: the CUDA context and the kernels' module
+# images (~0.5 GiB on an H100 with torch 2.x), plus NCCL's buffers with TP. CPU: the Python
+# interpreter with torch, transformers and the engine imported (370 MiB resident, measured with
+# torch 2.13 on x86-64).
+CUDA_CONTEXT_BYTES = 512 * MiB
+NCCL_BYTES = 256 * MiB
+CPU_RUNTIME_BYTES = 384 * MiB
+MAX_AUTO_SEQS = 1024  # max_num_seqs=auto searches up to this many seats
+
+
+@dataclass
+class MemoryPlan:
+    model: str
+    architecture: str
+    backend: str  # cuda | cpu
+    device_memory_bytes: int  # the GPU's total memory, or the host's RAM for the CPU backend
+    gpu_memory_utilization: float
+    tensor_parallel_size: int
+    dtype: str
+    quantization: str
+    kv_cache_dtype: str
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    # per rank, bytes
+    weight_bytes: int
+    rotary_bytes: int
+    activation_bytes: int
+    graph_pool_bytes: int
+    encoder_bytes: int
+    runtime_bytes: int  # CUDA context (+ NCCL) on GPU, Python + torch on CPU: outside torch tensors
+    kv_cache_bytes: int
+    kv_bytes_per_token: int
+    kv_blocks: int
+    kv_tokens: int
+    kv_budget_tokens: int  # what the memory would hold before the max_num_seqs x max_model_len cap
+    budget_bytes: int  # what one rank may use: utilization x GPU, or host RAM / ranks on CPU
+    host_cache_bytes: int  # multimodal input cache in host RAM (per engine)
+    fits: bool
+    headroom_bytes: int
+    max_concurrency: float  # requests of max_model_len the KV cache holds at once
+    verdict: str
+    details: Dict[str, str] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def rank_total_bytes(self) -> int:
+        return (self.weight_bytes + self.rotary_bytes + self.activation_bytes + self.graph_pool_bytes
+                + self.encoder_bytes + self.runtime_bytes + self.kv_cache_bytes)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["rank_total_bytes"] = self.rank_total_bytes
+        return out
+
+    def format_table(self) -> str:
+        where = (f"GPU {self.device_memory_bytes / GiB:.1f} GiB x {self.gpu_memory_utilization:.2f}"
+                 if self.backend == "cuda" else f"CPU backend, host RAM {self.device_memory_bytes / GiB:.1f} GiB")
+        rows = [("weights", self.weight_bytes), ("rotary tables", self.rotary_bytes),
+                ("activations", self.activation_bytes), ("CUDA graph pool", self.graph_pool_bytes),
+                ("multimodal encoder", self.encoder_bytes),
+                ("CUDA context" if self.backend == "cuda" else "Python + torch", self.runtime_bytes),
+                ("KV cache", self.kv_cache_bytes)]
+        lines = [f"Memory plan per rank: {self.model} [{self.architecture}] on {where}, "
+                 f"TP={self.tensor_parallel_size}",
+                 f"  {self.dtype}, quantization={self.quantization}, KV cache {self.kv_cache_dtype} "
+                 f"({self.kv_bytes_per_token / 1024:.1f} KiB/token), max_model_len={self.max_model_len}, "
+                 f"max_num_seqs={self.max_num_seqs}, max_num_batched_tokens={self.max_num_batched_tokens}"]
+        lines += [f"  {name:<20}{b / GiB:>8.2f} GiB   {self.details.get(name, '')}".rstrip() for name, b in rows]
+        budget = "budget" if self.backend == "cuda" else "host share"
+        lines.append(f"  {'total':<20}{self.rank_total_bytes / GiB:>8.2f} GiB   "
+                     f"of {self.budget_bytes / GiB:.2f} GiB {budget}")
+        if self.host_cache_bytes:
+            lines.append(f"  {'host: mm input cache':<20}{self.host_cache_bytes / GiB:>8.2f} GiB")
+        lines += [f"  note: {n}" for n in self.notes]
+        lines.append(self.verdict)
+        return "\n".join(lines)
+
+
+# --- where the plan is for -------------------------------------------------------------
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def engine_device_memory(cfg: FrameworkConfig) -> Optional[int]:
+    """The total memory of the GPU the engine will run on; None for the CPU backend."""
+    device = pick_device(cfg.model.device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device.index or 0).total_memory
+
+
+def target_device_memory(cfg: FrameworkConfig) -> Optional[int]:
+    """What task=plan plans for: task.device_memory_gib, else the GPU present, else None (CPU)."""
+    if cfg.task.device_memory_gib:
+        return int(cfg.task.device_memory_gib * GiB)
+    return engine_device_memory(cfg)
+
+
+def quant_method(cfg: FrameworkConfig, hf_config: Any) -> Tuple[str, int]:
+    """(method, group_size); `auto` reads the checkpoint's quantization_config."""
+    method, group = cfg.quantization.method, cfg.quantization.group_size
+    if method != "auto":
+        return method, group
+    qc = getattr(hf_config, "quantization_config", None) or {}
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    kind = str(qc.get("quant_method", "")).lower()
+    if kind == "compressed-tensors":  # layers/quantization/compressed_tensors.py reads the same keys
+        groups = list((qc.get("config_groups") or {}).values())
+        w = (groups[0].get("weights") or {}) if groups else {}
+        if w.get("num_bits") == 4:  # group_size 0: one scale per row
+            return "int4", int(w.get("group_size") or 0) if w.get("strategy") == "group" else 0
+        if w.get("num_bits") == 8:
+            return ("fp8" if w.get("type") == "float" else "int8"), group
+    if kind == "fp8":
+        return "fp8", group
+    if qc.get("bits") in (4, 8):
+        return ("int4" if qc["bits"] == 4 else "int8"), int(qc.get("group_size") or group)
+    return "none", group
+
+
+# --- the plan ----------------------------------------------------------------------------
+def plan_memory(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optional[int] = None) -> MemoryPlan:
+    """Plan each rank. `device_memory_bytes` is a GPU's total memory; None plans the CPU backend.
+    `auto` limits are resolved first (resolve_auto_limits)."""
+    max_model_len, max_num_seqs = resolve_auto_limits(cfg, hf_config, device_memory_bytes)
+    plan = _plan(cfg, hf_config, device_memory_bytes, max_model_len, max_num_seqs)
+    resolved = [f"cache.{key}=auto -> {value}, the largest that fits"
+                for key, value in (("max_model_len", max_model_len), ("max_num_seqs", max_num_seqs))
+                if getattr(cfg.cache, key) == "auto"]
+    plan.notes[:0] = resolved
+    return plan
+
+
+def resolve_auto_limits(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optional[int] = None
+                        ) -> Tuple[int, int]:
+    """(max_model_len, max_num_seqs) with `auto` replaced by the largest value that fits:
+    max_model_len the longest request that fits (up to the model's limit; with max_num_seqs=auto
+    it is chosen first, for one sequence); max_num_seqs the most requests of max_model_len the
+    KV cache holds at once (full concurrency, so no preemption), at most
+    min(MAX_AUTO_SEQS, max_num_batched_tokens). Both searches are binary: every cost grows with
+    either value."""
+    length, seqs = cfg.cache.max_model_len, cfg.cache.max_num_seqs
+    limit = model_max_len(hf_config)
+    if length is None:
+        length = limit
+    if length == "auto":
+        probe_seqs = 1 if seqs == "auto" else int(seqs)
+        smallest = _plan(cfg, hf_config, device_memory_bytes, cfg.cache.block_size, probe_seqs)
+        if not smallest.fits:
+            raise UserError(f"cache.max_model_len=auto: not even {cfg.cache.block_size} tokens fit. {smallest.verdict}")
+        length = _largest(cfg.cache.block_size, limit,
+                          lambda n: _plan(cfg, hf_config, device_memory_bytes, n, probe_seqs).fits)
+    length = int(length)
+    if seqs != "auto":
+        return length, int(seqs)
+    blocks_per_request = -(-length // cfg.cache.block_size)
+
+    def fits(n: int) -> bool:
+        plan = _plan(cfg, hf_config, device_memory_bytes, length, n)
+        return plan.fits and plan.kv_budget_tokens // cfg.cache.block_size >= n * blocks_per_request
+
+    return length, _largest(1, max(1, min(MAX_AUTO_SEQS, cfg.cache.max_num_batched_tokens)), fits)
+
+
+def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
+    """The largest n in [lo, hi] with ok(n), for ok true up to some n and false after (lo if none)."""
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
+def _plan(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optional[int], max_model_len: int,
+          max_num_seqs: int) -> MemoryPlan:
+    c = cfg.cache
+    cuda = device_memory_bytes is not None
+    tp = cfg.parallelism.tensor_parallel_size
+    dtype = pick_dtype(cfg.model.dtype, torch.device("cuda" if cuda else "cpu"), hf_config)
+    a = dtype.itemsize
+    kv_bytes = 1 if c.kv_cache_dtype == "fp8" else a
+    method, group = quant_method(cfg, hf_config)
+    s = decoder_shape(hf_config)
+    details: Dict[str, str] = {}
+    notes: List[str] = []
+
+    parts = decoder_weight_bytes(s, tp, a, method, group)
+    weights = sum(parts.values())
+    embeddings = parts["embedding"] + parts["lm_head"]
+    details["weights"] = (f"linear layers {parts['linear'] / GiB:.2f} ({method}), embedding + lm_head "
+                          f"{embeddings / GiB:.2f}, norms + biases {parts['bias_norm'] / GiB:.2f}")
+    rotary = rotary_table_bytes(s, max_model_len)
+    positions = max(s.max_positions, max_model_len)
+    details["rotary tables"] = f"fp32 cos/sin of {positions} positions in each of {s.num_layers} layers"
+
+    kv_per_token = 2 * s.num_layers * kv_heads_per_rank(s.num_kv_heads, tp) * s.head_dim * kv_bytes
+    block_bytes = kv_per_token * c.block_size
+    blocks_per_request = -(-max_model_len // c.block_size)
+    cpu_blocks = int(c.cpu_kvcache_space_gib * GiB // block_bytes)
+
+    rows = min(max_num_seqs, c.max_num_batched_tokens)
+    step = Step(tokens=c.max_num_batched_tokens, logits_rows=rows, context=max_model_len,
+                kv_tokens=cpu_blocks * c.block_size, block_size=c.block_size)
+    activation = forward_peak(s, tp, step, a, kv_bytes, method, reference=not cuda)
+    details["activations"] = f"{step.tokens} tokens a step, logits of {rows} rows"
+
+    graph_pool = 0
+    if cuda and not cfg.compilation.enforce_eager:
+        sizes = capture_sizes(cfg.compilation.cudagraph_capture_sizes, max_num_seqs)
+        graph_pool = graph_pool_bytes(s, tp, sizes, step, a, kv_bytes, method)
+        details["CUDA graph pool"] = f"{len(sizes)} decode sizes up to {max(sizes)} (estimate)"
+
+    encoder, host_cache = 0, 0
+    v = vision_shape(hf_config)
+    if v is not None:
+        enc = encoder_budget(v, cfg.multimodal.limit_mm_per_prompt, cfg.multimodal.mm_processor_kwargs,
+                             c.max_num_batched_tokens, max_model_len, a)
+        encoder = enc.total
+        if enc.tokens:
+            host_cache = int(cfg.multimodal.mm_input_cache_gib * GiB)
+            items = ", ".join(f"{m} {n} tokens" for m, n in enc.item_tokens.items())
+            details["multimodal encoder"] = (f"weights {enc.weight_bytes / GiB:.2f} + {enc.tokens} tokens at once "
+                                             f"(largest item: {items})")
+        else:
+            details["multimodal encoder"] = "every modality limited to 0"
+
+    runtime = (CUDA_CONTEXT_BYTES + (NCCL_BYTES if tp > 1 else 0)) if cuda else CPU_RUNTIME_BYTES
+    details["CUDA context" if cuda else "Python + torch"] = "estimate"
+    fixed = weights + rotary + activation + graph_pool + encoder + runtime
+
+    if cuda:
+        budget = int(device_memory_bytes * c.gpu_memory_utilization)
+        budget_blocks = max(0, (budget - fixed) // block_bytes)
+    else:
+        budget = (host_memory_bytes() - host_cache) // tp
+        budget_blocks = cpu_blocks
+    if c.num_gpu_blocks_override:
+        budget_blocks = c.num_gpu_blocks_override
+    blocks = budget_blocks
+    if not c.enable_prefix_caching and blocks > max_num_seqs * blocks_per_request:
+        blocks = max_num_seqs * blocks_per_request
+        notes.append(f"KV cache capped at max_num_seqs x max_model_len = {blocks * c.block_size} tokens "
+                     f"(prefix caching off); the memory would hold {budget_blocks * c.block_size}")
+    kv_cache = blocks * block_bytes
+    kv_tokens = blocks * c.block_size
+    concurrency = kv_tokens / max_model_len
+    details["KV cache"] = f"{kv_tokens} tokens = {concurrency:.2f} x max_model_len"
+
+    one_request = blocks_per_request * block_bytes
+    if cuda:
+        need = fixed + (kv_cache if c.num_gpu_blocks_override else one_request)
+        headroom = budget - need
+    elif budget_blocks < blocks_per_request:  # cpu_kvcache_space_gib is short of one request
+        headroom = (budget_blocks - blocks_per_request) * block_bytes
+    else:  # every rank must fit in its share of the host's RAM
+        headroom = budget - (fixed + kv_cache)
+    fits = headroom >= 0 and budget_blocks >= blocks_per_request
+    unit = "GPU" if cuda else "rank"
+    if fits:
+        verdict = (f"FITS: {headroom / GiB:.2f} GiB/{unit} to spare beyond one {max_model_len}-token request; "
+                   f"the KV cache holds {kv_tokens} tokens, {concurrency:.2f} requests of max_model_len at once")
+    elif cuda or budget_blocks < blocks_per_request:
+        verdict = (f"DOES NOT FIT: {-headroom / GiB:.2f} GiB/{unit} short of holding one "
+                   f"{max_model_len}-token request")
+    else:
+        verdict = f"DOES NOT FIT: each rank needs {-headroom / GiB:.2f} GiB more than its share of the host's RAM"
+
+    return MemoryPlan(
+        model=cfg.model.path, architecture=architecture(hf_config), backend="cuda" if cuda else "cpu",
+        device_memory_bytes=int(device_memory_bytes if cuda else budget * tp + host_cache),
+        gpu_memory_utilization=c.gpu_memory_utilization, tensor_parallel_size=tp,
+        dtype=str(dtype).replace("torch.", ""), quantization=method,
+        kv_cache_dtype="fp8" if c.kv_cache_dtype == "fp8" else str(dtype).replace("torch.", ""),
+        max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+        block_size=c.block_size, weight_bytes=weights, rotary_bytes=rotary, activation_bytes=activation,
+        graph_pool_bytes=graph_pool, encoder_bytes=encoder, runtime_bytes=runtime, kv_cache_bytes=kv_cache,
+        kv_bytes_per_token=kv_per_token, kv_blocks=blocks, kv_tokens=kv_tokens,
+        kv_budget_tokens=budget_blocks * c.block_size, budget_bytes=budget, host_cache_bytes=host_cache,
+        fits=fits, headroom_bytes=int(headroom), max_concurrency=round(concurrency, 3), verdict=verdict,
+        details=details, notes=notes)

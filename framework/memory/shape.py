@@ -1,0 +1,106 @@
+"""The sizes the planner needs, read from config.json alone: the decoder and, for a
+vision-language model, the vision encoder.
+
+The decoder is read through `LlamaArgs.from_hf`, the very reader our model uses, so the planner
+and the model cannot disagree on a head count or a bias. Two things live on the top-level config
+of a vision-language model rather than its `text_config`: the architecture (Qwen2 biases) and
+`tie_word_embeddings`; they are read from there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from framework.config.errors import UserError
+from framework.models.llama import LlamaArgs
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_positions: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    logits_scaling: float  # != 1 costs one more logits-sized tensor (Granite)
+    embedding_multiplier: float  # != 1 costs one more hidden-sized tensor (Granite)
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    model_type: str
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    patch_size: int
+    in_channels: int
+    temporal_patch_size: int  # frames per patch (Qwen2-VL family); 1 for image-only encoders
+    merge_size: int  # patches merged into one LLM token per side (Qwen2-VL: spatial_merge_size)
+    out_hidden_size: int  # width of what the encoder hands the decoder
+    image_size: Optional[int]  # fixed-resolution encoders (CLIP, SigLIP, InternViT)
+
+
+def architecture(hf_config: Any) -> str:
+    return (getattr(hf_config, "architectures", None) or ["?"])[0]
+
+
+def text_config(hf_config: Any) -> Any:
+    return getattr(hf_config, "text_config", None) or hf_config
+
+
+def decoder_shape(hf_config: Any) -> DecoderShape:
+    text = text_config(hf_config)
+    try:
+        a = LlamaArgs.from_hf(text)
+    except AttributeError as exc:
+        raise UserError(f"the memory planner cannot read {architecture(hf_config)}'s config.json: {exc}") from exc
+    qwen2 = architecture(hf_config).startswith("Qwen2")  # Qwen2-VL's text_config has no architectures
+    tie = getattr(text, "tie_word_embeddings", None) or getattr(hf_config, "tie_word_embeddings", None)
+    return DecoderShape(
+        vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
+        num_layers=a.num_layers, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
+        max_positions=a.max_positions, tie_word_embeddings=bool(tie), qkv_bias=a.qkv_bias or qwen2,
+        o_bias=a.o_bias, mlp_bias=a.mlp_bias, logits_scaling=a.logits_scaling,
+        embedding_multiplier=a.embedding_multiplier)
+
+
+def _first(obj: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = getattr(obj, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _side(value: Any) -> int:
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+def vision_shape(hf_config: Any) -> Optional[VisionShape]:
+    v = getattr(hf_config, "vision_config", None)
+    if v is None:
+        return None
+    # Qwen2-VL names its width embed_dim and uses hidden_size for the decoder's width
+    hidden = int(_first(v, "embed_dim", "hidden_size"))
+    out_hidden = _first(v, "out_hidden_size", default=v.hidden_size if getattr(v, "embed_dim", None) else None)
+    return VisionShape(
+        model_type=str(getattr(v, "model_type", "") or ""),
+        depth=int(_first(v, "depth", "num_hidden_layers")),
+        hidden_size=hidden,
+        intermediate_size=int(_first(v, "intermediate_size", default=_first(v, "mlp_ratio", default=4) * hidden)),
+        num_heads=int(_first(v, "num_heads", "num_attention_heads")),
+        patch_size=_side(_first(v, "patch_size", "spatial_patch_size", default=14)),
+        in_channels=int(_first(v, "in_channels", "in_chans", "num_channels", default=3)),
+        temporal_patch_size=int(_first(v, "temporal_patch_size", default=1)),
+        merge_size=int(_first(v, "spatial_merge_size", default=1)),
+        out_hidden_size=int(out_hidden or text_config(hf_config).hidden_size),
+        image_size=_side(v.image_size) if getattr(v, "image_size", None) else None)
+
