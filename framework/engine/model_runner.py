@@ -16,6 +16,7 @@ import torch.distributed as dist
 from framework.config.schema import FrameworkConfig
 from framework.engine.step_input import StepInput
 from framework.layers.attention import Attention, AttentionMetadata
+from framework.layers.quantization import get_quant_method
 from framework.loader import load_weights
 from framework.loader.weights import LoadStats
 from framework.models.registry import model_class
@@ -72,11 +73,14 @@ class ModelRunner:
         torch.manual_seed(cfg.model.seed)
 
         start = time.perf_counter()
+        # quantization.method: the linear layers' storage, built (and checked) before any weight is read
+        method = get_quant_method(cfg.quantization, hf_config)
+        quant = {"quant_method": method} if method is not None else {}
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                self.model = model_class(hf_config)(hf_config, max_model_len).eval()
+                self.model = model_class(hf_config)(hf_config, max_model_len, **quant).eval()
         finally:
             torch.set_default_dtype(default_dtype)
         self.load_stats: LoadStats = load_weights(self.model, cfg.model, model_path, cfg.quantization.method)

@@ -4,10 +4,16 @@ Each weight carries a `weight_loader(param, checkpoint_tensor, shard_id)` that c
 rank's slice, so one loading loop serves replicated, split and merged (QKV, gate/up) weights.
 The checkpoint tensor may be lazy (loader.LazyTensor): `narrow` then reads only this rank's
 bytes from the safetensors file.
+
+Where a slice lands is two questions every layer answers: `output_rows(shard_id)` (which of
+our output rows, from which rows of the checkpoint tensor) and `input_cols` (which input
+columns: all of them, except on a row-parallel layer). A quantization method (`quant`, from
+layers/quantization) asks the same two questions, so it can quantize each block of rows as it
+arrives and the model's full-precision weights never sit in memory at once.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,86 +29,108 @@ def _copy(param: torch.Tensor, loaded) -> None:
 
 
 class LinearBase(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool):
+    """`quant` (a layers.quantization.QuantMethod) replaces `weight` with its own storage and
+    matmul; the bias always stays in the model dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, quant=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features  # this rank's shape
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.quant = quant
+        if quant is None:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+            self.weight.weight_loader = self.weight_loader
+        else:
+            quant.create_weights(self)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
 
+    def output_rows(self, shard_id=None) -> Tuple[int, int, int]:
+        """(first row here, number of rows, first row in the checkpoint tensor) of one shard."""
+        return 0, self.out_features, 0
+
+    def input_cols(self, loaded, dim: int = 1, per: int = 1):
+        """This rank's input columns of a checkpoint tensor whose `dim` holds `per` input
+        features per entry (8 for int32-packed int4, group_size for group scales)."""
+        return loaded
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        offset, size, start = self.output_rows(shard_id)
+        loaded = loaded.narrow(0, start, size)
+        if param.dim() == 2:  # the weight; a bias has no input dimension
+            loaded = self.input_cols(loaded)
+        _copy(param.data.narrow(0, offset, size), loaded)
+
+    def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.quant is None:
+            return F.linear(x, self.weight, bias)
+        return self.quant.apply(self, x, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
-    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        _copy(param.data, loaded)
+    pass
 
 
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; no communication."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        super().__init__(in_features, divide(out_features, tp_size()), bias)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, quant=None):
+        super().__init__(in_features, divide(out_features, tp_size()), bias, quant)
 
-    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        rows = param.shape[0]
-        _copy(param.data, loaded.narrow(0, tp_rank() * rows, rows))
+    def output_rows(self, shard_id=None) -> Tuple[int, int, int]:
+        return 0, self.out_features, tp_rank() * self.out_features
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs in one matmul (gate and up); shard_id is the index."""
 
-    def __init__(self, in_features: int, output_sizes: List[int], bias: bool = False):
+    def __init__(self, in_features: int, output_sizes: List[int], bias: bool = False, quant=None):
         self.output_sizes = output_sizes
-        super().__init__(in_features, sum(output_sizes), bias)
+        super().__init__(in_features, sum(output_sizes), bias, quant)
 
-    def weight_loader(self, param: nn.Parameter, loaded, shard_id: int = 0) -> None:
+    def output_rows(self, shard_id: int = 0) -> Tuple[int, int, int]:
         size = self.output_sizes[shard_id] // tp_size()
         offset = sum(self.output_sizes[:shard_id]) // tp_size()
-        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, tp_rank() * size, size))
+        return offset, size, tp_rank() * size
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """Q, K and V projections in one matmul. Query heads split across ranks; KV heads too, or,
     when there are fewer KV heads than ranks, each KV head is replicated on tp/num_kv ranks."""
 
-    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
+                 quant=None):
         tp = tp_size()
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, tp)
         self.num_kv_heads = max(1, num_kv_heads // tp)
         self.kv_replicas = max(1, tp // num_kv_heads)
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
-        LinearBase.__init__(self, hidden, out, bias)
+        LinearBase.__init__(self, hidden, out, bias, quant)
 
-    def weight_loader(self, param: nn.Parameter, loaded, shard_id: str = "q") -> None:
+    def output_rows(self, shard_id: str = "q") -> Tuple[int, int, int]:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if shard_id == "q":
-            offset, size, start = 0, q_size, tp_rank() * q_size
-        else:
-            offset = q_size if shard_id == "k" else q_size + kv_size
-            size, start = kv_size, (tp_rank() // self.kv_replicas) * kv_size
-        _copy(param.data.narrow(0, offset, size), loaded.narrow(0, start, size))
+            return 0, q_size, tp_rank() * q_size
+        offset = q_size if shard_id == "k" else q_size + kv_size
+        return offset, kv_size, (tp_rank() // self.kv_replicas) * kv_size
 
 
 class RowParallelLinear(LinearBase):
     """Input features split across ranks; partial outputs summed with an all-reduce."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        super().__init__(divide(in_features, tp_size()), out_features, bias)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, quant=None):
+        super().__init__(divide(in_features, tp_size()), out_features, bias, quant)
 
-    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        if param.dim() == 1:  # the bias is added once, after the reduce
-            _copy(param.data, loaded)
-            return
-        cols = param.shape[1]
-        _copy(param.data, loaded.narrow(1, tp_rank() * cols, cols))
+    def input_cols(self, loaded, dim: int = 1, per: int = 1):
+        cols = self.in_features // per
+        return loaded.narrow(dim, tp_rank() * cols, cols)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))
+        y = all_reduce(self.matmul(x))  # the bias is added once, after the reduce
         return y + self.bias if self.bias is not None else y

@@ -108,5 +108,9 @@ def init_dummy(model: nn.Module, seed: int) -> LoadStats:
                 continue
             if param.device not in gens:  # generated where the weights live: no host copy of 16 GB
                 gens[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+            fill = getattr(param, "fill_dummy", None)  # quantized storage: codes of random weights
+            if fill is not None:
+                fill(gens[param.device])
+                continue
             param.uniform_(-0.05, 0.05, generator=gens[param.device])
     return LoadStats(seconds=time.perf_counter() - start)

@@ -16,6 +16,14 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Parameters plus persistent buffers (the scales a quantization method computes at load),
+    each tensor once (a tied lm_head is the embedding). Non-persistent buffers, such as the
+    rotary cos/sin tables, are caches rebuilt from config.json, not weights."""
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def rank_stats(engine: Any) -> Dict[str, Any]:
     runner = engine.runner
     stats: Dict[str, Any] = {
@@ -23,7 +31,7 @@ def rank_stats(engine: Any) -> Dict[str, Any]:
         "dtype": str(runner.dtype).replace("torch.", ""),
         "load_seconds": round(runner.load_seconds, 3),
         "bytes_read": runner.load_stats.bytes_read,
-        "weight_bytes": sum(p.numel() * p.element_size() for p in runner.model.parameters()),
+        "weight_bytes": weight_bytes(runner.model),
         "kv_blocks": runner.num_blocks,
         "kv_tokens": runner.num_blocks * runner.kv_spec.block_size,
         "kv_bytes": runner.num_blocks * runner.kv_spec.bytes_per_block,

@@ -16,6 +16,7 @@ from framework.layers.attention import Attention, AttentionMetadata
 from framework.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from framework.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from framework.layers.norm import RMSNorm
+from framework.layers.quantization import QuantMethod
 from framework.layers.rotary import RotaryEmbedding, rope_parameters
 from framework.parallel import divide, tp_size
 
@@ -63,10 +64,11 @@ class LlamaArgs:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, a: LlamaArgs, max_positions: int):
+    def __init__(self, a: LlamaArgs, max_positions: int, quant: Optional[QuantMethod] = None):
         super().__init__()
-        self.qkv_proj = QKVParallelLinear(a.hidden_size, a.head_dim, a.num_heads, a.num_kv_heads, bias=a.qkv_bias)
-        self.o_proj = RowParallelLinear(a.num_heads * a.head_dim, a.hidden_size, bias=a.o_bias)
+        self.qkv_proj = QKVParallelLinear(a.hidden_size, a.head_dim, a.num_heads, a.num_kv_heads, bias=a.qkv_bias,
+                                          quant=quant)
+        self.o_proj = RowParallelLinear(a.num_heads * a.head_dim, a.hidden_size, bias=a.o_bias, quant=quant)
         self.rotary = RotaryEmbedding(a.head_dim, max_positions, a.rope)
         self.q_size = self.qkv_proj.num_heads * a.head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * a.head_dim
@@ -81,10 +83,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, a: LlamaArgs):
+    def __init__(self, a: LlamaArgs, quant: Optional[QuantMethod] = None):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(a.hidden_size, [a.intermediate_size] * 2, bias=a.mlp_bias)
-        self.down_proj = RowParallelLinear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+        self.gate_up_proj = MergedColumnParallelLinear(a.hidden_size, [a.intermediate_size] * 2, bias=a.mlp_bias,
+                                                       quant=quant)
+        self.down_proj = RowParallelLinear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias, quant=quant)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,10 +95,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, a: LlamaArgs, max_positions: int):
+    def __init__(self, a: LlamaArgs, max_positions: int, quant: Optional[QuantMethod] = None):
         super().__init__()
-        self.self_attn = LlamaAttention(a, max_positions)
-        self.mlp = LlamaMLP(a)
+        self.self_attn = LlamaAttention(a, max_positions, quant)
+        self.mlp = LlamaMLP(a, quant)
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.residual_multiplier = a.residual_multiplier
@@ -119,12 +122,14 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, hf_config: Any, max_model_len: Optional[int] = None):
+    def __init__(self, hf_config: Any, max_model_len: Optional[int] = None, quant_method: Optional[QuantMethod] = None):
         super().__init__()
         a = self.args = LlamaArgs.from_hf(hf_config)
         max_positions = max(a.max_positions, max_model_len or 0)
         self.embed_tokens = VocabParallelEmbedding(a.vocab_size, a.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(a, max_positions) for _ in range(a.num_layers))
+        # quant_method (layers/quantization) replaces the decoder's linear weights; embeddings,
+        # norms and lm_head stay in the model dtype
+        self.layers = nn.ModuleList(LlamaDecoderLayer(a, max_positions, quant_method) for _ in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.lm_head = ParallelLMHead(a.vocab_size, a.hidden_size)
         if a.tie_word_embeddings:

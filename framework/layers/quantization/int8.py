@@ -1,0 +1,51 @@
+"""int8: symmetric per-output-channel weights; activations stay in the model dtype.
+
+Each row keeps its own float32 scale (absmax / 127), so a row's error is at most half a step
+of *its* range. The matmul runs on the integer codes cast to the activation dtype (exact: every
+int8 is representable in bf16/fp16) and the scale multiplies the output columns, which avoids
+materializing a scaled copy of the weight.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from framework.layers.quantization.base import LoadTimeQuant, Spec
+
+QMAX = 127  # -128 unused: a symmetric grid keeps zero exact and the range balanced
+
+
+def quantize_int8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float rows [n, k] -> (int8 codes [n, k], float32 scales [n])."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / QMAX  # an all-zero row keeps a usable scale
+    codes = torch.round(w / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
+    return codes, scale
+
+
+def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (codes.float() * scale.float()[:, None]).to(dtype)
+
+
+def scaled_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                  bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x @ (scale * codes).T + bias, with the per-row scale applied to the output."""
+    y = F.linear(x, codes.to(x.dtype)) * scale.to(x.dtype)
+    return y + bias if bias is not None else y
+
+
+class Int8Method(LoadTimeQuant):
+    name = "int8"
+
+    def storage(self, out_features: int, in_features: int) -> Spec:
+        return {"weight": ((out_features, in_features), torch.int8),
+                "weight_scale": ((out_features,), torch.float32)}
+
+    def quantize(self, layer, w: torch.Tensor) -> Dict[str, torch.Tensor]:
+        codes, scale = quantize_int8(w)
+        return {"weight": codes, "weight_scale": scale}
+
+    def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return scaled_linear(x, layer.weight, layer.weight_scale, bias)

@@ -1,0 +1,127 @@
+"""task=eval: perplexity of the model on a fixed text, computed by the engine's own model runner.
+
+The number is only worth comparing between runs of one model that differ in a knob
+(`quantization.method`, `cache.kv_cache_dtype`): the change in perplexity is that knob's
+quality cost. Every token goes through the same forward the engine serves with (quantized
+linear layers, paged attention reading K/V back from the cache at its precision).
+
+The text is `task.prompts_file` when set (the whole file), else a fixed slice of CPython's
+`pydoc_data.topics`: every EVERY_NTH-th topic in sorted order, each as `bos topic eos` like the
+bundled model's training stream. The bundled model was trained on *all* of pydoc_data, so
+this slice is not held out: on it, perplexity measures how much of the fit a knob keeps.
+
+The token stream is cut into non-overlapping windows of WINDOW tokens (fewer if
+cache.max_model_len or cache.max_num_batched_tokens is smaller), at most MAX_TOKENS tokens in
+all. Each window is one fresh sequence prefilled in one step; every token but its first is
+scored, so the first tokens of a window see little context (the same for every run compared).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, List
+
+import torch
+import torch.nn.functional as F
+
+from framework.config.errors import UserError
+from framework.config.schema import FrameworkConfig
+from framework.engine.sampling_params import SamplingParams
+from framework.engine.sequence import Sequence
+from framework.engine.step_input import StepInput
+from framework.llm import LLM
+from framework.tasks.metrics import write_metrics
+
+WINDOW = 256  # the bundled model's training window
+MAX_TOKENS = 8192
+EVERY_NTH = 8  # of pydoc_data's topics in sorted order: 10 of 79 topics, the first being "assert"
+
+
+@dataclass
+class EvalResult:
+    perplexity: float
+    mean_nll: float  # nats per scored token
+    scored_tokens: int
+    windows: int
+    window: int
+    text: str  # where the text came from
+    seconds: float
+
+
+def default_text(tokenizer: Any) -> List[int]:
+    from pydoc_data.topics import topics
+    ids: List[int] = []
+    for key in sorted(topics)[::EVERY_NTH]:
+        text = topics[key].strip() + "\n"  # long topics exceed model_max_length: windows cut them, no warning
+        ids += [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False, verbose=False),
+                tokenizer.eos_token_id]
+    return [i for i in ids if i is not None]
+
+
+def file_text(tokenizer: Any, path: str) -> List[int]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"task.prompts_file={path!r}: no such file")
+    return tokenizer.encode(file.read_text(), verbose=False)
+
+
+def score_window(engine: Any, ids: List[int]) -> float:
+    """Summed negative log-likelihood (nats) of ids[1:] given their prefixes, one prefill step.
+    The sequence's KV blocks come from (and go back to) the engine's block manager."""
+    n, bs = len(ids), engine.block_size
+    seq = Sequence(list(ids), SamplingParams(max_tokens=1))
+    engine.block_manager.allocate(seq, n)
+    try:
+        table = seq.block_table
+        step = StepInput(input_ids=list(ids), positions=list(range(n)),
+                         slot_mapping=[table[p // bs] * bs + p % bs for p in range(n)],
+                         cu_seqlens_q=[0, n], seq_lens=[n], block_tables=[table],
+                         logits_indices=list(range(n - 1)), decode_only=False)
+        logits = engine.runner.run(step)
+    finally:
+        engine.block_manager.free_blocks(seq)
+    targets = torch.tensor(ids[1:], dtype=torch.int64)
+    return F.cross_entropy(logits.double(), targets, reduction="sum").item()
+
+
+def perplexity(engine: Any, ids: List[int], window: int, source: str = "") -> EvalResult:
+    start = time.perf_counter()
+    ids = ids[:MAX_TOKENS]
+    windows = [ids[i:i + window] for i in range(0, len(ids), window)]
+    windows = [w for w in windows if len(w) > 1]  # a lone token has nothing to predict
+    if not windows:
+        raise UserError(f"the evaluation text ({source}) has fewer than 2 tokens")
+    nll = sum(score_window(engine, w) for w in windows)
+    scored = sum(len(w) - 1 for w in windows)
+    return EvalResult(perplexity=math.exp(nll / scored), mean_nll=nll / scored, scored_tokens=scored,
+                      windows=len(windows), window=window, text=source, seconds=time.perf_counter() - start)
+
+
+def run(cfg: FrameworkConfig, run_dir: Path) -> int:
+    with LLM(cfg) as llm:
+        engine = getattr(llm.launcher, "engine", None)
+        if engine is None:  # rank 0's engine lives in a Ray actor
+            raise UserError("task=eval needs the engine in this process: use launcher=local "
+                            "(parallelism.tensor_parallel_size=1)")
+        if engine.tokenizer is None:
+            raise UserError(f"task=eval needs a tokenizer; {cfg.model.path} has none (set model.tokenizer)")
+        if cfg.task.prompts_file:
+            ids, source = file_text(engine.tokenizer, cfg.task.prompts_file), cfg.task.prompts_file
+        else:
+            ids, source = default_text(engine.tokenizer), f"pydoc_data.topics, every {EVERY_NTH}th topic"
+        window = min(WINDOW, engine.max_model_len, cfg.cache.max_num_batched_tokens)
+        result = perplexity(engine, ids, window, source)
+        stats = llm.stats()
+    record = {"quantization": cfg.quantization.method, "kv_cache_dtype": cfg.cache.kv_cache_dtype,
+              **asdict(result), "weight_bytes": stats["ranks"][0]["weight_bytes"]}
+    path = Path(run_dir) / "eval.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"perplexity {result.perplexity:.4f} ({result.scored_tokens} tokens in {result.windows} windows of "
+          f"{window}; quantization={cfg.quantization.method}, kv_cache_dtype={cfg.cache.kv_cache_dtype}, "
+          f"weights {record['weight_bytes'] / 2**20:.2f} MiB); {path}")
+    write_metrics(run_dir, {"eval": record, "measured": stats})
+    return 0
