@@ -17,10 +17,12 @@ query/KV width per rank, i = intermediate per rank; widths in elements of the mo
   prefilling sequence float32 K/V of its whole context and SDPA's math path (2.5 x the scores,
   measured on torch 2.13 with a boolean mask); for decode rows a dense K/V gather of the batch.
 - Weight-only fp8/int8 cast the codes to the model dtype inside the matmul (one weight-sized
-  transient) and keep the unscaled output beside the scaled one; int4 does the same on CPU.
+  transient, counted in that matmul's phase) and keep the unscaled output beside the scaled
+  one; int4 unpacks to a full-precision copy on CPU (on GPU its Triton kernel needs none).
 
-The engine's own profile (ModelRunner.profile_run) computes one logits row; we count
-`logits_rows` (max_num_seqs) because every decode step computes that many.
+Checked against the engine's own profile (ModelRunner.profile_run, which scores min(tokens,
+max_num_seqs) rows as we do) on an H100: Llama-3.1-8B measured 0.260 / 0.908 GiB at 2048 / 8192
+tokens a step, planned 0.258 / 0.907.
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ from framework.memory.shape import DecoderShape
 from framework.memory.weights import decoder_linears, kv_heads_per_rank
 
 SDPA_MATH_FACTOR = 2.5  # CPU SDPA with a boolean mask: peak / (scores in float32), measured 2.45
-GRAPH_BYTES_EACH = 4 << 20  # per captured size: segment rounding and its static outputs (estimate)
+CUBLAS_WORKSPACE_BYTES = 32 << 20  # cuBLAS takes it from torch's allocator at the first matmul (Hopper)
+GRAPH_POOL_SLACK_BYTES = 20 << 20  # the pool's allocator segments round up (one 20 MiB segment)
+GRAPH_BYTES_EACH = 2 << 20  # each captured graph's own device memory, outside torch's allocator
 
 
 @dataclass(frozen=True)
@@ -48,23 +52,32 @@ def _widths(s: DecoderShape, tp: int):
     return s.hidden_size, q, kv, s.intermediate_size // tp
 
 
-def _largest_linear(s: DecoderShape, tp: int) -> int:
-    return max(out * inp for _, out, inp in decoder_linears(s, tp))
+def dequantized_bytes(s: DecoderShape, tp: int, a: int, quant: str, reference: bool) -> dict:
+    """The full-precision copy of each linear weight that one quantized matmul makes: fp8/int8
+    cast their codes to the model dtype (scaled_linear), int4 unpacks on the reference backend."""
+    per = {"fp8": a, "int8": a}.get(quant, 2 * a + 2 if quant == "int4" and reference else 0)
+    return {name: out * inp * per for name, out, inp in decoder_linears(s, tp)}
 
 
 def layer_peak(s: DecoderShape, tp: int, tokens: int, a: int, quant: str, reference: bool) -> int:
-    """Bytes alive at the worst point inside one decoder layer."""
+    """Bytes alive at the worst point inside one decoder layer: the worst of its phases, a
+    quantized matmul's weight copy counted in the phase of that matmul."""
     h, q, kv, i = _widths(s, tp)
-    mlp = 4 * h + (4 if reference else 3) * i
-    attention = 5 * h + 3 * q + 3 * kv
-    extra_weight = 0
-    if quant in ("fp8", "int8"):  # scaled_linear: codes.to(dtype), then y * scale beside y
-        mlp = max(mlp, 4 * h + 4 * i)
-        attention = max(attention, 4 * h + 2 * (q + 2 * kv))
-        extra_weight = _largest_linear(s, tp) * a
-    elif quant == "int4" and reference:  # dequantize_int4: int8 codes, the cast and the product
-        extra_weight = _largest_linear(s, tp) * (2 * a + 2)
-    return tokens * max(mlp, attention, 6 * h) * a + extra_weight
+    w = dequantized_bytes(s, tp, a, quant, reference)
+    scaled = quant in ("fp8", "int8")  # scaled_linear keeps its output y beside y * scale
+    act = (4 if reference else 3) * i
+    widths = [  # elements per token alive in each phase
+        5 * h + 3 * q + 3 * kv + (h if scaled else 0),  # attention, up to o_proj's output
+        4 * h + max(act, 4 * i if scaled else 0),  # gate_up, then the activation
+        6 * h,  # residual scaling and the fused add-norm
+    ]
+    with_weight = [  # a quantized matmul's phase: its input, its output, its weight copy
+        tokens * (4 * h + (q + 2 * kv) * (2 if scaled else 1)) * a + w["qkv_proj"],
+        tokens * (5 * h + 3 * q + 3 * kv) * a + w["o_proj"],
+        tokens * (4 * h + 2 * i) * a + w["gate_up_proj"],
+        tokens * (5 * h + i) * a + w["down_proj"],
+    ] if any(w.values()) else []
+    return max([tokens * x * a for x in widths] + with_weight)
 
 
 def reference_attention_peak(s: DecoderShape, tp: int, step: Step, a: int, kv_bytes: int) -> int:
@@ -84,8 +97,9 @@ def reference_attention_peak(s: DecoderShape, tp: int, step: Step, a: int, kv_by
     return max(prefill, decode)
 
 
-def logits_peak(s: DecoderShape, tp: int, step: Step, a: int) -> int:
-    """Bytes alive while ModelRunner.execute turns hidden states into float32 logits."""
+def logits_peak(s: DecoderShape, tp: int, step: Step, a: int, to_float: bool = True) -> int:
+    """Bytes alive while ModelRunner.execute turns hidden states into logits (and float32 ones:
+    a CUDA graph stops before that cast)."""
     rows = step.logits_rows
     vocab_rank = -(-s.vocab_size // tp)
     peak = step.tokens * s.hidden_size * a + rows * s.hidden_size * a + rows * vocab_rank * a
@@ -93,7 +107,7 @@ def logits_peak(s: DecoderShape, tp: int, step: Step, a: int) -> int:
         peak += 2 * tp * rows * vocab_rank * a
     if s.logits_scaling != 1.0:
         peak += rows * vocab_rank * tp * a
-    if a != 4:
+    if a != 4 and to_float:
         peak += rows * s.vocab_size * 4
     return peak
 
@@ -104,30 +118,43 @@ def step_input_bytes(step: Step) -> int:
 
 
 def forward_peak(s: DecoderShape, tp: int, step: Step, a: int, kv_bytes: int, quant: str,
-                 reference: bool, logits: bool = True) -> int:
-    """Peak bytes of one step on top of weights and KV cache."""
+                 reference: bool, to_float: bool = True) -> int:
+    """Peak bytes of one step on top of weights and KV cache (on a GPU, with cuBLAS's workspace,
+    which the first matmul takes from torch's allocator)."""
     layer = layer_peak(s, tp, step.tokens, a, quant, reference)
     if reference:
         layer += reference_attention_peak(s, tp, step, a, kv_bytes)
     embed = step.tokens * s.hidden_size * a * (2 if s.embedding_multiplier != 1.0 else 1)
-    peak = max(layer, embed, logits_peak(s, tp, step, a) if logits else 0)
-    return peak + step_input_bytes(step)
+    peak = max(layer, embed, logits_peak(s, tp, step, a, to_float))
+    return peak + step_input_bytes(step) + (0 if reference else CUBLAS_WORKSPACE_BYTES)
 
 
-def capture_sizes(configured, max_num_seqs: int) -> list:
-    """compilation.cudagraph_capture_sizes, or 1, 2, 4, 8 then steps of 8 up to max_num_seqs (256 at most)."""
-    top = min(max_num_seqs, 256)
-    if configured:
-        return [b for b in configured if b <= max(top, min(configured))]
-    return [b for b in [1, 2, 4, 8] + list(range(16, 257, 8)) if b <= top] or [1]
+def capture_sizes(requested, max_num_seqs: int) -> list:
+    """As engine/cuda_graphs.capture_sizes: the requested sizes (or 1, 2, 4, 8, then every 8 up
+    to max_num_seqs, at most 256, plus max_num_seqs itself if missed) up to the first that covers
+    max_num_seqs."""
+    if requested is None:
+        cap = min(max_num_seqs, 256)
+        sizes = [b for b in [1, 2, 4, 8] + list(range(16, cap + 1, 8)) if b <= cap]
+        return sizes + [cap] if sizes[-1] < cap else sizes
+    sizes = sorted(set(int(b) for b in requested))
+    return [b for b in sizes if b < max_num_seqs] + [b for b in sizes if b >= max_num_seqs][:1]
 
 
 def graph_pool_bytes(s: DecoderShape, tp: int, sizes: list, step: Step, a: int, kv_bytes: int, quant: str) -> int:
-    """Decode graphs share one private pool that keeps the largest capture's live tensors: a
-    decode forward at the largest size (logits are computed outside the graph, as nano-vllm and
-    vLLM do), plus GRAPH_BYTES_EACH per captured size. An estimate until the graph runner lands."""
+    """engine/cuda_graphs.py: every graph runs forward + compute_logits of a pure decode batch and
+    copies the logits into one static [largest size, vocab] buffer; the graphs share one pool,
+    captured largest first, so the pool holds one decode step at the largest size. Plus the
+    pool's segment rounding and each graph's own memory (measured on an H100: 0.057-0.074 GiB
+    for Llama-3.1-8B at 11 sizes up to 64)."""
     largest = max(sizes)
     decode = Step(tokens=largest, logits_rows=largest, context=step.context, kv_tokens=step.kv_tokens,
                   block_size=step.block_size)
-    return forward_peak(s, tp, decode, a, kv_bytes, quant, reference=False, logits=False) + \
-        GRAPH_BYTES_EACH * len(sizes)
+    static_logits = largest * s.vocab_size * a
+    # fp8/int8: each of a layer's four weight copies keeps its own block of the pool (measured:
+    # 0.518 GiB for Llama-3.1-8B fp8 at 19 sizes up to 128; the forward's peak holds only one)
+    copies = dequantized_bytes(s, tp, a, quant, reference=False)
+    extra_copies = sum(copies.values()) - max(copies.values())
+    return (forward_peak(s, tp, decode, a, kv_bytes, quant, reference=False, to_float=False)
+            - CUBLAS_WORKSPACE_BYTES + static_logits + extra_copies + GRAPH_POOL_SLACK_BYTES
+            + GRAPH_BYTES_EACH * len(sizes))

@@ -30,11 +30,11 @@ from framework.memory.weights import decoder_weight_bytes, kv_heads_per_rank, ro
 
 GiB = 1 << 30
 MiB = 1 << 20
-# Memory outside torch's allocator on each rank. GPU: the CUDA context and the kernels' module
-# images (~0.5 GiB on an H100 with torch 2.x), plus NCCL's buffers with TP. CPU: the Python
-# interpreter with torch, transformers and the engine imported (370 MiB resident, measured with
-# torch 2.13 on x86-64).
-CUDA_CONTEXT_BYTES = 512 * MiB
+# Memory outside torch's allocator on each rank. GPU: the CUDA context, cuBLAS handles and the
+# kernels' module images (measured 0.74-0.75 GiB on an H100, torch 2.11 + CUDA 13), plus NCCL's
+# buffers with TP (an estimate). CPU: the Python interpreter with torch, transformers and the
+# engine imported (370 MiB resident, measured with torch 2.13 on x86-64).
+CUDA_CONTEXT_BYTES = 768 * MiB
 NCCL_BYTES = 256 * MiB
 CPU_RUNTIME_BYTES = 384 * MiB
 MAX_AUTO_SEQS = 1024  # max_num_seqs=auto searches up to this many seats
