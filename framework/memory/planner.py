@@ -204,69 +204,89 @@ def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
     return lo
 
 
-def _plan(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optional[int], max_model_len: int,
-          max_num_seqs: int) -> MemoryPlan:
-    c = cfg.cache
-    cuda = device_memory_bytes is not None
-    tp = cfg.parallelism.tensor_parallel_size
+@dataclass
+class _Costs:
+    """Everything but the KV cache, per rank, with a line of detail for each."""
+    dtype: torch.dtype
+    quantization: str
+    kv_per_token: int
+    weights: int = 0
+    rotary: int = 0
+    activation: int = 0
+    graph_pool: int = 0
+    encoder: int = 0
+    runtime: int = 0
+    host_cache: int = 0
+    details: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fixed(self) -> int:
+        return self.weights + self.rotary + self.activation + self.graph_pool + self.encoder + self.runtime
+
+
+def _costs(cfg: FrameworkConfig, hf_config: Any, cuda: bool, max_model_len: int, max_num_seqs: int) -> _Costs:
+    c, tp = cfg.cache, cfg.parallelism.tensor_parallel_size
     dtype = pick_dtype(cfg.model.dtype, torch.device("cuda" if cuda else "cpu"), hf_config)
     a = dtype.itemsize
     kv_bytes = 1 if c.kv_cache_dtype == "fp8" else a
     method, group = quant_method(cfg, hf_config)
     s = decoder_shape(hf_config)
-    details: Dict[str, str] = {}
-    notes: List[str] = []
+    out = _Costs(dtype, method, 2 * s.num_layers * kv_heads_per_rank(s.num_kv_heads, tp) * s.head_dim * kv_bytes)
 
     parts = decoder_weight_bytes(s, tp, a, method, group)
-    weights = sum(parts.values())
+    out.weights = sum(parts.values())
     embeddings = parts["embedding"] + parts["lm_head"]
-    details["weights"] = (f"linear layers {parts['linear'] / GiB:.2f} ({method}), embedding + lm_head "
-                          f"{embeddings / GiB:.2f}, norms + biases {parts['bias_norm'] / GiB:.2f}")
-    rotary = rotary_table_bytes(s, max_model_len)
+    out.details["weights"] = (f"linear layers {parts['linear'] / GiB:.2f} ({method}), embedding + lm_head "
+                              f"{embeddings / GiB:.2f}, norms + biases {parts['bias_norm'] / GiB:.2f}")
+    out.rotary = rotary_table_bytes(s, max_model_len)
     positions = max(s.max_positions, max_model_len)
-    details["rotary tables"] = f"fp32 cos/sin of {positions} positions in each of {s.num_layers} layers"
-
-    kv_per_token = 2 * s.num_layers * kv_heads_per_rank(s.num_kv_heads, tp) * s.head_dim * kv_bytes
-    block_bytes = kv_per_token * c.block_size
-    blocks_per_request = -(-max_model_len // c.block_size)
-    cpu_blocks = int(c.cpu_kvcache_space_gib * GiB // block_bytes)
+    out.details["rotary tables"] = f"fp32 cos/sin of {positions} positions in each of {s.num_layers} layers"
 
     rows = min(max_num_seqs, c.max_num_batched_tokens)
+    cpu_kv_tokens = int(c.cpu_kvcache_space_gib * GiB // (out.kv_per_token * c.block_size)) * c.block_size
     step = Step(tokens=c.max_num_batched_tokens, logits_rows=rows, context=max_model_len,
-                kv_tokens=cpu_blocks * c.block_size, block_size=c.block_size)
-    activation = forward_peak(s, tp, step, a, kv_bytes, method, reference=not cuda)
-    details["activations"] = f"{step.tokens} tokens a step, logits of {rows} rows"
+                kv_tokens=cpu_kv_tokens, block_size=c.block_size)
+    out.activation = forward_peak(s, tp, step, a, kv_bytes, method, reference=not cuda)
+    out.details["activations"] = f"{step.tokens} tokens a step, logits of {rows} rows"
 
-    graph_pool = 0
     if cuda and not cfg.compilation.enforce_eager:
         sizes = capture_sizes(cfg.compilation.cudagraph_capture_sizes, max_num_seqs)
-        graph_pool = graph_pool_bytes(s, tp, sizes, step, a, kv_bytes, method)
-        details["CUDA graph pool"] = f"{len(sizes)} decode sizes up to {max(sizes)} (estimate)"
+        out.graph_pool = graph_pool_bytes(s, tp, sizes, step, a, kv_bytes, method)
+        out.details["CUDA graph pool"] = f"{len(sizes)} decode sizes up to {max(sizes)}"
 
-    encoder, host_cache = 0, 0
     v = vision_shape(hf_config)
     if v is not None:
         enc = encoder_budget(v, cfg.multimodal.limit_mm_per_prompt, cfg.multimodal.mm_processor_kwargs,
                              c.max_num_batched_tokens, max_model_len, a)
-        encoder = enc.total
+        out.encoder = enc.total
+        out.details["multimodal encoder"] = "every modality limited to 0"
         if enc.tokens:
-            host_cache = int(cfg.multimodal.mm_input_cache_gib * GiB)
+            out.host_cache = int(cfg.multimodal.mm_input_cache_gib * GiB)
             items = ", ".join(f"{m} {n} tokens" for m, n in enc.item_tokens.items())
-            details["multimodal encoder"] = (f"weights {enc.weight_bytes / GiB:.2f} + {enc.tokens} tokens at once "
-                                             f"(largest item: {items})")
-        else:
-            details["multimodal encoder"] = "every modality limited to 0"
+            out.details["multimodal encoder"] = (f"weights {enc.weight_bytes / GiB:.2f} + {enc.tokens} tokens at "
+                                                 f"once (largest item: {items})")
 
-    runtime = (CUDA_CONTEXT_BYTES + (NCCL_BYTES if tp > 1 else 0)) if cuda else CPU_RUNTIME_BYTES
-    details["CUDA context" if cuda else "Python + torch"] = "estimate"
-    fixed = weights + rotary + activation + graph_pool + encoder + runtime
+    out.runtime = (CUDA_CONTEXT_BYTES + (NCCL_BYTES if tp > 1 else 0)) if cuda else CPU_RUNTIME_BYTES
+    out.details["CUDA context" if cuda else "Python + torch"] = "estimate"
+    return out
 
+
+def _plan(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optional[int], max_model_len: int,
+          max_num_seqs: int) -> MemoryPlan:
+    c, tp = cfg.cache, cfg.parallelism.tensor_parallel_size
+    cuda = device_memory_bytes is not None
+    costs = _costs(cfg, hf_config, cuda, max_model_len, max_num_seqs)
+    block_bytes = costs.kv_per_token * c.block_size
+    blocks_per_request = -(-max_model_len // c.block_size)
+    notes: List[str] = []
+
+    # the KV cache: what the engine would allocate (ModelRunner.num_blocks_that_fit, LLMEngine's cap)
     if cuda:
         budget = int(device_memory_bytes * c.gpu_memory_utilization)
-        budget_blocks = max(0, (budget - fixed) // block_bytes)
+        budget_blocks = max(0, (budget - costs.fixed) // block_bytes)
     else:
-        budget = (host_memory_bytes() - host_cache) // tp
-        budget_blocks = cpu_blocks
+        budget = (host_memory_bytes() - costs.host_cache) // tp
+        budget_blocks = int(c.cpu_kvcache_space_gib * GiB // block_bytes)
     if c.num_gpu_blocks_override:
         budget_blocks = c.num_gpu_blocks_override
     blocks = budget_blocks
@@ -274,19 +294,18 @@ def _plan(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optional[in
         blocks = max_num_seqs * blocks_per_request
         notes.append(f"KV cache capped at max_num_seqs x max_model_len = {blocks * c.block_size} tokens "
                      f"(prefix caching off); the memory would hold {budget_blocks * c.block_size}")
-    kv_cache = blocks * block_bytes
-    kv_tokens = blocks * c.block_size
+    kv_cache, kv_tokens = blocks * block_bytes, blocks * c.block_size
     concurrency = kv_tokens / max_model_len
-    details["KV cache"] = f"{kv_tokens} tokens = {concurrency:.2f} x max_model_len"
+    costs.details["KV cache"] = f"{kv_tokens} tokens = {concurrency:.2f} x max_model_len"
 
-    one_request = blocks_per_request * block_bytes
+    # the verdict: the engine starts only if the KV cache holds one request of max_model_len
     if cuda:
-        need = fixed + (kv_cache if c.num_gpu_blocks_override else one_request)
+        need = costs.fixed + (kv_cache if c.num_gpu_blocks_override else blocks_per_request * block_bytes)
         headroom = budget - need
     elif budget_blocks < blocks_per_request:  # cpu_kvcache_space_gib is short of one request
         headroom = (budget_blocks - blocks_per_request) * block_bytes
     else:  # every rank must fit in its share of the host's RAM
-        headroom = budget - (fixed + kv_cache)
+        headroom = budget - (costs.fixed + kv_cache)
     fits = headroom >= 0 and budget_blocks >= blocks_per_request
     unit = "GPU" if cuda else "rank"
     if fits:
@@ -298,16 +317,16 @@ def _plan(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optional[in
     else:
         verdict = f"DOES NOT FIT: each rank needs {-headroom / GiB:.2f} GiB more than its share of the host's RAM"
 
+    dtype = str(costs.dtype).replace("torch.", "")
     return MemoryPlan(
         model=cfg.model.path, architecture=architecture(hf_config), backend="cuda" if cuda else "cpu",
-        device_memory_bytes=int(device_memory_bytes if cuda else budget * tp + host_cache),
-        gpu_memory_utilization=c.gpu_memory_utilization, tensor_parallel_size=tp,
-        dtype=str(dtype).replace("torch.", ""), quantization=method,
-        kv_cache_dtype="fp8" if c.kv_cache_dtype == "fp8" else str(dtype).replace("torch.", ""),
+        device_memory_bytes=int(device_memory_bytes if cuda else budget * tp + costs.host_cache),
+        gpu_memory_utilization=c.gpu_memory_utilization, tensor_parallel_size=tp, dtype=dtype,
+        quantization=costs.quantization, kv_cache_dtype="fp8" if c.kv_cache_dtype == "fp8" else dtype,
         max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
-        block_size=c.block_size, weight_bytes=weights, rotary_bytes=rotary, activation_bytes=activation,
-        graph_pool_bytes=graph_pool, encoder_bytes=encoder, runtime_bytes=runtime, kv_cache_bytes=kv_cache,
-        kv_bytes_per_token=kv_per_token, kv_blocks=blocks, kv_tokens=kv_tokens,
-        kv_budget_tokens=budget_blocks * c.block_size, budget_bytes=budget, host_cache_bytes=host_cache,
-        fits=fits, headroom_bytes=int(headroom), max_concurrency=round(concurrency, 3), verdict=verdict,
-        details=details, notes=notes)
+        block_size=c.block_size, weight_bytes=costs.weights, rotary_bytes=costs.rotary,
+        activation_bytes=costs.activation, graph_pool_bytes=costs.graph_pool, encoder_bytes=costs.encoder,
+        runtime_bytes=costs.runtime, kv_cache_bytes=kv_cache, kv_bytes_per_token=costs.kv_per_token,
+        kv_blocks=blocks, kv_tokens=kv_tokens, kv_budget_tokens=budget_blocks * c.block_size, budget_bytes=budget,
+        host_cache_bytes=costs.host_cache, fits=fits, headroom_bytes=int(headroom),
+        max_concurrency=round(concurrency, 3), verdict=verdict, details=costs.details, notes=notes)
