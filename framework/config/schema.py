@@ -102,6 +102,8 @@ class TaskConfig:
     input_len_range: List[int] = field(default_factory=lambda: [32, 128])
     output_len_range: List[int] = field(default_factory=lambda: [32, 128])
     compare_hf: bool = True  # bench: also time HF transformers generate on the same requests
+    compare_hf_requests: Optional[int] = None  # bench: HF runs only the first N requests (null = all)
+    decode_batch1_tokens: int = 256  # bench on GPU: one greedy request of N tokens vs the copy roofline; 0 = skip
     # save_sharded
     output_dir: Optional[str] = None
 

@@ -85,6 +85,10 @@ def validate(cfg: FrameworkConfig) -> FrameworkConfig:
     if t.top_k == 0 or t.top_k < -1:
         raise ConfigError("task.top_k", t.top_k, "must be -1 (off) or a positive integer")
     _positive("task.num_requests", t.num_requests)
+    _positive("task.compare_hf_requests", t.compare_hf_requests, allow=(None,))
+    if isinstance(t.decode_batch1_tokens, bool) or not isinstance(t.decode_batch1_tokens, int) \
+            or t.decode_batch1_tokens < 0:
+        raise ConfigError("task.decode_batch1_tokens", t.decode_batch1_tokens, "must be an integer >= 0 (0 skips it)")
     for key in ("input_len_range", "output_len_range"):
         lo_hi = list(getattr(t, key))
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:

@@ -37,10 +37,9 @@ class LLMEngine:
         num_blocks = runner.num_blocks_that_fit()
         if not cfg.cache.enable_prefix_caching:  # never hold more than full concurrency can use
             num_blocks = min(num_blocks, max_num_seqs * -(-max_model_len // self.block_size))
+        num_blocks = max(0, num_blocks)
         if num_blocks * self.block_size < max_model_len:
-            raise UserError(f"the KV cache holds {num_blocks * self.block_size} tokens, less than one request "
-                               f"of cache.max_model_len={max_model_len}; lower cache.max_model_len or give "
-                               "the cache more memory")
+            raise UserError(runner.kv_shortfall(num_blocks * self.block_size, max_model_len))
         runner.allocate_kv_cache(num_blocks)
         log.info("KV cache: %d blocks x %d tokens = %d tokens; %.1f requests of %d tokens at once",
                  num_blocks, self.block_size, num_blocks * self.block_size,
@@ -94,7 +93,7 @@ class LLMEngine:
         if not batch.seqs:
             return []
         step = build_step_input(batch, self.block_size)
-        logits = self.runner.run(step)
+        logits = self.runner.run(step, keep_on_device=True)  # only sampled tokens come back to the host
         sampling = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n

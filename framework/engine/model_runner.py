@@ -5,16 +5,20 @@ to the other ranks, which wait in `serve_forever` (no Ray call per step).
 """
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from framework.config.schema import FrameworkConfig
+from framework.config.schema import CompilationLevel, FrameworkConfig
+from framework.engine.cuda_graphs import CudaGraphRunner, capture_sizes, device_memory, measure_graph_memory
 from framework.engine.step_input import StepInput
+from framework.engine.step_tensors import HostStaging
 from framework.layers.attention import Attention, AttentionMetadata
 from framework.layers.quantization import get_quant_method
 from framework.loader import load_weights
@@ -22,6 +26,7 @@ from framework.loader.weights import LoadStats
 from framework.models.registry import model_class
 from framework.parallel import tp_rank, tp_size
 
+log = logging.getLogger(__name__)
 GiB = 1 << 30
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,6 +45,11 @@ def pick_dtype(name: str, device: torch.device, hf_config: Any) -> torch.dtype:
     ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     ckpt = DTYPES.get(str(ckpt).replace("torch.", ""), torch.bfloat16)
     return torch.bfloat16 if ckpt == torch.float32 else ckpt
+
+
+def compilation_level(value: Any) -> CompilationLevel:
+    """compilation.level as YAML may give it: the enum, its number or its name."""
+    return CompilationLevel[value] if isinstance(value, str) else CompilationLevel(int(value))
 
 
 def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -91,6 +101,13 @@ class ModelRunner:
         self.kv_spec = KVCacheSpec(len(self.attn_layers), first.num_kv_heads, first.head_dim,
                                    cfg.cache.block_size, kv_cache_dtype(cfg.cache.kv_cache_dtype, self.dtype))
         self.num_blocks = 0
+        self.max_model_len = max_model_len
+        self.staging = HostStaging(self.device)  # one pinned host-to-device copy per step
+        self.compilation_level = compilation_level(cfg.compilation.level)
+        self.forward = self._compile_forward()
+        self.graph_sizes = self._graph_sizes()  # [] on CPU and with enforce_eager
+        self.graphs: Optional[CudaGraphRunner] = None
+        self.gpu_memory: Dict[str, Any] = {}  # the KV budget's terms, the graphs' measured cost
 
     # --- KV cache -------------------------------------------------------------------
     def num_blocks_that_fit(self) -> int:
@@ -103,23 +120,55 @@ class ModelRunner:
         return self._agree(int(budget // self.kv_spec.bytes_per_block), dist.ReduceOp.MIN)
 
     def _gpu_kv_budget(self) -> float:
-        """total × utilization − what is in use after a profiling forward at the largest step."""
-        torch.cuda.empty_cache()
+        """total × gpu_memory_utilization − weights − activation peak − CUDA graphs − non-torch.
+
+        The activation peak comes from a forward at max_num_batched_tokens (profile_run); the
+        graphs' cost is measured before the KV cache exists, by capturing the largest batch size
+        against a one-block cache (cuda_graphs.measure_graph_memory); non-torch memory (CUDA
+        context, cuBLAS and NCCL workspaces, loaded kernels) is what the device uses beyond
+        torch's allocator. These terms land in `gpu_memory` (metrics.json) and the log."""
+        start = time.perf_counter()
+        device_memory()  # synchronize and drop the allocator's unused cache
+        weights = torch.cuda.memory_allocated()  # parameters and buffers (rotary tables, scales)
+        params = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
         torch.cuda.reset_peak_memory_stats()
         self.profile_run()
-        free, total = torch.cuda.mem_get_info()
-        used_by_others = total - free - torch.cuda.memory_reserved()
-        peak = torch.cuda.max_memory_allocated()
-        return total * self.cfg.cache.gpu_memory_utilization - used_by_others - peak
+        activation = torch.cuda.max_memory_allocated() - weights
+        graphs = {"bytes": 0}
+        if self.graph_sizes:
+            self._allocate_kv_cache(1)
+            graphs = measure_graph_memory(self._new_graphs)
+            self._free_kv_cache()
+        mem = device_memory()
+        total = torch.cuda.mem_get_info()[1]
+        util = self.cfg.cache.gpu_memory_utilization
+        budget = total * util - weights - activation - graphs["bytes"] - mem["non_torch"]
+        self.gpu_memory = {
+            "total_bytes": total, "gpu_memory_utilization": util, "model_bytes": weights,
+            "model_buffer_bytes": weights - params,
+            "activation_peak_bytes": activation, "cudagraph_estimate_bytes": graphs["bytes"],
+            "non_torch_bytes": mem["non_torch"], "kv_budget_bytes": int(max(0.0, budget)),
+            "profile_seconds": round(time.perf_counter() - start, 3),
+        }
+        log.info("GPU memory: %.2f GiB x %.2f = %.2f GiB; weights %.2f (+ buffers %.2f), activation peak %.2f, "
+                 "CUDA graphs %.2f, non-torch %.2f; left for the KV cache %.2f GiB", total / GiB, util,
+                 total * util / GiB, params / GiB, (weights - params) / GiB, activation / GiB,
+                 graphs["bytes"] / GiB, mem["non_torch"] / GiB, budget / GiB)
+        return max(0.0, budget)
 
     def profile_run(self) -> None:
-        """A forward over max_num_batched_tokens tokens with no KV cache writes (slots -1)."""
+        """The largest step: max_num_batched_tokens tokens of one sequence, scoring the last
+        max_num_seqs rows (the logits of a full eager decode batch), against a one-block cache
+        that every block-table entry names; slots are -1, so nothing is stored."""
+        from framework.engine.build import resolve_max_num_seqs  # build imports this module
         n = self.cfg.cache.max_num_batched_tokens
+        rows = min(n, resolve_max_num_seqs(self.cfg))
         self._allocate_kv_cache(1)
-        step = StepInput(input_ids=[0] * n, positions=list(range(n)), slot_mapping=[-1] * n,
-                         cu_seqlens_q=[0, n], seq_lens=[n], block_tables=[[0]], logits_indices=[n - 1],
-                         decode_only=False)
-        self.execute(step)
+        step = StepInput(input_ids=[0] * n, positions=[i % self.max_model_len for i in range(n)],
+                         slot_mapping=[-1] * n, cu_seqlens_q=[0, n], seq_lens=[n],
+                         block_tables=[[0] * -(-n // self.cfg.cache.block_size)],
+                         logits_indices=list(range(n - rows, n)), decode_only=False)
+        self.execute(step, keep_on_device=True)
         self._free_kv_cache()
 
     def allocate_kv_cache(self, num_blocks: Optional[int]) -> None:
@@ -128,6 +177,8 @@ class ModelRunner:
         num_blocks = self._agree(num_blocks or 0, None)
         self.num_blocks = num_blocks
         self._allocate_kv_cache(num_blocks)
+        if self.graph_sizes:  # after the cache: the graphs point at it
+            self._capture_graphs()
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         s = self.kv_spec
@@ -153,34 +204,119 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    # --- GPU: compilation and CUDA graphs ----------------------------------------------
+    def _compile_forward(self):
+        """compilation.level >= 1 (GPU): torch.compile(dynamic=True) of the model's forward, split
+        at attention. Each Attention call (KV store and paged attention, whose launch shapes are
+        Python-side choices) runs eagerly between compiled pieces, like vLLM's piecewise mode;
+        CUDA graphs, when on, then capture the compiled pieces and the attention calls alike."""
+        if self.compilation_level == CompilationLevel.NO_COMPILATION or self.device.type != "cuda":
+            return self.model
+        for layer in self.attn_layers:
+            layer.forward = torch.compiler.disable(layer.forward)
+        return torch.compile(self.model, dynamic=True)
+
+    def _graph_sizes(self) -> List[int]:
+        if self.device.type != "cuda" or self.cfg.compilation.enforce_eager:
+            return []
+        from framework.engine.build import resolve_max_num_seqs  # build imports this module
+        return capture_sizes(self.cfg.compilation.cudagraph_capture_sizes, resolve_max_num_seqs(self.cfg))
+
+    def _new_graphs(self) -> CudaGraphRunner:
+        return CudaGraphRunner(self.forward, self.model.compute_logits, self.graph_sizes, self.max_model_len,
+                               self.cfg.cache.block_size, self.device)
+
+    def _capture_graphs(self) -> None:
+        before = device_memory()
+        self.graphs = self._new_graphs()
+        self.graphs.capture()
+        after = device_memory()
+        used, estimate = after["used"] - before["used"], self.gpu_memory.get("cudagraph_estimate_bytes")
+        self.gpu_memory.update(cudagraph_bytes=used, cudagraph_pool_bytes=after["reserved"] - before["reserved"],
+                               cudagraph_capture_seconds=round(self.graphs.capture_seconds, 3))
+        log.info("CUDA graphs: %d decode batch sizes (%d..%d) captured in %.2f s; they take %.3f GiB "
+                 "(estimated %s before the KV cache)", len(self.graph_sizes), self.graph_sizes[0],
+                 self.graph_sizes[-1], self.graphs.capture_seconds, used / GiB,
+                 "n/a" if estimate is None else f"{estimate / GiB:.3f} GiB")
+        if estimate is not None and used > estimate + 64 * (1 << 20):
+            log.warning("CUDA graphs took %.3f GiB more than estimated; gpu_memory_utilization may be "
+                        "exceeded by that much", (used - estimate) / GiB)
+
+    def gpu_stats(self) -> Dict[str, Any]:
+        """For metrics.json: compilation, graphs, and the KV budget's terms (GPU only)."""
+        if self.device.type != "cuda":
+            return {}
+        stats: Dict[str, Any] = {"compilation_level": self.compilation_level.name,
+                                 "cudagraph_sizes": self.graph_sizes, **self.gpu_memory}
+        if "kv_budget_bytes" in self.gpu_memory:
+            m = self.gpu_memory
+            per_token = self.kv_spec.bytes_per_block / self.kv_spec.block_size
+            stats["kv_bytes_per_token"] = int(per_token)
+            stats["kv_tokens_formula"] = int(m["kv_budget_bytes"] // per_token)  # before block rounding and caps
+            params = m["model_bytes"] - m["model_buffer_bytes"]  # the bound: only the weights take memory
+            stats["kv_tokens_weights_only"] = int((m["total_bytes"] * m["gpu_memory_utilization"] - params)
+                                                  // per_token)
+        return stats
+
+    def kv_shortfall(self, tokens: int, max_model_len: int) -> str:
+        """The error when the KV cache (`tokens` tokens) cannot hold one request of max_model_len:
+        the largest max_model_len that fits, and overrides that would make room."""
+        c, bs = self.cfg.cache, self.kv_spec.block_size
+        per_token = self.kv_spec.bytes_per_block / bs
+        missing = (-(-max_model_len // bs) * bs - tokens) * per_token
+        text = f"the KV cache holds {tokens} tokens, less than one request of cache.max_model_len={max_model_len}"
+        if tokens > 0:
+            text += f"; the largest cache.max_model_len that fits is {tokens}"
+        fixes = []
+        if c.num_gpu_blocks_override:
+            fixes.append(f"cache.num_gpu_blocks_override={-(-max_model_len // bs)}")
+        elif self.device.type == "cuda":
+            total = torch.cuda.mem_get_info(self.device)[1]
+            util = math.ceil((c.gpu_memory_utilization + missing / total) * 100) / 100
+            if util <= 1:
+                fixes.append(f"cache.gpu_memory_utilization={util:.2f}")
+            graphs = self.gpu_memory.get("cudagraph_estimate_bytes", 0)
+            if graphs:
+                fixes.append(f"compilation.enforce_eager=true (frees {graphs / GiB:.2f} GiB of CUDA graphs)")
+            if c.max_num_batched_tokens > 512:
+                fixes.append(f"cache.max_num_batched_tokens={max(512, c.max_num_batched_tokens // 4)} "
+                             f"(activation peak now {self.gpu_memory.get('activation_peak_bytes', 0) / GiB:.2f} GiB)")
+        else:
+            fixes.append(f"cache.cpu_kvcache_space_gib={math.ceil((c.cpu_kvcache_space_gib + missing / GiB) * 100) / 100}")
+        if c.kv_cache_dtype == "auto" and self.kv_spec.dtype.itemsize > 1:
+            fixes.append("cache.kv_cache_dtype=fp8 (half the KV bytes)")
+        if self.cfg.quantization.method == "none":
+            fixes.append("quantization=fp8 (about half the weight bytes)")
+        if self.device.type == "cuda":
+            fixes.append(f"parallelism.tensor_parallel_size={2 * tp_size()} (on more GPUs)")
+        return text + "; or make room: " + ", ".join(fixes)
+
     # --- steps ----------------------------------------------------------------------
-    def _tensors(self, step: StepInput):
-        dev, i32 = self.device, torch.int32
-        width = max(len(t) for t in step.block_tables)
-        tables = [t + [0] * (width - len(t)) for t in step.block_tables]
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(step.slot_mapping, dtype=torch.int64, device=dev),
-            cu_seqlens_q=torch.tensor(step.cu_seqlens_q, dtype=i32, device=dev),
-            seq_lens=torch.tensor(step.seq_lens, dtype=i32, device=dev),
-            block_tables=torch.tensor(tables, dtype=i32, device=dev),
-            decode_only=step.decode_only, max_seq_len=max(step.seq_lens))
-        ids = torch.tensor(step.input_ids, dtype=torch.int64, device=dev)
-        positions = torch.tensor(step.positions, dtype=torch.int64, device=dev)
-        return ids, positions, meta
-
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> Optional[torch.Tensor]:
-        """Forward one step; returns float32 logits [len(logits_indices), vocab] on rank 0."""
-        ids, positions, meta = self._tensors(step)
-        hidden = self.model(ids, positions, meta)
-        index = torch.tensor(step.logits_indices, dtype=torch.int64, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, index))
-        return logits.float().cpu() if tp_rank() == 0 else None
+    def execute(self, step: StepInput, keep_on_device: bool = False) -> Optional[torch.Tensor]:
+        """Forward one step; returns float32 logits [len(logits_indices), vocab] on rank 0, on the
+        CPU, or where the model runs with keep_on_device (the engine samples there).
 
-    def run(self, step: StepInput) -> Optional[torch.Tensor]:
+        A pure-decode step that scores every row replays a CUDA graph when one covers its batch."""
+        graphs = self.graphs
+        if (graphs is not None and step.decode_only and step.num_seqs <= graphs.max_batch
+                and len(step.logits_indices) == step.num_seqs):
+            logits = graphs.replay(step)
+        else:
+            t = self.staging.stage(step)
+            meta = AttentionMetadata(slot_mapping=t.slot_mapping, cu_seqlens_q=t.cu_seqlens_q, seq_lens=t.seq_lens,
+                                     block_tables=t.block_tables, decode_only=step.decode_only,
+                                     max_seq_len=max(step.seq_lens))
+            hidden = self.forward(t.input_ids, t.positions, meta)
+            logits = self.model.compute_logits(hidden.index_select(0, t.logits_indices))
+        if tp_rank() != 0:
+            return None
+        return logits.float() if keep_on_device else logits.float().cpu()
+
+    def run(self, step: StepInput, keep_on_device: bool = False) -> Optional[torch.Tensor]:
         if tp_size() > 1:
             dist.broadcast_object_list([step], src=0)
-        return self.execute(step)
+        return self.execute(step, keep_on_device)
 
     # --- ranks other than 0 ------------------------------------------------------------
     def serve_forever(self) -> None:

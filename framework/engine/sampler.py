@@ -27,14 +27,17 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, params: List[SamplingParams],
            generators: List[Optional[torch.Generator]], default_generator: torch.Generator) -> List[int]:
-    """logits: [B, V] float32 on the CPU (one row per sequence that samples this step)."""
+    """logits: [B, V] float32 on any device (one row per sequence that samples this step); greedy
+    rows read back one token each, sampled rows are drawn on the CPU (seeded generators live there)."""
     greedy = logits.argmax(dim=-1).tolist()
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    host = dict(zip(rows, logits[rows].cpu())) if rows else {}  # one copy for all sampled rows
     tokens = []
     for i, p in enumerate(params):
         if p.greedy:
             tokens.append(greedy[i])
             continue
-        row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
+        row = _filter(host[i] / p.temperature, p.top_k, p.top_p)
         probs = row.softmax(-1)
         gen = generators[i] or default_generator
         tokens.append(int(torch.multinomial(probs, 1, generator=gen)))

@@ -41,6 +41,8 @@ def rank_stats(engine: Any) -> Dict[str, Any]:
         stats["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(runner.device)
         free, total = torch.cuda.mem_get_info(runner.device)
         stats["device_used_bytes"] = total - free
+        # compilation level, CUDA graph sizes/pool/capture time, the KV budget's terms (model_runner)
+        stats.update(runner.gpu_stats())
     else:
         stats["peak_rss_bytes"] = peak_rss_bytes()
     return stats

@@ -1,13 +1,19 @@
 """task=bench: offline throughput on a fixed synthetic workload, against HF transformers
-`generate` on the same requests, the same model and device, in the same process."""
+`generate` on the same requests, the same model and device, in the same process.
+
+On a GPU it also times batch-1 decode (one greedy request through the whole engine, and the
+batch-1 CUDA graph alone) against the roofline: the device-to-device copy bandwidth measured in
+this run over the weight bytes a step reads. Start-up time (to a ready engine), the CUDA graph
+pool and capture time, and the KV budget's terms come from the runner's stats."""
 from __future__ import annotations
 
 import gc
 import random
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -82,26 +88,113 @@ def bench_hf(cfg: FrameworkConfig, model_path: Path, hf_config: Any, work: Workl
     return seconds
 
 
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 20) -> float:
+    """Device-to-device copy of nbytes: bytes read + written per second (median of iters)."""
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(iters):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times)
+
+
+def bench_decode_batch1(llm: LLM, tokens: int, vocab_size: int) -> Dict[str, float]:
+    """One greedy request (128 prompt tokens, `tokens` out) alone: decode tok/s after the first
+    token, through the whole engine (scheduler, step building, graph replay, sampling)."""
+    rng = random.Random(1)
+    prompt = {"prompt_token_ids": [rng.randrange(vocab_size) for _ in range(128)]}
+    llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))  # warm
+    out = llm.generate([prompt], SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))[0]
+    result = {"tokens": tokens, "engine_tok_s": (tokens - 1) / (out.latency - out.time_to_first_token)}
+    engine = getattr(llm.launcher, "engine", None)  # local launcher: the engine is in this process
+    graphs = engine.runner.graphs if engine is not None else None
+    if graphs is not None and 1 in graphs.graphs:
+        result["graph_replay_tok_s"] = 1.0 / graphs.time_replay(1)
+    return result
+
+
+def embedding_bytes(stats: Dict[str, Any], hf_config: Any) -> int:
+    """The input embedding table, which a decode step reads one row of (unless tied to lm_head)."""
+    if getattr(hf_config, "tie_word_embeddings", False):
+        return 0
+    elem = {"float32": 4, "bfloat16": 2, "float16": 2}.get(stats["dtype"], 2)
+    return hf_config.vocab_size * hf_config.hidden_size * elem
+
+
 def run(cfg: FrameworkConfig, run_dir: Path) -> int:
     t = cfg.task
+    device = pick_device(cfg.model.device)
+    on_gpu = device.type == "cuda"
+    copy_bps = copy_bandwidth(device) if on_gpu and t.decode_batch1_tokens else None
+    start = time.perf_counter()
     with LLM(cfg) as llm:
+        startup = time.perf_counter() - start
         work = make_workload(cfg, llm.hf_config.vocab_size)
         ours = bench_ours(llm, work)
+        decode = bench_decode_batch1(llm, t.decode_batch1_tokens, llm.hf_config.vocab_size) \
+            if copy_bps else None
         stats = llm.stats()
         model_path, hf_config = llm.model_path, llm.hf_config
     gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
     ours_tps = work.output_tokens / ours
+    rank0 = stats["ranks"][0]
     print(f"bench: {t.num_requests} requests, prompts {t.input_len_range[0]}-{t.input_len_range[1]} tokens, "
           f"outputs {t.output_len_range[0]}-{t.output_len_range[1]} tokens, ignore_eos")
+    print(f"  start-up to a ready engine: {startup:.1f} s (weights {rank0['load_seconds']:.1f} s"
+          + (f", memory profile {rank0['profile_seconds']:.1f} s" if "profile_seconds" in rank0 else "")
+          + (f", CUDA graphs {rank0['cudagraph_capture_seconds']:.1f} s" if "cudagraph_capture_seconds" in rank0
+             else "") + f"; compilation level {rank0.get('compilation_level', 'n/a')})")
     print(f"  ours: {work.output_tokens} output tokens in {ours:.2f} s = {ours_tps:,.1f} tok/s")
-    result = {"output_tokens": work.output_tokens, "seconds": round(ours, 4),
-              "output_tokens_per_s": round(ours_tps, 2)}
+    result: Dict[str, Any] = {"output_tokens": work.output_tokens, "seconds": round(ours, 4),
+                              "output_tokens_per_s": round(ours_tps, 2), "startup_seconds": round(startup, 2)}
+    if decode is not None:
+        weights = rank0["weight_bytes"]
+        step_bytes = weights - embedding_bytes(rank0, hf_config)
+        decode.update(copy_bandwidth_Bps=copy_bps, weight_bytes=weights, step_weight_bytes=step_bytes,
+                      roofline_tok_s=copy_bps / weights, achieved_Bps=weights * decode["engine_tok_s"],
+                      share_of_roofline=weights * decode["engine_tok_s"] / copy_bps)
+        print(f"  batch-1 decode: {decode['engine_tok_s']:.1f} tok/s through the engine"
+              + (f", {decode['graph_replay_tok_s']:.1f} tok/s replaying the batch-1 graph alone"
+                 if "graph_replay_tok_s" in decode else ""))
+        print(f"    {weights / 1e9:.2f} GB of weights x tok/s = {decode['achieved_Bps'] / 1e12:.2f} TB/s; "
+              f"device copy {copy_bps / 1e12:.2f} TB/s -> roofline {decode['roofline_tok_s']:.1f} tok/s; "
+              f"engine at {100 * decode['share_of_roofline']:.0f}% of it")
+        print(f"    bytes a step really reads (weights less the embedding table): {step_bytes / 1e9:.2f} GB -> "
+              f"{step_bytes * decode['engine_tok_s'] / 1e12:.2f} TB/s = "
+              f"{100 * step_bytes * decode['engine_tok_s'] / copy_bps:.0f}% of the copy")
+        result["decode_batch1"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in decode.items()}
+    if on_gpu:
+        print(f"  device memory in use at the end: {rank0['device_used_bytes'] / 2**30:.2f} GiB; "
+              f"peak allocated by torch {rank0['peak_allocated_bytes'] / 2**30:.2f} GiB")
+    if "kv_budget_bytes" in rank0:
+        g, gib = rank0, 2 ** 30
+        print(f"  KV cache at gpu_memory_utilization={g['gpu_memory_utilization']}: {g['kv_tokens']:,} tokens; "
+              f"the formula gives {g['kv_tokens_formula']:,}, the weights-only bound {g['kv_tokens_weights_only']:,}")
+        print(f"    terms (GiB): total {g['total_bytes'] / gib:.2f}, weights {g['weight_bytes'] / gib:.2f}, "
+              f"model buffers {g['model_buffer_bytes'] / gib:.2f}, activation peak {g['activation_peak_bytes'] / gib:.2f}, "
+              f"CUDA graphs {g['cudagraph_estimate_bytes'] / gib:.3f} (measured after capture: "
+              f"{g.get('cudagraph_bytes', 0) / gib:.3f}), non-torch {g['non_torch_bytes'] / gib:.2f}")
     if t.compare_hf:
-        hf = bench_hf(cfg, model_path, hf_config, work)
-        hf_tps = work.output_tokens / hf
-        print(f"  HF transformers generate (left-padded batches of {HF_BATCH}): {hf:.2f} s = {hf_tps:,.1f} tok/s")
+        n = min(t.compare_hf_requests or len(work.prompts), len(work.prompts))
+        subset = Workload(work.prompts[:n], work.output_lens[:n])
+        hf = bench_hf(cfg, model_path, hf_config, subset)
+        hf_tps = subset.output_tokens / hf
+        what = "" if n == len(work.prompts) else f" on the first {n} of {len(work.prompts)} requests"
+        print(f"  HF transformers generate (left-padded batches of {HF_BATCH}){what}: {subset.output_tokens} "
+              f"output tokens in {hf:.2f} s = {hf_tps:,.1f} tok/s")
         print(f"  ratio ours / HF: {ours_tps / hf_tps:.2f}x")
-        result.update(hf_seconds=round(hf, 4), hf_output_tokens_per_s=round(hf_tps, 2),
-                      ratio_vs_hf=round(ours_tps / hf_tps, 3))
+        result.update(hf_requests=n, hf_output_tokens=subset.output_tokens, hf_seconds=round(hf, 4),
+                      hf_output_tokens_per_s=round(hf_tps, 2), ratio_vs_hf=round(ours_tps / hf_tps, 3))
     write_metrics(run_dir, {"throughput": result, "measured": stats})
     return 0
