@@ -68,10 +68,10 @@ def decoder_weight_bytes(s: DecoderShape, tp: int, dtype_bytes: int, method: str
 
 
 def rotary_table_bytes(s: DecoderShape, max_model_len: int) -> int:
-    """layers/rotary.RotaryEmbedding: float32 cos and sin of [positions, head_dim/2] in every
-    layer, positions = max(max_position_embeddings, max_model_len) (models/llama.py)."""
+    """layers/rotary.RotaryEmbedding: float32 cos and sin of [positions, head_dim/2], one table
+    shared by all layers, positions = max(max_position_embeddings, max_model_len) (models/llama.py)."""
     positions = max(s.max_positions, max_model_len)
-    return s.num_layers * 2 * positions * (s.head_dim // 2) * 4
+    return 2 * positions * (s.head_dim // 2) * 4
 
 
 def vision_weight_elems(v: VisionShape) -> int:

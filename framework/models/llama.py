@@ -64,12 +64,12 @@ class LlamaArgs:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, a: LlamaArgs, max_positions: int, quant: Optional[QuantMethod] = None):
+    def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding, quant: Optional[QuantMethod] = None):
         super().__init__()
         self.qkv_proj = QKVParallelLinear(a.hidden_size, a.head_dim, a.num_heads, a.num_kv_heads, bias=a.qkv_bias,
                                           quant=quant)
         self.o_proj = RowParallelLinear(a.num_heads * a.head_dim, a.hidden_size, bias=a.o_bias, quant=quant)
-        self.rotary = RotaryEmbedding(a.head_dim, max_positions, a.rope)
+        self.rotary = rotary  # one table shared by every layer
         self.q_size = self.qkv_proj.num_heads * a.head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * a.head_dim
         scale = a.attention_multiplier if a.attention_multiplier is not None else a.head_dim ** -0.5
@@ -95,9 +95,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, a: LlamaArgs, max_positions: int, quant: Optional[QuantMethod] = None):
+    def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding, quant: Optional[QuantMethod] = None):
         super().__init__()
-        self.self_attn = LlamaAttention(a, max_positions, quant)
+        self.self_attn = LlamaAttention(a, rotary, quant)
         self.mlp = LlamaMLP(a, quant)
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
@@ -129,7 +129,8 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(a.vocab_size, a.hidden_size)
         # quant_method (layers/quantization) replaces the decoder's linear weights; embeddings,
         # norms and lm_head stay in the model dtype
-        self.layers = nn.ModuleList(LlamaDecoderLayer(a, max_positions, quant_method) for _ in range(a.num_layers))
+        rotary = RotaryEmbedding(a.head_dim, max_positions, a.rope)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(a, rotary, quant_method) for _ in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.lm_head = ParallelLMHead(a.vocab_size, a.hidden_size)
         if a.tie_word_embeddings:
