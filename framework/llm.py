@@ -1,7 +1,8 @@
 """The library entry point, used like vLLM's: `LLM(config).generate(prompts, SamplingParams(...))`."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Union
+import logging
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 from framework.config.schema import FrameworkConfig
 from framework.config.validate import validate, validate_against_model
@@ -9,6 +10,10 @@ from framework.engine.outputs import RequestOutput
 from framework.engine.sampling_params import SamplingParams
 from framework.loader.resolve import load_hf_config, resolve_model_path
 
+if TYPE_CHECKING:
+    from framework.memory.planner import MemoryPlan
+
+log = logging.getLogger(__name__)
 Prompt = Union[str, Dict[str, Any]]
 
 
@@ -20,7 +25,21 @@ class LLM:
         self.model_path = resolve_model_path(self.config.model.path)
         self.hf_config = load_hf_config(self.model_path)
         validate_against_model(self.config, self.hf_config)
+        self.plan = self._plan()
         self.launcher = start_launcher(self.config, self.model_path, self.hf_config)
+
+    def _plan(self) -> "MemoryPlan":
+        """The memory plan, logged before any weight is read; a plan that does not fit warns
+        with the overrides that would, then the run goes on (the engine has the last word)."""
+        from framework.memory.fixes import format_fixes, suggest_fixes
+        from framework.memory.planner import engine_device_memory, plan_memory
+
+        device_memory = engine_device_memory(self.config)
+        plan = plan_memory(self.config, self.hf_config, device_memory)
+        log.info("%s", plan.format_table())
+        if not plan.fits:
+            log.warning("%s", format_fixes(plan, suggest_fixes(self.config, self.hf_config, device_memory, plan)))
+        return plan
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                  sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,

@@ -21,6 +21,7 @@ from framework.config.schema import FrameworkConfig
 from framework.engine.model_runner import pick_device, pick_dtype
 from framework.engine.sampling_params import SamplingParams
 from framework.llm import LLM
+from framework.memory.compare import compare_rows, format_comparison
 from framework.tasks.metrics import write_metrics
 
 HF_BATCH = 64  # HF pads a batch to its longest request; larger batches waste more
@@ -143,6 +144,7 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
         decode = bench_decode_batch1(llm, t.decode_batch1_tokens, llm.hf_config.vocab_size) \
             if copy_bps else None
         stats = llm.stats()
+        plan = llm.plan.to_dict()
         model_path, hf_config = llm.model_path, llm.hf_config
     gc.collect()
     if on_gpu:
@@ -196,5 +198,7 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
         print(f"  ratio ours / HF: {ours_tps / hf_tps:.2f}x")
         result.update(hf_requests=n, hf_output_tokens=subset.output_tokens, hf_seconds=round(hf, 4),
                       hf_output_tokens_per_s=round(hf_tps, 2), ratio_vs_hf=round(ours_tps / hf_tps, 3))
-    write_metrics(run_dir, {"throughput": result, "measured": stats})
+    comparison = compare_rows(plan, stats["ranks"])
+    print(format_comparison(comparison))
+    write_metrics(run_dir, {"throughput": result, "measured": stats, "plan": plan, "plan_vs_measured": comparison})
     return 0

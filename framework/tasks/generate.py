@@ -10,6 +10,7 @@ from typing import List
 from framework.config.schema import FrameworkConfig
 from framework.engine.outputs import RequestOutput
 from framework.llm import LLM
+from framework.memory.compare import compare_rows, format_comparison
 from framework.tasks.metrics import write_metrics
 from framework.tasks.prompts import load_prompts, sampling_params
 
@@ -46,5 +47,8 @@ def run(cfg: FrameworkConfig, run_dir: Path, chat: bool = False) -> int:
     summary = summarize(outputs, seconds)
     print(f"\n{summary['requests']} requests, {summary['output_tokens']} tokens in {seconds:.2f} s "
           f"({summary['output_tokens_per_s']} tok/s); outputs in {out_path}")
-    write_metrics(run_dir, {"throughput": summary, "measured": stats})
+    comparison = compare_rows(llm.plan.to_dict(), stats["ranks"])
+    print(format_comparison(comparison))
+    write_metrics(run_dir, {"throughput": summary, "measured": stats, "plan": llm.plan.to_dict(),
+                            "plan_vs_measured": comparison})
     return 1 if summary["failed_requests"] == summary["requests"] else 0
