@@ -11,7 +11,7 @@ import socket
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -93,7 +93,6 @@ class RankActor:
     def save_shard(self, folder: str) -> Dict[str, Any]:
         return save_rank(self.runner.model, Path(folder), self.rank)
 
-    def close(self) -> Optional[bool]:
+    def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-        return True

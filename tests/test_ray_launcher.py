@@ -19,7 +19,7 @@ from framework import FrameworkConfig, SamplingParams, compose
 from framework.config import ConfigError
 from framework.llm import LLM
 from framework.tasks.prompts import sampling_params
-from launchers.ray import RankFailure
+from launchers.ray import RankFailure, RayLauncher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,10 +78,13 @@ def test_more_ranks_than_cpus_fails_before_any_weight(config_only):
 
 
 def test_more_ranks_than_gpus_fails_before_any_weight(config_only):
+    # The launcher itself: the driver may have no GPU (a CPU head node), so it asks the cluster.
+    from framework.loader.resolve import load_hf_config
     cfg = make_config(config_only, tp=2)
     cfg.model.device = "cuda"
     with pytest.raises(ConfigError, match=r"tensor_parallel_size=2: needs 2 GPUs .* Ray cluster has 0"):
-        LLM(cfg)
+        RayLauncher(cfg, config_only, load_hf_config(config_only))
+    assert live_placement_groups() == 0
 
 
 def test_clean_run_releases_actors_and_placement_group(tiny_model):
