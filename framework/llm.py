@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+
+import torch
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 from framework.config.schema import FrameworkConfig
@@ -28,12 +30,16 @@ class LLM:
         self.plan = self._plan()
         self.launcher = start_launcher(self.config, self.model_path, self.hf_config)
 
-    def _plan(self) -> "MemoryPlan":
+    def _plan(self) -> Optional["MemoryPlan"]:
         """The memory plan, logged before any weight is read; a plan that does not fit warns
         with the overrides that would, then the run goes on (the engine has the last word)."""
         from framework.memory.fixes import format_fixes, suggest_fixes
         from framework.memory.planner import engine_device_memory, plan_memory
 
+        if self.config.model.device == "cuda" and not torch.cuda.is_available():
+            # a CPU-only driver of a GPU cluster: it cannot see the ranks' GPUs
+            log.info("no GPU in this process to plan for; see task=plan task.device_memory_gib=N")
+            return None
         device_memory = engine_device_memory(self.config)
         plan = plan_memory(self.config, self.hf_config, device_memory)
         log.info("%s", plan.format_table())

@@ -144,7 +144,7 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
         decode = bench_decode_batch1(llm, t.decode_batch1_tokens, llm.hf_config.vocab_size) \
             if copy_bps else None
         stats = llm.stats()
-        plan = llm.plan.to_dict()
+        plan = llm.plan.to_dict() if llm.plan else None
         model_path, hf_config = llm.model_path, llm.hf_config
     gc.collect()
     if on_gpu:
@@ -198,7 +198,8 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
         print(f"  ratio ours / HF: {ours_tps / hf_tps:.2f}x")
         result.update(hf_requests=n, hf_output_tokens=subset.output_tokens, hf_seconds=round(hf, 4),
                       hf_output_tokens_per_s=round(hf_tps, 2), ratio_vs_hf=round(ours_tps / hf_tps, 3))
-    comparison = compare_rows(plan, stats["ranks"])
-    print(format_comparison(comparison))
+    comparison = compare_rows(plan, stats["ranks"]) if plan else []
+    if comparison:
+        print(format_comparison(comparison))
     write_metrics(run_dir, {"throughput": result, "measured": stats, "plan": plan, "plan_vs_measured": comparison})
     return 0

@@ -47,8 +47,9 @@ def run(cfg: FrameworkConfig, run_dir: Path, chat: bool = False) -> int:
     summary = summarize(outputs, seconds)
     print(f"\n{summary['requests']} requests, {summary['output_tokens']} tokens in {seconds:.2f} s "
           f"({summary['output_tokens_per_s']} tok/s); outputs in {out_path}")
-    comparison = compare_rows(llm.plan.to_dict(), stats["ranks"])
-    print(format_comparison(comparison))
-    write_metrics(run_dir, {"throughput": summary, "measured": stats, "plan": llm.plan.to_dict(),
-                            "plan_vs_measured": comparison})
+    plan = llm.plan.to_dict() if llm.plan else None
+    comparison = compare_rows(plan, stats["ranks"]) if plan else []
+    if comparison:
+        print(format_comparison(comparison))
+    write_metrics(run_dir, {"throughput": summary, "measured": stats, "plan": plan, "plan_vs_measured": comparison})
     return 1 if summary["failed_requests"] == summary["requests"] else 0
