@@ -18,7 +18,8 @@ query/KV width per rank, i = intermediate per rank; widths in elements of the mo
   measured on torch 2.13 with a boolean mask); for decode rows a dense K/V gather of the batch.
 - Weight-only fp8/int8 cast the codes to the model dtype inside the matmul (one weight-sized
   transient, counted in that matmul's phase) and keep the unscaled output beside the scaled
-  one; int4 unpacks to a full-precision copy on CPU (on GPU its Triton kernel needs none).
+  one; int4 unpacks to a full-precision copy. On GPU, a matmul over few rows (decode) runs the
+  fused kernel of kernels/quant_matmul.py instead, which makes no copy.
 
 Checked against the engine's own profile (ModelRunner.profile_run, which scores min(tokens,
 max_num_seqs) rows as we do) on an H100: Llama-3.1-8B measured 0.260 / 0.908 GiB at 2048 / 8192
@@ -52,10 +53,26 @@ def _widths(s: DecoderShape, tp: int):
     return s.hidden_size, q, kv, s.intermediate_size // tp
 
 
-def dequantized_bytes(s: DecoderShape, tp: int, a: int, quant: str, reference: bool) -> dict:
-    """The full-precision copy of each linear weight that one quantized matmul makes: fp8/int8
-    cast their codes to the model dtype (scaled_linear), int4 unpacks on the reference backend."""
-    per = {"fp8": a, "int8": a}.get(quant, 2 * a + 2 if quant == "int4" and reference else 0)
+def fused_quant_rows() -> int:
+    """Up to how many rows a quantized matmul on GPU runs the fused kernel, which reads the codes
+    and makes no weight copy (kernels/quant_matmul.SMALL_M); 0 where that kernel is absent."""
+    try:
+        from kernels.quant_matmul import SMALL_M
+    except ImportError:
+        return 0
+    return SMALL_M
+
+
+def dequantized_bytes(s: DecoderShape, tp: int, a: int, quant: str, reference: bool, rows: int) -> dict:
+    """The full-precision copy of each linear weight that one quantized matmul over `rows` rows
+    makes: fp8/int8 cast their codes to the model dtype (scaled_linear); int4 unpacks, in one
+    Triton pass on GPU or through int8 codes on the reference backend. None on GPU for few rows."""
+    if quant not in ("fp8", "int8", "int4") or (not reference and rows <= fused_quant_rows()):
+        per = 0
+    elif quant == "int4":
+        per = 2 * a + 2 if reference or not fused_quant_rows() else a
+    else:
+        per = a
     return {name: out * inp * per for name, out, inp in decoder_linears(s, tp)}
 
 
@@ -63,8 +80,9 @@ def layer_peak(s: DecoderShape, tp: int, tokens: int, a: int, quant: str, refere
     """Bytes alive at the worst point inside one decoder layer: the worst of its phases, a
     quantized matmul's weight copy counted in the phase of that matmul."""
     h, q, kv, i = _widths(s, tp)
-    w = dequantized_bytes(s, tp, a, quant, reference)
-    scaled = quant in ("fp8", "int8")  # scaled_linear keeps its output y beside y * scale
+    w = dequantized_bytes(s, tp, a, quant, reference, tokens)
+    # scaled_linear keeps its output y beside y * scale (the fused kernel scales inside)
+    scaled = quant in ("fp8", "int8") and (reference or tokens > fused_quant_rows())
     act = (4 if reference else 3) * i
     widths = [  # elements per token alive in each phase
         5 * h + 3 * q + 3 * kv + (h if scaled else 0),  # attention, up to o_proj's output
@@ -153,7 +171,7 @@ def graph_pool_bytes(s: DecoderShape, tp: int, sizes: list, step: Step, a: int, 
     static_logits = largest * s.vocab_size * a
     # fp8/int8: each of a layer's four weight copies keeps its own block of the pool (measured:
     # 0.518 GiB for Llama-3.1-8B fp8 at 19 sizes up to 128; the forward's peak holds only one)
-    copies = dequantized_bytes(s, tp, a, quant, reference=False)
+    copies = dequantized_bytes(s, tp, a, quant, reference=False, rows=largest)
     extra_copies = sum(copies.values()) - max(copies.values())
     return (forward_peak(s, tp, decode, a, kv_bytes, quant, reference=False, to_float=False)
             - CUBLAS_WORKSPACE_BYTES + static_logits + extra_copies + GRAPH_POOL_SLACK_BYTES
