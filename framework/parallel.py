@@ -9,6 +9,20 @@ import torch
 import torch.distributed as dist
 
 
+# Steps are pickled Python objects: with NCCL they would make a round trip through the GPU
+# and sync it every step, so the launcher adds a gloo group for them (None: the default group).
+_step_group = None
+
+
+def set_step_group(group) -> None:
+    global _step_group
+    _step_group = group
+
+
+def step_group():
+    return _step_group
+
+
 def tp_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

@@ -22,6 +22,7 @@ from framework.engine.build import build_engine, build_runner
 from framework.engine.outputs import RequestOutput
 from framework.loader.sharded import save_rank
 from framework.memory.measure import rank_stats
+from framework.parallel import set_step_group
 
 # Generous: rank 0 may still be importing torch or reading its weights when the others arrive.
 RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
@@ -53,6 +54,8 @@ class RankActor:
         """Join the group, then build: every rank loads only its slices, all ranks concurrently."""
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
                                 world_size=self.world_size, timeout=RENDEZVOUS_TIMEOUT)
+        if backend == "nccl":  # step objects travel over a CPU group (framework/parallel.py)
+            set_step_group(dist.new_group(backend="gloo"))
         try:
             self._build(weights_only)
         except ConfigError as exc:  # its (key, value, expected) signature does not survive pickling

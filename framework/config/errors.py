@@ -8,6 +8,9 @@ class ConfigError(ValueError):
         self.key, self.value, self.expected = key, value, expected
         super().__init__(f"{key}={value!r}: {expected}")
 
+    def __reduce__(self):  # crosses process boundaries (Ray ranks) intact
+        return ConfigError, (self.key, self.value, self.expected)
+
 
 class UserError(RuntimeError):
     """Any other mistake a user can make (missing model folder, bad prompt file): one line, exit 2."""

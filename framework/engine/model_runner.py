@@ -24,7 +24,7 @@ from framework.layers.quantization import get_quant_method
 from framework.loader import load_weights
 from framework.loader.weights import LoadStats
 from framework.models.registry import model_class
-from framework.parallel import tp_rank, tp_size
+from framework.parallel import step_group, tp_rank, tp_size
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
@@ -315,7 +315,7 @@ class ModelRunner:
 
     def run(self, step: StepInput, keep_on_device: bool = False) -> Optional[torch.Tensor]:
         if tp_size() > 1:
-            dist.broadcast_object_list([step], src=0)
+            dist.broadcast_object_list([step], src=0, group=step_group())
         return self.execute(step, keep_on_device)
 
     # --- ranks other than 0 ------------------------------------------------------------
@@ -323,11 +323,11 @@ class ModelRunner:
         """Follow rank 0's steps until it broadcasts None."""
         while True:
             box = [None]
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list(box, src=0, group=step_group())
             if box[0] is None:
                 return
             self.execute(box[0])
 
     def stop_workers(self) -> None:
         if tp_size() > 1 and tp_rank() == 0:
-            dist.broadcast_object_list([None], src=0)
+            dist.broadcast_object_list([None], src=0, group=step_group())
