@@ -232,9 +232,9 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.T
     lens = seq_lens.long()[:, None]
     bt = block_tables[:, :nblk].long()
     bt = torch.where(torch.arange(nblk, device=bt.device) * block_size < lens, bt, 0)
-    dense = cache[bt].flatten(1, 2)[:, :max_len]  # [B, L, Hkv, D]
-    keep = torch.arange(max_len, device=bt.device) < lens
-    return dense.masked_fill(~keep[:, :, None, None], 0).transpose(1, 2)
+    dense = cache[bt].flatten(1, 2)  # [B, nblk * block_size, Hkv, D], a fresh tensor: mask in place
+    keep = torch.arange(dense.shape[1], device=bt.device) < lens
+    return dense.masked_fill_(~keep[:, :, None, None], 0)[:, :max_len].transpose(1, 2)
 
 
 def paged_decode_attention_ref(
