@@ -15,7 +15,8 @@ query/KV width per rank, i = intermediate per rank; widths in elements of the mo
   concatenation (TP > 1), Granite's division, and the float32 copy (S rows x vocab).
 - The CPU backend's reference attention materializes what the Triton kernels never do: per
   prefilling sequence float32 K/V of its whole context and SDPA's math path (2.5 x the scores,
-  measured on torch 2.13 with a boolean mask); for decode rows a dense K/V gather of the batch.
+  measured on torch 2.13 with a boolean mask); for decode rows a dense K/V gather of the batch
+  (kernels/decode_attention.gather_kv, masked in place).
 - Weight-only fp8/int8 cast the codes to the model dtype inside the matmul (one weight-sized
   transient, counted in that matmul's phase) and keep the unscaled output beside the scaled
   one; int4 unpacks to a full-precision copy. On GPU, a matmul over few rows (decode) runs the
@@ -109,9 +110,10 @@ def reference_attention_peak(s: DecoderShape, tp: int, step: Step, a: int, kv_by
     # prefill: one sequence at a time: K and V of its context, the regrouped queries, the masks
     prefill = (2 * ctx * kv * (kv_bytes + cast) + q_len * q * 4 + 2 * group * q_len * ctx
                + int(SDPA_MATH_FACTOR * heads * q_len * ctx * 4))
-    # decode rows: a dense [B, ctx] gather of K (kept) and V (plus its masked copy)
+    # decode rows: a dense [B, ctx] gather of K (kept, as float32) while V is gathered and cast
     rows_ctx = min(step.logits_rows * ctx, step.kv_tokens)
-    decode = rows_ctx * kv * (3 * kv_bytes + 2 * cast) + int(SDPA_MATH_FACTOR * heads * rows_ctx * 4)
+    kept = 4 if cast else kv_bytes
+    decode = rows_ctx * kv * (kept + kv_bytes + cast) + int(SDPA_MATH_FACTOR * heads * rows_ctx * 4)
     return max(prefill, decode)
 
 
