@@ -149,18 +149,6 @@ def forward_peak(s: DecoderShape, tp: int, step: Step, a: int, kv_bytes: int, qu
     return peak + step_input_bytes(step) + (0 if reference else CUBLAS_WORKSPACE_BYTES)
 
 
-def capture_sizes(requested, max_num_seqs: int) -> list:
-    """As engine/cuda_graphs.capture_sizes: the requested sizes (or 1, 2, 4, 8, then every 8 up
-    to max_num_seqs, at most 256, plus max_num_seqs itself if missed) up to the first that covers
-    max_num_seqs."""
-    if requested is None:
-        cap = min(max_num_seqs, 256)
-        sizes = [b for b in [1, 2, 4, 8] + list(range(16, cap + 1, 8)) if b <= cap]
-        return sizes + [cap] if sizes[-1] < cap else sizes
-    sizes = sorted(set(int(b) for b in requested))
-    return [b for b in sizes if b < max_num_seqs] + [b for b in sizes if b >= max_num_seqs][:1]
-
-
 def graph_pool_bytes(s: DecoderShape, tp: int, sizes: list, step: Step, a: int, kv_bytes: int, quant: str) -> int:
     """engine/cuda_graphs.py: every graph runs forward + compute_logits of a pure decode batch and
     copies the logits into one static [largest size, vocab] buffer; the graphs share one pool,

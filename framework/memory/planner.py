@@ -22,8 +22,9 @@ import torch
 from framework.config.errors import UserError
 from framework.config.schema import FrameworkConfig
 from framework.engine.build import model_max_len
+from framework.engine.cuda_graphs import capture_sizes
 from framework.engine.model_runner import pick_device, pick_dtype
-from framework.memory.activation import Step, capture_sizes, forward_peak, graph_pool_bytes
+from framework.memory.activation import Step, forward_peak, graph_pool_bytes
 from framework.memory.encoder import encoder_budget
 from framework.memory.shape import architecture, decoder_shape, vision_shape
 from framework.memory.weights import decoder_weight_bytes, kv_heads_per_rank, rotary_table_bytes
