@@ -261,6 +261,26 @@ def test_eval_task_writes_perplexity(peaked_model, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval"]["perplexity"] == record["perplexity"]
 
 
+BUNDLED = Path(__file__).resolve().parents[1] / "framework" / "assets" / "pydoc-llama"
+
+
+@pytest.mark.skipif(not (BUNDLED / "model.safetensors").is_file(), reason="bundled model not built")
+def test_bundled_model_perplexity_cost_by_method(monkeypatch, tmp_path):
+    """The trained bundled model on task=eval's default text (first 1024 tokens): 8-bit methods
+    cost almost nothing, int4 (group_size 16: its 688-wide MLP allows no more) clearly more."""
+    monkeypatch.setattr(eval_task, "MAX_TOKENS", 1024)
+    ppl = {}
+    for method in ("none", "int8", "fp8", "int4"):
+        cfg = make_config(BUNDLED, method, group_size=16)
+        cfg.cache.cpu_kvcache_space_gib = 0.02
+        cfg.task.name = "eval"
+        assert eval_task.run(cfg, tmp_path / method) == 0
+        ppl[method] = json.loads((tmp_path / method / "eval.json").read_text())["perplexity"]
+    rise = {m: ppl[m] / ppl["none"] - 1 for m in ("int8", "fp8", "int4")}
+    assert abs(rise["int8"]) < 0.003 and abs(rise["fp8"]) < 0.005, ppl
+    assert 0.003 < rise["int4"] < 0.05 and rise["int4"] > 3 * max(rise["int8"], rise["fp8"]), ppl
+
+
 # --- pre-quantized checkpoints (quantization.method=auto) ----------------------------------
 LINEAR_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
                    "gate_proj.weight", "up_proj.weight", "down_proj.weight")
@@ -345,7 +365,8 @@ def test_auto_loads_compressed_tensors_as_stored(peaked_model, baseline, tmp_pat
 
 
 def test_auto_on_a_full_precision_checkpoint_is_none(peaked_model, baseline):
-    assert run_engine(make_config(peaked_model, "auto"), TEXT) == (baseline["tokens"], baseline["bytes"], baseline["ppl"])
+    expected = (baseline["tokens"], baseline["bytes"], baseline["ppl"])
+    assert run_engine(make_config(peaked_model, "auto"), TEXT) == expected
 
 
 def test_checkpoint_errors_are_one_line(peaked_model, tmp_path):

@@ -9,6 +9,8 @@ The text is `task.prompts_file` when set (the whole file), else a fixed slice of
 `pydoc_data.topics`: every EVERY_NTH-th topic in sorted order, each as `bos topic eos` like the
 bundled model's training stream. The bundled model was trained on *all* of pydoc_data, so
 this slice is not held out: on it, perplexity measures how much of the fit a knob keeps.
+pydoc_data changes between Python versions, so eval.json records the version and a hash of the
+scored tokens: compare runs only where the hash is the same.
 
 The token stream is cut into non-overlapping windows of WINDOW tokens (fewer if
 cache.max_model_len or cache.max_num_batched_tokens is smaller), at most MAX_TOKENS tokens in
@@ -17,8 +19,10 @@ scored, so the first tokens of a window see little context (the same for every r
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +52,7 @@ class EvalResult:
     windows: int
     window: int
     text: str  # where the text came from
+    tokens_sha256: str  # of the scored token ids (first 16 hex digits): same hash, same text
     seconds: float
 
 
@@ -96,8 +101,10 @@ def perplexity(engine: Any, ids: List[int], window: int, source: str = "") -> Ev
         raise UserError(f"the evaluation text ({source}) has fewer than 2 tokens")
     nll = sum(score_window(engine, w) for w in windows)
     scored = sum(len(w) - 1 for w in windows)
+    digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
     return EvalResult(perplexity=math.exp(nll / scored), mean_nll=nll / scored, scored_tokens=scored,
-                      windows=len(windows), window=window, text=source, seconds=time.perf_counter() - start)
+                      windows=len(windows), window=window, text=source, tokens_sha256=digest,
+                      seconds=time.perf_counter() - start)
 
 
 def run(cfg: FrameworkConfig, run_dir: Path) -> int:
@@ -111,7 +118,8 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
         if cfg.task.prompts_file:
             ids, source = file_text(engine.tokenizer, cfg.task.prompts_file), cfg.task.prompts_file
         else:
-            ids, source = default_text(engine.tokenizer), f"pydoc_data.topics, every {EVERY_NTH}th topic"
+            ids = default_text(engine.tokenizer)
+            source = f"pydoc_data.topics of Python {platform.python_version()}, every {EVERY_NTH}th topic"
         window = min(WINDOW, engine.max_model_len, cfg.cache.max_num_batched_tokens)
         result = perplexity(engine, ids, window, source)
         stats = llm.stats()
@@ -121,7 +129,7 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"perplexity {result.perplexity:.4f} ({result.scored_tokens} tokens in {result.windows} windows of "
-          f"{window}; quantization={cfg.quantization.method}, kv_cache_dtype={cfg.cache.kv_cache_dtype}, "
-          f"weights {record['weight_bytes'] / 2**20:.2f} MiB); {path}")
+          f"{window}, text {result.tokens_sha256}; quantization={cfg.quantization.method}, "
+          f"kv_cache_dtype={cfg.cache.kv_cache_dtype}, weights {record['weight_bytes'] / 2**20:.2f} MiB); {path}")
     write_metrics(run_dir, {"eval": record, "measured": stats})
     return 0

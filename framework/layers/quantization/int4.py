@@ -10,6 +10,10 @@ Layout (shared with kernels/int4_matmul.py and the compressed-tensors loader):
 The scale is absmax / 7, rounded to the model dtype *before* the codes are computed, so the
 stored scale is the one the codes were made for: every weight lands within half a step of its
 group's grid and none is clipped.
+
+On GPU the matmul runs kernels/quant_matmul.py (group sizes that are multiples of 16). Its int4
+unpack is not yet fast: on an H100, decode matmuls take several times as long as bf16 ones
+(int8/fp8 take about 0.6x), so today int4 buys memory, not speed.
 """
 from __future__ import annotations
 
@@ -19,9 +23,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+import kernels
 from framework.config.errors import ConfigError
 from framework.layers.quantization.base import LoadTimeQuant, Spec
 from framework.parallel import tp_size
+from kernels import quant_matmul as qmm
 
 QMAX = 7
 
@@ -58,8 +64,16 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 
 def int4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]
                 ) -> torch.Tensor:
-    """x @ dequantized(codes, scale).T + bias, unpacking the whole weight first."""
-    return F.linear(x, dequantize_int4(codes, scale, x.dtype), bias)
+    """x @ dequantized(codes, scale).T + bias. On GPU, few rows (decode) take the fused kernel,
+    which reads half a byte per weight, and many rows a one-pass Triton unpack before cuBLAS;
+    elsewhere the torch reference unpacks the whole weight, then one matmul."""
+    if not (kernels.use_triton(x) and qmm.supported(codes, scale)):
+        return F.linear(x, dequantize_int4(codes, scale, x.dtype), bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] > qmm.SMALL_M:
+        return F.linear(x, qmm.dequantize_int4(codes, scale, x.dtype), bias)
+    y = qmm.quant_matmul(x2, codes, scale).view(*x.shape[:-1], codes.shape[0])
+    return y + bias if bias is not None else y
 
 
 def _divisors(n: int) -> str:

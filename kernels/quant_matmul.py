@@ -1,0 +1,164 @@
+"""y = x @ W.T with W stored quantized (weight-only: x and y stay in the activation dtype).
+
+Formats (framework/layers/quantization defines them):
+- bits=4: `codes` uint8 [N, K/2], input column 2j in the low nibble of byte j and 2j+1 in the
+  high one, each holding q + 8; `scale` [N, K/G] in the activation dtype.
+  W[n, k] = (code - 8) * scale[n, k // G], the product rounded to the activation dtype.
+- bits=8: `codes` int8 or float8_e4m3fn [N, K]; `scale` float32 [N], one per output row.
+  y = (x @ codes.T) * scale: the scale multiplies the output, the codes convert exactly.
+
+Why kernels: decode reads every weight once per step, so its time is the weight bytes. Turning
+the codes into a bf16 weight first (the references) writes and re-reads 2 bytes per weight on
+every forward, which is slower than plain bf16. `quant_matmul` reads the codes once (half a
+byte or one byte per weight), dequantizes a tile in registers and accumulates `tl.dot` in
+float32. It is meant for few rows (decode, small chunks: SMALL_M); with many rows the matmul is
+compute-bound, and `dequantize` (one pass) followed by cuBLAS wins.
+
+A K tile never straddles an int4 scale group (BLOCK_K divides G), so a tile needs one scale per
+output column; G must be a multiple of 16, the smallest `tl.dot` tile. With few output tiles
+the K loop is split over programs (deterministic: partial sums are added in a fixed order).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kernels._triton import tl, triton
+
+SMALL_M = 64  # up to this many rows the fused kernel beats dequantize + cuBLAS
+
+
+@triton.jit
+def _quant_matmul_kernel(
+    x_ptr, codes_ptr, scale_ptr, out_ptr,
+    M, N, K, k_per_split,
+    stride_xm, stride_cn, stride_sn, stride_os, stride_om,
+    BITS: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    col_off = cols.to(tl.int64)[:, None] * stride_cn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_begin = pid_s * k_per_split
+    for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + k[None, :], mask=row_ok[:, None], other=0.0)
+        if BITS == 4:
+            # column k is byte k // 2 (two columns read one byte: the second read hits the cache)
+            byte = tl.load(codes_ptr + col_off + (k // 2)[None, :], mask=col_ok[:, None], other=0)
+            q = ((byte >> ((k % 2) * 4).to(tl.uint8)[None, :]) & 0xF).to(tl.float32) - 8.0  # [BLOCK_N, BLOCK_K]
+            s = tl.load(scale_ptr + cols.to(tl.int64) * stride_sn + k0 // GROUP, mask=col_ok, other=0.0)
+            w = (q * s.to(tl.float32)[:, None]).to(x.dtype)
+        else:
+            # columns past N load nothing (no `other`: fp8 has no literal zero here); they are never stored
+            w = tl.load(codes_ptr + col_off + k[None, :], mask=col_ok[:, None]).to(tl.float32).to(x.dtype)
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    if BITS == 8:
+        acc *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + pid_s * stride_os + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _dequantize_int4_kernel(codes_ptr, scale_ptr, w_ptr, K, stride_cn, stride_sn, stride_wn,
+                            GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One program per (row, BLOCK_K columns); BLOCK_K divides GROUP: one scale per program.
+    n = tl.program_id(0).to(tl.int64)
+    k0 = tl.program_id(1) * BLOCK_K
+    k = k0 + tl.arange(0, BLOCK_K)
+    byte = tl.load(codes_ptr + n * stride_cn + k // 2)
+    q = ((byte >> ((k % 2) * 4).to(tl.uint8)) & 0xF).to(tl.float32) - 8.0
+    s = tl.load(scale_ptr + n * stride_sn + k0 // GROUP).to(tl.float32)
+    tl.store(w_ptr + n * stride_wn + k, (q * s).to(w_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _bits(codes: torch.Tensor) -> int:
+    return 4 if codes.dtype == torch.uint8 else 8
+
+
+def _block_k(width: int) -> int:
+    return next(b for b in (128, 64, 32, 16) if width % b == 0)
+
+
+def supported(codes: torch.Tensor, scale: torch.Tensor) -> bool:
+    """The kernels need K (int8/fp8) or the int4 group size to be a multiple of 16."""
+    if _bits(codes) == 8:
+        return codes.shape[1] % 16 == 0
+    k = codes.shape[1] * 2
+    return k % scale.shape[1] == 0 and (k // scale.shape[1]) % 16 == 0
+
+
+def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, split: int | None = None
+                 ) -> torch.Tensor:
+    """Triton: x [M, K] times the quantized weight [N, K] transposed -> [M, N] in x.dtype.
+    `split` (tests) forces the number of programs the K loop is split over."""
+    bits = _bits(codes)
+    m, k = x.shape
+    n = codes.shape[0]
+    assert codes.shape[1] * (8 // bits) == k, "codes must be [N, K/2] uint8 (int4) or [N, K] (int8/fp8)"
+    assert supported(codes, scale), "int4 group size (or K for int8/fp8) must be a multiple of 16"
+    group = k // scale.shape[1] if bits == 4 else 1  # int8/fp8: the scale is applied per row at the end
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    codes, scale = codes.contiguous(), scale.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_n, block_k = 64, _block_k(group if bits == 4 else k)
+    if split is None:  # enough programs to keep every SM busy: two waves' worth
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        wanted = 2 * _num_sms(x.device)
+        split = 1
+        while tiles * split < wanted and split < 16 and k % (2 * split * block_k) == 0:
+            split *= 2
+    assert k % (split * block_k) == 0, "split must leave whole K tiles per program"
+    out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    _quant_matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)](
+        x, codes, scale, out, m, n, k, k // split,
+        x.stride(0), codes.stride(0), scale.stride(0) if bits == 4 else 1, out.stride(0) if split > 1 else 0,
+        out.stride(-2),
+        BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        IEEE=x.dtype == torch.float32, num_warps=4, num_stages=4,
+    )
+    return y if split == 1 else out.sum(0).to(x.dtype)
+
+
+def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Triton: the int4 weight [N, K] in `dtype`, in one pass (for matmuls with many rows)."""
+    n, k = codes.shape[0], codes.shape[1] * 2
+    assert supported(codes, scale), "group size must be a multiple of 16"
+    group = k // scale.shape[1]
+    codes, scale = codes.contiguous(), scale.contiguous()
+    w = torch.empty((n, k), dtype=dtype, device=codes.device)
+    block_k = _block_k(group)
+    _dequantize_int4_kernel[(n, k // block_k)](codes, scale, w, k, codes.stride(0), scale.stride(0), w.stride(0),
+                                               GROUP=group, BLOCK_K=block_k, num_warps=2)
+    return w
+
+
+def dequantize_ref(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Torch reference of the weight `quant_matmul` multiplies by (for int8/fp8: before the scale)."""
+    if _bits(codes) == 8:
+        return codes.to(dtype)
+    q = torch.stack((codes & 0xF, codes >> 4), dim=-1).view(codes.shape[0], -1).to(torch.int8) - 8
+    n, k = q.shape
+    return (q.view(n, scale.shape[1], -1).to(dtype) * scale.to(dtype)[..., None]).view(n, k)
+
+
+def quant_matmul_ref(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Torch reference of `quant_matmul`: the whole weight in x.dtype, then one matmul."""
+    y = x @ dequantize_ref(codes, scale, x.dtype).T
+    return y * scale.to(x.dtype) if _bits(codes) == 8 else y
