@@ -233,6 +233,8 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.T
     bt = block_tables[:, :nblk].long()
     bt = torch.where(torch.arange(nblk, device=bt.device) * block_size < lens, bt, 0)
     dense = cache[bt].flatten(1, 2)  # [B, nblk * block_size, Hkv, D], a fresh tensor: mask in place
+    if dense.element_size() == 1:  # an fp8 cache: CPU masked_fill has no fp8 kernel
+        dense = dense.float()
     keep = torch.arange(dense.shape[1], device=bt.device) < lens
     return dense.masked_fill_(~keep[:, :, None, None], 0)[:, :max_len].transpose(1, 2)
 

@@ -44,6 +44,9 @@ def _store_kv_cache_kernel(
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def _check(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            slot_mapping: torch.Tensor) -> None:
     assert key.dim() == 3 and key.shape == value.shape, "key/value must be [T, Hkv, D]"
@@ -80,5 +83,8 @@ def store_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Te
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()  # boolean indexing syncs; fine on the CPU backend
     num_heads, head_dim = key.shape[1:]
-    k_cache.view(-1, num_heads, head_dim).index_copy_(0, slots, key[keep].to(k_cache.dtype))
-    v_cache.view(-1, num_heads, head_dim).index_copy_(0, slots, value[keep].to(v_cache.dtype))
+    for src, cache in ((key, k_cache), (value, v_cache)):
+        rows = src[keep].to(cache.dtype)
+        if cache.dtype in FP8_DTYPES:  # CPU index_copy_ has no fp8 kernel: copy the bytes
+            cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
+        cache.view(-1, num_heads, head_dim).index_copy_(0, slots, rows)
