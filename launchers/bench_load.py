@@ -17,7 +17,6 @@ import logging
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Dict, List
 

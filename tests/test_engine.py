@@ -2,47 +2,18 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from framework import FrameworkConfig, SamplingParams
+from framework import SamplingParams
 from framework.llm import LLM
+from helpers import PROMPTS, greedy, hf_greedy, small_config
 
-PROMPTS = [[1, 5, 7, 9, 11], [3] * 21, list(range(10, 47)), [200, 7], list(range(100, 164))]
 MAX_TOKENS = 10
-
-
-def make_config(model_dir, **cache) -> FrameworkConfig:
-    cfg = FrameworkConfig()
-    cfg.model.path = str(model_dir)
-    cfg.cache.cpu_kvcache_space_gib = 0.05
-    cfg.cache.block_size = 8
-    for key, value in cache.items():
-        setattr(cfg.cache, key, value)
-    return cfg
-
-
-def hf_greedy(model_dir, prompts, max_tokens=MAX_TOKENS):
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    outs = []
-    for p in prompts:
-        ids = model.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-        outs.append(ids[0, len(p):].tolist())
-    return outs
-
-
-def greedy(cfg, prompts=PROMPTS, max_tokens=MAX_TOKENS):
-    with LLM(cfg) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
-        return [o.token_ids for o in outs], llm.stats()["ranks"][0]
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama3", "qwen2", "mistral", "granite"])
 def test_matches_hf_greedy(tiny_model, arch):
     model_dir = tiny_model(arch)
-    ours, _ = greedy(make_config(model_dir))
+    ours, _ = greedy(small_config(model_dir))
     assert ours == hf_greedy(model_dir, PROMPTS)
 
 
@@ -54,22 +25,22 @@ def reference(tiny_model):
 
 def test_one_seat_equals_many(reference):
     model_dir, expected = reference
-    assert greedy(make_config(model_dir, max_num_seqs=1))[0] == expected
-    assert greedy(make_config(model_dir, max_num_seqs=8))[0] == expected
+    assert greedy(small_config(model_dir, max_num_seqs=1))[0] == expected
+    assert greedy(small_config(model_dir, max_num_seqs=8))[0] == expected
 
 
 def test_chunked_prefill(reference):
     model_dir, expected = reference
     # 7 tokens a step: every prompt but the shortest is prefilled in several chunks
-    assert greedy(make_config(model_dir, max_num_batched_tokens=7))[0] == expected
+    assert greedy(small_config(model_dir, max_num_batched_tokens=7))[0] == expected
 
 
 def test_preemption_under_kv_pressure(reference):
     model_dir, expected = reference
     # 12 blocks of 8 tokens: the 64-token prompt alone needs 10 once it generates; others must yield
-    ours, stats = greedy(make_config(model_dir, num_gpu_blocks_override=12, max_num_seqs=8, max_model_len=96))
+    ours, ranks = greedy(small_config(model_dir, num_gpu_blocks_override=12, max_num_seqs=8, max_model_len=96))
     assert ours == expected
-    assert stats["num_preemptions"] > 0
+    assert ranks[0]["num_preemptions"] > 0
 
 
 def test_prefix_caching_reuses_blocks_and_keeps_outputs(reference):
@@ -77,7 +48,7 @@ def test_prefix_caching_reuses_blocks_and_keeps_outputs(reference):
     shared = list(range(50, 90))
     prompts = [shared + [1, 2], shared + [3], shared + [4, 5, 6]]
     expected = hf_greedy(model_dir, prompts, 6)
-    cfg = make_config(model_dir, enable_prefix_caching=True, max_num_seqs=1)
+    cfg = small_config(model_dir, enable_prefix_caching=True, max_num_seqs=1)
     with LLM(cfg) as llm:
         engine = llm.launcher.engine
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
@@ -88,7 +59,7 @@ def test_prefix_caching_reuses_blocks_and_keeps_outputs(reference):
 
 def test_bad_requests_fail_alone(reference):
     model_dir, expected = reference
-    cfg = make_config(model_dir, max_model_len=64)
+    cfg = small_config(model_dir, max_model_len=64)
     bad = [{"prompt_token_ids": []}, {"prompt_token_ids": list(range(80))},
            {"prompt_token_ids": [1, 10_000]}, {"prompt_token_ids": [1, 2]}]
     good = PROMPTS[:3]
@@ -109,7 +80,7 @@ def test_bad_requests_fail_alone(reference):
 
 def test_generation_stops_at_max_model_len(reference):
     model_dir, _ = reference
-    with LLM(make_config(model_dir, max_model_len=40)) as llm:
+    with LLM(small_config(model_dir, max_model_len=40)) as llm:
         out = llm.generate({"prompt_token_ids": list(range(10, 47))},
                            SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 3 and out.finish_reason == "length"
@@ -122,7 +93,7 @@ def test_seeded_sampling_is_reproducible(reference):
         prompts = [{"prompt_token_ids": p} for p in [PROMPTS[0]] + batch_mates]
         params = [SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=seed)]
         params += [SamplingParams(max_tokens=12, temperature=0.8)] * len(batch_mates)
-        with LLM(make_config(model_dir)) as llm:
+        with LLM(small_config(model_dir)) as llm:
             return llm.generate(prompts, params)[0].token_ids
 
     first = run(7, [])
@@ -133,7 +104,7 @@ def test_seeded_sampling_is_reproducible(reference):
 def test_stop_token_ids(reference):
     model_dir, expected = reference
     stop_at = expected[0][3]
-    with LLM(make_config(model_dir)) as llm:
+    with LLM(small_config(model_dir)) as llm:
         out = llm.generate({"prompt_token_ids": PROMPTS[0]},
                            SamplingParams(max_tokens=MAX_TOKENS, temperature=0, stop_token_ids=[stop_at]))[0]
     assert out.token_ids == expected[0][:expected[0].index(stop_at) + 1] and out.finish_reason == "stop"

@@ -12,8 +12,8 @@ from framework.engine.cuda_graphs import capture_sizes, default_capture_sizes
 from framework.engine.sequence import Sequence
 from framework.engine.step_input import StepInput
 from framework.llm import LLM
+from helpers import PROMPTS, hf_greedy
 
-PROMPTS = [[1, 5, 7, 9, 11], [3] * 21, list(range(10, 47)), [200, 7], list(range(100, 164))]
 MAX_TOKENS = 12
 
 
@@ -27,17 +27,6 @@ def gpu_config(model_dir, dtype="float32", compilation="graphs", **cache) -> Fra
     for key, value in cache.items():
         setattr(cfg.cache, key, value)
     return cfg
-
-
-def hf_greedy(model_dir, prompts, max_tokens=MAX_TOKENS):
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    outs = []
-    for p in prompts:
-        ids = model.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-        outs.append(ids[0, len(p):].tolist())
-    return outs
 
 
 # --- everywhere ---------------------------------------------------------------------------
@@ -65,7 +54,7 @@ def test_kv_shortfall_names_the_largest_fit_and_the_fixes(tiny_model):
 @pytest.fixture(scope="module")
 def reference(tiny_model):
     model_dir = tiny_model("llama3")
-    return model_dir, hf_greedy(model_dir, PROMPTS)
+    return model_dir, hf_greedy(model_dir, PROMPTS, MAX_TOKENS)
 
 
 @pytest.mark.gpu

@@ -7,9 +7,10 @@ import logging
 
 import pytest
 
-from framework import FrameworkConfig, SamplingParams
+from framework import FrameworkConfig
 from framework.config.errors import UserError
 from framework.llm import LLM
+from helpers import greedy, small_config
 from framework.loader.sharded import Manifest
 from framework.tasks import save_sharded
 
@@ -26,22 +27,7 @@ def ray_cluster():
 
 
 def make_config(model_dir, tp: int, load_format: str = "auto") -> FrameworkConfig:
-    cfg = FrameworkConfig()
-    cfg.model.path = str(model_dir)
-    cfg.model.load_format = load_format
-    cfg.parallelism.tensor_parallel_size = tp
-    cfg.cache.cpu_kvcache_space_gib = 0.05
-    cfg.cache.block_size = 8
-    cfg.cache.max_model_len = 128
-    cfg.cache.max_num_seqs = 4
-    return cfg
-
-
-def greedy(cfg: FrameworkConfig):
-    with LLM(cfg) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
-                            SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
-        return [o.token_ids for o in outs], llm.stats()["ranks"]
+    return small_config(model_dir, tp, load_format, max_model_len=128, max_num_seqs=4)
 
 
 def save(model_dir, out_dir, tp: int, run_dir) -> None:
@@ -56,7 +42,7 @@ def saved_tp2(tiny_model, tmp_path_factory):
     model_dir = tiny_model("qwen2")  # tied embeddings and q/k/v biases: the awkward cases
     out = tmp_path_factory.mktemp("sharded") / "tp2"
     save(model_dir, out, 2, tmp_path_factory.mktemp("run"))
-    return model_dir, out, greedy(make_config(model_dir, 1))[0]
+    return model_dir, out, greedy(make_config(model_dir, 1), PROMPTS, MAX_TOKENS)[0]
 
 
 def test_save_writes_a_loadable_model_folder(saved_tp2):
@@ -72,7 +58,7 @@ def test_save_writes_a_loadable_model_folder(saved_tp2):
 
 def test_reload_sharded_tp2_same_tokens_own_file_only(saved_tp2):
     _, out, expected = saved_tp2
-    ours, ranks = greedy(make_config(out, 2, "sharded"))
+    ours, ranks = greedy(make_config(out, 2, "sharded"), PROMPTS, MAX_TOKENS)
     assert ours == expected
     for r in ranks:  # each rank read all of its own file's tensors, and nothing else
         from safetensors import safe_open
@@ -98,8 +84,8 @@ def test_other_quantization_is_a_clear_error(saved_tp2):
 def test_save_and_reload_tp1(tiny_model, tmp_path):
     model_dir = tiny_model("llama")
     save(model_dir, tmp_path / "tp1", 1, tmp_path / "run")
-    expected, (plain,) = greedy(make_config(model_dir, 1))
-    ours, (sharded,) = greedy(make_config(tmp_path / "tp1", 1, "sharded"))
+    expected, (plain,) = greedy(make_config(model_dir, 1), PROMPTS, MAX_TOKENS)
+    ours, (sharded,) = greedy(make_config(tmp_path / "tp1", 1, "sharded"), PROMPTS, MAX_TOKENS)
     assert ours == expected and sharded["bytes_read"] == plain["bytes_read"]
 
 

@@ -8,9 +8,10 @@ import shutil
 
 import pytest
 
-from framework import FrameworkConfig, SamplingParams
+from framework import FrameworkConfig
 from framework.config import ConfigError
 from framework.llm import LLM
+from helpers import greedy, small_config
 
 PROMPTS = [[1, 5, 7, 9, 11], [3] * 21, list(range(10, 47)), [200, 7]]
 MAX_TOKENS = 8
@@ -26,21 +27,7 @@ def ray_cluster():
 
 
 def make_config(model_dir, tp: int) -> FrameworkConfig:
-    cfg = FrameworkConfig()
-    cfg.model.path = str(model_dir)
-    cfg.parallelism.tensor_parallel_size = tp
-    cfg.cache.cpu_kvcache_space_gib = 0.05
-    cfg.cache.block_size = 8
-    cfg.cache.max_model_len = 128
-    cfg.cache.max_num_seqs = 4
-    return cfg
-
-
-def greedy(cfg: FrameworkConfig):
-    with LLM(cfg) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
-                            SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
-        return [o.token_ids for o in outs], llm.stats()["ranks"]
+    return small_config(model_dir, tp, max_model_len=128, max_num_seqs=4)
 
 
 def replicated_bytes(model_dir, kv_replicated: bool) -> int:
@@ -58,8 +45,8 @@ def replicated_bytes(model_dir, kv_replicated: bool) -> int:
     ids=["llama", "qwen2-tied-bias", "llama-one-kv-head-odd-vocab"])
 def test_tp2_matches_tp1_and_reads_its_slices(tiny_model, arch, overrides):
     model_dir = tiny_model(arch, **overrides)
-    expected, (single,) = greedy(make_config(model_dir, 1))
-    ours, ranks = greedy(make_config(model_dir, 2))
+    expected, (single,) = greedy(make_config(model_dir, 1), PROMPTS, MAX_TOKENS)
+    ours, ranks = greedy(make_config(model_dir, 2), PROMPTS, MAX_TOKENS)
     assert ours == expected
     assert [r["rank"] for r in ranks] == [0, 1]
     one_kv_head = overrides.get("num_key_value_heads") == 1

@@ -18,7 +18,6 @@ from framework.layers.linear import MergedColumnParallelLinear, QKVParallelLinea
 from framework.layers.norm import RMSNorm
 from framework.layers.quantization import QuantMethod
 from framework.layers.rotary import RotaryEmbedding, rope_parameters
-from framework.parallel import divide, tp_size
 
 
 @dataclass
