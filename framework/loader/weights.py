@@ -6,6 +6,7 @@ column- or row-parallel layer reads just its own rows or columns from the memory
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 from safetensors import safe_open
 from torch import nn
+from tqdm import tqdm
 
 from framework.config.errors import UserError
 
@@ -63,13 +65,24 @@ def iterate_checkpoint(folder: Path, stats: LoadStats) -> Iterator[Tuple[str, La
                 yield name, LazyTensor(f.get_slice(name), stats)
 
 
+def count_tensors(folder: Path) -> int:
+    total = 0
+    for file in checkpoint_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            total += len(f.keys())
+    return total
+
+
 def load_safetensors(model: nn.Module, folder: Path) -> LoadStats:
     stats = LoadStats()
     start = time.perf_counter()
     params: Dict[str, nn.Parameter] = {model.checkpoint_name(n): p for n, p in model.named_parameters()}
     packed = getattr(model, "packed_modules", {})
     loaded = set()
-    for name, tensor in iterate_checkpoint(folder, stats):
+    # a bar only on a terminal: quiet in tests, CI and logs
+    entries = tqdm(iterate_checkpoint(folder, stats), total=count_tensors(folder), desc="loading weights",
+                   unit="tensor", leave=False, disable=not sys.stderr.isatty())
+    for name, tensor in entries:
         target, shard_id = name, None
         for ckpt_part, (ours, shard) in packed.items():
             if f".{ckpt_part}." in name:
