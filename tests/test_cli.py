@@ -70,3 +70,20 @@ def test_text_prompts_match_token_prompts(bundled):
     a = bundled.generate("Boolean operations", SamplingParams(max_tokens=12, temperature=0))[0]
     b = bundled.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=12, temperature=0))[0]
     assert a.token_ids == b.token_ids and a.text == b.text
+
+
+def test_fp8_kv_cache_keeps_greedy_text(bundled):
+    """fp8 KV halves the cache bytes; on the bundled model greedy text starts the same."""
+    params = SamplingParams(max_tokens=8, temperature=0)
+    with LLM(compose(["cache.cpu_kvcache_space_gib=0.1", "cache.kv_cache_dtype=fp8"])) as fp8:
+        assert fp8.launcher.engine.runner.kv_spec.bytes_per_block * 4 == \
+            bundled.launcher.engine.runner.kv_spec.bytes_per_block  # 1 byte vs fp32's 4
+        assert fp8.generate("The for statement", params)[0].token_ids[:4] == \
+            bundled.generate("The for statement", params)[0].token_ids[:4]
+
+
+def test_low_mem_recipe_runs_on_the_bundled_model(tmp_path):
+    proc = run_cli("+recipe=low_mem", "task.max_tokens=8", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["plan"]["quantization"] == "int4" and metrics["plan"]["kv_cache_dtype"] == "fp8"

@@ -66,7 +66,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate-size", type=int, default=688)
+    p.add_argument("--intermediate-size", type=int, default=768)  # a multiple of 128: int4 groups of 128 fit every layer
     p.add_argument("--max-len", type=int, default=512, help="max_position_embeddings")
     p.add_argument("--seq-len", type=int, default=256, help="training window")
     p.add_argument("--batch-size", type=int, default=16)
