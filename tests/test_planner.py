@@ -51,13 +51,13 @@ def fake_tp(monkeypatch, size: int):
         yield
 
 
-def meta_model(hf_config, dtype=torch.bfloat16):
+def meta_model(hf_config, dtype=torch.bfloat16, max_model_len=None):
     from framework.models.llama import LlamaForCausalLM
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            return LlamaForCausalLM(hf_config)
+            return LlamaForCausalLM(hf_config, max_model_len)
     finally:
         torch.set_default_dtype(default)
 
@@ -87,7 +87,7 @@ def test_shipped_shapes_load_offline(name, arch, model_type):
 @pytest.mark.parametrize("name,params", [("llama-3.1-8b", 8_030_261_248), ("granite-3.1-8b", 8_170_848_256)])
 def test_weights_equal_meta_model(name, params):
     hf = shape_config(name)
-    model = meta_model(hf)
+    model = meta_model(hf, max_model_len=8192)
     plan = plan_memory(plan_config(name, max_model_len=8192), hf, 80 * GiB)
     assert param_bytes(model) == plan.weight_bytes == 2 * params  # the published parameter counts
     assert rotary_bytes(model) == plan.rotary_bytes

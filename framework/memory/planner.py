@@ -240,8 +240,7 @@ def _costs(cfg: FrameworkConfig, hf_config: Any, cuda: bool, max_model_len: int,
     out.details["weights"] = (f"linear layers {parts['linear'] / GiB:.2f} ({method}), embedding + lm_head "
                               f"{embeddings / GiB:.2f}, norms + biases {parts['bias_norm'] / GiB:.2f}")
     out.rotary = rotary_table_bytes(s, max_model_len)
-    positions = max(s.max_positions, max_model_len)
-    out.details["rotary tables"] = f"fp32 cos/sin of {positions} positions, shared by all layers"
+    out.details["rotary tables"] = f"fp32 cos/sin of {max_model_len} positions, shared by all layers"
 
     rows = min(max_num_seqs, c.max_num_batched_tokens)
     cpu_kv_tokens = int(c.cpu_kvcache_space_gib * GiB // (out.kv_per_token * c.block_size)) * c.block_size

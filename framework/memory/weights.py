@@ -69,8 +69,8 @@ def decoder_weight_bytes(s: DecoderShape, tp: int, dtype_bytes: int, method: str
 
 def rotary_table_bytes(s: DecoderShape, max_model_len: int) -> int:
     """layers/rotary.RotaryEmbedding: float32 cos and sin of [positions, head_dim/2], one table
-    shared by all layers, positions = max(max_position_embeddings, max_model_len) (models/llama.py)."""
-    positions = max(s.max_positions, max_model_len)
+    shared by all layers, one row per position below max_model_len (models/llama.py)."""
+    positions = max_model_len
     return 2 * positions * (s.head_dim // 2) * 4
 
 

@@ -124,7 +124,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, hf_config: Any, max_model_len: Optional[int] = None, quant_method: Optional[QuantMethod] = None):
         super().__init__()
         a = self.args = LlamaArgs.from_hf(hf_config)
-        max_positions = max(a.max_positions, max_model_len or 0)
+        max_positions = max_model_len or a.max_positions  # no position ever reaches max_model_len
         self.embed_tokens = VocabParallelEmbedding(a.vocab_size, a.hidden_size)
         # quant_method (layers/quantization) replaces the decoder's linear weights; embeddings,
         # norms and lm_head stay in the model dtype
