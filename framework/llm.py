@@ -22,7 +22,9 @@ Prompt = Union[str, Dict[str, Any]]
 class LLM:
     def __init__(self, config: Optional[FrameworkConfig] = None):
         from launchers import start_launcher
+        from framework.memory.measure import reset_peak_rss
 
+        reset_peak_rss()  # this engine's peak, not an earlier job's in the same process
         self.config = validate(config or FrameworkConfig())
         self.model_path = resolve_model_path(self.config.model.path)
         self.hf_config = load_hf_config(self.model_path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from pathlib import Path
 from typing import Any, Dict
 
 import torch
@@ -10,8 +11,24 @@ import torch
 GiB = 1 << 30
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak: a multirun runs every job in one process, and each job's peak is its own.
+    Linux resets VmHWM when "5" is written to clear_refs; elsewhere the peak stays the process's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_rss_bytes() -> int:
-    """This process's peak resident set (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set since the last reset_peak_rss (Linux VmHWM), else of the process
+    (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
