@@ -56,6 +56,10 @@ class LLM:
             prompts = [prompts]
         return self.launcher.generate(list(prompts), sampling_params or SamplingParams(), use_tqdm)
 
+    def score(self, windows: Sequence[List[int]]) -> List[float]:
+        """Summed negative log-likelihood (nats) of each token-id window after its first token."""
+        return self.launcher.score([list(w) for w in windows])
+
     @property
     def tokenizer(self) -> Any:
         """The tokenizer, loaded in this process (the engine may live in another)."""

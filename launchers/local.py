@@ -17,6 +17,9 @@ class LocalLauncher:
     def generate(self, prompts: List[Any], params: Any, progress: bool) -> List[RequestOutput]:
         return self.engine.generate(prompts, params, progress)
 
+    def score(self, windows: List[List[int]]) -> List[float]:
+        return self.engine.score(windows)
+
     def stats(self) -> Dict[str, Any]:
         return {"ranks": [rank_stats(self.engine)]}
 

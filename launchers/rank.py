@@ -77,6 +77,9 @@ class RankActor:
     def generate(self, prompts: List[Any], params: Any, progress: bool) -> List[RequestOutput]:
         return self.engine.generate(prompts, params, progress)
 
+    def score(self, windows: List[List[int]]) -> List[float]:
+        return self.engine.score(windows)
+
     def stop_workers(self) -> None:
         self.runner.stop_workers()
 

@@ -152,6 +152,10 @@ class RayLauncher:
         self._check_running()
         return self._wait({self.actors[0].generate.remote(prompts, params, progress): 0})[0]
 
+    def score(self, windows: List[List[int]]) -> List[float]:
+        self._check_running()
+        return self._wait({self.actors[0].score.remote(windows): 0})[0]
+
     def stats(self) -> Dict[str, Any]:
         self._check_running()
         return {"ranks": self._wait(self._on_all("stats"))}

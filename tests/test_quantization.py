@@ -156,7 +156,7 @@ def run_engine(cfg, sample_ids=None):
     with LLM(cfg) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                             SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
-        ppl = eval_task.perplexity(llm.launcher.engine, sample_ids, 128).perplexity if sample_ids else None
+        ppl = eval_task.perplexity(llm, sample_ids, 128).perplexity if sample_ids else None
         return [o.token_ids for o in outs], llm.stats()["ranks"][0]["weight_bytes"], ppl
 
 

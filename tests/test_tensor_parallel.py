@@ -71,3 +71,15 @@ def test_tp_not_dividing_heads_fails_before_any_weight(tiny_model, tmp_path):
     shutil.copy(tiny_model("llama") / "config.json", tmp_path / "config.json")
     with pytest.raises(ConfigError, match=r"tensor_parallel_size=3: must divide .*num_attention_heads=4"):
         LLM(make_config(tmp_path, 3))
+
+
+def test_scores_at_tp2_equal_tp1(tiny_model):
+    """LLM.score (what task=eval sums) goes through rank 0's engine in its actor: same NLL."""
+    model_dir = tiny_model("llama")
+    windows = [PROMPTS[2], PROMPTS[1]]
+    with LLM(make_config(model_dir, 1)) as llm:
+        single = llm.score(windows)
+    with LLM(make_config(model_dir, 2)) as llm:
+        split = llm.score(windows)
+    assert len(single) == 2 and all(nll > 0 for nll in single)
+    assert split == pytest.approx(single, rel=1e-4)

@@ -11,6 +11,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence as Seq, Union
 
 import torch
+import torch.nn.functional as F
 
 from framework.config.errors import UserError
 from framework.config.schema import FrameworkConfig
@@ -21,7 +22,7 @@ from framework.engine.sampler import sample
 from framework.engine.sampling_params import SamplingParams
 from framework.engine.scheduler import Scheduler
 from framework.engine.sequence import Sequence
-from framework.engine.step_input import build_step_input
+from framework.engine.step_input import StepInput, build_step_input
 
 log = logging.getLogger(__name__)
 Prompt = Union[str, Dict[str, Any]]
@@ -138,6 +139,28 @@ class LLMEngine:
                              num_preemptions=seq.num_preemptions,
                              time_to_first_token=seq.first_token_time - seq.arrival_time,
                              latency=seq.finish_time - seq.arrival_time)
+
+    def score(self, windows: Seq[List[int]]) -> List[float]:
+        """Summed negative log-likelihood (nats) of each window's tokens after its first, given
+        their prefixes: one prefill step a window, the forward the engine serves with (quantized
+        layers, K/V read back from the cache at its precision). For task=eval."""
+        nlls = []
+        for ids in windows:
+            n, bs = len(ids), self.block_size
+            seq = Sequence(list(ids), SamplingParams(max_tokens=1))
+            self.block_manager.allocate(seq, n)
+            try:
+                table = seq.block_table
+                step = StepInput(input_ids=list(ids), positions=list(range(n)),
+                                 slot_mapping=[table[p // bs] * bs + p % bs for p in range(n)],
+                                 cu_seqlens_q=[0, n], seq_lens=[n], block_tables=[table],
+                                 logits_indices=list(range(n - 1)), decode_only=False)
+                logits = self.runner.run(step)
+            finally:
+                self.block_manager.free_blocks(seq)
+            targets = torch.tensor(ids[1:], dtype=torch.int64, device=logits.device)
+            nlls.append(F.cross_entropy(logits.double(), targets, reduction="sum").item())
+        return nlls
 
     def generate(self, prompts: Seq[Prompt], params: Union[SamplingParams, Seq[SamplingParams]],
                  progress: bool = False) -> List[RequestOutput]:

@@ -28,14 +28,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, List
 
-import torch
-import torch.nn.functional as F
 
 from framework.config.errors import UserError
 from framework.config.schema import FrameworkConfig
-from framework.engine.sampling_params import SamplingParams
-from framework.engine.sequence import Sequence
-from framework.engine.step_input import StepInput
+from framework.engine.build import resolve_max_model_len
 from framework.llm import LLM
 from framework.tasks.metrics import write_metrics
 
@@ -73,33 +69,14 @@ def file_text(tokenizer: Any, path: str) -> List[int]:
     return tokenizer.encode(file.read_text(), verbose=False)
 
 
-def score_window(engine: Any, ids: List[int]) -> float:
-    """Summed negative log-likelihood (nats) of ids[1:] given their prefixes, one prefill step.
-    The sequence's KV blocks come from (and go back to) the engine's block manager."""
-    n, bs = len(ids), engine.block_size
-    seq = Sequence(list(ids), SamplingParams(max_tokens=1))
-    engine.block_manager.allocate(seq, n)
-    try:
-        table = seq.block_table
-        step = StepInput(input_ids=list(ids), positions=list(range(n)),
-                         slot_mapping=[table[p // bs] * bs + p % bs for p in range(n)],
-                         cu_seqlens_q=[0, n], seq_lens=[n], block_tables=[table],
-                         logits_indices=list(range(n - 1)), decode_only=False)
-        logits = engine.runner.run(step)
-    finally:
-        engine.block_manager.free_blocks(seq)
-    targets = torch.tensor(ids[1:], dtype=torch.int64)
-    return F.cross_entropy(logits.double(), targets, reduction="sum").item()
-
-
-def perplexity(engine: Any, ids: List[int], window: int, source: str = "") -> EvalResult:
+def perplexity(llm: LLM, ids: List[int], window: int, source: str = "") -> EvalResult:
     start = time.perf_counter()
     ids = ids[:MAX_TOKENS]
     windows = [ids[i:i + window] for i in range(0, len(ids), window)]
     windows = [w for w in windows if len(w) > 1]  # a lone token has nothing to predict
     if not windows:
         raise UserError(f"the evaluation text ({source}) has fewer than 2 tokens")
-    nll = sum(score_window(engine, w) for w in windows)
+    nll = sum(llm.score(windows))
     scored = sum(len(w) - 1 for w in windows)
     digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
     return EvalResult(perplexity=math.exp(nll / scored), mean_nll=nll / scored, scored_tokens=scored,
@@ -109,19 +86,15 @@ def perplexity(engine: Any, ids: List[int], window: int, source: str = "") -> Ev
 
 def run(cfg: FrameworkConfig, run_dir: Path) -> int:
     with LLM(cfg) as llm:
-        engine = getattr(llm.launcher, "engine", None)
-        if engine is None:  # rank 0's engine lives in a Ray actor
-            raise UserError("task=eval needs the engine in this process: use launcher=local "
-                            "(parallelism.tensor_parallel_size=1)")
-        if engine.tokenizer is None:
+        if llm.tokenizer is None:
             raise UserError(f"task=eval needs a tokenizer; {cfg.model.path} has none (set model.tokenizer)")
         if cfg.task.prompts_file:
-            ids, source = file_text(engine.tokenizer, cfg.task.prompts_file), cfg.task.prompts_file
+            ids, source = file_text(llm.tokenizer, cfg.task.prompts_file), cfg.task.prompts_file
         else:
-            ids = default_text(engine.tokenizer)
+            ids = default_text(llm.tokenizer)
             source = f"pydoc_data.topics of Python {platform.python_version()}, every {EVERY_NTH}th topic"
-        window = min(WINDOW, engine.max_model_len, cfg.cache.max_num_batched_tokens)
-        result = perplexity(engine, ids, window, source)
+        window = min(WINDOW, resolve_max_model_len(cfg, llm.hf_config), cfg.cache.max_num_batched_tokens)
+        result = perplexity(llm, ids, window, source)
         stats = llm.stats()
     record = {"quantization": cfg.quantization.method, "kv_cache_dtype": cfg.cache.kv_cache_dtype,
               **asdict(result), "weight_bytes": stats["ranks"][0]["weight_bytes"]}
