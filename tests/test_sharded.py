@@ -30,8 +30,9 @@ def make_config(model_dir, tp: int, load_format: str = "auto") -> FrameworkConfi
     return small_config(model_dir, tp, load_format, max_model_len=128, max_num_seqs=4)
 
 
-def save(model_dir, out_dir, tp: int, run_dir) -> None:
+def save(model_dir, out_dir, tp: int, run_dir, quantization: str = "none") -> None:
     cfg = make_config(model_dir, tp)
+    cfg.quantization.method = quantization
     cfg.task.name, cfg.task.output_dir = "save_sharded", str(out_dir)
     assert save_sharded.run(cfg, run_dir) == 0
 
@@ -87,6 +88,19 @@ def test_save_and_reload_tp1(tiny_model, tmp_path):
     expected, (plain,) = greedy(make_config(model_dir, 1), PROMPTS, MAX_TOKENS)
     ours, (sharded,) = greedy(make_config(tmp_path / "tp1", 1, "sharded"), PROMPTS, MAX_TOKENS)
     assert ours == expected and sharded["bytes_read"] == plain["bytes_read"]
+
+
+def test_quantized_at_load_reloads_with_auto(tiny_model, tmp_path):
+    """int8 weights saved as held: auto reads the method from the manifest, not config.json."""
+    model_dir = tiny_model("llama")
+    save(model_dir, tmp_path / "int8", 1, tmp_path / "run", quantization="int8")
+    direct = make_config(model_dir, 1)
+    direct.quantization.method = "int8"
+    expected, (quantized,) = greedy(direct, PROMPTS, MAX_TOKENS)
+    reloaded = make_config(tmp_path / "int8", 1, "sharded")
+    reloaded.quantization.method = "auto"
+    ours, (sharded,) = greedy(reloaded, PROMPTS, MAX_TOKENS)
+    assert ours == expected and sharded["weight_bytes"] == quantized["weight_bytes"]
 
 
 def test_save_refuses_a_non_empty_folder(tiny_model, tmp_path):

@@ -22,6 +22,7 @@ from framework.engine.step_tensors import HostStaging
 from framework.layers.attention import Attention, AttentionMetadata
 from framework.layers.quantization import get_quant_method
 from framework.loader import load_weights
+from framework.loader.sharded import effective_quantization
 from framework.loader.weights import LoadStats
 from framework.models.registry import model_class
 from framework.parallel import step_group, tp_rank, tp_size
@@ -84,7 +85,10 @@ class ModelRunner:
 
         start = time.perf_counter()
         # quantization.method: the linear layers' storage, built (and checked) before any weight is read
-        method = get_quant_method(cfg.quantization, hf_config)
+        quant_cfg = cfg.quantization
+        if cfg.model.load_format == "sharded":
+            quant_cfg = effective_quantization(quant_cfg, model_path)
+        method = get_quant_method(quant_cfg, hf_config)
         quant = {"quant_method": method} if method is not None else {}
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)

@@ -7,6 +7,7 @@ each rank reads only its own file: no slicing, no re-quantizing, 1/TP of the byt
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -20,10 +21,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from framework.config.errors import UserError
+from framework.config.schema import QuantizationConfig
 from framework.loader.weights import LoadStats
 from framework.parallel import tp_rank, tp_size
 
 MANIFEST = "manifest.json"
+LOAD_TIME_METHODS = ("int8", "fp8", "int4")  # quantized by us at load: config.json has no trace of them
 FORMAT = "framework-sharded/1"
 # Weight files of the source folder; every other top-level file (config, tokenizer) is copied.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
@@ -33,6 +36,16 @@ def declared_quantization(folder: Path) -> str:
     """What `quantization.method=auto` resolves to for this folder: config.json's quant_method."""
     config = json.loads((Path(folder) / "config.json").read_text())
     return str((config.get("quantization_config") or {}).get("quant_method", "none"))
+
+
+def effective_quantization(quant: QuantizationConfig, folder: Path) -> QuantizationConfig:
+    """quantization.method=auto on a folder whose weights were quantized at load (int8, fp8,
+    int4) means that method, which its config.json does not record; anything else is left to
+    config.json's quantization_config."""
+    if quant.method != "auto":
+        return quant
+    saved = Manifest.read(folder).quantization
+    return dataclasses.replace(quant, method=saved) if saved in LOAD_TIME_METHODS else quant
 
 
 def rank_file(rank: int) -> str:
@@ -59,10 +72,15 @@ class Manifest:
             raise UserError(f"{path}: format {data.get('format')!r} is not {FORMAT!r}")
         return cls(**data)
 
+    def resolve_auto(self, folder: Path) -> str:
+        """What quantization.method=auto means for this folder: the method the weights were
+        quantized with at load (config.json does not know it), else what config.json declares."""
+        return self.quantization if self.quantization in LOAD_TIME_METHODS else declared_quantization(folder)
+
     def check(self, folder: Path, tensor_parallel_size: int, quantization: str) -> None:
         """A sharded folder is only loadable at the TP size and quantization it was saved with."""
-        if quantization == "auto":  # the model is built from what the copied config.json declares
-            quantization = declared_quantization(folder)
+        if quantization == "auto":
+            quantization = self.resolve_auto(folder)
         if tensor_parallel_size != self.tensor_parallel_size:
             raise UserError(f"parallelism.tensor_parallel_size={tensor_parallel_size}, but the sharded checkpoint "
                             f"{folder} was saved with tensor_parallel_size={self.tensor_parallel_size}; load it at "
