@@ -44,7 +44,7 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 self.free[block] = None
         seq.block_table = []
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_registered_blocks = 0
 
     def _take(self, block: int, cache_hit: bool = False) -> int:
         if self.ref_counts[block] == 0:
@@ -57,12 +57,14 @@ class BlockManager:
         return block
 
     # --- prefix caching -------------------------------------------------------------
-    def _hashes(self, token_ids: List[int], num_blocks: int) -> List[int]:
-        hashes, h = [], 0
-        for i in range(num_blocks):
-            h = hash((h, tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])))
-            hashes.append(h)
-        return hashes
+    def _hashes(self, seq: Sequence, num_blocks: int) -> List[int]:
+        """Chained hashes of the sequence's first num_blocks full blocks. A full block's tokens
+        never change, so each is hashed once and kept on the sequence."""
+        hashes = seq.block_hashes
+        for i in range(len(hashes), num_blocks):
+            tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            hashes.append(hash((hashes[-1] if hashes else 0, tokens)))
+        return hashes[:num_blocks]
 
     def reuse_cached_prefix(self, seq: Sequence) -> None:
         """On first schedule: adopt cached blocks of the longest matching full-block prefix.
@@ -70,7 +72,7 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.block_table:
             return
         max_blocks = (seq.num_tokens - 1) // self.block_size
-        for h in self._hashes(seq.token_ids, max_blocks):
+        for h in self._hashes(seq, max_blocks):
             block = self.hash_to_block.get(h)
             if block is None:
                 break
@@ -82,8 +84,10 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = seq.num_computed_tokens // self.block_size
-        for i, h in enumerate(self._hashes(seq.token_ids, num_full)):
+        first_new = seq.num_registered_blocks
+        for i, h in enumerate(self._hashes(seq, num_full)[first_new:], start=first_new):
             block = seq.block_table[i]
             if block not in self.block_hash and h not in self.hash_to_block:
                 self.block_hash[block] = h
                 self.hash_to_block[h] = block
+        seq.num_registered_blocks = num_full
