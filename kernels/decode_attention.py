@@ -228,15 +228,17 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.T
     (a masked score of NaN would still poison the softmax).
     """
     block_size = cache.shape[1]
-    nblk = -(-max_len // block_size)
+    batch, nblk = block_tables.shape[0], -(-max_len // block_size)
     lens = seq_lens.long()[:, None]
     bt = block_tables[:, :nblk].long()
     bt = torch.where(torch.arange(nblk, device=bt.device) * block_size < lens, bt, 0)
-    dense = cache[bt].flatten(1, 2)  # [B, nblk * block_size, Hkv, D], a fresh tensor: mask in place
-    if dense.element_size() == 1:  # an fp8 cache: CPU masked_fill has no fp8 kernel
+    # One index_select of whole blocks, rows flattened to [B, L, Hkv * D] so the padding rows
+    # can be zeroed by index: several times faster on CPU than a broadcast masked_fill.
+    dense = cache.index_select(0, bt.flatten()).view(batch, nblk * block_size, -1)
+    if dense.element_size() == 1:  # an fp8 cache: CPU indexing writes have no fp8 kernel
         dense = dense.float()
-    keep = torch.arange(dense.shape[1], device=bt.device) < lens
-    return dense.masked_fill_(~keep[:, :, None, None], 0)[:, :max_len].transpose(1, 2)
+    dense[(torch.arange(dense.shape[1], device=bt.device) >= lens).nonzero(as_tuple=True)] = 0
+    return dense.view(batch, nblk * block_size, *cache.shape[2:])[:, :max_len].transpose(1, 2)
 
 
 def paged_decode_attention_ref(
