@@ -20,10 +20,12 @@ from __future__ import annotations
 import bisect
 import gc
 import logging
+import sys
 import time
 from typing import Callable, Dict, List, Optional
 
 import torch
+from tqdm import tqdm
 
 from framework.engine.step_input import StepInput
 from framework.engine.step_tensors import DecodeLayout, HostStaging, stage_decode
@@ -110,7 +112,9 @@ class CudaGraphRunner:
         stage_decode(self.staging, self.layout, None, self.static_in)  # every row is padding
         self.pool = torch.cuda.graph_pool_handle()
         with _NoGC():
-            for size in sorted(sizes or self.sizes, reverse=True):
+            # a bar on terminals only; it prints between captures, never inside one
+            for size in tqdm(sorted(sizes or self.sizes, reverse=True), desc="capturing CUDA graphs", unit="graph",
+                             leave=False, disable=not sys.stderr.isatty()):
                 self._run(size)  # warm-up outside the graph: Triton compiles, cuBLAS picks its kernels
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
