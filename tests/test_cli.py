@@ -82,8 +82,16 @@ def test_fp8_kv_cache_keeps_greedy_text(bundled):
             bundled.generate("The for statement", params)[0].token_ids[:4]
 
 
-def test_low_mem_recipe_runs_on_the_bundled_model(tmp_path):
-    proc = run_cli("+recipe=low_mem", "task.max_tokens=8", cwd=tmp_path)
+RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_runs_on_the_bundled_model(recipe, tmp_path):
+    proc = run_cli(f"+recipe={recipe}", "task.max_tokens=8", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["plan"]["quantization"] == "int4" and metrics["plan"]["kv_cache_dtype"] == "fp8"
+    assert metrics["status"] == "ok" and metrics["throughput"]["output_tokens"] > 0
+    if recipe == "low_mem":
+        assert metrics["plan"]["quantization"] == "int4" and metrics["plan"]["kv_cache_dtype"] == "fp8"
+    if recipe == "tp2":
+        assert len(metrics["measured"]["ranks"]) == 2
