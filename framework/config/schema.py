@@ -85,7 +85,7 @@ class LauncherConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "generate"  # generate | chat | bench | plan | eval | save_sharded
+    name: str = "generate"  # generate | chat | bench | plan | eval | serve | save_sharded
     prompts: List[str] = field(default_factory=list)
     prompts_file: Optional[str] = None  # one prompt per line, or JSONL with a "prompt" field
     max_tokens: int = 64
@@ -104,6 +104,9 @@ class TaskConfig:
     compare_hf: bool = True  # bench: also time HF transformers generate on the same requests
     compare_hf_requests: Optional[int] = None  # bench: HF runs only the first N requests (null = all)
     decode_batch1_tokens: int = 256  # bench on GPU: one greedy request of N tokens vs the copy roofline; 0 = skip
+    # serve: an OpenAI-compatible HTTP server
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 picks a free port
     # save_sharded
     output_dir: Optional[str] = None
 

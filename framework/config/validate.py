@@ -16,7 +16,7 @@ DEVICES = ("auto", "cpu", "cuda")
 QUANT_METHODS = ("none", "fp8", "int8", "int4", "auto")
 KV_CACHE_DTYPES = ("auto", "fp8")
 LAUNCHERS = ("auto", "local", "ray")
-TASKS = ("generate", "chat", "bench", "plan", "eval", "save_sharded")
+TASKS = ("generate", "chat", "bench", "plan", "eval", "serve", "save_sharded")
 MODALITIES = ("image", "video", "audio")
 
 
@@ -85,6 +85,8 @@ def validate(cfg: FrameworkConfig) -> FrameworkConfig:
     if t.top_k == 0 or t.top_k < -1:
         raise ConfigError("task.top_k", t.top_k, "must be -1 (off) or a positive integer")
     _positive("task.num_requests", t.num_requests)
+    if not 0 <= t.port <= 65535:
+        raise ConfigError("task.port", t.port, "must be in [0, 65535] (0 picks a free port)")
     _positive("task.compare_hf_requests", t.compare_hf_requests, allow=(None,))
     if isinstance(t.decode_batch1_tokens, bool) or not isinstance(t.decode_batch1_tokens, int) \
             or t.decode_batch1_tokens < 0:

@@ -1,0 +1,91 @@
+"""OpenAI-shaped requests in, engine requests out, and back: completions and chat completions.
+
+Pure functions over JSON bodies, so the HTTP server stays plumbing. A field of the wrong type
+or an unsupported feature is a RequestError naming the field (HTTP 400); values the engine
+refuses (max_tokens <= 0, a prompt over max_model_len...) come back as that request's error.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Callable, Dict, List, Optional
+
+from framework.engine.outputs import RequestOutput
+from framework.engine.sampling_params import SamplingParams
+
+
+class RequestError(ValueError):
+    def __init__(self, param: Optional[str], message: str):
+        self.param = param
+        super().__init__(message)
+
+
+def error_body(message: str, param: Optional[str] = None) -> Dict[str, Any]:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": 400}}
+
+
+def _field(body: Dict[str, Any], name: str, kinds: tuple, default: Any) -> Any:
+    value = body.get(name, default)
+    if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
+        raise RequestError(name, f"{name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+    return value
+
+
+def sampling_params(body: Dict[str, Any], default_max_tokens: int) -> SamplingParams:
+    if body.get("stream"):
+        raise RequestError("stream", "streaming is not supported yet; send stream=false")
+    if _field(body, "n", (int,), 1) != 1:
+        raise RequestError("n", "only n=1 is supported")
+    stop = _field(body, "stop", (str, list), None) or []
+    max_tokens = _field(body, "max_completion_tokens", (int,), None)
+    return SamplingParams(
+        max_tokens=max_tokens if max_tokens is not None else _field(body, "max_tokens", (int,), default_max_tokens),
+        temperature=float(_field(body, "temperature", (int, float), 1.0)),
+        top_p=float(_field(body, "top_p", (int, float), 1.0)),
+        top_k=_field(body, "top_k", (int,), -1),  # vLLM's extension
+        seed=_field(body, "seed", (int,), None),
+        stop=[stop] if isinstance(stop, str) else list(stop),
+        stop_token_ids=list(_field(body, "stop_token_ids", (list,), None) or []),  # vLLM's extension
+        ignore_eos=bool(_field(body, "ignore_eos", (bool,), False)),  # vLLM's extension
+    )
+
+
+def completion_prompts(body: Dict[str, Any]) -> List[Any]:
+    """`prompt`: a string, a list of token ids, or a list of strings (one choice each)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return [{"prompt_token_ids": prompt}]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise RequestError("prompt", "prompt must be a string, a list of strings or a list of token ids")
+
+
+def chat_prompt(body: Dict[str, Any], apply_template: Callable[[List[Dict[str, str]]], str]) -> str:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise RequestError("messages", "messages must be a non-empty list of {role, content} with string content")
+    return apply_template([{"role": m["role"], "content": m["content"]} for m in messages])
+
+
+def _usage(outputs: List[RequestOutput]) -> Dict[str, int]:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(o.token_ids) for o in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion_body(outputs: List[RequestOutput], model: str) -> Dict[str, Any]:
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": model, "usage": _usage(outputs),
+            "choices": [{"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
+                        for i, o in enumerate(outputs)]}
+
+
+def chat_body(output: RequestOutput, model: str) -> Dict[str, Any]:
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "usage": _usage([output]),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text},
+                         "finish_reason": output.finish_reason}]}
