@@ -66,6 +66,17 @@ def tiny_model(tmp_path_factory) -> Callable[..., Path]:
     return make
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A Ray instance for one test module; launchers use it and leave it running."""
+    import logging
+
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it)")
 

@@ -3,7 +3,6 @@ released after each run, a dead rank ends the run with one clear error and no le
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -24,12 +23,7 @@ from launchers.ray import RankFailure, RayLauncher
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # one Ray instance for the module (conftest.py)
 
 
 def make_config(model_dir, tp: int = 2, max_model_len: int = 128) -> FrameworkConfig:

@@ -3,7 +3,6 @@ each rank reading only its own file; any other TP size or quantization is a clea
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 
@@ -18,12 +17,7 @@ PROMPTS = [[1, 5, 7, 9, 11], [3] * 21, list(range(10, 47))]
 MAX_TOKENS = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # one Ray instance for the module (conftest.py)
 
 
 def make_config(model_dir, tp: int, load_format: str = "auto") -> FrameworkConfig:

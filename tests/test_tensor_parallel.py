@@ -3,7 +3,6 @@ each rank reads only its slices of the checkpoint."""
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 
 import pytest
@@ -17,13 +16,7 @@ PROMPTS = [[1, 5, 7, 9, 11], [3] * 21, list(range(10, 47)), [200, 7]]
 MAX_TOKENS = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    """One Ray instance for the module; launchers use it and leave it running."""
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # one Ray instance for the module (conftest.py)
 
 
 def make_config(model_dir, tp: int) -> FrameworkConfig:

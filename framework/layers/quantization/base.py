@@ -14,6 +14,7 @@ persistent buffer, which the loader does not look for.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from functools import partial
 from typing import Dict, Tuple
 
@@ -28,16 +29,16 @@ def materialize(loaded) -> torch.Tensor:
     return loaded.materialize() if hasattr(loaded, "materialize") else loaded
 
 
-class QuantMethod:
+class QuantMethod(ABC):
     """One instance serves every linear layer of a model; per-layer state lives on the layer."""
 
     name = "base"
 
-    def create_weights(self, layer: nn.Module) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def create_weights(self, layer: nn.Module) -> None: ...
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
 
 
 class LoadTimeQuant(QuantMethod):
@@ -46,12 +47,12 @@ class LoadTimeQuant(QuantMethod):
     `...weight` tensors reach it), how a block of rows becomes codes and scales (`quantize`),
     and how to multiply (`apply`)."""
 
-    def storage(self, out_features: int, in_features: int) -> Spec:
-        raise NotImplementedError
+    @abstractmethod
+    def storage(self, out_features: int, in_features: int) -> Spec: ...
 
+    @abstractmethod
     def quantize(self, layer: nn.Module, w: torch.Tensor) -> Dict[str, torch.Tensor]:
         """float32 rows [n, in_features] -> each storage tensor's n rows (dtypes as on `layer`)."""
-        raise NotImplementedError
 
     def create_weights(self, layer: nn.Module) -> None:
         spec = self.storage(layer.out_features, layer.in_features)
