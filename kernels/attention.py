@@ -35,6 +35,8 @@ NUM_WARPS = 4
 NUM_STAGES = 2  # KV-loop pipelining depth; 2 beat 3 on H100 for prefill (bench, 2026-11-25)
 
 
+QUERY_CHUNK = 256  # CPU reference: prefill query rows per SDPA call (bounds the score matrix)
+
 @triton.jit
 def _find_seq(cu_seqlens_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
     # Largest b with cu_seqlens[b] // BLOCK_Q + b <= pid (that start is monotone in b).
@@ -264,14 +266,21 @@ def paged_attention_ref(
         blocks = block_tables[b, :nblk].long()
         k = k_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).float()  # [Hkv, L, D]
         v = v_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).float()
-        # GQA without repeating K/V: the G heads of a KV head stack as G * q_len query rows.
-        qb = q[start:start + q_len].float().reshape(q_len, hkv, group, head_dim)
-        qb = qb.permute(1, 2, 0, 3).reshape(hkv, group * q_len, head_dim)
-        query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        causal = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
-        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=causal.repeat(group, 1), scale=scale)
-        o = o.reshape(hkv, group, q_len, head_dim).permute(2, 0, 1, 3)
-        out[start:start + q_len] = o.reshape(q_len, hq, head_dim).to(out.dtype)
+        # Queries in chunks of QUERY_CHUNK rows: the scores of a long prompt over its whole context
+        # never exist at once (a 2048-token prompt on 32 heads would need 1.3 GiB per layer).
+        for c0 in range(0, q_len, QUERY_CHUNK):
+            n = min(QUERY_CHUNK, q_len - c0)
+            # GQA without repeating K/V: the G heads of a KV head stack as G * n query rows.
+            qb = q[start + c0:start + c0 + n].float().reshape(n, hkv, group, head_dim)
+            qb = qb.permute(1, 2, 0, 3).reshape(hkv, group * n, head_dim)
+            first = seq_len - q_len + c0
+            visible = first + n  # keys past the chunk's last query are never attended: leave them out
+            query_pos = torch.arange(first, visible, device=q.device)
+            causal = torch.arange(visible, device=q.device)[None, :] <= query_pos[:, None]
+            o = F.scaled_dot_product_attention(qb, k[:, :visible], v[:, :visible],
+                                               attn_mask=causal.repeat(group, 1), scale=scale)
+            o = o.reshape(hkv, group, n, head_dim).permute(2, 0, 1, 3)
+            out[start + c0:start + c0 + n] = o.reshape(n, hq, head_dim).to(out.dtype)
     return out
 
 

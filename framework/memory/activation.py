@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from framework.memory.shape import DecoderShape
+from kernels.attention import QUERY_CHUNK
 from framework.memory.weights import decoder_linears, kv_heads_per_rank
 
 SDPA_MATH_FACTOR = 2.5  # CPU SDPA with a boolean mask: peak / (scores in float32), measured 2.45
@@ -107,9 +108,11 @@ def reference_attention_peak(s: DecoderShape, tp: int, step: Step, a: int, kv_by
     ctx = step.context
     q_len = min(step.tokens, ctx)
     cast = 0 if kv_bytes == 4 else 4  # .float() copies unless the cache is float32 already
-    # prefill: one sequence at a time: K and V of its context, the regrouped queries, the masks
-    prefill = (2 * ctx * kv * (kv_bytes + cast) + q_len * q * 4 + 2 * group * q_len * ctx
-               + int(SDPA_MATH_FACTOR * heads * q_len * ctx * 4))
+    # prefill: one sequence at a time: K and V of its context; then per chunk of at most
+    # QUERY_CHUNK queries, the regrouped queries, the masks and SDPA's scores
+    chunk = min(q_len, QUERY_CHUNK)
+    prefill = (2 * ctx * kv * (kv_bytes + cast) + chunk * q * 4 + 2 * group * chunk * ctx
+               + int(SDPA_MATH_FACTOR * heads * chunk * ctx * 4))
     # decode rows: a dense [B, ctx] gather of K (kept, as float32) while V is gathered and cast
     rows_ctx = min(step.logits_rows * ctx, step.kv_tokens)
     kept = 4 if cast else kv_bytes

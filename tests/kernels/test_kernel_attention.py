@@ -29,6 +29,15 @@ def test_reference_matches_dense_float64(heads, paged_batch, dense_reference):
     torch.testing.assert_close(out.double(), dense_reference(batch), atol=2e-5, rtol=2e-5)
 
 
+def test_reference_in_query_chunks_matches_dense(paged_batch, dense_reference, monkeypatch):
+    """The CPU reference scores long prompts QUERY_CHUNK queries at a time: same result."""
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 4)
+    batch = paged_batch(MIXED, 4, 2, head_dim=16, block_size=4, seed=3, device="cpu")
+    out = paged_attention_ref(batch.q, batch.k_cache, batch.v_cache, batch.cu_seqlens_q,
+                              batch.seq_lens, batch.block_tables, batch.scale)
+    torch.testing.assert_close(out.double(), dense_reference(batch), atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_matches_reference(heads, dtype, small_tiles, paged_batch, device):
