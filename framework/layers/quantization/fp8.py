@@ -11,12 +11,11 @@ W8A8, a different accuracy trade-off than this weight-only method, so it is not 
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Tuple
 
 import torch
 
-from framework.layers.quantization.base import LoadTimeQuant, Spec
-from framework.layers.quantization.int8 import scaled_linear
+from framework.layers.quantization.int8 import RowScaledMethod
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -35,16 +34,7 @@ def dequantize_fp8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
     return (codes.float() * scale.float()[:, None]).to(dtype)
 
 
-class Fp8Method(LoadTimeQuant):
+class Fp8Method(RowScaledMethod):
     name = "fp8"
-
-    def storage(self, out_features: int, in_features: int) -> Spec:
-        return {"weight": ((out_features, in_features), FP8),
-                "weight_scale": ((out_features,), torch.float32)}
-
-    def quantize(self, layer, w: torch.Tensor) -> Dict[str, torch.Tensor]:
-        codes, scale = quantize_fp8(w)
-        return {"weight": codes, "weight_scale": scale}
-
-    def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return scaled_linear(x, layer.weight, layer.weight_scale, bias)
+    code_dtype = FP8
+    quantize_rows = staticmethod(quantize_fp8)

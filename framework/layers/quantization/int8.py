@@ -8,7 +8,7 @@ reads the codes directly (kernels/quant_matmul.py).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,16 +44,26 @@ def scaled_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     return y + bias if bias is not None else y
 
 
-class Int8Method(LoadTimeQuant):
-    name = "int8"
+class RowScaledMethod(LoadTimeQuant):
+    """One code per weight and one float32 scale per output row (int8, fp8): subclasses name
+    the code dtype and the function that quantizes float rows into (codes, scales)."""
+
+    code_dtype: torch.dtype
+    quantize_rows: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]  # float rows -> (codes, scales)
 
     def storage(self, out_features: int, in_features: int) -> Spec:
-        return {"weight": ((out_features, in_features), torch.int8),
+        return {"weight": ((out_features, in_features), self.code_dtype),
                 "weight_scale": ((out_features,), torch.float32)}
 
     def quantize(self, layer, w: torch.Tensor) -> Dict[str, torch.Tensor]:
-        codes, scale = quantize_int8(w)
+        codes, scale = self.quantize_rows(w)
         return {"weight": codes, "weight_scale": scale}
 
     def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         return scaled_linear(x, layer.weight, layer.weight_scale, bias)
+
+
+class Int8Method(RowScaledMethod):
+    name = "int8"
+    code_dtype = torch.int8
+    quantize_rows = staticmethod(quantize_int8)
