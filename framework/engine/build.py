@@ -65,12 +65,14 @@ def eos_token_ids(model_path: Path, hf_config: Any, tokenizer: Optional[Any]) ->
 
 
 def build_runner(cfg: FrameworkConfig, model_path: Path, hf_config: Any) -> ModelRunner:
-    return ModelRunner(cfg, model_path, hf_config, resolve_max_model_len(cfg, hf_config))
+    """The "auto" limits are resolved here, once (a planner search), and kept on the runner."""
+    return ModelRunner(cfg, model_path, hf_config, resolve_max_model_len(cfg, hf_config),
+                       resolve_max_num_seqs(cfg, hf_config))
 
 
 def build_engine(cfg: FrameworkConfig, model_path: Path, hf_config: Any, runner: Optional[ModelRunner] = None
                  ) -> LLMEngine:
     runner = runner or build_runner(cfg, model_path, hf_config)
     tokenizer = load_tokenizer(cfg, model_path)
-    return LLMEngine(cfg, runner, tokenizer, resolve_max_model_len(cfg, hf_config), resolve_max_num_seqs(cfg),
+    return LLMEngine(cfg, runner, tokenizer, runner.max_model_len, runner.max_num_seqs,
                      eos_token_ids(model_path, hf_config, tokenizer))

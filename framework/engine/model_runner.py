@@ -72,7 +72,8 @@ class KVCacheSpec:
 
 
 class ModelRunner:
-    def __init__(self, cfg: FrameworkConfig, model_path: Path, hf_config: Any, max_model_len: int):
+    def __init__(self, cfg: FrameworkConfig, model_path: Path, hf_config: Any, max_model_len: int,
+                 max_num_seqs: int):
         self.cfg = cfg
         self.device = pick_device(cfg.model.device)
         self.dtype = pick_dtype(cfg.model.dtype, self.device, hf_config)
@@ -105,7 +106,7 @@ class ModelRunner:
         self.kv_spec = KVCacheSpec(len(self.attn_layers), first.num_kv_heads, first.head_dim,
                                    cfg.cache.block_size, kv_cache_dtype(cfg.cache.kv_cache_dtype, self.dtype))
         self.num_blocks = 0
-        self.max_model_len = max_model_len
+        self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs  # resolved ("auto") once, by build
         self.staging = HostStaging(self.device)  # one pinned host-to-device copy per step
         self.compilation_level = compilation_level(cfg.compilation.level)
         self.forward = self._compile_forward()
@@ -164,9 +165,8 @@ class ModelRunner:
         """The largest step: max_num_batched_tokens tokens of one sequence, scoring the last
         max_num_seqs rows (the logits of a full eager decode batch), against a one-block cache
         that every block-table entry names; slots are -1, so nothing is stored."""
-        from framework.engine.build import resolve_max_num_seqs  # build imports this module
         n = self.cfg.cache.max_num_batched_tokens
-        rows = min(n, resolve_max_num_seqs(self.cfg))
+        rows = min(n, self.max_num_seqs)
         self._allocate_kv_cache(1)
         step = StepInput(input_ids=[0] * n, positions=[i % self.max_model_len for i in range(n)],
                          slot_mapping=[-1] * n, cu_seqlens_q=[0, n], seq_lens=[n],
@@ -223,8 +223,7 @@ class ModelRunner:
     def _graph_sizes(self) -> List[int]:
         if self.device.type != "cuda" or self.cfg.compilation.enforce_eager:
             return []
-        from framework.engine.build import resolve_max_num_seqs  # build imports this module
-        return capture_sizes(self.cfg.compilation.cudagraph_capture_sizes, resolve_max_num_seqs(self.cfg))
+        return capture_sizes(self.cfg.compilation.cudagraph_capture_sizes, self.max_num_seqs)
 
     def _new_graphs(self) -> CudaGraphRunner:
         return CudaGraphRunner(self.forward, self.model.compute_logits, self.graph_sizes, self.max_model_len,
