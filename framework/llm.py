@@ -62,7 +62,11 @@ class LLM:
 
     @property
     def tokenizer(self) -> Any:
-        """The tokenizer, loaded in this process (the engine may live in another)."""
+        """The engine's tokenizer when the engine is in this process; else one loaded here
+        (rank 0's engine lives in a Ray actor)."""
+        engine = getattr(self.launcher, "engine", None)
+        if engine is not None:
+            return engine.tokenizer
         if not hasattr(self, "_tokenizer"):
             from framework.engine.build import load_tokenizer
             self._tokenizer = load_tokenizer(self.config, self.model_path)
