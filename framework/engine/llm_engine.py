@@ -20,9 +20,9 @@ from framework.engine.model_runner import ModelRunner
 from framework.engine.outputs import CompletionOutput, RequestOutput
 from framework.engine.sampler import sample
 from framework.engine.sampling_params import SamplingParams
-from framework.engine.scheduler import Scheduler
+from framework.engine.scheduler import ScheduledBatch, Scheduler
 from framework.engine.sequence import Sequence
-from framework.engine.step_input import StepInput, build_step_input
+from framework.engine.step_input import build_step_input
 
 log = logging.getLogger(__name__)
 Prompt = Union[str, Dict[str, Any]]
@@ -146,15 +146,11 @@ class LLMEngine:
         layers, K/V read back from the cache at its precision). For task=eval."""
         nlls = []
         for ids in windows:
-            n, bs = len(ids), self.block_size
             seq = Sequence(list(ids), SamplingParams(max_tokens=1))
-            self.block_manager.allocate(seq, n)
+            self.block_manager.allocate(seq, len(ids))
             try:
-                table = seq.block_table
-                step = StepInput(input_ids=list(ids), positions=list(range(n)),
-                                 slot_mapping=[table[p // bs] * bs + p % bs for p in range(n)],
-                                 cu_seqlens_q=[0, n], seq_lens=[n], block_tables=[table],
-                                 logits_indices=list(range(n - 1)), decode_only=False)
+                step = build_step_input(ScheduledBatch([seq], [len(ids)]), self.block_size)
+                step.logits_indices = list(range(len(ids) - 1))  # every position predicts the next
                 logits = self.runner.run(step)
             finally:
                 self.block_manager.free_blocks(seq)
