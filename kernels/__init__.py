@@ -24,6 +24,7 @@ _decode = import_module("kernels.decode_attention")
 _kv = import_module("kernels.kv_cache")
 _norm = import_module("kernels.rms_norm")
 _rope = import_module("kernels.rotary")
+_rope_kv = import_module("kernels.rotary_kv")
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -72,6 +73,14 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos:
     return (_rope.apply_rotary if use_triton(q) else _rope.apply_rotary_ref)(q, k, positions, cos, sin)
 
 
+def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> torch.Tensor:
+    """apply_rotary then store_kv_cache of the rotated k and v, in one launch; returns the new q."""
+    fn = _rope_kv.rotary_store_kv if use_triton(q) else _rope_kv.rotary_store_kv_ref
+    return fn(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (_act.silu_and_mul if use_triton(x) else _act.silu_and_mul_ref)(x)
 
@@ -82,6 +91,7 @@ __all__ = [
     "paged_attention",
     "paged_decode_attention",
     "rms_norm",
+    "rotary_store_kv",
     "silu_and_mul",
     "store_kv_cache",
     "use_triton",

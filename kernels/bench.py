@@ -7,7 +7,8 @@ Every figure is measured in this process on this card, next to a device-to-devic
 (bytes read + written) that stands for the achievable HBM roofline. GB/s counts the minimum
 bytes a kernel must move (inputs read once, outputs written once); for prefill attention,
 which is compute-bound, TFLOP/s is printed too. `triton.testing.do_bench` clears L2 between
-repetitions, so small inputs are not flattered by the cache.
+repetitions, so small inputs are not flattered by the cache. A last table times fused kernels
+against the separate kernels they replace, in µs a call (what a graph-captured decode step saves).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from kernels.decode_attention import paged_decode_attention, paged_decode_attent
 from kernels.kv_cache import store_kv_cache, store_kv_cache_ref
 from kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from kernels.rotary import apply_rotary, apply_rotary_ref
+from kernels.rotary_kv import rotary_store_kv
 
 DTYPE = torch.bfloat16
 HIDDEN, HQ, HKV, HEAD_DIM, INTER = 4096, 32, 8, 128, 14336  # Llama-3.1-8B
@@ -136,6 +138,50 @@ def mixed_case(seqs: list[tuple[int, int]], name: str) -> Case:
                 kv_bytes + 2 * _nbytes(q), flops)
 
 
+@dataclass
+class Fusion:
+    """One fused kernel against the separate kernels it replaces (both Triton), timed in µs."""
+    name: str
+    fused: Callable[[], object]
+    separate: Callable[[], object]
+
+
+def rotary_kv_fusion(batch: int) -> Fusion:
+    """A decode step's rotary + KV write of one layer: rotary_store_kv against apply_rotary then
+    store_kv_cache, on q/k/v viewed out of one fused QKV output as the model passes them."""
+    qkv = torch.randn(batch, (HQ + 2 * HKV) * HEAD_DIM, device="cuda", dtype=DTYPE)
+    widths = [HQ * HEAD_DIM, HKV * HEAD_DIM, HKV * HEAD_DIM]
+    q, k, v = (x.unflatten(-1, (-1, HEAD_DIM)) for x in qkv.split(widths, dim=-1))
+    pos = torch.randint(0, 8192, (batch,), device="cuda")
+    inv = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM)
+    freqs = torch.outer(torch.arange(8192, device="cuda").float(), inv)
+    cos, sin = freqs.cos(), freqs.sin()
+    num_blocks = math.ceil(batch / BLOCK_SIZE) * 4
+    k_cache = torch.zeros(num_blocks, BLOCK_SIZE, HKV, HEAD_DIM, device="cuda", dtype=DTYPE)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, device="cuda")[:batch]
+
+    def separate() -> None:
+        _, k_rot = apply_rotary(q, k, pos, cos, sin)
+        store_kv_cache(k_rot, v, k_cache, v_cache, slots)
+
+    return Fusion(f"rotary+store_kv decode B={batch}",
+                  lambda: rotary_store_kv(q, k, v, pos, cos, sin, k_cache, v_cache, slots), separate)
+
+
+def print_fusions(fusions: list[Fusion]) -> None:
+    # In a graph-captured decode step the launch and tail of each small kernel is most of its
+    # cost, so the graph column is the one the engine's step time sees.
+    print("\nfused vs separate Triton kernels, µs a call: eager (do_bench) and replayed from a CUDA graph\n")
+    header = f"{'case':<36}{'fused':>9}{'separate':>10}{'graph fused':>13}{'graph sep.':>12}{'saved':>8}"
+    print(header)
+    print("-" * len(header))
+    for f in fusions:
+        e_f, e_s = 1e3 * _ms(f.fused), 1e3 * _ms(f.separate)
+        g_f, g_s = 1e3 * _graph_ms(f.fused), 1e3 * _graph_ms(f.separate)
+        print(f"{f.name:<36}{e_f:>9.2f}{e_s:>10.2f}{g_f:>13.2f}{g_s:>12.2f}{g_s - g_f:>8.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few cases only")
@@ -171,6 +217,7 @@ def main() -> None:
         tflops = f"{case.flops / t_ms / 1e9:9.1f}" if case.flops else ""
         print(f"{case.name:<36}{t_ms:>11.4f}{g_ms:>10.4f}{r_ms:>11.4f}{r_ms / t_ms:>8.2f}x"
               f"{gbps:>8.0f}{100 * gbps / roof:>7.0f}%{tflops}")
+    print_fusions([rotary_kv_fusion(batch) for batch in ([1] if args.quick else [1, 64])])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Attention over the paged KV cache: write this step's K/V, then attend.
+"""Attention over the paged KV cache: rotate q and k and write this step's K/V, then attend.
 
 The metadata describes one flat batch of new tokens from many sequences (prefill chunks and
 decodes mixed); the kernels read earlier tokens through each sequence's block table.
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import kernels
+from framework.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -25,17 +26,25 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary: RotaryEmbedding):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        # One table shared by every layer: a shared submodule, so its buffers are counted, moved
+        # and cast once (named_buffers and .to() visit a module once however often it is reused).
+        self.rotary = rotary
         self.k_cache: Optional[torch.Tensor] = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: Optional[torch.Tensor] = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q, k, v: un-rotated projections (views of the fused QKV output are fine)."""
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        kernels.store_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        # One kernel for rotary and the KV write (a decode step pays per launch); the rotated k
+        # exists only in the cache.
+        q = kernels.rotary_store_kv(q, k, v, positions, self.rotary.cos, self.rotary.sin,
+                                    self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.decode_only:
             out = kernels.paged_decode_attention(q, self.k_cache, self.v_cache, meta.seq_lens,
                                                  meta.block_tables, self.scale, max_seq_len=meta.max_seq_len)

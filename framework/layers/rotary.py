@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Tuple
+from typing import Any, Dict
 
 import torch
 from torch import nn
-
-import kernels
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -42,12 +40,12 @@ def inverse_frequencies(head_dim: int, params: Dict[str, Any]) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    """The cos/sin tables only: layers/attention.Attention applies them, in the same kernel that
+    writes the KV cache (kernels.rotary_store_kv)."""
+
     def __init__(self, head_dim: int, max_positions: int, params: Dict[str, Any]):
         super().__init__()
         inv_freq = inverse_frequencies(head_dim, params).float()
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return kernels.apply_rotary(q, k, positions, self.cos, self.sin)

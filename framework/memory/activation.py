@@ -5,8 +5,9 @@ query/KV width per rank, i = intermediate per rank; widths in elements of the mo
 
 - While a decoder layer runs, its caller still holds the previous layer's x and residual (2h),
   and the layer holds its own normed x and residual (2h): 4h is the floor of every phase.
-- Attention: qkv output (q + 2kv; q/k/v are views of it, v keeps it alive), rotated q and k
-  (new tensors, q + kv), the attention output (q) and o_proj's output (h): 5h + 3q + 3kv.
+- Attention: qkv output (q + 2kv; q/k/v are views of it, v keeps it alive), the rotated q (a
+  new tensor, q; the rotated k goes straight into the cache, kernels/rotary_kv.py), the
+  attention output (q) and o_proj's output (h): 5h + 3q + 2kv.
 - MLP: gate_up output (2i) and the activation's output (i); on the torch reference backend
   (CPU) silu(gate) is one more i: 4h + 3i (GPU), 4h + 4i (CPU).
 - Residual scaling and the fused add-norm: 6h at most.
@@ -87,13 +88,13 @@ def layer_peak(s: DecoderShape, tp: int, tokens: int, a: int, quant: str, refere
     scaled = quant in ("fp8", "int8") and (reference or tokens > fused_quant_rows())
     act = (4 if reference else 3) * i
     widths = [  # elements per token alive in each phase
-        5 * h + 3 * q + 3 * kv + (h if scaled else 0),  # attention, up to o_proj's output
+        5 * h + 3 * q + 2 * kv + (h if scaled else 0),  # attention, up to o_proj's output
         4 * h + max(act, 4 * i if scaled else 0),  # gate_up, then the activation
         6 * h,  # residual scaling and the fused add-norm
     ]
     with_weight = [  # a quantized matmul's phase: its input, its output, its weight copy
         tokens * (4 * h + (q + 2 * kv) * (2 if scaled else 1)) * a + w["qkv_proj"],
-        tokens * (5 * h + 3 * q + 3 * kv) * a + w["o_proj"],
+        tokens * (5 * h + 3 * q + 2 * kv) * a + w["o_proj"],
         tokens * (4 * h + 2 * i) * a + w["gate_up_proj"],
         tokens * (5 * h + i) * a + w["down_proj"],
     ] if any(w.values()) else []

@@ -68,17 +68,14 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(a.hidden_size, a.head_dim, a.num_heads, a.num_kv_heads, bias=a.qkv_bias,
                                           quant=quant)
         self.o_proj = RowParallelLinear(a.num_heads * a.head_dim, a.hidden_size, bias=a.o_bias, quant=quant)
-        self.rotary = rotary  # one table shared by every layer
         self.q_size = self.qkv_proj.num_heads * a.head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * a.head_dim
         scale = a.attention_multiplier if a.attention_multiplier is not None else a.head_dim ** -0.5
-        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, a.head_dim, scale)
+        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, a.head_dim, scale, rotary)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary(positions, q.unflatten(-1, (-1, self.attn.head_dim)),
-                           k.unflatten(-1, (-1, self.attn.head_dim)))
-        return self.o_proj(self.attn(q, k, v, meta))
+        return self.o_proj(self.attn(positions, q, k, v, meta))
 
 
 class LlamaMLP(nn.Module):
