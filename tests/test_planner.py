@@ -366,8 +366,8 @@ def test_planned_matches_measured_on_cpu(tmp_path):
 # --- planned vs measured on a GPU ------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["none", "fp8"])
-def test_planned_matches_engine_on_gpu(quant):
+@pytest.mark.parametrize("quant,kv_dtype", [("none", "auto"), ("fp8", "auto"), ("int4", "auto"), ("none", "fp8")])
+def test_planned_matches_engine_on_gpu(quant, kv_dtype):
     """The engine's own measured KV budget terms (ModelRunner._gpu_kv_budget) against the plan, on
     Llama-3.1-8B's shape with dummy weights. On an H100: weights exact, activations within 1%,
     KV tokens within 0.2%."""
@@ -377,6 +377,7 @@ def test_planned_matches_engine_on_gpu(quant):
     from framework.llm import LLM
     cfg = plan_config("llama-3.1-8b", max_model_len=8192, max_num_seqs=64)
     cfg.quantization.method = quant
+    cfg.cache.kv_cache_dtype = kv_dtype
     with LLM(cfg) as llm:
         plan = plan_memory(cfg, llm.hf_config, total)
         stats = llm.stats()["ranks"][0]

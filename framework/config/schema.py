@@ -59,6 +59,9 @@ class CacheConfig:
     cpu_kvcache_space_gib: float = 4.0  # CPU backend KV cache size (vLLM: VLLM_CPU_KVCACHE_SPACE)
     enable_prefix_caching: bool = False  # share KV blocks of identical prompt prefixes
     num_gpu_blocks_override: Optional[int] = None  # force the number of KV blocks (tests, debugging)
+    # Schedule step N+1 while step N runs (greedy steps, TP=1); null = on for CUDA, off on CPU,
+    # where the host is the device and a finished request's one extra step would only cost time.
+    async_scheduling: Optional[bool] = None
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from framework.engine.step_input import StepInput
-from framework.engine.step_tensors import DecodeLayout, HostStaging, stage_decode
+from framework.engine.step_tensors import DecodeLayout, HostStaging, fill_sampled, stage_decode
 from framework.layers.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,9 @@ class CudaGraphRunner:
     """Graphs of `forward` + `compute_logits` at fixed decode batch sizes, sharing one pool."""
 
     def __init__(self, forward: Callable, compute_logits: Callable, sizes: List[int], max_model_len: int,
-                 block_size: int, device: torch.device):
+                 block_size: int, device: torch.device, sampled: Optional[torch.Tensor] = None):
         self.forward, self.compute_logits = forward, compute_logits
+        self.sampled = sampled  # async scheduling: placeholders in the ids are filled from it, inside the graph
         self.sizes = sorted(sizes)
         self.max_batch = self.sizes[-1]
         self.max_model_len = max_model_len
@@ -98,6 +99,8 @@ class CudaGraphRunner:
 
     def _run(self, size: int) -> None:
         ids, positions, slots, seq_lens, tables = self.layout.views(self.static_in, size)
+        if self.sampled is not None:
+            ids = fill_sampled(ids, self.sampled)
         meta = AttentionMetadata(slot_mapping=slots, cu_seqlens_q=self.cu_seqlens[:size + 1], seq_lens=seq_lens,
                                  block_tables=tables, decode_only=True, max_seq_len=self.max_model_len)
         logits = self.compute_logits(self.forward(ids, positions, meta))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence as Seq, Union
 
 import torch
@@ -26,6 +27,25 @@ from framework.engine.step_input import build_step_input
 
 log = logging.getLogger(__name__)
 Prompt = Union[str, Dict[str, Any]]
+
+
+class _Done:
+    """The `ready` event of a step whose tokens are already on the host (CPU)."""
+
+    def synchronize(self) -> None:
+        pass
+
+
+_DONE = _Done()
+
+
+@dataclass
+class LaunchedStep:
+    batch: ScheduledBatch
+    sampling: List[Sequence]  # the sequences that sample a token this step, in logits-row order
+    logits: Optional[torch.Tensor] = None  # sampled on the host at resolution (a non-greedy row, or sync mode)
+    tokens_host: Optional[torch.Tensor] = None  # greedy tokens, copied without blocking...
+    ready: Optional[Any] = None  # ...and readable once this event fires
 
 
 class LLMEngine:
@@ -50,6 +70,10 @@ class LLMEngine:
         self.generator = torch.Generator().manual_seed(cfg.model.seed)
         self._ids = itertools.count()
         self.num_generated_tokens = 0
+        self.pending: Optional[LaunchedStep] = None  # async scheduling: launched, not yet resolved
+        pin = runner.device.type == "cuda"
+        self._host_tokens = [torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._flip = 0
 
     # --- requests ---------------------------------------------------------------------
     def _tokenize(self, prompt: Prompt) -> tuple[Optional[str], List[int]]:
@@ -88,24 +112,71 @@ class LLMEngine:
         return seq
 
     # --- the loop -------------------------------------------------------------------
+    # A step is launched (forward and, for greedy rows, argmax on the device), committed (its
+    # sequences advance, each sampled token enters as a placeholder -(row+1)), then resolved
+    # (placeholders become tokens, finished sequences leave). With async scheduling a greedy
+    # step's resolution waits until the next step has been launched: the host schedules step N+1
+    # while the device still runs step N, and N+1 reads N's tokens on the device (see
+    # step_tensors.fill_sampled). A sequence that finishes in N has computed one row in N+1
+    # that is thrown away.
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or self.pending is not None
+
     def step(self) -> List[Sequence]:
         """One scheduler step; returns the sequences that finished in it."""
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
+        launched = self._launch(batch) if batch.seqs else None
+        finished = self._resolve(self.pending) if self.pending is not None else []
+        self.pending = None
+        if launched is not None:
+            self._commit(launched)
+            if launched.ready is not None:
+                self.pending = launched
+            else:
+                finished += self._resolve(launched)
+        return finished
+
+    def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
         step = build_step_input(batch, self.block_size)
         logits = self.runner.run(step, keep_on_device=True)  # only sampled tokens come back to the host
-        sampling = []
+        sampling = [seq for seq, n in zip(batch.seqs, batch.num_new_tokens)
+                    if seq.num_computed_tokens + n == seq.num_tokens]  # reached the newest token
+        if not (self.runner.async_scheduling and all(s.params.greedy for s in sampling)):
+            return LaunchedStep(batch, sampling, logits=logits)
+        tokens = self.runner.sampled[:len(sampling)]
+        torch.argmax(logits, dim=-1, out=tokens)
+        self._flip ^= 1  # two host buffers: the pending step's tokens are still to be read from the other
+        host = self._host_tokens[self._flip][:len(sampling)]
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event() if tokens.is_cuda else None
+        if ready is not None:
+            ready.record()
+        return LaunchedStep(batch, sampling, tokens_host=host, ready=ready or _DONE)
+
+    def _commit(self, launched: LaunchedStep) -> None:
+        batch = launched.batch
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.is_finished:  # finished in the step before, which resolved after this one launched
+                continue
             seq.num_computed_tokens += n
-            self.block_manager.register_full_blocks(seq)
-            if seq.num_computed_tokens == seq.num_tokens:
-                sampling.append(seq)
-        tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling], self.generator)
+            self.block_manager.register_full_blocks(seq)  # placeholders are never among the computed tokens
+        for row, seq in enumerate(launched.sampling):
+            if not seq.is_finished:
+                seq.token_ids.append(-1 - row)
+
+    def _resolve(self, launched: LaunchedStep) -> List[Sequence]:
+        seqs = launched.sampling
+        if launched.tokens_host is not None:
+            launched.ready.synchronize()
+            tokens = launched.tokens_host.tolist()
+        else:
+            tokens = sample(launched.logits, [s.params for s in seqs], [s.generator for s in seqs], self.generator)
         finished = []
         now = time.perf_counter()
-        for seq, token in zip(sampling, tokens):
-            seq.token_ids.append(token)
+        for seq, token in zip(seqs, tokens):
+            if seq.is_finished:
+                continue
+            seq.token_ids[-1] = token  # its placeholder: nothing is appended between commit and resolve
             seq.first_token_time = seq.first_token_time or now
             self.num_generated_tokens += 1
             reason = self._finish_reason(seq, token)
@@ -114,6 +185,16 @@ class LLMEngine:
                 self.scheduler.finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def clear(self) -> List[Sequence]:
+        """Drop every request (after an engine failure); returns the unfinished ones."""
+        self.pending = None
+        dropped = list(self.scheduler.running) + list(self.scheduler.waiting)
+        for seq in dropped:
+            self.block_manager.free_blocks(seq)
+        self.scheduler.running.clear()
+        self.scheduler.waiting.clear()
+        return dropped
 
     def _finish_reason(self, seq: Sequence, token: int) -> Optional[str]:
         p = seq.params
@@ -144,6 +225,8 @@ class LLMEngine:
         """Summed negative log-likelihood (nats) of each window's tokens after its first, given
         their prefixes: one prefill step a window, the forward the engine serves with (quantized
         layers, K/V read back from the cache at its precision). For task=eval."""
+        while self.has_work():  # the runner's cache and sampled buffer are ours alone from here
+            self.step()
         nlls = []
         for ids in windows:
             seq = Sequence(list(ids), SamplingParams(max_tokens=1))
@@ -168,7 +251,7 @@ class LLMEngine:
             from tqdm import tqdm
             bar = tqdm(total=len(results), desc="generate", unit="req", dynamic_ncols=True)
             bar.update(sum(isinstance(r, RequestOutput) for r in results))
-        while self.scheduler.has_work():
+        while self.has_work():
             done = self.step()
             if bar is not None and done:
                 bar.update(len(done))

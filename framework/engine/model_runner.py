@@ -18,7 +18,7 @@ import torch.distributed as dist
 from framework.config.schema import CompilationLevel, FrameworkConfig
 from framework.engine.cuda_graphs import CudaGraphRunner, capture_sizes, device_memory, measure_graph_memory
 from framework.engine.step_input import StepInput
-from framework.engine.step_tensors import HostStaging
+from framework.engine.step_tensors import HostStaging, fill_sampled
 from framework.layers.attention import Attention, AttentionMetadata
 from framework.layers.quantization import get_quant_method
 from framework.loader import load_weights
@@ -108,6 +108,13 @@ class ModelRunner:
         self.num_blocks = 0
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs  # resolved ("auto") once, by build
         self.staging = HostStaging(self.device)  # one pinned host-to-device copy per step
+        async_scheduling = cfg.cache.async_scheduling
+        if async_scheduling is None:
+            async_scheduling = self.device.type == "cuda"
+        # Only rank 0 samples, so with TP the other ranks could not fill placeholders: TP steps stay in lockstep.
+        self.async_scheduling = bool(async_scheduling) and tp_size() == 1
+        # The previous step's greedy tokens, on the device, in its logits-row order (async scheduling).
+        self.sampled = torch.zeros(max_num_seqs, dtype=torch.int64, device=self.device)
         self.compilation_level = compilation_level(cfg.compilation.level)
         self.forward = self._compile_forward()
         self.graph_sizes = self._graph_sizes()  # [] on CPU and with enforce_eager
@@ -227,7 +234,8 @@ class ModelRunner:
 
     def _new_graphs(self) -> CudaGraphRunner:
         return CudaGraphRunner(self.forward, self.model.compute_logits, self.graph_sizes, self.max_model_len,
-                               self.cfg.cache.block_size, self.device)
+                               self.cfg.cache.block_size, self.device,
+                               self.sampled if self.async_scheduling else None)
 
     def _capture_graphs(self) -> None:
         before = device_memory()
@@ -310,7 +318,8 @@ class ModelRunner:
             meta = AttentionMetadata(slot_mapping=t.slot_mapping, cu_seqlens_q=t.cu_seqlens_q, seq_lens=t.seq_lens,
                                      block_tables=t.block_tables, decode_only=step.decode_only,
                                      max_seq_len=max(step.seq_lens))
-            hidden = self.forward(t.input_ids, t.positions, meta)
+            input_ids = fill_sampled(t.input_ids, self.sampled) if self.async_scheduling else t.input_ids
+            hidden = self.forward(input_ids, t.positions, meta)
             logits = self.model.compute_logits(hidden.index_select(0, t.logits_indices))
         if tp_rank() != 0:
             return None

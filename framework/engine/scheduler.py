@@ -90,6 +90,8 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
+        """Also for a waiting sequence: with async scheduling, one preempted while its last
+        token was still being computed may finish on that token."""
+        (self.running if seq.status == Status.RUNNING else self.waiting).remove(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
-        self.running.remove(seq)
         self.block_manager.free_blocks(seq)

@@ -29,6 +29,16 @@ class StepTensors(NamedTuple):
     block_tables: torch.Tensor  # [B, W] int32, zero past each sequence's blocks
 
 
+def fill_sampled(input_ids: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
+    """Input ids with every placeholder -(r+1) replaced by sampled[r], on the device.
+
+    With async scheduling a step is built before the previous step's tokens reach the host; each
+    such token enters the step as -(r+1), r its row among the previous step's sampled tokens
+    (`sampled`, written there by the engine's argmax), and is looked up here without a sync."""
+    rows = (-1 - input_ids).clamp(min=0)
+    return torch.where(input_ids < 0, sampled.index_select(0, rows), input_ids)
+
+
 def fill_block_tables(out: np.ndarray, tables: Sequence[List[int]]) -> None:
     """out: [rows >= len(tables), W] int32 view; each row gets its table, zero-padded."""
     out[:len(tables)] = 0

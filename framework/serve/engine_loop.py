@@ -57,8 +57,8 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self.stopped.is_set():
-            self._admit(block=not self.engine.scheduler.has_work())
-            if not self.engine.scheduler.has_work():
+            self._admit(block=not self.engine.has_work())
+            if not self.engine.has_work():
                 continue
             try:
                 finished = self.engine.step()
@@ -70,10 +70,7 @@ class EngineLoop:
                 self.pending.pop(seq.seq_id).set_result(self.engine.output(seq))
 
     def _fail_all(self, exc: Exception) -> None:
-        for seq in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
-            self.engine.scheduler.block_manager.free_blocks(seq)
-        self.engine.scheduler.running.clear()
-        self.engine.scheduler.waiting.clear()
+        self.engine.clear()
         for future in self.pending.values():
             future.set_exception(exc)
         self.pending.clear()
