@@ -75,9 +75,10 @@ def test_strided_activations(device):
     torch.testing.assert_close(got, quant_matmul_ref(x.contiguous(), codes, scale), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method,rows", [("int4", 3), ("int4", 70), ("int8", 3), ("int8", 70)])
+@pytest.mark.parametrize("method,rows", [("int4", 20), ("int4", 70), ("int8", 20), ("int8", 70)])
 def test_quantized_layers_dispatch_to_the_kernels(force_triton, device, monkeypatch, method, rows):
-    """A quantized linear takes the fused kernel for few rows, dequantize + matmul for many."""
+    """A quantized linear takes the fused kernel for a chunk of rows (up to GEMV_MAX_ROWS: the
+    GEMV, test_kernel_quant_gemv.py), dequantize + matmul for many."""
     import kernels.quant_matmul as module
     from framework.layers.linear import ColumnParallelLinear
     from framework.layers.quantization import get_quant_method

@@ -11,9 +11,12 @@ The scale is absmax / 7, rounded to the model dtype *before* the codes are compu
 stored scale is the one the codes were made for: every weight lands within half a step of its
 group's grid and none is clipped.
 
-On GPU the matmul runs kernels/quant_matmul.py (group sizes that are multiples of 16). Its int4
-unpack is not yet fast: on an H100, decode matmuls take several times as long as bf16 ones
-(int8/fp8 take about 0.6x), so today int4 buys memory, not speed.
+On GPU (group sizes that are multiples of 16), up to GEMV_MAX_ROWS rows (decode) run the GEMV of
+kernels/quant_gemv.py: each code byte is read once, its two nibbles are multiplied by x's even
+and odd columns in float32, and each group's sum is scaled once. Up to SMALL_M rows run
+kernels/quant_matmul.py (tensor cores), more a one-pass unpack before cuBLAS. quant_matmul made
+batch-1 decode several times slower than bf16 on an H100 (26.6 vs 154 tok/s on Llama-3.1-8B);
+the GEMV's H100 figure is pending.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import kernels
 from framework.config.errors import ConfigError
 from framework.layers.quantization.base import LoadTimeQuant, Spec
 from framework.parallel import tp_size
-from kernels import quant_matmul as qmm
+from kernels import quant_gemv as qg, quant_matmul as qmm
 
 QMAX = 7
 
@@ -64,15 +67,16 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 
 def int4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]
                 ) -> torch.Tensor:
-    """x @ dequantized(codes, scale).T + bias. On GPU, few rows (decode) take the fused kernel,
-    which reads half a byte per weight, and many rows a one-pass Triton unpack before cuBLAS;
-    elsewhere the torch reference unpacks the whole weight, then one matmul."""
+    """x @ dequantized(codes, scale).T + bias. On GPU, decode rows take the GEMV and somewhat more
+    the fused matmul (both read half a byte per weight), many rows a one-pass Triton unpack before
+    cuBLAS; elsewhere the torch reference unpacks the whole weight, then one matmul."""
     if not (kernels.use_triton(x) and qmm.supported(codes, scale)):
         return F.linear(x, dequantize_int4(codes, scale, x.dtype), bias)
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] > qmm.SMALL_M:
         return F.linear(x, qmm.dequantize_int4(codes, scale, x.dtype), bias)
-    y = qmm.quant_matmul(x2, codes, scale).view(*x.shape[:-1], codes.shape[0])
+    fused = qg.int4_gemv if x2.shape[0] <= qg.GEMV_MAX_ROWS else qmm.quant_matmul
+    y = fused(x2, codes, scale).view(*x.shape[:-1], codes.shape[0])
     return y + bias if bias is not None else y
 
 

@@ -3,8 +3,8 @@
 Each row keeps its own float32 scale (absmax / 127), so a row's error is at most half a step
 of *its* range. The matmul runs on the integer codes cast to the activation dtype (exact: every
 int8 is representable in bf16/fp16) and the scale multiplies the output columns, which avoids
-materializing a scaled copy of the weight; on GPU, decode-sized batches use a fused kernel that
-reads the codes directly (kernels/quant_matmul.py).
+materializing a scaled copy of the weight; on GPU, decode-sized batches use fused kernels that
+read the codes directly (kernels/quant_gemv.py, kernels/quant_matmul.py).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import kernels
 from framework.layers.quantization.base import LoadTimeQuant, Spec
-from kernels import quant_matmul as qmm
+from kernels import quant_gemv as qg, quant_matmul as qmm
 
 QMAX = 127  # -128 unused: a symmetric grid keeps zero exact and the range balanced
 
@@ -34,10 +34,14 @@ def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 
 def scaled_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                   bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x @ (scale * codes).T + bias, with the per-row scale applied to the output. On GPU, few
-    rows (decode) take the fused kernel, which reads one byte per weight (kernels/quant_matmul.py)."""
+    """x @ (scale * codes).T + bias, with the per-row scale applied to the output. On GPU, decode
+    rows take the GEMV (kernels/quant_gemv.py) and somewhat more the fused matmul
+    (kernels/quant_matmul.py); both read one byte per weight."""
     x2 = x.reshape(-1, x.shape[-1])
-    if kernels.use_triton(x) and x2.shape[0] <= qmm.SMALL_M and qmm.supported(codes, scale):
+    triton = kernels.use_triton(x)
+    if triton and x2.shape[0] <= qg.GEMV_MAX_ROWS:
+        y = qg.rowscaled_gemv(x2, codes, scale).view(*x.shape[:-1], codes.shape[0])
+    elif triton and x2.shape[0] <= qmm.SMALL_M and qmm.supported(codes, scale):
         y = qmm.quant_matmul(x2, codes, scale).view(*x.shape[:-1], codes.shape[0])
     else:
         y = F.linear(x, codes.to(x.dtype)) * scale.to(x.dtype)

@@ -1,0 +1,172 @@
+"""y = x @ W.T for a few rows of x with W stored quantized: the decode step's quantized linears.
+
+Formats as in kernels/quant_matmul.py: int4 codes uint8 [N, K/2] (column 2j in the low nibble of
+byte j, 2j+1 in the high one, each q + 8) with a scale [N, K/G] in the activation dtype;
+int8 / float8_e4m3fn codes [N, K] with a float32 scale [N] per output row.
+
+Why not `quant_matmul`: with one row, `tl.dot` pads x to 16 rows (16x the tensor-core work for
+nothing) and its per-column unpack reads each int4 byte twice. Decode time should be the weight
+bytes, so here each program owns BLOCK_N output columns (weight rows), walks K in tiles, reads
+every code byte once and multiplies it by every row of x (up to GEMV_MAX_ROWS, the row loop is
+unrolled) before the next tile: the weight is read once per call. Products are elementwise
+multiply + `tl.sum` in float32, not `tl.dot` (nothing for tensor cores to do with 1-8 rows, and
+Triton's CPU interpreter computes bf16 `tl.dot` wrongly).
+
+int4 groups: a K tile is [SUB, SPAN] columns, where SPAN is the largest power of two dividing
+the group size G (capped at the tile), so a span never straddles a group and needs one scale.
+The span's codes times x are summed first, then multiplied by that scale: one multiply per span,
+not per weight. With G = 128 and the default tile, a tile holds 8 whole groups.
+
+int8 / fp8: the row scale multiplies the finished dot product, once per output.
+
+The references are kernels.quant_matmul.quant_matmul_ref (dequantize, then one matmul).
+The results here are W's exact products accumulated in float32: the references round W to x's dtype
+first, so bf16 results differ from them by that rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels._triton import next_pow2, tl, triton
+
+GEMV_MAX_ROWS = 8  # more rows: quant_matmul (tensor cores) up to its SMALL_M, then dequantize + cuBLAS
+
+# Tiles of 4 KiB of codes per program and K step. int4: 8 weight rows x 512 bytes (1024 columns,
+# 8 groups of 128); int8/fp8: 4 rows x 1024 bytes. Both give each of 4 warps' 128 threads two
+# 16-byte loads per step, and N/8 or N/4 programs (512+ for N = 4096) fill every SM several
+# times over. Not yet tuned on a GPU: kernels/bench.py times alternatives (pending).
+INT4_BLOCK_N, INT4_BLOCK_K = 8, 1024
+ROWSCALED_BLOCK_N, ROWSCALED_BLOCK_K = 4, 1024
+NUM_WARPS = 4
+
+MAGIC = tl.constexpr(0x4B000000)  # the float32 bit pattern of 2^23
+MAGIC_F = tl.constexpr(8388608.0)  # 2^23
+
+
+@triton.jit
+def _as_float(u, offset: tl.constexpr):
+    """u - offset in float32, exactly, for int32 u in [0, 2^23). OR-ing u into the mantissa of
+    2^23 and subtracting 2^23 replaces an int-to-float conversion with an OR and an add: Hopper
+    converts 16 a clock per SM (about 4 T/s on an H100), below the 6.7 T int4 weights/s that its
+    bandwidth delivers, and adds at 128. The offset (the code's zero point) rides on the add."""
+    return (u | MAGIC).to(tl.float32, bitcast=True) - (MAGIC_F + offset)
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr, codes_ptr, scale_ptr, y_ptr,
+    N, K, stride_xm, stride_cn, stride_sn,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, ROWS_P2: tl.constexpr,
+    BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPAN: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    code_rows = codes_ptr + cols.to(tl.int64)[:, None, None] * stride_cn
+    scale_rows = scale_ptr + cols.to(tl.int64)[:, None] * stride_sn
+    span_cols = tl.arange(0, SPAN)
+    span_bytes = tl.arange(0, SPAN // 2)
+    rows = tl.arange(0, ROWS_P2)  # Triton shapes are powers of two; rows >= ROWS are never stored
+    # acc[n, m] (output column, x row): laid out like a tile's row sums, transposed at the store
+    acc = tl.zeros((BLOCK_N, ROWS_P2), dtype=tl.float32)
+    for k0 in range(0, K, SUB * SPAN):
+        first = k0 + tl.arange(0, SUB) * SPAN  # first column of each span; K is a multiple of SPAN
+        span_ok = first < K
+        byte = tl.load(code_rows + (first // 2)[None, :, None] + span_bytes[None, None, :],
+                       mask=col_ok[:, None, None] & span_ok[None, :, None], other=0).to(tl.int32)
+        # nibbles back in column order (low = column 2j, high = 2j + 1), so x is read contiguously
+        # with vector loads rather than as two stride-2 halves
+        q = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, SUB, SPAN))
+        w = _as_float(q, 8.0)  # code - 8, exact; masked bytes give -8, met by x = 0
+        s = tl.load(scale_rows + (first // GROUP)[None, :], mask=col_ok[:, None] & span_ok[None, :],
+                    other=0.0).to(tl.float32)
+        for m in tl.static_range(ROWS):
+            x = tl.load(x_ptr + m * stride_xm + first[:, None] + span_cols[None, :],
+                        mask=span_ok[:, None], other=0.0).to(tl.float32)
+            part = tl.sum(tl.sum(w * x[None, :, :], axis=2) * s, axis=1)
+            acc += tl.where(rows[None, :] == m, part[:, None], 0.0)
+    out = y_ptr + rows[None, :] * N + cols[:, None]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=col_ok[:, None] & (rows < ROWS)[None, :])
+
+
+@triton.jit
+def _rowscaled_gemv_kernel(
+    x_ptr, codes_ptr, scale_ptr, y_ptr,
+    N, K, stride_xm, stride_cn,
+    IS_FP8: tl.constexpr, ROWS: tl.constexpr, ROWS_P2: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    code_rows = codes_ptr + cols.to(tl.int64)[:, None] * stride_cn
+    rows = tl.arange(0, ROWS_P2)
+    acc = tl.zeros((BLOCK_N, ROWS_P2), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        # no `other`: there is no fp8 literal zero. Masked int8 lanes are finite and meet x = 0;
+        # masked fp8 lanes may hold NaN bit patterns, so they are zeroed after the conversion.
+        c = tl.load(code_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :])
+        if IS_FP8:
+            w = tl.where(k_ok[None, :], c.to(tl.float32), 0.0)
+        else:  # int8 codes arrive as their bytes (uint8): byte ^ 0x80 is code + 128, in [0, 255]
+            w = _as_float(c.to(tl.int32) ^ 0x80, 128.0)
+        for m in tl.static_range(ROWS):
+            x = tl.load(x_ptr + m * stride_xm + k, mask=k_ok, other=0.0).to(tl.float32)
+            part = tl.sum(w * x[None, :], axis=1)
+            acc += tl.where(rows[None, :] == m, part[:, None], 0.0)
+    acc *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[:, None]
+    out = y_ptr + rows[None, :] * N + cols[:, None]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=col_ok[:, None] & (rows < ROWS)[None, :])
+
+
+def _check_rows(x: torch.Tensor) -> torch.Tensor:
+    assert x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS, f"x must be [M, K] with M <= {GEMV_MAX_ROWS}"
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def int4_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+              block_n: int = INT4_BLOCK_N, block_k: int = INT4_BLOCK_K) -> torch.Tensor:
+    """Triton: x [M, K] (M <= GEMV_MAX_ROWS) times the int4 weight [N, K] transposed -> [M, N] in
+    x.dtype. The group size G = K / scale.shape[1] must be even (the dispatch asks for a multiple
+    of 16). `block_n` / `block_k` (tests, bench) override the tile; block_k is a power of two."""
+    x = _check_rows(x)
+    m, k = x.shape
+    n = codes.shape[0]
+    assert codes.dtype == torch.uint8 and codes.shape[1] * 2 == k, "codes must be uint8 [N, K/2]"
+    group = k // scale.shape[1]
+    assert scale.shape[0] == n and group * scale.shape[1] == k and group % 2 == 0, "bad group size"
+    codes, scale = codes.contiguous(), scale.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    block_k = min(block_k, next_pow2(k))  # no wider than K: a tile past K only loads masked lanes
+    span = min(group & -group, block_k)  # the largest power of two dividing G: one scale a span
+    _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, codes, scale, y, n, k, x.stride(0), codes.stride(0), scale.stride(0),
+        GROUP=group, ROWS=m, ROWS_P2=next_pow2(m), BLOCK_N=block_n, SUB=block_k // span, SPAN=span,
+        num_warps=NUM_WARPS,
+    )
+    return y
+
+
+def rowscaled_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                   block_n: int = ROWSCALED_BLOCK_N, block_k: int = ROWSCALED_BLOCK_K) -> torch.Tensor:
+    """Triton: x [M, K] (M <= GEMV_MAX_ROWS) times codes [N, K] (int8 or float8_e4m3fn)
+    transposed, times the float32 row scale [N] -> [M, N] in x.dtype."""
+    x = _check_rows(x)
+    m, k = x.shape
+    n = codes.shape[0]
+    assert codes.shape == (n, k) and scale.shape == (n,), "codes must be [N, K] and scale [N]"
+    is_fp8 = codes.dtype == torch.float8_e4m3fn
+    assert is_fp8 or codes.dtype == torch.int8, "codes must be int8 or float8_e4m3fn"
+    codes, scale = codes.contiguous(), scale.contiguous().float()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    _rowscaled_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, codes if is_fp8 else codes.view(torch.uint8), scale, y, n, k, x.stride(0), codes.stride(0),
+        IS_FP8=is_fp8, ROWS=m, ROWS_P2=next_pow2(m), BLOCK_N=block_n, BLOCK_K=min(block_k, next_pow2(k)),
+        num_warps=NUM_WARPS,
+    )
+    return y
