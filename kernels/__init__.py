@@ -21,6 +21,7 @@ import torch
 _act = import_module("kernels.activation")
 _attn = import_module("kernels.attention")
 _decode = import_module("kernels.decode_attention")
+_gemv = import_module("kernels.gemv")
 _kv = import_module("kernels.kv_cache")
 _norm = import_module("kernels.rms_norm")
 _rope = import_module("kernels.rotary")
@@ -85,9 +86,23 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (_act.silu_and_mul if use_triton(x) else _act.silu_and_mul_ref)(x)
 
 
+GEMV_MAX_ROWS = _gemv.GEMV_MAX_ROWS
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except that up to GEMV_MAX_ROWS rows of x (leading dims flattened) against a
+    contiguous weight of x's dtype take the Triton GEMV (decode); bigger batches stay on cuBLAS."""
+    if not (use_triton(x) and _gemv.supported(x, weight)):
+        return _gemv.linear_ref(x, weight, bias)
+    y = _gemv.linear_gemv(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 __all__ = [
+    "GEMV_MAX_ROWS",
     "apply_rotary",
     "fused_add_rms_norm",
+    "linear",
     "paged_attention",
     "paged_decode_attention",
     "rms_norm",

@@ -14,6 +14,7 @@ against the separate kernels they replace, in µs a call (what a graph-captured 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.attention import paged_attention, paged_attention_ref
 from kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
+from kernels.gemv import linear_gemv, linear_ref
 from kernels.kv_cache import store_kv_cache, store_kv_cache_ref
 from kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from kernels.rotary import apply_rotary, apply_rotary_ref
@@ -138,6 +140,40 @@ def mixed_case(seqs: list[tuple[int, int]], name: str) -> Case:
                 kv_bytes + 2 * _nbytes(q), flops)
 
 
+# Unquantized linears of one layer, (N, K); the GEMV's weight bytes are the whole cost at decode.
+LINEAR_SHAPES = {
+    "qkv": ((HQ + 2 * HKV) * HEAD_DIM, HIDDEN),
+    "o": (HIDDEN, HQ * HEAD_DIM),
+    "gate_up": (2 * INTER, HIDDEN),
+    "down": (HIDDEN, INTER),
+}
+# Weight copies per shape are cycled until they total this: far past the 50 MB L2 of an H100, so
+# the graph-replayed figures (no L2 flush between calls) read every weight from HBM as decode does.
+L2_DEFEAT_BYTES = 256 << 20
+
+
+def _cycled(fn: Callable[[torch.Tensor], object], weights: list[torch.Tensor]) -> Callable[[], object]:
+    """fn on the next weight of `weights` each call."""
+    it = itertools.cycle(weights)
+    return lambda: fn(next(it))
+
+
+def linear_cases(batches: list[int]) -> list[Case]:
+    """Triton GEMV vs cuBLAS F.linear for each layer shape and number of rows."""
+    cases = []
+    for name, (n, k) in LINEAR_SHAPES.items():
+        w_bytes = n * k * DTYPE.itemsize
+        weights = [torch.randn(n, k, device="cuda", dtype=DTYPE) * k**-0.5
+                   for _ in range(max(2, math.ceil(L2_DEFEAT_BYTES / w_bytes)))]
+        for rows in batches:
+            x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
+            cases.append(Case(f"linear {name} {n}x{k} M={rows}",
+                              _cycled(lambda w, x=x: linear_gemv(x, w), weights),
+                              _cycled(lambda w, x=x: linear_ref(x, w), weights),
+                              w_bytes + rows * (k + n) * DTYPE.itemsize))
+    return cases
+
+
 @dataclass
 class Fusion:
     """One fused kernel against the separate kernels it replaces (both Triton), timed in µs."""
@@ -199,6 +235,7 @@ def main() -> None:
     for batch, context in ([(8, 2048)] if args.quick else [(1, 8192), (8, 2048), (64, 1024), (64, 4096)]):
         cases.append(decode_case(batch, context))
     cases.append(mixed_case([(2048, 2048)], "prefill 1x2048"))
+    cases += linear_cases([1] if args.quick else [1, 4])
     if not args.quick:
         cases.append(mixed_case([(512, 4096)] + [(1, 1024)] * 32, "chunk 512@4096 + 32 decodes"))
         cases.append(mixed_case([(1, 2048)] * 64, "mixed kernel, 64 decodes ctx 2048"))

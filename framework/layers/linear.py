@@ -10,15 +10,18 @@ our output rows, from which rows of the checkpoint tensor) and `input_cols` (whi
 columns: all of them, except on a row-parallel layer). A quantization method (`quant`, from
 layers/quantization) asks the same two questions, so it can quantize each block of rows as it
 arrives and the model's full-precision weights never sit in memory at once.
+
+An unquantized matmul is `kernels.linear`: F.linear, or on the GPU for decode-sized batches a
+Triton GEMV that reads the weight closer to HBM bandwidth than cuBLAS does (kernels/gemv.py).
 """
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from framework.parallel import all_reduce, divide, tp_rank, tp_size
 
 
@@ -65,7 +68,7 @@ class LinearBase(nn.Module):
 
     def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.quant is None:
-            return F.linear(x, self.weight, bias)
+            return kernels.linear(x, self.weight, bias)
         return self.quant.apply(self, x, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
