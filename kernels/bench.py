@@ -27,6 +27,8 @@ from kernels.attention import paged_attention, paged_attention_ref
 from kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
 from kernels.gemv import linear_gemv, linear_ref
 from kernels.kv_cache import store_kv_cache, store_kv_cache_ref
+from kernels.quant_gemv import GEMV_MAX_ROWS, int4_gemv, rowscaled_gemv
+from kernels.quant_matmul import quant_matmul
 from kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from kernels.rotary import apply_rotary, apply_rotary_ref
 from kernels.rotary_kv import rotary_store_kv
@@ -174,6 +176,47 @@ def linear_cases(batches: list[int]) -> list[Case]:
     return cases
 
 
+# Random codes stand in for a quantized weight: the kernels' time does not depend on the values.
+QUANT_WEIGHTS = {
+    "int4": lambda n, k: (torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda"),
+                          torch.rand(n, k // 128, device="cuda").to(DTYPE)),  # group 128
+    "int8": lambda n, k: (torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda"),
+                          torch.rand(n, device="cuda")),
+    "fp8": lambda n, k: (torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn), torch.rand(n, device="cuda")),
+}
+INT4_GEMV_TILES = [(4, 2048), (8, 2048), (16, 512), (16, 1024)]  # (block_n, block_k) besides the default
+
+
+def quant_linear_cases(batches: list[int], sweep: bool) -> list[Case]:
+    """Weight-only quantized linears of each layer shape: the int4 GEMV against the int4
+    quant_matmul it replaces at decode, and the int8/fp8 GEMVs; each against cuBLAS on bf16
+    weights. GB/s counts the codes and scales read. `sweep`: the int4 GEMV at other tiles too."""
+    cases = []
+    for name, (n, k) in LINEAR_SHAPES.items():
+        bf16 = [torch.randn(n, k, device="cuda", dtype=DTYPE)
+                for _ in range(max(2, math.ceil(L2_DEFEAT_BYTES / (n * k * DTYPE.itemsize))))]
+        quant = {}
+        for method, make in QUANT_WEIGHTS.items():
+            first = make(n, k)
+            copies = max(2, math.ceil(L2_DEFEAT_BYTES / _nbytes(*first)))
+            quant[method] = [first] + [make(n, k) for _ in range(copies - 1)]
+        for rows in batches:
+            x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
+            cublas = _cycled(lambda w, x=x: linear_ref(x, w), bf16)
+            fns = {"int4 gemv": lambda cs, x=x: int4_gemv(x, *cs),
+                   "int4 quant_matmul": lambda cs, x=x: quant_matmul(x, *cs),
+                   "int8 gemv": lambda cs, x=x: rowscaled_gemv(x, *cs),
+                   "fp8 gemv": lambda cs, x=x: rowscaled_gemv(x, *cs)}
+            if sweep and rows == 1:
+                for bn, bk in INT4_GEMV_TILES:
+                    fns[f"int4 gemv {bn}x{bk}"] = lambda cs, x=x, bn=bn, bk=bk: int4_gemv(x, *cs, bn, bk)
+            for label, fn in fns.items():
+                weights = quant[label.split()[0]]  # the method: int4, int8 or fp8
+                cases.append(Case(f"{label} {name} M={rows}", _cycled(fn, weights), cublas,
+                                  _nbytes(*weights[0])))
+    return cases
+
+
 @dataclass
 class Fusion:
     """One fused kernel against the separate kernels it replaces (both Triton), timed in µs."""
@@ -236,6 +279,7 @@ def main() -> None:
         cases.append(decode_case(batch, context))
     cases.append(mixed_case([(2048, 2048)], "prefill 1x2048"))
     cases += linear_cases([1] if args.quick else [1, 4])
+    cases += quant_linear_cases([1] if args.quick else [1, GEMV_MAX_ROWS], sweep=not args.quick)
     if not args.quick:
         cases.append(mixed_case([(512, 4096)] + [(1, 1024)] * 32, "chunk 512@4096 + 32 decodes"))
         cases.append(mixed_case([(1, 2048)] * 64, "mixed kernel, 64 decodes ctx 2048"))
