@@ -6,7 +6,7 @@ a plain Triton GEMV reached 82-101%).
 
 Each program owns BLOCK_N output columns (weight rows) and walks K in BLOCK_K tiles. A weight
 tile is loaded once and multiplied by every row of x before the next tile, so the weight is
-read once per call whatever the number of rows (up to GEMV_MAX_ROWS: the row loop is unrolled).
+read once per call whatever the number of rows (up to MAX_ROWS: the row loop is unrolled).
 The product is elementwise multiply + `tl.sum` in float32, not `tl.dot`: with 1-8 rows there is
 nothing for tensor cores to do, and Triton's CPU interpreter computes bf16 `tl.dot` wrongly.
 """
@@ -18,7 +18,11 @@ import torch.nn.functional as F
 
 from kernels._triton import next_pow2, tl, triton
 
-GEMV_MAX_ROWS = 8  # rows beyond this: a GEMM, where cuBLAS's tensor-core kernels are the right tool
+MAX_ROWS = 8  # the kernel's limit: its row loop is unrolled
+# What the dispatch (kernels.linear) sends here. On an H100 (bf16, 8B shapes, 2026-11-25) the GEMV
+# beat cuBLAS by 5-20% at one row and lost by 16-43% at four, where the per-row reductions cost
+# more than the bandwidth they save.
+GEMV_MAX_ROWS = 1
 
 # 4 weight rows per program: N/4 programs (1024 for a 4096-wide output) fill every SM several
 # times over, and a 4 x 2 KiB tile is 8 KiB in flight per program per step. A K tile of 2 KiB
@@ -73,11 +77,11 @@ def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 block_n: int = BLOCK_N, block_k: int | None = None) -> torch.Tensor:
-    """Triton: x [M, K] (M <= GEMV_MAX_ROWS) times weight [N, K] transposed, plus bias [N]
+    """Triton: x [M, K] (M <= MAX_ROWS) times weight [N, K] transposed, plus bias [N]
     -> [M, N] in x.dtype, accumulated in float32. `block_n`/`block_k` (tests) override the tile."""
     m, k = x.shape
     n = weight.shape[0]
-    assert 0 < m <= GEMV_MAX_ROWS, f"linear_gemv takes 1..{GEMV_MAX_ROWS} rows, got {m}"
+    assert 0 < m <= MAX_ROWS, f"linear_gemv takes 1..{MAX_ROWS} rows, got {m}"
     assert weight.shape == (n, k) and weight.stride(1) == 1, "weight must be [N, K] with unit column stride"
     assert bias is None or bias.shape == (n,), "bias must be [N]"
     x = x if x.stride(1) == 1 else x.contiguous()

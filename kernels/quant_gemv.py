@@ -31,6 +31,10 @@ import torch
 from kernels._triton import next_pow2, tl, triton
 
 GEMV_MAX_ROWS = 8  # more rows: quant_matmul (tensor cores) up to its SMALL_M, then dequantize + cuBLAS
+# int8/fp8 rows the dispatch sends here. On an H100 (bf16 activations, 8B shapes, 2026-11-25) the
+# row-scaled GEMV at 8 rows took 3x the time of quant_matmul; int4 GEMV beat quant_matmul 3-14x at
+# every row count, so int4 takes the GEMV up to GEMV_MAX_ROWS.
+ROWSCALED_MAX_ROWS = 1
 
 # Tiles of 4 KiB of codes per program and K step. int4: 8 weight rows x 512 bytes (1024 columns,
 # 8 groups of 128); int8/fp8: 4 rows x 1024 bytes. Both give each of 4 warps' 128 threads two

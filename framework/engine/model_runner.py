@@ -180,7 +180,18 @@ class ModelRunner:
                          block_tables=[[0] * -(-n // self.cfg.cache.block_size)],
                          logits_indices=list(range(n - rows, n)), decode_only=False)
         self.execute(step, keep_on_device=True)
+        if self.device.type == "cuda":
+            self._warm_up_small_batches()
         self._free_kv_cache()
+
+    def _warm_up_small_batches(self) -> None:
+        """An eager decode step of each batch size up to 8: Triton compiles a kernel per row count
+        (the GEMVs unroll their rows), and it should do so now, not inside the first requests."""
+        for b in range(1, 9):
+            step = StepInput(input_ids=[0] * b, positions=[0] * b, slot_mapping=[-1] * b,
+                             cu_seqlens_q=list(range(b + 1)), seq_lens=[1] * b, block_tables=[[0]] * b,
+                             logits_indices=list(range(b)), decode_only=True)
+            self.execute(step, keep_on_device=True)
 
     def allocate_kv_cache(self, num_blocks: Optional[int]) -> None:
         """With TP every rank calls this (a collective): rank 0's count, after the engine's caps,

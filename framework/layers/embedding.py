@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+
 from framework.layers.linear import _copy
 from framework.parallel import all_gather_last_dim, all_reduce, tp_rank, tp_size
 
@@ -35,5 +37,5 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Scores this rank's vocab slice, then gathers the full row of logits."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_last_dim(F.linear(hidden, self.weight))
+        logits = all_gather_last_dim(kernels.linear(hidden, self.weight))  # decode rows: the GEMV
         return logits[..., :self.vocab_size]
