@@ -1,8 +1,11 @@
 """TP=1 in this process: the engine and its model runner live right here."""
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any, Dict, List
+
+import torch
 
 from framework.config.schema import FrameworkConfig
 from framework.engine.build import build_engine
@@ -24,4 +27,9 @@ class LocalLauncher:
         return {"ranks": [rank_stats(self.engine)]}
 
     def shutdown(self) -> None:
+        """Give the device memory back now: a sweep builds the next engine in this process."""
+        on_cuda = self.engine is not None and self.engine.runner.device.type == "cuda"
         self.engine = None
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()

@@ -17,6 +17,7 @@ import torch
 from framework import FrameworkConfig
 from framework.config.compose import compose
 from framework.loader.resolve import load_hf_config, resolve_model_path
+from framework.memory.activation import CUBLAS_WORKSPACE_BYTES
 from framework.memory.planner import GiB, MemoryPlan, plan_memory, resolve_auto_limits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -385,4 +386,7 @@ def test_planned_matches_engine_on_gpu(quant, kv_dtype):
     assert stats["weight_bytes"] == plan.weight_bytes
     assert abs(stats["kv_tokens"] - plan.kv_tokens) <= 0.01 * plan.kv_tokens
     if "activation_peak_bytes" in measured:
-        assert abs(measured["activation_peak_bytes"] - plan.activation_bytes) <= 0.1 * plan.activation_bytes
+        # cuBLAS takes its workspace at a process's first matmul: an earlier test's, here, so the
+        # engine counts it with the weights, not in its activation peak (the budget is the same)
+        error = abs(measured["activation_peak_bytes"] - plan.activation_bytes)
+        assert error <= 0.1 * plan.activation_bytes + CUBLAS_WORKSPACE_BYTES
