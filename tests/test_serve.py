@@ -16,7 +16,9 @@ from framework.serve.server import OpenAIServer
 
 @pytest.fixture(scope="module")
 def server():
-    llm = LLM(compose(["cache.cpu_kvcache_space_gib=0.1", "task=serve", "task.port=0"]))
+    # async scheduling (the GPU default) here, so the library comparisons below, which run sync on
+    # the CPU, check one against the other under concurrent requests
+    llm = LLM(compose(["cache.cpu_kvcache_space_gib=0.1", "cache.async_scheduling=true", "task=serve", "task.port=0"]))
     srv = OpenAIServer(llm, "127.0.0.1", 0)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
