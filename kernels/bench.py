@@ -185,12 +185,16 @@ QUANT_WEIGHTS = {
     "fp8": lambda n, k: (torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn), torch.rand(n, device="cuda")),
 }
 INT4_GEMV_TILES = [(4, 2048), (8, 2048), (16, 512), (16, 1024)]  # (block_n, block_k) besides the default
+INT4_MATMUL_BLOCK_N = [64, 128, 256]  # weight rows of an int4 quant_matmul tile (default: 64 up to 16 rows, then 128)
+QUANT_CHUNK_ROWS = [16, 64]  # rows past GEMV_MAX_ROWS: int4_linear sends up to SMALL_M (64) to quant_matmul
 
 
 def quant_linear_cases(batches: list[int], sweep: bool) -> list[Case]:
     """Weight-only quantized linears of each layer shape: the int4 GEMV against the int4
     quant_matmul it replaces at decode, and the int8/fp8 GEMVs; each against cuBLAS on bf16
-    weights. GB/s counts the codes and scales read. `sweep`: the int4 GEMV at other tiles too."""
+    weights at the same rows. Rows past GEMV_MAX_ROWS time only the int4 quant_matmul (the GEMVs
+    take no more). GB/s counts the codes and scales read. `sweep`: the int4 GEMV at other tiles
+    (1 row), the int4 quant_matmul at each of INT4_MATMUL_BLOCK_N (chunk rows: `/block_n`)."""
     cases = []
     for name, (n, k) in LINEAR_SHAPES.items():
         bf16 = [torch.randn(n, k, device="cuda", dtype=DTYPE)
@@ -207,9 +211,14 @@ def quant_linear_cases(batches: list[int], sweep: bool) -> list[Case]:
                    "int4 quant_matmul": lambda cs, x=x: quant_matmul(x, *cs),
                    "int8 gemv": lambda cs, x=x: rowscaled_gemv(x, *cs),
                    "fp8 gemv": lambda cs, x=x: rowscaled_gemv(x, *cs)}
+            if rows > GEMV_MAX_ROWS:  # more rows than the GEMVs take
+                fns = {"int4 quant_matmul": fns["int4 quant_matmul"]}
             if sweep and rows == 1:
                 for bn, bk in INT4_GEMV_TILES:
                     fns[f"int4 gemv {bn}x{bk}"] = lambda cs, x=x, bn=bn, bk=bk: int4_gemv(x, *cs, bn, bk)
+            if sweep and rows > GEMV_MAX_ROWS:
+                for bn in INT4_MATMUL_BLOCK_N:
+                    fns[f"int4 quant_matmul/{bn}"] = lambda cs, x=x, bn=bn: quant_matmul(x, *cs, block_n=bn)
             for label, fn in fns.items():
                 weights = quant[label.split()[0]]  # the method: int4, int8 or fp8
                 cases.append(Case(f"{label} {name} M={rows}", _cycled(fn, weights), cublas,
@@ -279,7 +288,8 @@ def main() -> None:
         cases.append(decode_case(batch, context))
     cases.append(mixed_case([(2048, 2048)], "prefill 1x2048"))
     cases += linear_cases([1] if args.quick else [1, 4])
-    cases += quant_linear_cases([1] if args.quick else [1, GEMV_MAX_ROWS], sweep=not args.quick)
+    cases += quant_linear_cases([1, 16] if args.quick else [1, GEMV_MAX_ROWS, *QUANT_CHUNK_ROWS],
+                                sweep=not args.quick)
     if not args.quick:
         cases.append(mixed_case([(512, 4096)] + [(1, 1024)] * 32, "chunk 512@4096 + 32 decodes"))
         cases.append(mixed_case([(1, 2048)] * 64, "mixed kernel, 64 decodes ctx 2048"))

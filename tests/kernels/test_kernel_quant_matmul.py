@@ -47,17 +47,72 @@ def test_triton_matches_reference(method, m, n, k, group, split, dtype, device):
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
 
 
+# int4 for the rows int4_linear sends here (GEMV_MAX_ROWS < M <= SMALL_M), one row count a case
+# (the interpreter is slow), cycling through dtypes and tiles. N = 100 is no multiple of 64 or
+# 128. G = 32 / 128: tiles of one group (32 or 128 columns). G = 16 / 48: 32-column tiles across
+# groups, and K = 80 / 144 ends half-way through the last tile.
+INT4_CHUNKS = [(9, 16, 80), (16, 32, 96), (17, 128, 384), (31, 48, 144), (33, 16, 80), (40, 32, 192),
+               (57, 48, 144), (64, 128, 256)]
+
+
+def _nan_after(t: torch.Tensor, device: str, cols: int = 0) -> torch.Tensor:
+    """t on `device`, followed in memory by NaN: `cols` NaN columns after each row and a NaN row
+    after the last, so a load past K (or past the last row) poisons the result."""
+    buf = torch.full((t.shape[0] + 1, t.shape[1] + cols), float("nan"), dtype=t.dtype)
+    buf[:-1, :t.shape[1]] = t
+    return buf.to(device)[:-1, :t.shape[1]]
+
+
+@pytest.mark.parametrize("m,group,k", INT4_CHUNKS)
+def test_int4_chunk_rows(m, group, k, device):
+    dtype = (torch.float32, torch.float16)[m % 2]
+    codes, scale, gen = _weights("int4", 100, k, group, dtype, seed=m)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    expected = quant_matmul_ref(x, codes, scale)
+    x_dev, codes_dev, scale_dev = _nan_after(x, device, cols=3), codes.to(device), _nan_after(scale, device)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for block_n in (None, 128):  # the default tile (64 weight rows up to 16 rows of x, then 128) and 128
+        got = quant_matmul(x_dev, codes_dev, scale_dev, block_n=block_n).cpu()
+        torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_int4_column_order(dtype, device):
+    """Row m of x is the unit vector of column picks[m], so row m of the output must be exactly that
+    column of the weight: a swapped nibble, an even/odd mix-up or a scale from the wrong group
+    shows as a wrong value, not a rounding difference."""
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("Triton's CPU interpreter computes bf16 tl.dot wrongly")
+    codes, scale, _ = _weights("int4", 70, 256, 32, dtype)
+    picks = [0, 1, 2, 3, 30, 31, 32, 33, 62, 63, 64, 65, 126, 127, 128, 129, 130, 191, 192, 254, 255]
+    x = torch.zeros(len(picks), 256, dtype=dtype)
+    x[torch.arange(len(picks)), picks] = 1
+    got = quant_matmul(x.to(device), codes.to(device), scale.to(device)).cpu()
+    assert torch.equal(got, dequantize_ref(codes, scale, dtype)[:, picks].T)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["int4", "int8", "fp8"])
 def test_gpu_bf16_llama_shape(method):
     codes, scale, gen = _weights(method, 1024, 4096, 128, torch.bfloat16)
     codes, scale = codes.cuda(), scale.cuda()
-    for m in (1, 16, 64):
+    for m in (1, 9, 16, 33, 64):
         x = torch.randn(m, 4096, generator=gen).to(torch.bfloat16).cuda()
         torch.testing.assert_close(quant_matmul(x, codes, scale), quant_matmul_ref(x, codes, scale),
                                    atol=2e-2, rtol=2e-2)
     if method == "int4":
         assert torch.equal(dequantize_int4(codes, scale, torch.bfloat16), dequantize_ref(codes, scale, torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group,k", [(16, 4112), (48, 4080)])  # K = 16 (mod 32): the last tile is half past K
+def test_gpu_bf16_int4_small_groups(group, k):
+    codes, scale, gen = _weights("int4", 1000, k, group, torch.bfloat16)
+    codes, scale = codes.cuda(), scale.cuda()
+    for m in (9, 40):
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+        torch.testing.assert_close(quant_matmul(x, codes, scale), quant_matmul_ref(x, codes, scale),
+                                   atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("group", [16, 48, 128])
