@@ -30,11 +30,12 @@ import torch
 
 from kernels._triton import next_pow2, tl, triton
 
-GEMV_MAX_ROWS = 8  # more rows: quant_matmul (tensor cores) up to its SMALL_M, then dequantize + cuBLAS
-# int8/fp8 rows the dispatch sends here. On an H100 (bf16 activations, 8B shapes, 2026-11-25) the
-# row-scaled GEMV at 8 rows took 3x the time of quant_matmul; int4 GEMV beat quant_matmul 3-14x at
-# every row count, so int4 takes the GEMV up to GEMV_MAX_ROWS.
-ROWSCALED_MAX_ROWS = 1
+GEMV_MAX_ROWS = 8  # the kernels' limit: their row loop is unrolled
+# Rows the dispatch (int4_linear, scaled_linear) sends here; more go to quant_matmul (tensor cores)
+# up to its SMALL_M, then dequantize + cuBLAS. On an H100 (bf16 activations, 8B shapes, in CUDA
+# graphs, 2026-11-25) the GEMVs beat quant_matmul at one row (int4: 8.9-40 µs vs 13.4-43.9) and
+# lost 3-7x at eight (int4 gate_up 207 µs vs 47), where every row repeats the unpacking.
+DISPATCH_MAX_ROWS = 1
 
 # Tiles of 4 KiB of codes per program and K step. int4: 8 weight rows x 512 bytes (1024 columns,
 # 8 groups of 128); int8/fp8: 4 rows x 1024 bytes. Both give each of 4 warps' 128 threads two

@@ -203,9 +203,10 @@ def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, spli
         # one group per tile where G allows; G = 16 (mod 32) takes 32 columns, as each of the two
         # dots (even, odd columns) needs K >= 16
         block_k = _block_k(group) if group % 32 == 0 else 32
-        # Each weight tile reads all of x's tile rows again (from L2): 4 M / BLOCK_N bytes of x per
-        # byte of codes, so wider weight tiles as the rows grow. 64 is one warpgroup's wgmma rows.
-        block_n = block_n or (64 if block_m == 16 else 128)
+        # 64 weight rows: one warpgroup's wgmma rows. Wider tiles re-read x less (4 M / BLOCK_N bytes
+        # of x per byte of codes), but on an H100 at 64 rows (8B shapes, in CUDA graphs) 64 beat 128
+        # and 256 on all four shapes: more programs in flight outweigh the extra x reads.
+        block_n = block_n or 64
     else:
         block_k, block_n = _block_k(k), block_n or 64
     if split is None:

@@ -9,7 +9,7 @@ import torch
 from framework.layers.quantization.fp8 import quantize_fp8
 from framework.layers.quantization.int4 import dequantize_int4, quantize_int4
 from framework.layers.quantization.int8 import quantize_int8
-from kernels.quant_gemv import GEMV_MAX_ROWS, ROWSCALED_MAX_ROWS, int4_gemv, rowscaled_gemv
+from kernels.quant_gemv import DISPATCH_MAX_ROWS, GEMV_MAX_ROWS, int4_gemv, rowscaled_gemv
 from kernels.quant_matmul import dequantize_ref, quant_matmul_ref
 
 N = 37  # not a multiple of any block_n
@@ -151,5 +151,5 @@ def test_layers_dispatch(force_triton, device, monkeypatch, method, shape):
     rows = x.numel() // 64
     expected = quant_matmul_ref(x.cpu().view(rows, 64), layer.weight.cpu(), layer.weight_scale.cpu()) + layer.bias.cpu()
     torch.testing.assert_close(layer(x).cpu().view(rows, 48), expected, atol=1e-5, rtol=1e-5)
-    gemv, limit = ("int4_gemv", GEMV_MAX_ROWS) if method == "int4" else ("rowscaled_gemv", ROWSCALED_MAX_ROWS)
-    assert calls == [gemv if rows <= limit else "quant_matmul"]
+    gemv = "int4_gemv" if method == "int4" else "rowscaled_gemv"
+    assert calls == [gemv if rows <= DISPATCH_MAX_ROWS else "quant_matmul"]

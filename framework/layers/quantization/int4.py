@@ -1,6 +1,6 @@
 """int4: group-wise symmetric 4-bit weights, two per byte; activations stay in the model dtype.
 
-Layout (shared with kernels/int4_matmul.py and the compressed-tensors loader):
+Layout (shared with kernels/quant_gemv.py, kernels/quant_matmul.py and the compressed-tensors loader):
 - `codes` uint8 [out, in/2]: column 2j in the low nibble of byte j, column 2j+1 in the high one.
   A nibble holds q + 8 for q in [-8, 7], so zero is code 8 (the unsigned form compressed-tensors
   and GPTQ use too).
@@ -11,13 +11,12 @@ The scale is absmax / 7, rounded to the model dtype *before* the codes are compu
 stored scale is the one the codes were made for: every weight lands within half a step of its
 group's grid and none is clipped.
 
-On GPU (group sizes that are multiples of 16), up to GEMV_MAX_ROWS rows (decode) run the GEMV of
-kernels/quant_gemv.py: each code byte is read once, its two nibbles are multiplied by x's even
-and odd columns in float32, and each group's sum is scaled once. Up to SMALL_M rows run
-kernels/quant_matmul.py (tensor cores), more a one-pass unpack before cuBLAS. On an H100
-(Llama-3.1-8B shape, batch-1 decode through the engine) the GEMV took int4 from 26.6 tok/s
-(quant_matmul) to 265 tok/s, 1.5x bf16's 172: the GEMV is bound by its integer unpacking, not
-yet by memory (41% of the copy bandwidth).
+On GPU (group sizes that are multiples of 16) one row (batch-1 decode) runs the GEMV of
+kernels/quant_gemv.py; up to SMALL_M rows run kernels/quant_matmul.py, which unpacks a tile of
+codes in registers and feeds tensor cores; more rows a one-pass unpack before cuBLAS. Both read
+each code byte once. On an H100 (Llama-3.1-8B shape, through the engine) int4 decodes one
+request at 265 tok/s (bf16: 172) and a 64-request workload at 2,188 tok/s (bf16: 2,226); both
+were several times slower before these kernels (26.6 and 961 tok/s).
 """
 from __future__ import annotations
 
@@ -76,7 +75,7 @@ def int4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias:
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] > qmm.SMALL_M:
         return F.linear(x, qmm.dequantize_int4(codes, scale, x.dtype), bias)
-    fused = qg.int4_gemv if x2.shape[0] <= qg.GEMV_MAX_ROWS else qmm.quant_matmul
+    fused = qg.int4_gemv if x2.shape[0] <= qg.DISPATCH_MAX_ROWS else qmm.quant_matmul
     y = fused(x2, codes, scale).view(*x.shape[:-1], codes.shape[0])
     return y + bias if bias is not None else y
 

@@ -39,7 +39,7 @@ def scaled_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     (kernels/quant_matmul.py); both read one byte per weight."""
     x2 = x.reshape(-1, x.shape[-1])
     triton = kernels.use_triton(x)
-    if triton and x2.shape[0] <= qg.ROWSCALED_MAX_ROWS:
+    if triton and x2.shape[0] <= qg.DISPATCH_MAX_ROWS:
         y = qg.rowscaled_gemv(x2, codes, scale).view(*x.shape[:-1], codes.shape[0])
     elif triton and x2.shape[0] <= qmm.SMALL_M and qmm.supported(codes, scale):
         y = qmm.quant_matmul(x2, codes, scale).view(*x.shape[:-1], codes.shape[0])
