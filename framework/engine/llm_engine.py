@@ -186,6 +186,12 @@ class LLMEngine:
                 finished.append(seq)
         return finished
 
+    def abort(self, seq: Sequence) -> None:
+        """Drop one unfinished request (its client went away); a step in flight skips it, as it
+        skips a sequence that finished in the step before."""
+        if not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+
     def clear(self) -> List[Sequence]:
         """Drop every request (after an engine failure); returns the unfinished ones."""
         self.pending = None

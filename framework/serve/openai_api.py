@@ -1,14 +1,15 @@
 """OpenAI-shaped requests in, engine requests out, and back: completions and chat completions.
 
-Pure functions over JSON bodies, so the HTTP server stays plumbing. A field of the wrong type
-or an unsupported feature is a RequestError naming the field (HTTP 400); values the engine
-refuses (max_tokens <= 0, a prompt over max_model_len...) come back as that request's error.
+Pure functions over JSON bodies, so the HTTP server stays plumbing; a stream is an iterator of
+chunks that the server frames as server-sent events. A field of the wrong type or an unsupported
+feature is a RequestError naming the field (HTTP 400); values the engine refuses (max_tokens <= 0,
+a prompt over max_model_len...) come back as that request's error.
 """
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 from framework.engine.outputs import RequestOutput
 from framework.engine.sampling_params import SamplingParams
@@ -32,8 +33,6 @@ def _field(body: Dict[str, Any], name: str, kinds: tuple, default: Any) -> Any:
 
 
 def sampling_params(body: Dict[str, Any], default_max_tokens: int) -> SamplingParams:
-    if body.get("stream"):
-        raise RequestError("stream", "streaming is not supported yet; send stream=false")
     if _field(body, "n", (int,), 1) != 1:
         raise RequestError("n", "only n=1 is supported")
     stop = _field(body, "stop", (str, list), None) or []
@@ -48,6 +47,16 @@ def sampling_params(body: Dict[str, Any], default_max_tokens: int) -> SamplingPa
         stop_token_ids=list(_field(body, "stop_token_ids", (list,), None) or []),  # vLLM's extension
         ignore_eos=bool(_field(body, "ignore_eos", (bool,), False)),  # vLLM's extension
     )
+
+
+def wants_stream(body: Dict[str, Any]) -> bool:
+    return bool(_field(body, "stream", (bool,), False))
+
+
+def include_usage(body: Dict[str, Any]) -> bool:
+    """stream_options.include_usage: one more chunk at the end, with usage and no choices."""
+    options = _field(body, "stream_options", (dict,), None) or {}
+    return bool(_field(options, "include_usage", (bool,), False))
 
 
 def completion_prompts(body: Dict[str, Any]) -> List[Any]:
@@ -89,3 +98,36 @@ def chat_body(output: RequestOutput, model: str) -> Dict[str, Any]:
             "model": model, "usage": _usage([output]),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text},
                          "finish_reason": output.finish_reason}]}
+
+
+# --- streaming: `deltas` is the request's text piece by piece; `result()` its final output ---
+def completion_chunks(deltas: Iterable[str], result: Callable[[], RequestOutput], model: str,
+                      usage: bool) -> Iterator[Dict[str, Any]]:
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": model}
+
+    def choice(text: str, finish_reason: Optional[str]) -> Dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return _chunks(head, choice, deltas, result, usage)
+
+
+def chat_chunks(deltas: Iterable[str], result: Callable[[], RequestOutput], model: str,
+                usage: bool) -> Iterator[Dict[str, Any]]:
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": model}
+    yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+
+    def choice(text: str, finish_reason: Optional[str]) -> Dict[str, Any]:
+        return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish_reason}
+    yield from _chunks(head, choice, deltas, result, usage)
+
+
+def _chunks(head: Dict[str, Any], choice: Callable[[str, Optional[str]], Dict[str, Any]], deltas: Iterable[str],
+            result: Callable[[], RequestOutput], usage: bool) -> Iterator[Dict[str, Any]]:
+    for text in deltas:
+        if text:
+            yield {**head, "choices": [choice(text, None)]}
+    output = result()
+    yield {**head, "choices": [choice("", output.finish_reason)]}
+    if usage:
+        yield {**head, "choices": [], "usage": _usage([output])}

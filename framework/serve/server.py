@@ -1,23 +1,32 @@
 """A small OpenAI-compatible HTTP server over one engine (standard library only).
 
 POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health. Each handler
-thread submits to the EngineLoop and waits, so concurrent requests share engine steps.
-Streaming is not supported yet (`stream: true` is a 400).
+thread submits to the EngineLoop and waits, so concurrent requests share engine steps. With
+`stream: true` the handler writes server-sent events as the loop hands it text, ending with
+`data: [DONE]`; a request refused at admission is still a plain 400.
 """
 from __future__ import annotations
 
 import json
 import logging
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, Tuple, Union
 
+from framework.engine.sampling_params import SamplingParams
 from framework.llm import LLM
 from framework.serve import openai_api as api
-from framework.serve.engine_loop import EngineLoop
+from framework.serve.engine_loop import EngineLoop, Stream
 
 log = logging.getLogger(__name__)
 CHAT_MAX_TOKENS = 256  # when a chat request names no limit
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions
+
+
+@dataclass
+class EventStream:
+    chunks: Iterator[Dict[str, Any]]  # each one `data: {json}`, as the engine produces text
+    cancel: Callable[[], None]  # the client went away
 
 
 class OpenAIServer:
@@ -45,22 +54,37 @@ class OpenAIServer:
         self.loop.shutdown()
 
     # --- requests -------------------------------------------------------------------
-    def handle(self, path: str, body: Dict[str, Any]) -> Tuple[int, Dict[str, Any]]:
+    def handle(self, path: str, body: Dict[str, Any]) -> Tuple[int, Union[Dict[str, Any], EventStream]]:
         try:
             if path == "/v1/completions":
                 params = api.sampling_params(body, COMPLETION_MAX_TOKENS)
                 prompts = api.completion_prompts(body)
+                if api.wants_stream(body) and len(prompts) != 1:
+                    raise api.RequestError("prompt", "stream=true takes one prompt")
+                if api.wants_stream(body):
+                    return self._stream(prompts[0], params, api.completion_chunks, api.include_usage(body))
                 outputs = [f.result() for f in [self.loop.submit(p, params) for p in prompts]]
                 errors = [o.error for o in outputs if o.error]
                 return (400, api.error_body(errors[0])) if errors else (200, api.completion_body(outputs, self.model))
             if path == "/v1/chat/completions":
                 params = api.sampling_params(body, CHAT_MAX_TOKENS)
                 prompt = api.chat_prompt(body, self._apply_chat_template)
+                if api.wants_stream(body):
+                    return self._stream(prompt, params, api.chat_chunks, api.include_usage(body))
                 output = self.loop.submit(prompt, params).result()
                 return (400, api.error_body(output.error)) if output.error else (200, api.chat_body(output, self.model))
         except api.RequestError as exc:
             return 400, api.error_body(str(exc), exc.param)
         return 404, api.error_body(f"no route {path}")
+
+    def _stream(self, prompt: Any, params: SamplingParams, chunks: Callable, usage: bool
+                ) -> Tuple[int, Union[Dict[str, Any], EventStream]]:
+        stream = Stream(params.stop)
+        future = self.loop.submit(prompt, params, stream)
+        if stream.deltas.get() is None:  # refused at admission: no stream has started, so a plain 400
+            return 400, api.error_body(future.result().error)
+        deltas = iter(stream.deltas.get, None)
+        return 200, EventStream(chunks(deltas, future.result, self.model, usage), stream.cancelled.set)
 
     def _apply_chat_template(self, messages) -> str:
         tokenizer = self.llm.tokenizer
@@ -98,9 +122,35 @@ class OpenAIServer:
                 except ValueError as exc:
                     self._send(400, api.error_body(f"invalid JSON body: {exc}"))
                     return
-                self._send(*server.handle(self.path, body))
+                status, reply = server.handle(self.path, body)
+                if isinstance(reply, EventStream):
+                    self._send_events(reply)
+                else:
+                    self._send(status, reply)
+
+            def _send_events(self, events: EventStream) -> None:
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Cache-Control", "no-cache")
+                    self.end_headers()  # HTTP/1.0: the end of the stream is the end of the connection
+                    for chunk in _or_error(events.chunks):
+                        self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                    self.wfile.write(b"data: [DONE]\n\n")
+                except (BrokenPipeError, ConnectionResetError):  # the client left: stop generating for it
+                    events.cancel()
 
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("%s " + format, self.address_string(), *args)
 
         return Handler
+
+
+def _or_error(chunks: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+    """The chunks, then an error chunk if the engine failed mid-request: the 200 went out already."""
+    try:
+        yield from chunks
+    except Exception as exc:
+        log.exception("a streamed request failed")
+        yield {"error": {"message": f"the engine failed: {exc}", "type": "server_error", "param": None,
+                         "code": 500}}
