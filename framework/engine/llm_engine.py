@@ -191,6 +191,8 @@ class LLMEngine:
         skips a sequence that finished in the step before."""
         if not seq.is_finished:
             self.scheduler.finish(seq, "abort")
+            if seq.token_ids[-1] < 0:  # the token of a step still in flight: never filled in now
+                seq.token_ids.pop()
 
     def clear(self) -> List[Sequence]:
         """Drop every request (after an engine failure); returns the unfinished ones."""
