@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from safetensors import safe_open
@@ -44,8 +44,8 @@ def effective_quantization(quant: QuantizationConfig, folder: Path) -> Quantizat
     config.json's quantization_config."""
     if quant.method != "auto":
         return quant
-    saved = Manifest.read(folder).quantization
-    return dataclasses.replace(quant, method=saved) if saved in LOAD_TIME_METHODS else quant
+    saved = Manifest.read(folder).load_time_method
+    return dataclasses.replace(quant, method=saved) if saved else quant
 
 
 def rank_file(rank: int) -> str:
@@ -72,10 +72,15 @@ class Manifest:
             raise UserError(f"{path}: format {data.get('format')!r} is not {FORMAT!r}")
         return cls(**data)
 
+    @property
+    def load_time_method(self) -> Optional[str]:
+        """The method the weights were quantized with at load, which config.json does not record."""
+        return self.quantization if self.quantization in LOAD_TIME_METHODS else None
+
     def resolve_auto(self, folder: Path) -> str:
-        """What quantization.method=auto means for this folder: the method the weights were
-        quantized with at load (config.json does not know it), else what config.json declares."""
-        return self.quantization if self.quantization in LOAD_TIME_METHODS else declared_quantization(folder)
+        """What quantization.method=auto means for this folder: the load-time method, else what
+        config.json declares."""
+        return self.load_time_method or declared_quantization(folder)
 
     def check(self, folder: Path, tensor_parallel_size: int, quantization: str) -> None:
         """A sharded folder is only loadable at the TP size and quantization it was saved with."""
