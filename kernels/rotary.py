@@ -35,6 +35,16 @@ def _rotate_heads(x_ptr, out_ptr, t, stride_t, stride_h, cos, sin,
 
 
 @triton.jit
+def _cos_sin_row(pos_ptr, cos_ptr, sin_ptr, t, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Token t's cos and sin rows, [1, BLOCK_HALF] fp32, loaded once for all of its heads."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)[None, :]
+    cos = tl.load(cos_ptr + pos * HALF + d, mask=d < HALF, other=0.0)
+    sin = tl.load(sin_ptr + pos * HALF + d, mask=d < HALF, other=0.0)
+    return cos, sin
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_ptr, sin_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh,
@@ -43,10 +53,7 @@ def _rotary_kernel(
 ):
     # One program per token: the cos/sin row is loaded once and reused by every q and k head.
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    d = tl.arange(0, BLOCK_HALF)[None, :]
-    cos = tl.load(cos_ptr + pos * HALF + d, mask=d < HALF, other=0.0)
-    sin = tl.load(sin_ptr + pos * HALF + d, mask=d < HALF, other=0.0)
+    cos, sin = _cos_sin_row(pos_ptr, cos_ptr, sin_ptr, t, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, q_out_ptr, t, stride_qt, stride_qh, cos, sin, HQ, HALF, BLOCK_HQ, BLOCK_HALF)
     _rotate_heads(k_ptr, k_out_ptr, t, stride_kt, stride_kh, cos, sin, HKV, HALF, BLOCK_HKV, BLOCK_HALF)
 

@@ -19,7 +19,7 @@ from kernels._triton import next_pow2, tl, triton
 from kernels.kv_cache import _check as _check_kv
 from kernels.kv_cache import store_kv_cache_ref
 from kernels.rotary import _check as _check_rotary
-from kernels.rotary import _rotate_heads, apply_rotary_ref
+from kernels.rotary import _cos_sin_row, _rotate_heads, apply_rotary_ref
 
 
 @triton.jit
@@ -31,10 +31,7 @@ def _rotary_store_kv_kernel(
 ):
     # One program per token: the cos/sin row is loaded once for all of its q and k heads.
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    d = tl.arange(0, BLOCK_HALF)[None, :]
-    cos = tl.load(cos_ptr + pos * HALF + d, mask=d < HALF, other=0.0)
-    sin = tl.load(sin_ptr + pos * HALF + d, mask=d < HALF, other=0.0)
+    cos, sin = _cos_sin_row(pos_ptr, cos_ptr, sin_ptr, t, HALF, BLOCK_HALF)
     # q is rotated for every row, padding included (its attention output is simply unused).
     _rotate_heads(q_ptr, q_out_ptr, t, stride_qt, stride_qh, cos, sin, HQ, HALF, BLOCK_HQ, BLOCK_HALF)
 
@@ -42,6 +39,7 @@ def _rotary_store_kv_kernel(
     if slot < 0:
         return
     h = tl.arange(0, BLOCK_HKV)[:, None]
+    d = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (h < HKV) & (d < HALF)
     src = k_ptr + t * stride_kt + h * stride_kh + d
     k1 = tl.load(src, mask=mask, other=0.0)
