@@ -8,7 +8,9 @@ Why not `quant_matmul`: with one row, `tl.dot` pads x to 16 rows (16x the tensor
 nothing) and its per-column unpack reads each int4 byte twice. Decode time should be the weight
 bytes, so here each program owns BLOCK_N output columns (weight rows), walks K in tiles, reads
 every code byte once and multiplies it by every row of x (up to GEMV_MAX_ROWS, the row loop is
-unrolled) before the next tile: the weight is read once per call. Products are elementwise
+unrolled) before the next tile: the weight is read once per call. The layers send it one row
+only (DISPATCH_MAX_ROWS): at eight rows, repeating the unpack per row made it 3-7x slower than
+quant_matmul on an H100. Products are elementwise
 multiply + `tl.sum` in float32, not `tl.dot` (nothing for tensor cores to do with 1-8 rows, and
 Triton's CPU interpreter computes bf16 `tl.dot` wrongly).
 

@@ -16,7 +16,7 @@ compute-bound, and `dequantize` (one pass) followed by cuBLAS wins.
 
 int4 (`_int4_matmul_kernel`): the product is computed transposed, acc[n, m] = W[n, :] . x[m, :],
 so the weight tile is the dot's first operand. Hopper's wgmma takes 64 rows per warpgroup from
-that operand (int4_linear sends x 9-64 rows) and reads it from registers, where it is
+that operand (int4_linear sends x 2-64 rows) and reads it from registers, where it is
 dequantized; x goes through shared memory. A tile's codes are one contiguous [BLOCK_N, BLOCK_K/2] byte load
 (each byte read once). Rather than interleaving the nibbles back into column order, x's tile is
 split into its even and odd columns: acc += W_low @ x_even.T + W_high @ x_odd.T (two dots of
