@@ -29,23 +29,15 @@ log = logging.getLogger(__name__)
 Prompt = Union[str, Dict[str, Any]]
 
 
-class _Done:
-    """The `ready` event of a step whose tokens are already on the host (CPU)."""
-
-    def synchronize(self) -> None:
-        pass
-
-
-_DONE = _Done()
-
-
 @dataclass
 class LaunchedStep:
     batch: ScheduledBatch
     sampling: List[Sequence]  # the sequences that sample a token this step, in logits-row order
     logits: Optional[torch.Tensor] = None  # sampled on the host at resolution (a non-greedy row, or sync mode)
-    tokens_host: Optional[torch.Tensor] = None  # greedy tokens, copied without blocking...
-    ready: Optional[Any] = None  # ...and readable once this event fires
+    # async scheduling: the greedy tokens, copied to the host without blocking (the step's
+    # resolution may wait for the next launch), readable once `ready` fires (None on the CPU)
+    tokens_host: Optional[torch.Tensor] = None
+    ready: Optional[torch.cuda.Event] = None
 
 
 class LLMEngine:
@@ -130,7 +122,7 @@ class LLMEngine:
         self.pending = None
         if launched is not None:
             self._commit(launched)
-            if launched.ready is not None:
+            if launched.tokens_host is not None:
                 self.pending = launched
             else:
                 finished += self._resolve(launched)
@@ -151,7 +143,7 @@ class LLMEngine:
         ready = torch.cuda.Event() if tokens.is_cuda else None
         if ready is not None:
             ready.record()
-        return LaunchedStep(batch, sampling, tokens_host=host, ready=ready or _DONE)
+        return LaunchedStep(batch, sampling, tokens_host=host, ready=ready)
 
     def _commit(self, launched: LaunchedStep) -> None:
         batch = launched.batch
@@ -167,7 +159,8 @@ class LLMEngine:
     def _resolve(self, launched: LaunchedStep) -> List[Sequence]:
         seqs = launched.sampling
         if launched.tokens_host is not None:
-            launched.ready.synchronize()
+            if launched.ready is not None:
+                launched.ready.synchronize()
             tokens = launched.tokens_host.tolist()
         else:
             tokens = sample(launched.logits, [s.params for s in seqs], [s.generator for s in seqs], self.generator)

@@ -193,8 +193,9 @@ class ModelRunner:
         self._free_kv_cache()
 
     def _warm_up_small_batches(self) -> None:
-        """An eager decode step of each batch size up to 8: Triton compiles a kernel per row count
-        (the GEMVs unroll their rows), and it should do so now, not inside the first requests."""
+        """An eager decode step of each batch size up to 8: Triton compiles variants by shape (the
+        GEMVs at one row, quant_matmul's row tile, decode attention's split count), and it should
+        do so now, not inside the first requests."""
         for b in range(1, 9):
             step = StepInput(input_ids=[0] * b, positions=[0] * b, slot_mapping=[-1] * b,
                              cu_seqlens_q=list(range(b + 1)), seq_lens=[1] * b, block_tables=[[0]] * b,
