@@ -12,8 +12,8 @@ import torch
 import kernels
 from framework.layers.quantization.fp8 import WEIGHT_ONLY_MAX_ROWS, Fp8Method, quantize_fp8
 from framework.layers.quantization.int8 import scaled_linear
-from kernels.fp8_linear import (FP8, FP8_MAX, MIN_SCALE, fp8_linear, fp8_linear_ref, native_fp8, quantize_rows,
-                                quantize_rows_ref)
+from kernels.fp8_linear import (DOT_MAX_ROWS, FP8, FP8_MAX, MIN_SCALE, fp8_dot, fp8_linear, fp8_linear_ref,
+                                native_fp8, quantize_rows, quantize_rows_ref)
 
 
 def _x(rows: int, k: int, dtype: torch.dtype, device: str, gen: torch.Generator) -> torch.Tensor:
@@ -114,6 +114,19 @@ def test_fp8_linear_matches_reference(rows, fast_accum):
     # the same fp8 operands; float32 (or fast) accumulation, one rounding to bf16
     err = ((got.float() - ref).norm() / ref.norm()).item()
     assert err < (1e-2 if fast_accum else 5e-3), err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,block_n,split", [(1, 16, 1), (3, 32, 1), (DOT_MAX_ROWS, 64, 2), (8, 16, 4)])
+def test_fp8_dot_matches_reference(rows, block_n, split):
+    gen = torch.Generator().manual_seed(rows + split)
+    x = _x(rows, 1024, torch.bfloat16, "cuda", gen)
+    codes, scale = (t.cuda() for t in _weight(200, 1024, gen))  # N = 200: a partial last tile
+    got = fp8_dot(*quantize_rows(x), codes, scale, torch.bfloat16, block_n=block_n, block_k=256, split=split)
+    ref = fp8_linear_ref(x, codes, scale).float()
+    assert got.shape == (rows, 200) and got.dtype == torch.bfloat16
+    err = ((got.float() - ref).norm() / ref.norm()).item()
+    assert err < 5e-3, err
 
 
 @pytest.mark.gpu
