@@ -29,7 +29,10 @@ from kernels._triton import next_pow2, tl, triton
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(float8_e4m3fn).max
 MIN_SCALE = 1e-12 / FP8_MAX  # an all-zero row (a padded graph row) keeps a usable scale
-QUANT_BLOCK_K = 4096  # widest tile a program holds: K = 4096 in one pass, 14336 in four tiles
+# Widest tile a program holds (registers: 16384 float32 over 16 warps is 32 a thread). Every
+# Llama-3.1-8B K fits one tile, so a row is read once. On an H200 (2026-11-30, graph replay) tiles
+# of 4096 took 6.5 µs for one row of K = 14336 (two passes over four tiles, one SM), 2.0 for K = 4096.
+QUANT_BLOCK_K = 16384
 _MIN_SCALE = tl.constexpr(MIN_SCALE)
 _FP8_MAX = tl.constexpr(FP8_MAX)
 
@@ -75,7 +78,7 @@ def quantize_rows(x: torch.Tensor, block_k: int = QUANT_BLOCK_K) -> tuple[torch.
         return q, s
     tile = min(block_k, next_pow2(k))
     _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=tile, ONE_TILE=tile >= k,
-                                num_warps=8 if tile >= 2048 else 4)
+                                num_warps=16 if tile >= 8192 else 8 if tile >= 2048 else 4)
     return q, s
 
 
@@ -85,70 +88,6 @@ def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
     # e4m3fn has no infinity: an out-of-range cast is NaN, so clamp (x / scale can round past 448)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
-@triton.jit
-def _fp8_dot_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, k_per_split,
-                    stride_xm, stride_wn, stride_os, stride_om,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr):
-    """acc[n, m] = sum_k w[n, k] * xq[m, k] over this program's K range, on fp8 tensor cores:
-    the weight tile is the dot's first operand (its rows fill the MMA's M side), x's few rows
-    its second. SCALE: apply both row scales and store x.dtype; else store float32 partials."""
-    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # weight rows = output columns
-    rows = tl.arange(0, BLOCK_M)
-    col_ok, row_ok = cols < N, rows < M
-    kk = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_wn + kk[None, :]
-    x_ptrs = xq_ptr + rows.to(tl.int64)[:, None] * stride_xm + kk[None, :]
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    k_begin = pid_s * k_per_split
-    for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
-        # weight rows past N load nothing (fp8 has no literal zero); their sums are never stored.
-        # x codes arrive as bytes, so padded rows can be zeros.
-        w = tl.load(w_ptrs + k0, mask=col_ok[:, None])
-        x = tl.load(x_ptrs + k0, mask=row_ok[:, None], other=0).to(tl.float8e4nv, bitcast=True)
-        acc = tl.dot(w, tl.trans(x), acc)
-    out = out_ptr + pid_s * stride_os + rows.to(tl.int64)[None, :] * stride_om + cols[:, None]
-    if SCALE:
-        acc *= tl.load(ws_ptr + cols, mask=col_ok, other=0.0)[:, None]
-        acc *= tl.load(xs_ptr + rows, mask=row_ok, other=0.0)[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
-
-
-DOT_MAX_ROWS = 16  # fp8_dot's x rows: one MMA's N side
-DOT_BLOCK_N, DOT_BLOCK_K = 16, 512
-# Up to this many rows fp8_linear runs fp8_dot instead of torch._scaled_mm (0: never). Set from
-# kernels/bench.py --fp8 on an H200.
-DOT_DISPATCH_MAX_ROWS = 0
-
-
-def dot_supported(codes: torch.Tensor) -> bool:
-    return codes.shape[1] % DOT_BLOCK_K == 0
-
-
-def fp8_dot(xq: torch.Tensor, xs: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype,
-            block_n: int = DOT_BLOCK_N, block_k: int = DOT_BLOCK_K, split: int = 1, num_warps: int = 4,
-            num_stages: int = 4) -> torch.Tensor:
-    """Triton: quantized x (codes [M, K] with M <= DOT_MAX_ROWS, scales [M, 1]) times the fp8
-    weight [N, K] transposed -> [M, N] in out_dtype. For few rows, where a library GEMM pads x to
-    its tile and leaves most SMs idle: BLOCK_N weight rows a program, the K loop `split` over
-    programs (partial sums in float32, added in a fixed order). K must divide into block_k * split."""
-    m, k = xq.shape
-    n = codes.shape[0]
-    assert m <= DOT_MAX_ROWS and codes.shape[1] == k and k % (block_k * split) == 0
-    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
-    if m == 0:
-        return y
-    out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=xq.device)
-    _fp8_dot_kernel[(triton.cdiv(n, block_n), split)](
-        xq.view(torch.uint8), xs, codes, scale, out, m, n, k, k // split, xq.stride(0), codes.stride(0),
-        out.stride(0) if split > 1 else 0, out.stride(-2),
-        BLOCK_M=DOT_MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, SCALE=split == 1,
-        num_warps=num_warps, num_stages=num_stages)
-    if split == 1:
-        return y
-    return (out.sum(0) * xs * scale[None, :]).to(out_dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -172,10 +111,12 @@ def supported(x: torch.Tensor, codes: torch.Tensor) -> bool:
             and codes.shape[0] % 16 == 0 and codes.shape[1] % 16 == 0)
 
 
-# use_fast_accum: Hopper's fp8 MMA accumulates in reduced precision unless partial sums are
-# promoted to float32 every few steps; cuBLAS then promotes. Kept off (exact float32 sums) until
-# kernels/bench.py shows that the fast mode pays (`--fp8` times both).
-FAST_ACCUM = False
+# use_fast_accum: Hopper's fp8 MMA accumulates in reduced precision unless cuBLAS promotes the
+# partial sums to float32 every few steps. Fast mode skips that: on an H200 (2026-11-30, graph
+# replay, Llama-3.1-8B shapes) 1.1-1.3x faster at 8-256 rows (gate_up at 256: 60.7 vs 69.2 µs),
+# 1.1x at 2048; its extra error is small beside that of rounding x to e4m3 (kernels/bench.py
+# --fp8 prints both against the float32 reference).
+FAST_ACCUM = True
 
 
 def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -183,8 +124,6 @@ def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: 
     """x [M, K] (bf16/fp16) times the fp8 weight [N, K] (row scales `scale` [N], float32),
     transposed, plus bias [N] -> [M, N] in x.dtype: `quantize_rows`, then one `torch._scaled_mm`."""
     xq, xs = quantize_rows(x)
-    if x.shape[0] <= DOT_DISPATCH_MAX_ROWS and dot_supported(codes) and bias is None:
-        return fp8_dot(xq, xs, codes, scale, x.dtype)
     # codes [N, K] row-major is the column-major [K, N] operand cuBLASLt wants on Hopper
     return torch._scaled_mm(xq, codes.t(), scale_a=xs, scale_b=scale.view(1, -1), bias=bias,
                             out_dtype=x.dtype, use_fast_accum=FAST_ACCUM if fast_accum is None else fast_accum)

@@ -22,7 +22,7 @@ query/KV width per rank, i = intermediate per rank; widths in elements of the mo
   transient, counted in that matmul's phase) and keep the unscaled output beside the scaled
   one; int4 unpacks to a full-precision copy. On GPU, a matmul over few rows (decode) runs the
   fused kernel of kernels/quant_matmul.py instead, which makes no copy. fp8 on a card with fp8
-  tensor cores (bf16/fp16 model) runs W8A8 above one row (kernels/fp8_linear.py): no weight
+  tensor cores (bf16/fp16 model) runs W8A8 above 32 rows (kernels/fp8_linear.py): no weight
   copy, no unscaled output, only x's fp8 codes and row scales (T x (K + 4) bytes).
 
 Checked against the engine's own profile (ModelRunner.profile_run, which scores min(tokens,
@@ -79,12 +79,18 @@ def w8a8_fp8(quant: str, reference: bool, a: int) -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
+def weight_only_rows() -> int:
+    """Up to how many rows fp8 stays weight-only on an fp8 card (layers/quantization/fp8.py)."""
+    from framework.layers.quantization.fp8 import WEIGHT_ONLY_MAX_ROWS
+    return WEIGHT_ONLY_MAX_ROWS
+
+
 def dequantized_bytes(s: DecoderShape, tp: int, a: int, quant: str, reference: bool, rows: int) -> dict:
     """The full-precision copy of each linear weight that one quantized matmul over `rows` rows
     makes: fp8/int8 cast their codes to the model dtype (scaled_linear); int4 unpacks, in one
     Triton pass on GPU or through int8 codes on the reference backend. None on GPU for few rows.
     W8A8 fp8 copies x instead, to its fp8 codes and float32 row scales."""
-    if rows > 1 and w8a8_fp8(quant, reference, a):
+    if rows > weight_only_rows() and w8a8_fp8(quant, reference, a):
         return {name: rows * (inp + 4) for name, out, inp in decoder_linears(s, tp)}
     if quant not in ("fp8", "int8", "int4") or (not reference and rows <= fused_quant_rows()):
         per = 0
@@ -102,7 +108,7 @@ def layer_peak(s: DecoderShape, tp: int, tokens: int, a: int, quant: str, refere
     w = dequantized_bytes(s, tp, a, quant, reference, tokens)
     # scaled_linear keeps its output y beside y * scale (the fused kernel scales inside)
     scaled = quant in ("fp8", "int8") and (reference or tokens > fused_quant_rows()) \
-        and not w8a8_fp8(quant, reference, a)
+        and not (tokens > weight_only_rows() and w8a8_fp8(quant, reference, a))
     act = (4 if reference else 3) * i
     widths = [  # elements per token alive in each phase
         5 * h + 3 * q + 2 * kv + (h if scaled else 0),  # attention, up to o_proj's output

@@ -10,8 +10,9 @@ Two matmuls, chosen per call:
   fp8 by fp8 with both row scales applied to the float32 sums. Prefill and batched decode take
   it: twice the bf16 tensor-core rate, one byte per weight, no dequantized weight copy.
 - Weight-only (int8.scaled_linear): the codes convert exactly to the activation dtype and the
-  row scale multiplies the output. Batch-1 decode on GPU keeps its GEMV here (memory-bound: x in
-  bf16 costs nothing and is exact), and so do the CPU, cards without fp8 and float32 models.
+  row scale multiplies the output. Decode batches up to WEIGHT_ONLY_MAX_ROWS on GPU stay here
+  (the one-row GEMV and the fused kernel of quant_matmul measured faster than cuBLAS's fp8 GEMM
+  there, and x stays exact), and so do the CPU, cards without fp8 and float32 models.
 `quantize_activations=False` (a compressed-tensors checkpoint that quantizes only its weights)
 always runs weight-only.
 """
@@ -26,9 +27,19 @@ from framework.layers.quantization.int8 import RowScaledMethod, scaled_linear
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-# Up to this many rows (tokens) a call stays weight-only on a native-fp8 card: the fp8 GEMV of
-# kernels/quant_gemv.py. kernels/bench.py --fp8 times both paths per row count.
-WEIGHT_ONLY_MAX_ROWS = 1
+# Up to this many rows (tokens) a call stays weight-only on a native-fp8 card: the GEMV at one
+# row, kernels/quant_matmul.py above. kernels/bench.py --fp8 on an H200 (2026-11-30, graph replay,
+# the four Llama-3.1-8B shapes of a layer together): 1 row 76.9 µs weight-only vs 141 W8A8,
+# 8 rows 83.9 vs 113, 32 rows 105 vs 115, 64 rows 167 vs 115 (cuBLAS's fp8 GEMM has a floor of
+# about 15 µs for N = K = 4096 and 44 µs for the down projection, whatever the rows).
+WEIGHT_ONLY_MAX_ROWS = 32
+
+
+def gemv_tile(n: int) -> Tuple[int, int]:
+    """(block_n, block_k) of the one-row fp8 GEMV for N output rows. H200, 2026-11-30, µs a call
+    against the default 4 x 1024: qkv 9.7 vs 10.0, o 7.1 vs 8.0, down 19.0 vs 21.4 at 2 x 2048
+    (more programs for narrow N); gate_up (N = 28672) 33.3 vs 37.5 at 8 x 1024."""
+    return (2, 2048) if n <= 8192 else (8, 1024)
 
 
 def quantize_fp8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -62,4 +73,4 @@ class Fp8Method(RowScaledMethod):
         if self.quantize_activations and uses_w8a8(x2, layer.weight):
             y = kernels.fp8_linear(x2, layer.weight, layer.weight_scale, bias)
             return y.view(*x.shape[:-1], y.shape[-1])
-        return scaled_linear(x, layer.weight, layer.weight_scale, bias)
+        return scaled_linear(x, layer.weight, layer.weight_scale, bias, gemv_tile(layer.weight.shape[0]))
