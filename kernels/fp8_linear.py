@@ -85,7 +85,10 @@ def quantize_rows(x: torch.Tensor, block_k: int = QUANT_BLOCK_K) -> tuple[torch.
 def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference of `quantize_rows` (the spec): the same codes and scales."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    # divided by a tensor, not the Python number: on CUDA torch turns division by a scalar into
+    # a multiplication by its rounded reciprocal, which is off by an ulp now and then
+    scale = (amax / torch.full_like(amax, FP8_MAX)).clamp(min=MIN_SCALE)
     # e4m3fn has no infinity: an out-of-range cast is NaN, so clamp (x / scale can round past 448)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
@@ -113,20 +116,24 @@ def supported(x: torch.Tensor, codes: torch.Tensor) -> bool:
 
 # use_fast_accum: Hopper's fp8 MMA accumulates in reduced precision unless cuBLAS promotes the
 # partial sums to float32 every few steps. Fast mode skips that: on an H200 (2026-11-30, graph
-# replay, Llama-3.1-8B shapes) 1.1-1.3x faster at 8-256 rows (gate_up at 256: 60.7 vs 69.2 µs),
-# 1.1x at 2048; its extra error is small beside that of rounding x to e4m3 (kernels/bench.py
-# --fp8 prints both against the float32 reference).
-FAST_ACCUM = True
+# replay, Llama-3.1-8B shapes) 1.1-1.3x faster at 8-2048 rows where K = 4096 (gate_up at 256
+# rows: 58.4 vs 67.0 µs), but barely for the down projection (K = 14336: 45.2 vs 46.7 µs), whose
+# error grows with K: kernels/bench.py --fp8 measured 2.4-3.7e-3 (fast) against 0.7-3e-3 at
+# K = 4096 and 3.6-6e-3 against 0.5-5e-3 at K = 14336 (||y - ref|| / ||ref||), and one test
+# input exceeded 1e-2 at K = 14336. So fast only up to FAST_ACCUM_MAX_K.
+FAST_ACCUM_MAX_K = 8192
 
 
 def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                fast_accum: bool | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16) times the fp8 weight [N, K] (row scales `scale` [N], float32),
-    transposed, plus bias [N] -> [M, N] in x.dtype: `quantize_rows`, then one `torch._scaled_mm`."""
+    transposed, plus bias [N] -> [M, N] in x.dtype: `quantize_rows`, then one `torch._scaled_mm`.
+    `fast_accum` (tests, bench) overrides the FAST_ACCUM_MAX_K rule."""
     xq, xs = quantize_rows(x)
     # codes [N, K] row-major is the column-major [K, N] operand cuBLASLt wants on Hopper
     return torch._scaled_mm(xq, codes.t(), scale_a=xs, scale_b=scale.view(1, -1), bias=bias,
-                            out_dtype=x.dtype, use_fast_accum=FAST_ACCUM if fast_accum is None else fast_accum)
+                            out_dtype=x.dtype,
+                            use_fast_accum=x.shape[1] <= FAST_ACCUM_MAX_K if fast_accum is None else fast_accum)
 
 
 def fp8_linear_ref(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
