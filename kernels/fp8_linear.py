@@ -119,8 +119,9 @@ def supported(x: torch.Tensor, codes: torch.Tensor) -> bool:
 # replay, Llama-3.1-8B shapes) 1.1-1.3x faster at 8-2048 rows where K = 4096 (gate_up at 256
 # rows: 58.4 vs 67.0 µs), but barely for the down projection (K = 14336: 45.2 vs 46.7 µs), whose
 # error grows with K: kernels/bench.py --fp8 measured 2.4-3.7e-3 (fast) against 0.7-3e-3 at
-# K = 4096 and 3.6-6e-3 against 0.5-5e-3 at K = 14336 (||y - ref|| / ||ref||), and one test
-# input exceeded 1e-2 at K = 14336. So fast only up to FAST_ACCUM_MAX_K.
+# K = 4096 and 3.6-6e-3 against 0.5-5e-3 at K = 14336 (||y - ref|| / ||ref||). And at K = 14336
+# with N = 272 and a bias cuBLASLt had no fast kernel at all (CUBLAS_STATUS_NOT_SUPPORTED, torch
+# 2.11 + CUDA 13). So fast only up to FAST_ACCUM_MAX_K.
 FAST_ACCUM_MAX_K = 8192
 
 

