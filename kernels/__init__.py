@@ -3,7 +3,9 @@
 Dispatch rule (the only one, applied by every op below): run the Triton kernel when the first
 tensor argument is on CUDA, or when Triton's CPU interpreter is on (`TRITON_INTERPRET=1`) and
 `KERNELS_FORCE_TRITON=1` asks for it (tests); otherwise run the torch reference. CPU code thus
-calls the same names as GPU code. Both variables are read at call time.
+calls the same names as GPU code. Both variables are read at call time. One exception:
+`fp8_linear` needs fp8 tensor cores, so it runs its kernels only where `fp8_linear_supported`
+(CUDA, compute capability >= 8.9), and its torch reference elsewhere.
 
 The per-file names (`kernels.rms_norm.rms_norm`, `..._ref`) are the two implementations;
 the names exported here are the dispatching ops the engine calls.

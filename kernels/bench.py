@@ -269,7 +269,8 @@ def fp8_table(rows_list: list[int]) -> None:
 
 
 FP8_SMALL_ROWS = [1]
-FP8_GEMV_TILES = [(4, 1024), (8, 1024), (2, 2048), (1, 2048), (2, 4096), (4, 2048), (1, 4096), (8, 2048)]  # (block_n, block_k)
+# (block_n, block_k) of the one-row fp8 GEMV
+FP8_GEMV_TILES = [(4, 1024), (8, 1024), (2, 2048), (1, 2048), (2, 4096), (4, 2048), (1, 4096), (8, 2048)]
 
 
 def fp8_small_table(rows_list: list[int]) -> None:
