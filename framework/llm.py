@@ -1,4 +1,5 @@
-"""The library entry point, used like vLLM's: `LLM(config).generate(prompts, SamplingParams(...))`."""
+"""The library entry point, used like vLLM's: `LLM(config).generate(prompts, SamplingParams(...))`,
+or with vLLM's own constructor: `LLM("org/name")`, `LLM(model=..., tensor_parallel_size=2, ...)`."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +8,8 @@ import torch
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 from framework.config.schema import FrameworkConfig
-from framework.config.validate import validate, validate_against_model
+from framework.config import vllm_args
+from framework.config.validate import check_before_start
 from framework.engine.outputs import RequestOutput
 from framework.engine.sampling_params import SamplingParams
 from framework.loader.resolve import load_hf_config, resolve_model_path
@@ -20,15 +22,17 @@ Prompt = Union[str, Dict[str, Any]]
 
 
 class LLM:
-    def __init__(self, config: Optional[FrameworkConfig] = None):
+    def __init__(self, model: Union[None, str, FrameworkConfig] = None, **vllm_kwargs: Any):
+        """`LLM(config)`, `LLM()` (the bundled model), or vLLM's `LLM("path or org/name", **kwargs)` /
+        `LLM(model=..., **kwargs)`: each keyword lands on its YAML key (framework/config/vllm_args.py)."""
         from launchers import start_launcher
         from framework.memory.measure import reset_peak_rss
 
         reset_peak_rss()  # this engine's peak, not an earlier job's in the same process
-        self.config = validate(config or FrameworkConfig())
+        self.config = vllm_args.to_config(model, **vllm_kwargs)
         self.model_path = resolve_model_path(self.config.model.path)
         self.hf_config = load_hf_config(self.model_path)
-        validate_against_model(self.config, self.hf_config)
+        check_before_start(self.config, self.model_path, self.hf_config)  # before any plan, rank or weight
         self.plan = self._plan()
         self.launcher = start_launcher(self.config, self.model_path, self.hf_config)
 
