@@ -185,8 +185,11 @@ def inert_knobs(cfg: FrameworkConfig, hf_config: Any, on_gpu: bool) -> List[Tupl
 
 def check_before_start(cfg: FrameworkConfig, model_path: Path, hf_config: Any) -> None:
     """Everything the front door can check once it has config.json, before a plan, a rank or a
-    weight: the model's limits, the device, a sharded folder; then says which knobs do nothing."""
+    weight: the model's limits and architecture, the device, a sharded folder; then says which
+    knobs do nothing."""
+    from framework.models.registry import model_class
     validate_against_model(cfg, hf_config)
+    model_class(hf_config)  # an architecture without a model class is refused here, not in a rank
     validate_device_present(cfg)
     validate_model_folder(cfg, model_path)
     if cfg.launcher.address:  # the ranks' devices are on other nodes: nothing to judge from here
