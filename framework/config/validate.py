@@ -135,13 +135,17 @@ def validate_against_model(cfg: FrameworkConfig, hf_config: Any) -> None:
 
 def validate_device_present(cfg: FrameworkConfig) -> None:
     """model.device=cuda needs a GPU in this process, unless the ranks run on a Ray cluster
-    named by launcher.address (a CPU-only driver of GPU nodes)."""
+    named by launcher.address (a CPU-only driver of GPU nodes) or task=plan plans for a GPU
+    of task.device_memory_gib."""
+    if cfg.model.device != "cuda" or cfg.launcher.address or (cfg.task.name == "plan" and cfg.task.device_memory_gib):
+        return
     import torch
-    if cfg.model.device != "cuda" or torch.cuda.is_available() or cfg.launcher.address:
+    if torch.cuda.is_available():
         return
     why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
     raise ConfigError("model.device", cfg.model.device, f"{why} (torch {torch.__version__}); use model.device=auto "
-                      "or cpu, or name a GPU cluster with launcher=ray launcher.address=HOST:PORT")
+                      "or cpu, plan for a GPU with task=plan task.device_memory_gib=N, or name a GPU cluster with "
+                      "launcher=ray launcher.address=HOST:PORT")
 
 
 def validate_model_folder(cfg: FrameworkConfig, model_path: Path) -> None:

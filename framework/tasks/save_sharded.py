@@ -10,6 +10,8 @@ architecture) and a copy of config.json and the tokenizer files.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -45,14 +47,32 @@ def save_shards(cfg: FrameworkConfig, model_path: Path, hf_config: Any, folder: 
         launcher.shutdown()
 
 
+def checkpoint_dtype(hf_config: Any) -> str:
+    """config.json's dtype (torch_dtype in older files); float32 when it names none."""
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    name = str(dtype).replace("torch.", "") if dtype else "float32"
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def share_like_other_files(paths: List[Path]) -> None:
+    """safetensors writes 0600; a shared model folder needs the mode any new file gets (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        path.chmod(0o666 & ~umask)
+
+
 def run(cfg: FrameworkConfig, run_dir: Path) -> int:
     folder = output_folder(cfg)
     model_path = resolve_model_path(cfg.model.path)
     hf_config = load_hf_config(model_path)
     validate_against_model(cfg, hf_config)
+    if cfg.model.dtype == "auto":  # auto means float32 on a CPU run: save the checkpoint's bytes instead
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=checkpoint_dtype(hf_config)))
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     shards = save_shards(cfg, model_path, hf_config, folder)
+    share_like_other_files([folder / s["file"] for s in shards])
     copy_model_files(model_path, folder)
     # `auto` holds the weights as the checkpoint declares them; record what that resolved to.
     quantization = cfg.quantization.method
