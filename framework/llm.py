@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 from framework.config.schema import FrameworkConfig
 from framework.config import vllm_args
-from framework.config.validate import check_before_start
+from framework.config.validate import check_before_start, read_model_config
 from framework.engine.outputs import RequestOutput
 from framework.engine.sampling_params import SamplingParams
-from framework.loader.resolve import load_hf_config, resolve_model_path
+from framework.loader.resolve import resolve_model_path
 
 if TYPE_CHECKING:
     from framework.memory.planner import MemoryPlan
@@ -31,7 +31,7 @@ class LLM:
         reset_peak_rss()  # this engine's peak, not an earlier job's in the same process
         self.config = vllm_args.to_config(model, **vllm_kwargs)
         self.model_path = resolve_model_path(self.config.model.path)
-        self.hf_config = load_hf_config(self.model_path)
+        self.hf_config = read_model_config(self.config, self.model_path)
         check_before_start(self.config, self.model_path, self.hf_config)  # before any plan, rank or weight
         self.plan = self._plan()
         self.launcher = start_launcher(self.config, self.model_path, self.hf_config)

@@ -246,3 +246,46 @@ def test_seed_tensor_parallel_example(seed_hub, tmp_path):
     hub, folders = seed_hub
     proc = run_example("seed_tp2", hub, tmp_path)
     assert tokens_of(proc) == hf_greedy(folders["granite"], [[1, 5, 7, 9, 11]], max_tokens=6)[0]
+
+
+def config_only_folders(root: Path) -> dict:
+    """config.json of each multimodal model of the SEED examples (no weights): enough to map, plan
+    and accept or refuse them."""
+    import transformers as tf
+    folders = {"Qwen/Qwen2.5-VL-3B-Instruct": REPO / "framework" / "assets" / "shapes" / "qwen2.5-vl-3b"}
+    for repo_id, config in (("google/gemma-3-27b-it", tf.Gemma3Config(architectures=["Gemma3ForConditionalGeneration"])),
+                            ("adept/fuyu-8b", tf.FuyuConfig(architectures=["FuyuForCausalLM"]))):
+        config.save_pretrained(root / repo_id)
+        folders[repo_id] = root / repo_id
+    internvl = root / "OpenGVLab" / "InternVL2-2B"  # its model type exists only in the checkpoint's code
+    internvl.mkdir(parents=True)
+    (internvl / "config.json").write_text(json.dumps({
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
+        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"}}))
+    folders["OpenGVLab/InternVL2-2B"] = internvl
+    return folders
+
+
+@pytest.mark.parametrize("name", ["seed_context_batch", "seed_mm_limits", "seed_no_video", "seed_text_only",
+                                  "seed_max_pixels", "seed_max_dynamic_patch"])
+def test_multimodal_seed_example_is_accepted_or_refused_clearly(name, tmp_path, monkeypatch):
+    """Multimodal models are being built elsewhere: until one is registered its example is one
+    line naming the architecture (or the foreign model type), before any plan or rank; once it
+    is, the engine starts with the example's knobs."""
+    import huggingface_hub.constants as hub
+    import launchers
+    from framework.config.errors import UserError
+    from framework.llm import LLM
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(fake_hub_cache(tmp_path / "hub", config_only_folders(tmp_path))))
+    started = []
+    monkeypatch.setattr(launchers, "start_launcher", lambda cfg, *a: started.append(cfg))
+    kwargs = SEED_EXAMPLES[name]
+    try:
+        LLM(**kwargs)
+    except UserError as exc:
+        message = str(exc)
+        assert "\n" not in message and not started
+        assert "is not supported" in message or "model_type 'internvl_chat'" in message, message
+        return
+    (cfg,) = started
+    assert without_task(cfg) == without_task(to_config(**kwargs))

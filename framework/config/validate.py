@@ -187,6 +187,23 @@ def inert_knobs(cfg: FrameworkConfig, hf_config: Any, on_gpu: bool) -> List[Tupl
     return notes
 
 
+def read_model_config(cfg: FrameworkConfig, model_path: Path) -> Any:
+    """config.json through transformers, refusing a model type that only the checkpoint's own code
+    defines (auto_map, e.g. OpenGVLab/InternVL2's internvl_chat): transformers would stop to ask
+    on stdin whether to run that code, and this framework never runs it."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    from framework.loader.resolve import load_hf_config
+    model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise UserError(f"model.path={cfg.model.path!r}: config.json's model_type {model_type!r} is defined only by "
+                        "the checkpoint's own code, which this framework never runs (trust_remote_code has "
+                        "nothing to trust); use a checkpoint in transformers' own format")
+    return load_hf_config(Path(model_path))
+
+
 def check_before_start(cfg: FrameworkConfig, model_path: Path, hf_config: Any) -> None:
     """Everything the front door can check once it has config.json, before a plan, a rank or a
     weight: the model's limits and architecture, the device, a sharded folder; then says which
