@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from framework.config.errors import ConfigError, UserError
+from framework.config.errors import UserError
 from framework.config.schema import FrameworkConfig
 from framework.config.validate import validate_against_model
 from framework.loader.resolve import load_hf_config, resolve_model_path
@@ -26,7 +26,7 @@ from framework.tasks.metrics import write_metrics
 
 def output_folder(cfg: FrameworkConfig) -> Path:
     if not cfg.task.output_dir:
-        raise ConfigError("task.output_dir", cfg.task.output_dir, "must name the folder to write the shards to")
+        raise UserError("task.output_dir is not set: name the folder to write the shards to, task.output_dir=DIR")
     folder = Path(cfg.task.output_dir).expanduser()
     if folder.exists() and any(folder.iterdir()):  # never mix shards of two saves
         raise UserError(f"task.output_dir={cfg.task.output_dir!r} exists and is not empty; choose a new folder")
