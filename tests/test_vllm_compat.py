@@ -221,6 +221,7 @@ def run_example(name: str, hub: Path, tmp_path: Path) -> subprocess.CompletedPro
     script = tmp_path / f"{name}.py"
     script.write_text(SCRIPT.format(example=textwrap.dedent(EXAMPLES[name])))
     env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "0.05",
+           "CUDA_VISIBLE_DEVICES": "",  # the CPU backend, matching HF in float32 (GPU: the test below)
            "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -289,3 +290,27 @@ def test_multimodal_seed_example_is_accepted_or_refused_clearly(name, tmp_path, 
         return
     (cfg,) = started
     assert without_task(cfg) == without_task(to_config(**kwargs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compilation", ["seed_cudagraph_sizes", "seed_enforce_eager"])
+def test_seed_compilation_examples_on_gpu(compilation, tiny_model, tmp_path, monkeypatch):
+    """The SEED's CUDA-graph examples through vLLM's keywords on a GPU: the graphs captured are the
+    sizes asked for (none with enforce_eager), and greedy tokens match HF in float32."""
+    import huggingface_hub.constants as hub
+    from framework import SamplingParams
+    from framework.llm import LLM
+    from helpers import PROMPTS
+    model_dir = tiny_model("llama3")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(fake_hub_cache(tmp_path, {"meta-llama/Llama-3.1-8B-Instruct":
+                                                                          model_dir})))
+    example = {k: v for k, v in SEED_EXAMPLES[compilation].items()}
+    with LLM(**example, dtype="float32", max_model_len=256, max_num_seqs=16, gpu_memory_utilization=0.5) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                            SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        stats = llm.stats()["ranks"][0]
+    assert [o.token_ids for o in outs] == hf_greedy(model_dir, PROMPTS, max_tokens=8)
+    if compilation == "seed_enforce_eager":
+        assert stats["cudagraph_sizes"] == [] and stats["compilation_level"] == "NO_COMPILATION"
+    else:
+        assert stats["cudagraph_sizes"] == [1, 2, 4, 8, 16] and stats["compilation_level"] == "PIECEWISE"
