@@ -121,6 +121,8 @@ def test_compilation_config_forms():
     (dict(compilation_config={"cudagraph_mode": "PIECEWISE"}), "compilation_config.cudagraph_mode='PIECEWISE'"),
     (dict(limit_mm_per_prompt={"imag": 1}), "limit_mm_per_prompt.imag=1: unknown modality"),
     (dict(distributed_executor_backend="mp"), "distributed_executor_backend='mp': must be None, 'ray' or 'uni'"),
+    (dict(enforce_eager="yes"), "enforce_eager='yes': must be True or False"),
+    (dict(gpu_memory_utilization="0.5"), "gpu_memory_utilization='0.5': must be a number"),
 ])
 def test_bad_keyword_is_one_line_naming_it(kwargs, start):
     with pytest.raises(ConfigError) as err:

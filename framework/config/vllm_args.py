@@ -25,7 +25,8 @@ from framework.config.validate import validate
 
 log = logging.getLogger(__name__)
 
-# vLLM keyword -> our YAML key (group.key). Values go through unchanged; validate() judges them.
+# vLLM keyword -> our YAML key (group.key). Values go through as given (vLLM's spellings of a few
+# choices translated, below); validate() judges them and the error names the keyword.
 KEYS: Dict[str, str] = {
     "model": "model.path",
     "tokenizer": "model.tokenizer",
@@ -60,6 +61,9 @@ LOAD_FORMAT_ALIASES = {"sharded_state": "sharded"}
 DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}  # our fp8 KV cache is e4m3
 EXECUTOR_BACKENDS = {None: "auto", "ray": "ray", "uni": "local"}
+# Types that validate() takes for granted (the CLI's are checked by the schema).
+BOOLS = ("enforce_eager", "enable_prefix_caching", "async_scheduling", "trust_remote_code", "language_model_only")
+NUMBERS = ("gpu_memory_utilization", "mm_processor_cache_gb")
 
 # vLLM's environment variables, as vLLM reads them (GiB), and the key each one sets.
 ENV_KEYS = {"VLLM_CPU_KVCACHE_SPACE": "cache.cpu_kvcache_space_gib",
@@ -165,12 +169,14 @@ def _set(cfg: FrameworkConfig, key: str, value: Any) -> None:
 
 
 def _apply(cfg: FrameworkConfig, keyword: str, value: Any) -> None:
+    if keyword in BOOLS and not isinstance(value, bool):
+        raise ConfigError(keyword, value, "must be True or False")
+    if keyword in NUMBERS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(keyword, value, "must be a number")
     if keyword == "compilation_config":
         enforce_eager = cfg.compilation.enforce_eager  # enforce_eager=True wins whichever comes first
         cfg.compilation = compilation(value)
         cfg.compilation.enforce_eager = cfg.compilation.enforce_eager or enforce_eager
-    elif keyword == "enforce_eager":
-        cfg.compilation.enforce_eager = bool(value) if isinstance(value, bool) else value
     elif keyword == "distributed_executor_backend":
         if value not in EXECUTOR_BACKENDS:
             raise ConfigError("distributed_executor_backend", value,
