@@ -39,7 +39,8 @@ def test_dict_overrides_and_home_paths_just_work():
     assert compose(["+recipe=low_mem", "multimodal.mm_processor_kwargs={max_pixels: 1024}"]) \
         .multimodal.mm_processor_kwargs == {"max_pixels": 1024}
     assert compose(["model.path=~/models/x"]).model.path == "~/models/x"  # expanded where it is resolved
-    assert normalize_overrides(["-m", "cache.max_num_seqs=1,2", "++x.y=1"]) == ["-m", "cache.max_num_seqs=1,2", "++x.y=1"]
+    untouched = ["-m", "cache.max_num_seqs=1,2", "++x.y=1"]
+    assert normalize_overrides(untouched) == untouched
 
 
 @pytest.mark.parametrize("override, shown", [
@@ -130,13 +131,15 @@ def test_knobs_that_do_nothing_are_said_at_start(tiny_model):
     from transformers import AutoConfig
     text_model = AutoConfig.from_pretrained(tiny_model("llama"))
     default = FrameworkConfig()
-    assert inert_knobs(default, text_model, on_gpu=True) == []
-    ((level, note),) = inert_knobs(default, text_model, on_gpu=False)  # graphs on by default: info only
+    assert inert_knobs(default, text_model, on_gpu=True, multimodal=False) == []
+    ((level, note),) = inert_knobs(default, text_model, on_gpu=False, multimodal=False)  # default graphs: info
     assert level == logging.INFO and "CUDA graphs" in note and "CPU backend" in note
     chosen = compose(["compilation=piecewise", "multimodal.limit_mm_per_prompt={image: 2}"])
-    notes = dict((note.split(":")[0], level) for level, note in inert_knobs(chosen, text_model, on_gpu=False))
+    notes = dict((note.split(":")[0], level)
+                 for level, note in inert_knobs(chosen, text_model, on_gpu=False, multimodal=False))
     assert notes == {"compilation.level=PIECEWISE, compilation.cudagraph_capture_sizes=[1, 2, 4, 8, 16]":
                      logging.WARNING, "multimodal.limit_mm_per_prompt={'image'": logging.WARNING}
+    assert inert_knobs(chosen, text_model, on_gpu=True, multimodal=True) == []  # a vision model uses them
 
 
 def test_bench_metrics_has_latency_percentiles(tiny_model, tmp_path):

@@ -182,7 +182,8 @@ import json
 from framework import LLM, SamplingParams
 from framework.config import CompilationConfig, CompilationLevel
 {example}
-out = llm.generate([{{"prompt_token_ids": [1, 5, 7, 9, 11]}}], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+out = llm.generate([{{"prompt_token_ids": [1, 5, 7, 9, 11]}}], params)
 print("TOKENS", json.dumps(out[0].token_ids))
 llm.shutdown()
 """
@@ -256,8 +257,9 @@ def config_only_folders(root: Path) -> dict:
     and accept or refuse them."""
     import transformers as tf
     folders = {"Qwen/Qwen2.5-VL-3B-Instruct": REPO / "framework" / "assets" / "shapes" / "qwen2.5-vl-3b"}
-    for repo_id, config in (("google/gemma-3-27b-it", tf.Gemma3Config(architectures=["Gemma3ForConditionalGeneration"])),
-                            ("adept/fuyu-8b", tf.FuyuConfig(architectures=["FuyuForCausalLM"]))):
+    gemma = tf.Gemma3Config(architectures=["Gemma3ForConditionalGeneration"])
+    fuyu = tf.FuyuConfig(architectures=["FuyuForCausalLM"])
+    for repo_id, config in (("google/gemma-3-27b-it", gemma), ("adept/fuyu-8b", fuyu)):
         config.save_pretrained(root / repo_id)
         folders[repo_id] = root / repo_id
     internvl = root / "OpenGVLab" / "InternVL2-2B"  # its model type exists only in the checkpoint's code

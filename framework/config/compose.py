@@ -122,7 +122,8 @@ def _describe(exc: BaseException, overrides: Sequence[str] = ()) -> tuple[str, o
                     break
                 close = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
                 hint = f"did you mean {key.rsplit('.', 1)[0]}.{close[0]}? " if close and "." in key else ""
-                return key, _value_of(f"{exc} {err}", key, overrides), f"unknown key; {hint}valid keys: {', '.join(valid)}"
+                given = _value_of(f"{exc} {err}", key, overrides)
+                return key, given, f"unknown key; {hint}valid keys: {', '.join(valid)}"
             return key, _value_of(f"{exc} {err}", key, overrides), msg
     text = str(exc)
     append = re.search(r"Could not override '([^']+)'.*?use \+(.+)$", text, flags=re.S | re.M)

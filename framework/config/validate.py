@@ -2,6 +2,8 @@
 
 `validate` needs only the config; `validate_against_model` also needs the model's config.json
 (head counts, context limit). Both raise ConfigError with one line naming the key.
+`check_before_start` is the library's front door: those checks, the device, a sharded folder's
+manifest, and a note for each knob that does nothing in the run at hand.
 """
 from __future__ import annotations
 
@@ -137,7 +139,8 @@ def validate_device_present(cfg: FrameworkConfig) -> None:
     """model.device=cuda needs a GPU in this process, unless the ranks run on a Ray cluster
     named by launcher.address (a CPU-only driver of GPU nodes) or task=plan plans for a GPU
     of task.device_memory_gib."""
-    if cfg.model.device != "cuda" or cfg.launcher.address or (cfg.task.name == "plan" and cfg.task.device_memory_gib):
+    planning_for_a_size = cfg.task.name == "plan" and cfg.task.device_memory_gib
+    if cfg.model.device != "cuda" or cfg.launcher.address or planning_for_a_size:
         return
     import torch
     if torch.cuda.is_available():
@@ -157,7 +160,7 @@ def validate_model_folder(cfg: FrameworkConfig, model_path: Path) -> None:
     Manifest.read(model_path).check(model_path, cfg.parallelism.tensor_parallel_size, cfg.quantization.method)
 
 
-def inert_knobs(cfg: FrameworkConfig, hf_config: Any, on_gpu: bool) -> List[Tuple[int, str]]:
+def inert_knobs(cfg: FrameworkConfig, hf_config: Any, on_gpu: bool, multimodal: bool) -> List[Tuple[int, str]]:
     """Knobs that this run cannot act on, each as (log level, one line to say at start): a warning
     where the value was chosen, info where it is the default (CUDA graphs on a CPU run)."""
     notes = []
@@ -172,13 +175,14 @@ def inert_knobs(cfg: FrameworkConfig, hf_config: Any, on_gpu: bool) -> List[Tupl
             level = logging.WARNING if compiled or sizes else logging.INFO
             notes.append((level, f"{what}: not used on the CPU backend (GPU only); this run decodes eagerly"))
         if cfg.cache.gpu_memory_utilization != 0.9:
-            notes.append((logging.WARNING, f"cache.gpu_memory_utilization={cfg.cache.gpu_memory_utilization}: not used on the CPU "
-                         f"backend; its KV cache is cache.cpu_kvcache_space_gib={cfg.cache.cpu_kvcache_space_gib}"))
+            notes.append((logging.WARNING, f"cache.gpu_memory_utilization={cfg.cache.gpu_memory_utilization}: not "
+                          "used on the CPU backend; its KV cache is "
+                          f"cache.cpu_kvcache_space_gib={cfg.cache.cpu_kvcache_space_gib}"))
     elif cfg.cache.cpu_kvcache_space_gib != 4.0:
         notes.append((logging.WARNING, f"cache.cpu_kvcache_space_gib={cfg.cache.cpu_kvcache_space_gib} "
                       "(VLLM_CPU_KVCACHE_SPACE): not used on GPU; the KV cache there follows "
                       "cache.gpu_memory_utilization"))
-    if getattr(hf_config, "vision_config", None) is None:
+    if not multimodal:
         arch = ", ".join(getattr(hf_config, "architectures", None) or []) or "this model"
         for key in ("limit_mm_per_prompt", "mm_processor_kwargs"):
             if getattr(mm, key):
@@ -197,7 +201,7 @@ def read_model_config(cfg: FrameworkConfig, model_path: Path) -> Any:
 
     from framework.loader.resolve import load_hf_config
     model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
-    if model_type not in CONFIG_MAPPING:
+    if model_type is not None and model_type not in CONFIG_MAPPING:
         raise UserError(f"model.path={cfg.model.path!r}: config.json's model_type {model_type!r} is defined only by "
                         "the checkpoint's own code, which this framework never runs (trust_remote_code has "
                         "nothing to trust); use a checkpoint in transformers' own format")
@@ -210,12 +214,13 @@ def check_before_start(cfg: FrameworkConfig, model_path: Path, hf_config: Any) -
     knobs do nothing."""
     from framework.models.registry import model_class
     validate_against_model(cfg, hf_config)
-    model_class(hf_config)  # an architecture without a model class is refused here, not in a rank
+    model = model_class(hf_config)  # an architecture without a model class is refused here, not in a rank
     validate_device_present(cfg)
     validate_model_folder(cfg, model_path)
     if cfg.launcher.address:  # the ranks' devices are on other nodes: nothing to judge from here
         return
     import torch
     on_gpu = cfg.model.device == "cuda" or (cfg.model.device == "auto" and torch.cuda.is_available())
-    for level, note in inert_knobs(cfg, hf_config, on_gpu):
+    multimodal = hasattr(model, "embed_multimodal") or getattr(hf_config, "vision_config", None) is not None
+    for level, note in inert_knobs(cfg, hf_config, on_gpu, multimodal):
         log.log(level, "note: %s", note)
