@@ -161,6 +161,9 @@ def test_hub_id_resolves_offline_from_the_hf_cache(tiny_model, tmp_path, monkeyp
     cache = fake_hub_cache(tmp_path / "hub", {"org/tiny-llama": tiny_model("llama")})
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))  # what HF_HUB_CACHE sets at import
     assert (resolve_model_path("org/tiny-llama") / "config.json").is_file()
+    assert Path(to_config("m", tokenizer="org/tiny-llama").model.tokenizer) == resolve_model_path("org/tiny-llama")
+    with pytest.raises(ConfigError, match=r"^tokenizer='org/absent': no such folder, and not in the HF hub cache"):
+        to_config("m", tokenizer="org/absent")
     with pytest.raises(UserError, match=r"^model.path='org/absent': no config.json found; .*HF hub cache"):
         resolve_model_path("org/absent")
 
