@@ -86,6 +86,10 @@ class LLM:
             self._tokenizer = load_tokenizer(self.config, self.model_path)
         return self._tokenizer
 
+    def get_tokenizer(self) -> Any:
+        """vLLM's spelling of `tokenizer`."""
+        return self.tokenizer
+
     def apply_chat_template(self, user_message: str) -> str:
         from framework.config.errors import UserError
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):

@@ -327,3 +327,9 @@ def test_seed_compilation_examples_on_gpu(compilation, tiny_model, tmp_path, mon
         assert stats["cudagraph_sizes"] == [] and stats["compilation_level"] == "NO_COMPILATION"
     else:
         assert stats["cudagraph_sizes"] == [1, 2, 4, 8, 16] and stats["compilation_level"] == "PIECEWISE"
+
+
+def test_get_tokenizer_is_vllms_spelling():
+    from framework.llm import LLM
+    with LLM(max_num_seqs=2) as llm:
+        assert llm.get_tokenizer() is llm.tokenizer and llm.get_tokenizer().encode("def") 
