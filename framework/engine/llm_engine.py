@@ -269,7 +269,10 @@ class LLMEngine:
             return "stop"
         if p.stop and self.tokenizer is not None:
             text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-            hits = [text.find(s) for s in p.stop if s in text]
+            # only a stop string that this token completes: one that ended earlier was seen then, or
+            # came before min_tokens, when stop strings do not count
+            before = len(self.tokenizer.decode(seq.output_token_ids[:-1], skip_special_tokens=True))
+            hits = [i for i in (text.find(s, max(0, before - len(s) + 1)) for s in p.stop) if i >= 0]
             if hits:
                 seq.text = text[:min(hits)]
                 return "stop"
