@@ -63,8 +63,10 @@ class EngineLoop:
         self.active: Dict[int, Handle] = {}  # seq_id -> handle of every admitted, unfinished request
         self.stopped = threading.Event()
         self.dead: Optional[BaseException] = None
-        self.on_death: Callable[[BaseException], None] = lambda exc: None
+        self.on_death: Callable[[BaseException], None] = lambda exc: None  # set it before start()
         self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self) -> None:
         self.thread.start()
 
     # --- the handlers' side (any thread) -----------------------------------------------------
@@ -79,7 +81,8 @@ class EngineLoop:
 
     def shutdown(self) -> None:
         self.stopped.set()
-        self.thread.join(timeout=30)
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
 
     @property
     def alive(self) -> bool:

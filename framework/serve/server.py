@@ -24,6 +24,7 @@ from framework.serve.engine_loop import EngineLoop
 from framework.serve.metrics import ServeMetrics, measured_figures
 
 log = logging.getLogger(__name__)
+DEATH_GRACE_S = 1.0  # after the engine loop dies, how long /health answers 503 before the server stops
 LISTEN_BACKLOG = 2048  # connections the kernel queues before accept: a burst of clients is not reset
 
 
@@ -47,6 +48,7 @@ class OpenAIServer:
         self.uvicorn = uvicorn.Server(config)
         self.failed: Optional[BaseException] = None
         self.loop.on_death = self._on_engine_death
+        self.loop.start()
         self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.socket]},
                                        name="http", daemon=True)
         self.thread.start()
@@ -72,8 +74,11 @@ class OpenAIServer:
         self.loop.shutdown()
 
     def _on_engine_death(self, exc: BaseException) -> None:
+        """/health says 503 for a moment (a balancer stops sending here), then the server stops."""
         self.failed = exc
-        self.uvicorn.should_exit = True
+        timer = threading.Timer(DEATH_GRACE_S, lambda: setattr(self.uvicorn, "should_exit", True))
+        timer.daemon = True
+        timer.start()
 
     def summary(self) -> Dict[str, Any]:
         """The serving figures for metrics.json."""
