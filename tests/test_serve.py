@@ -19,7 +19,7 @@ import pytest
 from framework import SamplingParams, compose
 from framework.llm import LLM
 from framework.serve.server import OpenAIServer
-from framework.serve.text_stream import TextStream
+from framework.serve.text_stream import IncrementalDecoder, TextStream
 
 KEY = "sk-test"
 ORIGIN = "http://allowed.example"
@@ -252,6 +252,14 @@ def test_deltas_hold_back_a_split_character(server):
     text_stream = TextStream(stop=[])
     deltas = [text_stream.delta(t) for t in texts[:-1]] + [text_stream.delta(texts[-1], final=True)]
     assert "\ufffd" not in "".join(deltas) and "".join(deltas) == texts[-1]
+    incremental = IncrementalDecoder(lambda t: tokenizer.decode(t, skip_special_tokens=True))
+    seen = [incremental.update(ids[:i]) for i in range(1, len(ids) + 1)]
+    assert all(texts[-1].startswith(t) and "\ufffd" not in t for t in seen) and seen[-1] == texts[-1]
+    words = tokenizer.encode(" The with statement   is used\n\twith  caf\u00e9s", add_special_tokens=False)
+    incremental = IncrementalDecoder(tokenizer.decode)
+    for i in range(1, len(words) + 1, 2):  # two tokens at a time, as an async step may bring
+        incremental.update(words[:i])
+    assert incremental.update(words) == tokenizer.decode(words)
 
 
 def test_200_concurrent_streams_each_equal_to_its_solo_text(client, model, server):

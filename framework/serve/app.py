@@ -32,7 +32,7 @@ from framework.serve.metrics import ServeMetrics
 from framework.serve.middleware import ApiKey, BodyLimit
 from framework.serve.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                                       StreamOptions, TokenizeRequest)
-from framework.serve.text_stream import TextStream
+from framework.serve.text_stream import IncrementalDecoder, TextStream
 
 log = logging.getLogger(__name__)
 CHAT_MAX_TOKENS = 256  # when a chat request names no limit
@@ -315,6 +315,7 @@ async def _stream(state: ServeState, chat: bool, submitted: Submitted, events: "
     offsets = [len(e) for e in echoes]
     completion_tokens = 0
     decode = (lambda ids: state.tokenizer.decode(ids, skip_special_tokens=True)) if state.tokenizer else (lambda ids: "")
+    decoders = [IncrementalDecoder(decode) for _ in handles]
     token_text = _token_text(state)
 
     def chunk(index: int, text: str, finish_reason: Optional[str], entries=()) -> Dict[str, Any]:
@@ -337,7 +338,7 @@ async def _stream(state: ServeState, chat: bool, submitted: Submitted, events: "
                 yield {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
                 return
             final = event.output is not None
-            text = event.output.text if final else decode(event.token_ids)
+            text = event.output.text if final else decoders[index].update(event.token_ids)
             delta = texts[index].delta(text, final=final)
             entries = event.logprobs[sent_logprobs[index]:]
             sent_logprobs[index] = len(event.logprobs)
