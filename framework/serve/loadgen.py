@@ -149,6 +149,17 @@ def offline(overrides: List[str], bodies: List[Dict[str, Any]]) -> Dict[str, Any
             "output_tok_per_s": round(tokens / wall, 1)}
 
 
+def write_word_tokenizer(folder: str, vocab_size: int) -> None:
+    """A tokenizer of `vocab_size` made-up words ("w0", "w1", ...) for a model folder that ships
+    none (the 8B shape): streaming then has text to send, one word a token, and the server pays
+    for detokenizing as it would with a real vocabulary of that size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0").save_pretrained(folder)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="a running server; default: start one with the overrides after --")
@@ -159,15 +170,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--offline", action="store_true", help="also time LLM.generate on the largest level's requests")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    parser.add_argument("--write-tokenizer", metavar="DIR:VOCAB", help="write a made-up word tokenizer and exit "
+                        "(then add model.tokenizer=DIR to the overrides)")
     parser.add_argument("overrides", nargs="*", help="config overrides for the server (and --offline)")
     args = parser.parse_args(argv)
+    if args.write_tokenizer:
+        folder, vocab = args.write_tokenizer.rsplit(":", 1)
+        write_word_tokenizer(folder, int(vocab))
+        return 0
     proc, url = (None, args.url.rstrip("/")) if args.url else start_server(args.overrides)
     results: Dict[str, Any] = {"levels": []}
     try:
         card = json.loads(urlopen(url + "/v1/models", timeout=30).read())["data"][0]
         model = args.model or card["id"]
         levels = [int(c) for c in args.concurrency.split(",")]
-        asyncio.run(level(url, model, workload(4, 8, 4, seed=99), 4))  # warm-up
+        top = max(levels)  # warm-up at the largest level: kernels compile before anything is timed
+        asyncio.run(level(url, model, workload(top, args.input_len, 8, seed=99), top))
         for concurrency in levels:
             num = args.num_requests or max(16, 4 * concurrency)
             bodies = workload(num, args.input_len, args.output_len, seed=concurrency)
