@@ -85,6 +85,11 @@ def test_chat_completion(client, model):
                                          max_tokens=8, temperature=0)
     assert got.object == "chat.completion" and got.choices[0].message.role == "assistant"
     assert got.usage.completion_tokens == 8 and got.choices[0].message.content
+    parts = client.chat.completions.create(model=model, max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "a generator?"}]}])
+    plain = client.chat.completions.create(model=model, max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "What is a generator?"}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
 
 
 def test_models(client, model, server):
@@ -122,7 +127,10 @@ CHAT_BAD = [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool
             ({"response_format": {"type": "json_object"}}, "response_format"),
             ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
             ({"max_completion_tokens": 0}, "max_completion_tokens"),
-            ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"), ({"messages": []}, "messages")]
+            ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"), ({"messages": []}, "messages"),
+            ({"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                                         {"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+             "messages[0].content[1]")]
 
 
 @pytest.mark.parametrize("fields,param", CHAT_BAD, ids=[p for _, p in CHAT_BAD])

@@ -31,7 +31,7 @@ from framework.serve.engine_loop import EngineLoop, Event, Handle
 from framework.serve.metrics import ServeMetrics
 from framework.serve.middleware import ApiKey, BodyLimit
 from framework.serve.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
-                                      StreamOptions, TokenizeRequest)
+                                      ImagePart, StreamOptions, TextPart, TokenizeRequest)
 from framework.serve.text_stream import IncrementalDecoder, TextStream
 
 log = logging.getLogger(__name__)
@@ -116,8 +116,8 @@ async def parse(request: Request, model: Type[B]) -> B:
         raise api.RequestError(param, f"{param}: {what}" if param else what) from None
 
 
-FIELD_NAMES = {name for body in (CompletionRequest, ChatCompletionRequest, ChatMessage, StreamOptions,
-                                  TokenizeRequest, DetokenizeRequest) for name in body.model_fields}
+FIELD_NAMES = {name for body in (CompletionRequest, ChatCompletionRequest, ChatMessage, StreamOptions, TextPart,
+                                  ImagePart, TokenizeRequest, DetokenizeRequest) for name in body.model_fields}
 
 
 def _param(loc: Sequence[Any]) -> Optional[str]:
@@ -152,7 +152,16 @@ def _chat_text(state: ServeState, messages: List[ChatMessage]) -> str:
         raise api.RequestError("messages", f"model {state.model} has no chat template; use /v1/completions")
     if not messages:
         raise api.RequestError("messages", "messages must not be empty")
-    plain = [m.model_dump(exclude_none=True) for m in messages]
+    plain = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if not isinstance(content, str):  # a list of parts: text parts join; images are not served yet
+            images = [j for j, part in enumerate(content) if isinstance(part, ImagePart)]
+            if images:
+                raise api.RequestError(f"messages[{i}].content[{images[0]}]", "images in chat messages are not "
+                                       "supported by this server yet")
+            content = "".join(part.text for part in content)
+        plain.append({**message.model_dump(exclude_none=True), "content": content})
     try:
         return tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # the template itself refuses (say, roles out of order)

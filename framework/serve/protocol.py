@@ -6,7 +6,7 @@ refused with a 400 naming them (see `refused_fields`). Types are strict: "10" is
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
@@ -55,9 +55,19 @@ class CompletionRequest(SamplingFields):
     best_of: Optional[StrictInt] = None
 
 
+class TextPart(Body):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ImagePart(Body):  # parsed so that it can be refused by name until images are served
+    type: Literal["image_url"]
+    image_url: Dict[str, Any]
+
+
 class ChatMessage(Body):
     role: StrictStr
-    content: StrictStr
+    content: Union[StrictStr, List[Union[TextPart, ImagePart]]]
     name: Optional[StrictStr] = None
 
 
