@@ -255,7 +255,7 @@ async def completions(state: ServeState, request: Request) -> Response:
     prompt_tokens = sum(len(ids) for _, ids in prompts)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse(_stream(state, False, Submitted(state, handles), events, echoes, prompt_tokens, include_usage))
+        return _sse(_stream(state, False, handles, events, echoes, prompt_tokens, include_usage))
     outputs = await _results(state, request, Submitted(state, handles), events)
     _engine_error(outputs)
     token_text = _token_text(state)
@@ -280,8 +280,7 @@ async def chat_completions(state: ServeState, request: Request) -> Response:
     handles = [Handle(ids, text, sp, req.stream, events, j) for j, sp in enumerate(params)]
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse(_stream(state, True, Submitted(state, handles), events, [""] * len(handles), len(ids),
-                            include_usage))
+        return _sse(_stream(state, True, handles, events, [""] * len(handles), len(ids), include_usage))
     outputs = await _results(state, request, Submitted(state, handles), events)
     _engine_error(outputs)
     token_text = _token_text(state)
@@ -313,12 +312,13 @@ def _sse(chunks: AsyncIterator[Dict[str, Any]]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _stream(state: ServeState, chat: bool, submitted: Submitted, events: "asyncio.Queue[Tuple[int, Event]]",
+async def _stream(state: ServeState, chat: bool, handles: List[Handle], events: "asyncio.Queue[Tuple[int, Event]]",
                   echoes: List[str], prompt_tokens: int, include_usage: bool) -> AsyncIterator[Dict[str, Any]]:
-    """The chunks of a streamed request, choice by choice as their tokens come. Starlette cancels
-    this generator when the client disconnects; `finally` then aborts what is unfinished."""
+    """The chunks of a streamed request, choice by choice as their tokens come. The requests are
+    submitted when the response starts (a client gone before then costs nothing); Starlette
+    cancels this generator when the client disconnects, and `finally` aborts what is unfinished."""
     head = api.chunk_head(chat, state.model)
-    handles = submitted.handles
+    submitted = Submitted(state, handles)
     texts = [TextStream(h.params.stop) for h in handles]
     sent_logprobs = [0] * len(handles)
     offsets = [len(e) for e in echoes]
