@@ -17,9 +17,10 @@ import openai
 import pytest
 
 from framework import SamplingParams, compose
+from framework.engine.detokenizer import IncrementalDecoder
 from framework.llm import LLM
 from framework.serve.server import OpenAIServer
-from framework.serve.text_stream import IncrementalDecoder, TextStream
+from framework.serve.text_stream import TextStream
 
 KEY = "sk-test"
 ORIGIN = "http://allowed.example"

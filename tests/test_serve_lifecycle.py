@@ -4,13 +4,11 @@ metrics.json), the drain deadline cuts what is left, and an engine loop that die
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from framework.config.errors import UserError
 from framework.config.schema import FrameworkConfig
 from framework.engine.block_manager import BlockManager
+from framework.engine.detokenizer import IncrementalDecoder
 from framework.engine.model_runner import ModelRunner
 from framework.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from framework.engine.sampler import SampleRow, Sampled, sample
@@ -66,6 +67,7 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.errors: Dict[int, str] = {}  # seq_id -> why a step failed it, until its output is taken
         self.logprobs: Dict[int, List[TokenLogprob]] = {}  # seq_id -> per token, for requests that ask
+        self._stop_decoders: Dict[int, IncrementalDecoder] = {}  # seq_id -> its text so far, for stop strings
         self.pending: Optional[LaunchedStep] = None  # async scheduling: launched, not yet resolved
         pin = runner.device.type == "cuda"
         self._host_tokens = [torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
@@ -244,6 +246,7 @@ class LLMEngine:
     def abort(self, seq: Sequence) -> None:
         """Drop one unfinished request (its client went away); a step in flight skips it, as it
         skips a sequence that finished in the step before."""
+        self._stop_decoders.pop(seq.seq_id, None)
         if not seq.is_finished:
             self.scheduler.finish(seq, "abort")
             if seq.token_ids[-1] < 0:  # the token of a step still in flight: never filled in now
@@ -254,6 +257,7 @@ class LLMEngine:
         self.pending = None
         self.errors.clear()
         self.logprobs.clear()
+        self._stop_decoders.clear()
         dropped = list(self.scheduler.running) + list(self.scheduler.waiting)
         for seq in dropped:
             self.block_manager.free_blocks(seq)
@@ -263,15 +267,20 @@ class LLMEngine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> Optional[str]:
         p = seq.params
+        text, before = None, 0
+        if p.stop and self.tokenizer is not None:  # decoded a few tokens a step, not the whole output
+            decoder = self._stop_decoders.get(seq.seq_id)
+            if decoder is None:
+                decoder = self._stop_decoders[seq.seq_id] = IncrementalDecoder(self._decode)
+            before = len(decoder.text)
+            text = decoder.update(seq.output_token_ids)
         if seq.num_output_tokens < p.min_tokens:  # EOS and stop tokens were masked; strings wait too
             return "length" if seq.num_tokens >= self.max_model_len else None
         if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
             return "stop"
-        if p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-            # only a stop string that this token completes: one that ended earlier was seen then, or
-            # came before min_tokens, when stop strings do not count
-            before = len(self.tokenizer.decode(seq.output_token_ids[:-1], skip_special_tokens=True))
+        if text is not None:
+            # only a stop string that the new text completes: one that ended earlier was seen then,
+            # or came before min_tokens, when stop strings do not count
             hits = [i for i in (text.find(s, max(0, before - len(s) + 1)) for s in p.stop) if i >= 0]
             if hits:
                 seq.text = text[:min(hits)]
@@ -280,7 +289,11 @@ class LLMEngine:
             return "length"
         return None
 
+    def _decode(self, token_ids: List[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
     def output(self, seq: Sequence) -> RequestOutput:
+        self._stop_decoders.pop(seq.seq_id, None)
         token_ids = [t for t in seq.output_token_ids if t >= 0]  # EOS stays, as in vLLM; the text skips it
         text = seq.text  # cut at a stop string (maybe to ""), else decoded here
         if text is None:

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from framework.engine.detokenizer import IncrementalDecoder
 from framework.engine.outputs import RequestOutput
 from framework.engine.sampling_params import SamplingParams
 from framework.serve import openai_api as api
@@ -32,7 +33,7 @@ from framework.serve.metrics import ServeMetrics
 from framework.serve.middleware import ApiKey, BodyLimit
 from framework.serve.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                                       ImagePart, StreamOptions, TextPart, TokenizeRequest)
-from framework.serve.text_stream import IncrementalDecoder, TextStream
+from framework.serve.text_stream import TextStream
 
 log = logging.getLogger(__name__)
 CHAT_MAX_TOKENS = 256  # when a chat request names no limit
