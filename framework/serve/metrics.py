@@ -2,12 +2,13 @@
 
 Counters and histograms are updated by the engine loop as tokens come; the gauges (running and
 waiting requests, KV-cache use, preemptions) are read from the engine when Prometheus scrapes,
-as are the plan's memory figures beside the measured ones. Each server has its own registry, so
+as are the plan's memory figures beside the ones measured then (peak allocated and device use
+on a GPU, peak RSS on the CPU). Each server has its own registry, so
 two servers in one process (the tests) do not share numbers.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -23,7 +24,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15
 class EngineCollector:
     """Gauges read from the engine at scrape time (a few len() calls; racy reads are harmless)."""
 
-    def __init__(self, engine: LLMEngine, plan: Any, measured: Dict[str, float]):
+    def __init__(self, engine: LLMEngine, plan: Any, measured: Callable[[], Dict[str, float]]):
         self.engine, self.plan, self.measured = engine, plan, measured
 
     def collect(self):
@@ -39,7 +40,7 @@ class EngineCollector:
                                    labels=["source", "part"])
         for part, value in plan_figures(self.plan).items():
             memory.add_metric(["plan", part], value)
-        for part, value in self.measured.items():
+        for part, value in self.measured().items():
             memory.add_metric(["measured", part], value)
         yield memory
 
@@ -61,7 +62,8 @@ def measured_figures(rank: Dict[str, Any]) -> Dict[str, float]:
 
 
 class ServeMetrics:
-    def __init__(self, engine: LLMEngine, plan: Any = None, measured: Optional[Dict[str, float]] = None):
+    def __init__(self, engine: LLMEngine, plan: Any = None,
+                 measured: Optional[Callable[[], Dict[str, float]]] = None):
         self.registry = CollectorRegistry()
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens admitted", registry=self.registry)
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated", registry=self.registry)
@@ -71,7 +73,7 @@ class ServeMetrics:
                               buckets=LATENCY_BUCKETS, registry=self.registry)
         self.itl = Histogram(f"{PREFIX}_inter_token_latency_seconds", "Between two tokens of one request",
                              buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(EngineCollector(engine, plan, measured or {}))
+        self.registry.register(EngineCollector(engine, plan, measured or dict))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -35,7 +35,7 @@ class OpenAIServer:
             raise UserError("task=serve runs the engine in this process for now: "
                             "parallelism.tensor_parallel_size=1 (launcher=local)")
         self.llm, self.task = llm, task
-        self.metrics = ServeMetrics(engine, llm.plan, measured_figures(rank_stats(engine)))
+        self.metrics = ServeMetrics(engine, llm.plan, lambda: measured_figures(rank_stats(engine)))
         self.loop = EngineLoop(engine, self.metrics)
         self.state = ServeState(self.loop, engine.tokenizer, llm.config.model.path, engine.max_model_len,
                                 self.metrics, task.api_key, list(task.cors_origins), task.max_body_bytes)
