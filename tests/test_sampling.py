@@ -181,3 +181,48 @@ def test_logprobs_are_the_models(tiny):
         assert [t for t, _ in entry.top] == top.indices.tolist()
         assert [lp for _, lp in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
     assert llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=2))[0].outputs[0].logprobs is None
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_samples_of_one_prompt_share_its_kv(tiny_model, async_scheduling):
+    """OpenAI's n: the first sample computes the prompt, the others take its full blocks and
+    compute only the last partial one; each still equals its solo run."""
+    prompt = list(range(10, 47))  # 37 tokens: 4 full blocks of 8 to share, 5 tokens each sample computes
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    seeded = [SamplingParams(max_tokens=6, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 2)]
+    with LLM(small_config(tiny_model("llama"), async_scheduling=async_scheduling)) as llm:
+        engine = llm.launcher.engine
+        alone = [llm.generate({"prompt_token_ids": prompt}, p)[0].token_ids for p in [greedy, *seeded]]
+        computed, real_schedule = [], engine.scheduler.schedule
+
+        def counting():
+            batch = real_schedule()
+            computed.append(batch.num_tokens)
+            return batch
+        engine.scheduler.schedule = counting
+        seqs = engine.add_request_group({"prompt_token_ids": prompt}, [greedy, *seeded])
+        shared = []
+        while engine.has_work():
+            engine.step()
+            if not shared and all(s.block_table for s in seqs):
+                shared = [s.block_table[:4] for s in seqs]
+                refs = [engine.block_manager.ref_counts[b] for b in shared[0]]
+        assert shared[1] == shared[2] == shared[0] and refs == [3] * 4
+        assert [engine.output(s).token_ids for s in seqs] == alone
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        if not async_scheduling:  # the prompt once, 5 tokens for each other sample, 5 decodes each
+            assert sum(computed) == 37 + 2 * 5 + 3 * 5
+
+
+def test_an_aborted_sample_that_waits_for_its_prompt(tiny_model):
+    with LLM(small_config(tiny_model("llama"))) as llm:
+        engine = llm.launcher.engine
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        first, second, third = engine.add_request_group({"prompt_token_ids": PROMPTS[2]}, [params] * 3)
+        engine.abort(second)  # still waiting for the first's prompt
+        assert second.finish_reason == "abort"
+        engine.abort(first)  # before its prompt was computed: the third computes its own
+        while engine.has_work():
+            engine.step()
+        assert third.finish_reason == "length" and len(third.output_token_ids) == 4
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks and not engine.forks

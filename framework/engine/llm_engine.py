@@ -25,7 +25,7 @@ from framework.engine.outputs import CompletionOutput, RequestOutput, TokenLogpr
 from framework.engine.sampler import SampleRow, Sampled, sample
 from framework.engine.sampling_params import SamplingParams
 from framework.engine.scheduler import ScheduledBatch, Scheduler
-from framework.engine.sequence import Sequence
+from framework.engine.sequence import Sequence, Status
 from framework.engine.step_input import build_step_input
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class LLMEngine:
         self.errors: Dict[int, str] = {}  # seq_id -> why a step failed it, until its output is taken
         self.logprobs: Dict[int, List[TokenLogprob]] = {}  # seq_id -> per token, for requests that ask
         self._stop_decoders: Dict[int, IncrementalDecoder] = {}  # seq_id -> its text so far, for stop strings
+        self.forks: Dict[int, List[Sequence]] = {}  # seq_id -> samples of its prompt waiting for its KV
         self.pending: Optional[LaunchedStep] = None  # async scheduling: launched, not yet resolved
         pin = runner.device.type == "cuda"
         self._host_tokens = [torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
@@ -106,6 +107,26 @@ class LLMEngine:
 
     def add_request(self, prompt: Prompt, params: SamplingParams) -> Union[Sequence, RequestOutput]:
         """A Sequence now in the scheduler, or a finished RequestOutput carrying the error."""
+        seq = self._new_sequence(prompt, params)
+        if isinstance(seq, Sequence):
+            self.scheduler.add(seq)
+        return seq
+
+    def add_request_group(self, prompt: Prompt, params: Seq[SamplingParams]) -> List[Union[Sequence, RequestOutput]]:
+        """Several samples of one prompt (OpenAI's `n`). The first computes the prompt; the others
+        wait until it has, then take references to its full prompt blocks and compute only the
+        rest (at most a block), so the prompt's KV is computed and held once."""
+        first = self.add_request(prompt, params[0])
+        others = [self._new_sequence(prompt, p) for p in params[1:]]
+        if isinstance(first, Sequence):
+            self.forks[first.seq_id] = [s for s in others if isinstance(s, Sequence)]
+        else:
+            for seq in others:
+                if isinstance(seq, Sequence):
+                    self.scheduler.add(seq)
+        return [first, *others]
+
+    def _new_sequence(self, prompt: Prompt, params: SamplingParams) -> Union[Sequence, RequestOutput]:
         request_id = str(next(self._ids))
         text, token_ids = None, []
         try:
@@ -116,9 +137,7 @@ class LLMEngine:
         if problem:
             return RequestOutput(request_id, text, token_ids, [CompletionOutput("", [], "error")],
                                  error=f"request {request_id}: {problem}")
-        seq = Sequence(token_ids, params, request_id=request_id, prompt=text)
-        self.scheduler.add(seq)
-        return seq
+        return Sequence(token_ids, params, request_id=request_id, prompt=text)
 
     # --- the loop -------------------------------------------------------------------
     # A step is launched (forward and, for greedy rows, argmax on the device), committed (its
@@ -202,6 +221,8 @@ class LLMEngine:
                 continue
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)  # placeholders are never among the computed tokens
+            if seq.seq_id in self.forks and seq.num_computed_tokens >= self._shared_blocks(seq) * self.block_size:
+                self._attach_forks(seq)
         for row, seq in enumerate(launched.sampling):
             if not seq.is_finished:
                 seq.token_ids.append(-1 - row)
@@ -243,10 +264,36 @@ class LLMEngine:
             banned = sorted(set(p.stop_token_ids) | self.eos_token_ids)
         return SampleRow(p, seq.generator, seq.token_ids[:seq.num_prompt_tokens], outputs, banned)
 
+    def _shared_blocks(self, seq: Sequence) -> int:
+        """Full blocks of prompt a sample can share, leaving it at least one token to compute."""
+        return (seq.num_prompt_tokens - 1) // self.block_size
+
+    def _attach_forks(self, parent: Sequence) -> None:
+        """The parent's prompt KV is written (the steps that wrote it run before any later step on
+        the device): its samples take references to its full prompt blocks and join the queue."""
+        shared = min(self._shared_blocks(parent), len(parent.block_table))
+        for seq in self.forks.pop(parent.seq_id, []):
+            for block in parent.block_table[:shared]:  # full blocks are never written again: safe to share
+                self.block_manager.ref_counts[block] += 1
+                seq.block_table.append(block)
+            seq.num_computed_tokens = shared * self.block_size
+            self.scheduler.add(seq)
+
+    def _release_forks(self, parent: Sequence) -> None:
+        """The parent ends before its prompt was computed: its samples compute their own."""
+        for seq in self.forks.pop(parent.seq_id, []):
+            self.scheduler.add(seq)
+
     def abort(self, seq: Sequence) -> None:
         """Drop one unfinished request (its client went away); a step in flight skips it, as it
         skips a sequence that finished in the step before."""
         self._stop_decoders.pop(seq.seq_id, None)
+        self._release_forks(seq)
+        for waiting in self.forks.values():
+            if seq in waiting:  # a sample still waiting for its parent's prompt: not in the scheduler
+                waiting.remove(seq)
+                seq.status, seq.finish_reason = Status.FINISHED, "abort"
+                return
         if not seq.is_finished:
             self.scheduler.finish(seq, "abort")
             if seq.token_ids[-1] < 0:  # the token of a step still in flight: never filled in now
@@ -259,6 +306,8 @@ class LLMEngine:
         self.logprobs.clear()
         self._stop_decoders.clear()
         dropped = list(self.scheduler.running) + list(self.scheduler.waiting)
+        dropped += [seq for waiting in self.forks.values() for seq in waiting]
+        self.forks.clear()
         for seq in dropped:
             self.block_manager.free_blocks(seq)
         self.scheduler.running.clear()

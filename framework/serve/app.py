@@ -200,13 +200,14 @@ async def _next(state: ServeState, events: "asyncio.Queue[Tuple[int, Event]]",
 
 
 class Submitted:
-    """The Handles of one HTTP request: submitted together, aborted together unless finished."""
+    """The Handles of one HTTP request: submitted together (those of one prompt as a group that
+    shares its KV), aborted together unless finished."""
 
-    def __init__(self, state: ServeState, handles: List[Handle]):
+    def __init__(self, state: ServeState, handles: List[Handle], group_size: int):
         self.state, self.handles = state, handles
         self.finished = [False] * len(handles)
-        for handle in handles:
-            state.loop.submit(handle)
+        for start in range(0, len(handles), group_size):
+            state.loop.submit(handles[start:start + group_size])
 
     def finish(self, index: int) -> None:
         self.finished[index] = True
@@ -256,8 +257,8 @@ async def completions(state: ServeState, request: Request) -> Response:
     prompt_tokens = sum(len(ids) for _, ids in prompts)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse(_stream(state, False, handles, events, echoes, prompt_tokens, include_usage))
-    outputs = await _results(state, request, Submitted(state, handles), events)
+        return _sse(_stream(state, False, handles, len(params), events, echoes, prompt_tokens, include_usage))
+    outputs = await _results(state, request, Submitted(state, handles, len(params)), events)
     _engine_error(outputs)
     token_text = _token_text(state)
     choices = []
@@ -281,8 +282,8 @@ async def chat_completions(state: ServeState, request: Request) -> Response:
     handles = [Handle(ids, text, sp, req.stream, events, j) for j, sp in enumerate(params)]
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _sse(_stream(state, True, handles, events, [""] * len(handles), len(ids), include_usage))
-    outputs = await _results(state, request, Submitted(state, handles), events)
+        return _sse(_stream(state, True, handles, len(handles), events, [""] * len(handles), len(ids), include_usage))
+    outputs = await _results(state, request, Submitted(state, handles, len(handles)), events)
     _engine_error(outputs)
     token_text = _token_text(state)
     choices = [api.chat_choice(i, o.text, o.finish_reason,
@@ -313,13 +314,14 @@ def _sse(chunks: AsyncIterator[Dict[str, Any]]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _stream(state: ServeState, chat: bool, handles: List[Handle], events: "asyncio.Queue[Tuple[int, Event]]",
-                  echoes: List[str], prompt_tokens: int, include_usage: bool) -> AsyncIterator[Dict[str, Any]]:
+async def _stream(state: ServeState, chat: bool, handles: List[Handle], group_size: int,
+                  events: "asyncio.Queue[Tuple[int, Event]]", echoes: List[str], prompt_tokens: int,
+                  include_usage: bool) -> AsyncIterator[Dict[str, Any]]:
     """The chunks of a streamed request, choice by choice as their tokens come. The requests are
     submitted when the response starts (a client gone before then costs nothing); Starlette
     cancels this generator when the client disconnects, and `finally` aborts what is unfinished."""
     head = api.chunk_head(chat, state.model)
-    submitted = Submitted(state, handles)
+    submitted = Submitted(state, handles, group_size)
     texts = [TextStream(h.params.stop) for h in handles]
     sent_logprobs = [0] * len(handles)
     offsets = [len(e) for e in echoes]

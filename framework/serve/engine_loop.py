@@ -70,11 +70,13 @@ class EngineLoop:
         self.thread.start()
 
     # --- the handlers' side (any thread) -----------------------------------------------------
-    def submit(self, handle: Handle) -> None:
+    def submit(self, handles: List[Handle]) -> None:
+        """Handles of one prompt (the n choices of a request): its KV is computed once for all."""
         if self.dead is not None:
-            handle.push(Event([], error=f"the engine loop died: {self.dead}"))
+            for handle in handles:
+                handle.push(Event([], error=f"the engine loop died: {self.dead}"))
             return
-        self.inbox.put(("add", handle))
+        self.inbox.put(("add", handles))
 
     def abort(self, handle: Handle) -> None:
         self.inbox.put(("abort", handle))
@@ -111,22 +113,23 @@ class EngineLoop:
         except queue.Empty:
             return
         while item is not None:
-            kind, handle = item
-            self._add(handle) if kind == "add" else self._abort(handle)
+            kind, what = item
+            self._add(what) if kind == "add" else self._abort(what)
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 item = None
 
-    def _add(self, handle: Handle) -> None:
-        result = self.engine.add_request(handle.prompt, handle.params)
-        if isinstance(result, RequestOutput):  # refused: its error, at once
-            handle.push(Event([], output=result))
-            return
-        handle.seq = result
-        self.active[result.seq_id] = handle
-        if self.metrics is not None:
-            self.metrics.prompt_tokens.inc(result.num_prompt_tokens)
+    def _add(self, handles: List[Handle]) -> None:
+        results = self.engine.add_request_group(handles[0].prompt, [h.params for h in handles])
+        for handle, result in zip(handles, results):
+            if isinstance(result, RequestOutput):  # refused: its error, at once
+                handle.push(Event([], output=result))
+                continue
+            handle.seq = result
+            self.active[result.seq_id] = handle
+        if self.metrics is not None and isinstance(results[0], Sequence):
+            self.metrics.prompt_tokens.inc(results[0].num_prompt_tokens)  # computed once for the group
 
     def _abort(self, handle: Handle) -> None:
         seq = handle.seq
@@ -176,5 +179,5 @@ class EngineLoop:
                 kind, handle = self.inbox.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
+            for handle in (handle if kind == "add" else []):
                 handle.push(Event([], error=f"the engine loop died: {type(exc).__name__}: {exc}"))
