@@ -341,11 +341,15 @@ class LLMEngine:
     def _decode(self, token_ids: List[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def output(self, seq: Sequence) -> RequestOutput:
+    def output(self, seq: Sequence, decode: bool = True) -> RequestOutput:
+        """decode=False leaves the text "" unless a stop string cut it (the server decodes off
+        the engine's thread)."""
         self._stop_decoders.pop(seq.seq_id, None)
         token_ids = [t for t in seq.output_token_ids if t >= 0]  # EOS stays, as in vLLM; the text skips it
         text = seq.text  # cut at a stop string (maybe to ""), else decoded here
-        if text is None:
+        if text is None and not decode:
+            text = ""
+        elif text is None:
             text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
         logprobs = self.logprobs.pop(seq.seq_id, []) if seq.params.logprobs is not None else None
         first, last = seq.first_token_time, seq.finish_time

@@ -191,7 +191,10 @@ async def _next(state: ServeState, events: "asyncio.Queue[Tuple[int, Event]]",
         waiting = {getter} if gone is None else {getter, gone}
         done, _ = await asyncio.wait(waiting, timeout=ALIVE_CHECK_S, return_when=asyncio.FIRST_COMPLETED)
         if getter in done:
-            return getter.result()
+            index, event = getter.result()
+            if event.decode_text:  # the engine thread leaves the final decode to us
+                event.output.outputs[0].text = state.tokenizer.decode(event.output.token_ids, skip_special_tokens=True)
+            return index, event
         getter.cancel()
         if gone is not None and gone in done:
             raise ClientGone()

@@ -31,6 +31,7 @@ class Event:
     token_ids: List[int]  # every output token so far
     logprobs: List[TokenLogprob] = field(default_factory=list)  # every one so far, if asked for
     output: Optional[RequestOutput] = None  # set on the last event of a request
+    decode_text: bool = False  # the output's text is for the handler to decode (no stop string cut it)
     error: Optional[str] = None  # the loop died: no output will come
 
 
@@ -148,8 +149,10 @@ class EngineLoop:
             handle = self.active.pop(seq.seq_id, None)
             if handle is None:
                 continue
-            output = self.engine.output(seq)
-            handle.push(Event(list(output.token_ids), list(output.outputs[0].logprobs or []), output=output))
+            decode_text = seq.text is None and self.engine.tokenizer is not None
+            output = self.engine.output(seq, decode=False)  # detokenized by its handler, off this thread
+            handle.push(Event(list(output.token_ids), list(output.outputs[0].logprobs or []), output=output,
+                              decode_text=decode_text))
             if self.metrics is not None:
                 self.metrics.requests.labels(output.finish_reason or "unknown").inc()
 
