@@ -388,7 +388,8 @@ class LLMEngine:
         results: List[Union[Sequence, RequestOutput]] = []
         bar = None
         try:
-            results += [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+            for prompt, sp in zip(prompts, params_list):
+                results.append(self.add_request(prompt, sp))
             if progress:
                 from tqdm import tqdm
                 bar = tqdm(total=len(results), desc="generate", unit="req", dynamic_ncols=True)
