@@ -101,6 +101,17 @@ def validate(cfg: FrameworkConfig) -> FrameworkConfig:
     _positive("task.num_requests", t.num_requests)
     if not 0 <= t.port <= 65535:
         raise ConfigError("task.port", t.port, "must be in [0, 65535] (0 picks a free port)")
+    if t.api_key is not None and (not isinstance(t.api_key, str) or not t.api_key.strip()):
+        raise ConfigError("task.api_key", t.api_key, "must be a non-empty string, or null for no key")
+    if not all(isinstance(o, str) and o for o in t.cors_origins):
+        raise ConfigError("task.cors_origins", list(t.cors_origins), "must be a list of origins like "
+                          "http://localhost:3000, or [\"*\"]")
+    _positive("task.max_body_bytes", t.max_body_bytes)
+    if t.name == "serve" and cfg.parallelism.tensor_parallel_size > 1:
+        raise ConfigError("parallelism.tensor_parallel_size", cfg.parallelism.tensor_parallel_size,
+                          "task=serve runs one rank for now (the engine in the server's process): use 1")
+    if isinstance(t.drain_s, bool) or not isinstance(t.drain_s, (int, float)) or not 0 <= t.drain_s < float("inf"):
+        raise ConfigError("task.drain_s", t.drain_s, "must be a number of seconds >= 0")
     _positive("task.compare_hf_requests", t.compare_hf_requests, allow=(None,))
     if isinstance(t.decode_batch1_tokens, bool) or not isinstance(t.decode_batch1_tokens, int) \
             or t.decode_batch1_tokens < 0:
