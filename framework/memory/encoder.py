@@ -15,11 +15,11 @@ from typing import Any, Dict, Mapping
 
 from framework.memory.shape import VisionShape
 from framework.memory.weights import vision_weight_elems
+from framework.multimodal.limits import parse_limits
 
 IMAGE_MAX_PIXELS = 28 * 28 * 1280  # transformers Qwen2VLImageProcessor's default cap
 VIDEO_MAX_PIXELS = 28 * 28 * 768  # ... and Qwen2VLVideoProcessor's, per frame
 VIDEO_MAX_FRAMES = 768  # Qwen2VLVideoProcessor.max_frames
-DEFAULT_LIMIT = 1  # vLLM: one item per modality unless limit_mm_per_prompt says otherwise
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,11 @@ class EncoderBudget:
         return self.weight_bytes + self.activation_bytes + self.output_cache_bytes
 
 
-def limits(v: VisionShape, limit_mm_per_prompt: Mapping[str, int]) -> Dict[str, int]:
-    """Items per prompt of each modality this encoder takes (video only for Qwen2-VL-style ones)."""
+def limits(v: VisionShape, limit_mm_per_prompt: Mapping[str, Any]) -> Dict[str, int]:
+    """Items per prompt of each modality this encoder takes (video only for Qwen2-VL-style ones);
+    either form of limit_mm_per_prompt (framework/multimodal/limits.py)."""
     modalities = ("image", "video") if v.temporal_patch_size > 1 else ("image",)
-    return {m: int(limit_mm_per_prompt.get(m, DEFAULT_LIMIT)) for m in modalities}
+    return {m: limit.count for m, limit in parse_limits(limit_mm_per_prompt, modalities=modalities).items()}
 
 
 def item_tokens(v: VisionShape, modality: str, kwargs: Mapping[str, Any], max_model_len: int) -> int:

@@ -96,7 +96,7 @@ def _candidates(cfg: FrameworkConfig, hf_config: Any, plan: MemoryPlan) -> List[
     if plan.encoder_bytes:  # conf/multimodal/text_only.yaml and images_only.yaml
         out.append(Candidate(["multimodal=text_only"], _set(**{
             "multimodal.limit_mm_per_prompt": {"image": 0, "video": 0}, "multimodal.mm_processor_kwargs": {},
-            "multimodal.mm_input_cache_gib": 0}), "multimodal"))
+            "multimodal.mm_input_cache_gib": 0, "multimodal.mm_processor_cache_gib": 0}), "multimodal"))
         v = vision_shape(hf_config)
         if v is not None and v.temporal_patch_size > 1:
             out.append(Candidate(["multimodal=images_only"], _set(**{
