@@ -57,3 +57,40 @@ def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
 
 def random_video(frames: int, height: int, width: int, seed: int = 0):
     return [random_image(height, width, seed * 1000 + i) for i in range(frames)]
+
+
+# A tiny Qwen2.5-VL: 2 decoder layers, a 2-block tower with one window and one full block.
+# mrope_section adds up to head_dim / 2 = 8; token ids follow build_tokenizer's specials.
+TINY_TEXT = dict(vocab_size=272, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]})
+TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=14,
+                   temporal_patch_size=2, spatial_merge_size=2, window_size=56, fullatt_block_indexes=[1],
+                   tokens_per_second=2)
+
+
+def tiny_vl_config():
+    from transformers import Qwen2_5_VLConfig
+    tok = build_tokenizer()
+    ids = dict(zip(("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"),
+                   tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])))
+    text = dict(TINY_TEXT, bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=TINY_VISION, tie_word_embeddings=False,
+                            architectures=["Qwen2_5_VLForConditionalGeneration"], **ids)
+
+
+def build_tiny_qwen2_5_vl(path: Path, seed: int = 0) -> Path:
+    """A random Qwen2.5-VL folder (weights in HF's checkpoint names) with its processor."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_vl_config()).eval()
+    with torch.no_grad():  # HF starts norms at one and biases at zero: make every weight matter
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.02 * torch.randn_like(p))
+    model.save_pretrained(path)
+    build_processor(path)
+    return path
