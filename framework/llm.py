@@ -11,9 +11,11 @@ from framework.config.validate import validate, validate_against_model
 from framework.engine.outputs import RequestOutput
 from framework.engine.sampling_params import SamplingParams
 from framework.loader.resolve import load_hf_config, resolve_model_path
+from framework.resolve import auto_notes, config_dict, resolve_config
 
 if TYPE_CHECKING:
     from framework.memory.planner import MemoryPlan
+    from launchers.base import Launcher
 
 log = logging.getLogger(__name__)
 Prompt = Union[str, Dict[str, Any]]
@@ -24,25 +26,33 @@ class LLM:
         from launchers import start_launcher
         from framework.memory.measure import reset_peak_rss
 
-        reset_peak_rss()  # this engine's peak, not an earlier job's in the same process
-        self.config = validate(config or FrameworkConfig())
-        self.model_path = resolve_model_path(self.config.model.path)
-        self.hf_config = load_hf_config(self.model_path)
-        validate_against_model(self.config, self.hf_config)
-        self.plan = self._plan()
-        self.launcher = start_launcher(self.config, self.model_path, self.hf_config)
+        from framework.memory.planner import engine_device_memory
+        from framework.models.registry import check_runnable
 
-    def _plan(self) -> Optional["MemoryPlan"]:
+        reset_peak_rss()  # this engine's peak, not an earlier job's in the same process
+        requested = validate(config or FrameworkConfig())
+        self.model_path = resolve_model_path(requested.model.path)
+        self.hf_config = load_hf_config(self.model_path)
+        validate_against_model(requested, self.hf_config)
+        check_runnable(self.hf_config, requested.multimodal.limit_mm_per_prompt)
+        # Every `auto` becomes a value here, once; the planner, the launcher and every rank get
+        # the resolved config (a CPU-only driver of a GPU cluster resolves for the CPU backend).
+        gpu_here = not (requested.model.device == "cuda" and not torch.cuda.is_available())
+        device_memory = engine_device_memory(requested) if gpu_here else None
+        self.config = resolve_config(requested, self.hf_config, device_memory)
+        for note in auto_notes(requested, self.config):
+            log.info("%s", note)
+        self.plan = self._plan(device_memory) if gpu_here else None
+        if not gpu_here:
+            log.info("no GPU in this process to plan for; see task=plan task.device_memory_gib=N")
+        self.launcher: Launcher = start_launcher(self.config, self.model_path, self.hf_config)
+
+    def _plan(self, device_memory: Optional[int]) -> "MemoryPlan":
         """The memory plan, logged before any weight is read; a plan that does not fit warns
         with the overrides that would, then the run goes on (the engine has the last word)."""
         from framework.memory.fixes import format_fixes, suggest_fixes
-        from framework.memory.planner import engine_device_memory, plan_memory
+        from framework.memory.planner import plan_memory
 
-        if self.config.model.device == "cuda" and not torch.cuda.is_available():
-            # a CPU-only driver of a GPU cluster: it cannot see the ranks' GPUs
-            log.info("no GPU in this process to plan for; see task=plan task.device_memory_gib=N")
-            return None
-        device_memory = engine_device_memory(self.config)
         plan = plan_memory(self.config, self.hf_config, device_memory)
         log.info("%s", plan.format_table())
         if not plan.fits:
@@ -64,7 +74,7 @@ class LLM:
     def tokenizer(self) -> Any:
         """The engine's tokenizer when the engine is in this process; else one loaded here
         (rank 0's engine lives in a Ray actor)."""
-        engine = getattr(self.launcher, "engine", None)
+        engine = self.launcher.local_engine()
         if engine is not None:
             return engine.tokenizer
         if not hasattr(self, "_tokenizer"):
@@ -80,8 +90,9 @@ class LLM:
                                                   add_generation_prompt=True, tokenize=False)
 
     def stats(self) -> Dict[str, Any]:
-        """Load time, KV cache size and measured memory of each rank (for metrics.json)."""
-        return self.launcher.stats()
+        """Load time, KV cache size and measured memory of each rank, and the resolved config
+        they ran (for metrics.json)."""
+        return {**self.launcher.stats(), "resolved_config": config_dict(self.config)}
 
     def shutdown(self) -> None:
         self.launcher.shutdown()

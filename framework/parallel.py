@@ -1,12 +1,23 @@
 """Tensor-parallel rank and collectives. Without an initialized process group: rank 0 of 1.
 
-The launcher (launchers/) initializes torch.distributed; layers only ask who they are and
-reduce or gather through here, so the same model code runs at any TP size.
+The launcher (launchers/) initializes torch.distributed and the model runner asks who it is
+(`tp_rank`, `tp_size`) once, to build the model's context (models/context.py); layers know their
+rank from that context and reduce or gather through here.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelInfo:
+    """One rank's place in its tensor-parallel group, as a model is told it (models/context.py)."""
+
+    rank: int = 0
+    size: int = 1
 
 
 # Steps are pickled Python objects: with NCCL they would make a round trip through the GPU
@@ -31,17 +42,18 @@ def tp_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if tp_size() > 1:
+def all_reduce(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Sum over the `size` ranks of the group (a no-op for one)."""
+    if size > 1:
         dist.all_reduce(x)
     return x
 
 
-def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate each rank's slice of the last dimension (vocab-parallel logits)."""
-    if tp_size() == 1:
+def all_gather_last_dim(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Concatenate each of the `size` ranks' slice of the last dimension (vocab-parallel logits)."""
+    if size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(tp_size())]
+    parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=-1)
 

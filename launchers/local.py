@@ -11,11 +11,15 @@ from framework.config.schema import FrameworkConfig
 from framework.engine.build import build_engine
 from framework.engine.outputs import RequestOutput
 from framework.memory.measure import rank_stats
+from launchers.base import Launcher
 
 
-class LocalLauncher:
+class LocalLauncher(Launcher):
     def __init__(self, cfg: FrameworkConfig, model_path: Path, hf_config: Any):
         self.engine = build_engine(cfg, model_path, hf_config)
+
+    def local_engine(self):
+        return self.engine
 
     def generate(self, prompts: List[Any], params: Any, progress: bool) -> List[RequestOutput]:
         return self.engine.generate(prompts, params, progress)

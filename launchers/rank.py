@@ -18,11 +18,12 @@ import torch.distributed as dist
 
 from framework.config.errors import ConfigError, UserError
 from framework.config.schema import FrameworkConfig
-from framework.engine.build import build_engine, build_runner
+from framework.engine.build import build_engine
+from framework.engine.model_runner import ModelRunner
 from framework.engine.outputs import RequestOutput
 from framework.loader.sharded import save_rank
 from framework.memory.measure import rank_stats
-from framework.parallel import set_step_group
+from framework.parallel import ParallelInfo, set_step_group
 
 # Generous: rank 0 may still be importing torch or reading its weights when the others arrive.
 RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
@@ -62,13 +63,15 @@ class RankActor:
             raise UserError(str(exc)) from None
 
     def _build(self, weights_only: bool) -> None:
+        """The config arrives resolved (the driver resolved every `auto` once)."""
+        runner = ModelRunner(self.cfg, self.model_path, self.hf_config, ParallelInfo(self.rank, self.world_size))
         if weights_only:  # task=save_sharded: no KV cache, no engine
-            self.runner = build_runner(self.cfg, self.model_path, self.hf_config)
+            self.runner = runner
         elif self.rank == 0:
-            self.engine = build_engine(self.cfg, self.model_path, self.hf_config)
-            self.runner = self.engine.runner
+            self.engine = build_engine(self.cfg, self.model_path, self.hf_config, runner)
+            self.runner = runner
         else:
-            self.runner = build_runner(self.cfg, self.model_path, self.hf_config)
+            self.runner = runner
             # The same two collectives rank 0's engine makes: agree the block count, then allocate.
             self.runner.num_blocks_that_fit()
             self.runner.allocate_kv_cache(None)

@@ -37,7 +37,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from framework.config.errors import ConfigError, UserError
 from framework.config.schema import FrameworkConfig
 from framework.engine.outputs import RequestOutput
-from framework.loader.sharded import Manifest
+from launchers.base import Launcher
 from launchers.rank import RankActor
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,8 @@ def bundles(cfg: FrameworkConfig, gpu: bool) -> List[Dict[str, float]]:
     return [dict(bundle) for _ in range(cfg.parallelism.tensor_parallel_size)]
 
 
-class RayLauncher:
-    """Same interface as LocalLauncher. `weights_only` builds each rank's model without engine or
+class RayLauncher(Launcher):
+    """The Launcher interface over Ray actors. `weights_only` builds each rank's model without engine or
     KV cache (task=save_sharded)."""
 
     def __init__(self, cfg: FrameworkConfig, model_path: Path, hf_config: Any, weights_only: bool = False):
@@ -111,8 +111,6 @@ class RayLauncher:
         try:
             gpu = uses_gpu(cfg)
             check_room(cfg, gpu)
-            if cfg.model.load_format == "sharded":
-                Manifest.read(model_path).check(model_path, self.tp, cfg.quantization.method)
             self.pg = self._reserve(bundles(cfg, gpu))
             self._spawn(model_path, hf_config, gpu)
             self._start("nccl" if gpu else "gloo", weights_only)

@@ -8,7 +8,7 @@ import torch
 
 from framework import FrameworkConfig, SamplingParams
 from framework.config.errors import UserError
-from framework.engine.cuda_graphs import capture_sizes, default_capture_sizes
+from framework.resolve import capture_sizes, default_capture_sizes
 from framework.engine.sequence import Sequence
 from framework.engine.step_input import StepInput
 from framework.llm import LLM

@@ -3,7 +3,6 @@ device, per-rank shapes under TP, the KV cache the engine allocates and the memo
 uses, plus task=plan's verdicts, fixes and the `auto` limits."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import subprocess
@@ -36,31 +35,14 @@ def plan_config(path: str, **cache) -> FrameworkConfig:
     return cfg
 
 
-@contextlib.contextmanager
-def fake_tp(monkeypatch, size: int):
-    """Our layers ask framework.parallel who they are; answer 'rank 0 of `size`' without a
-    process group, so a model built on `meta` has exactly one rank's shapes."""
-    import framework.layers.embedding as embedding
-    import framework.layers.linear as linear
-    import framework.models.llama as llama
-    with monkeypatch.context() as m:
-        for module in (linear, embedding, llama):
-            if hasattr(module, "tp_size"):
-                m.setattr(module, "tp_size", lambda: size)
-            if hasattr(module, "tp_rank"):
-                m.setattr(module, "tp_rank", lambda: 0)
-        yield
-
-
-def meta_model(hf_config, dtype=torch.bfloat16, max_model_len=None):
-    from framework.models.llama import LlamaForCausalLM
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            return LlamaForCausalLM(hf_config, max_model_len)
-    finally:
-        torch.set_default_dtype(default)
+def meta_model(hf_config, dtype=torch.bfloat16, max_model_len=0, tp: int = 1, quant=None):
+    """Rank 0 of `tp`, built on `meta` exactly as the engine builds it (shapes, no memory)."""
+    from framework.layers.quantization import QuantResolver
+    from framework.models.context import ModelContext
+    from framework.models.interface import build_model
+    from framework.parallel import ParallelInfo
+    ctx = ModelContext(hf_config, dtype, max_model_len, ParallelInfo(0, tp), quant or QuantResolver())
+    return build_model(ctx, "meta")
 
 
 def param_bytes(model) -> int:
@@ -96,10 +78,9 @@ def test_weights_equal_meta_model(name, params):
 
 @pytest.mark.parametrize("name,tp", [("llama-3.1-8b", 2), ("llama-3.1-8b", 8), ("granite-3.1-8b", 2),
                                      ("granite-3.1-8b", 4)])
-def test_weights_per_rank_equal_meta_model_under_tp(monkeypatch, name, tp):
+def test_weights_per_rank_equal_meta_model_under_tp(name, tp):
     hf = shape_config(name)
-    with fake_tp(monkeypatch, tp):
-        model = meta_model(hf)
+    model = meta_model(hf, tp=tp)
     cfg = plan_config(name, max_model_len=8192)
     cfg.parallelism.tensor_parallel_size = tp
     assert param_bytes(model) == plan_memory(cfg, hf, 80 * GiB).weight_bytes
@@ -145,22 +126,13 @@ def test_qwen2_5_vl_weights_equal_hf_model():
 def test_quantized_weights_equal_meta_model():
     """fp8/int8 (1 byte + a float32 scale per row) and int4 (half a byte + a bf16 scale per group),
     counted as measure.weight_bytes counts them: parameters plus the scales (persistent buffers)."""
-    quantization = pytest.importorskip("framework.layers.quantization")
-    from framework.models.llama import LlamaForCausalLM
-    if "quant_method" not in LlamaForCausalLM.__init__.__code__.co_varnames:
-        pytest.skip("this model takes no quantization method yet")
+    from framework.layers.quantization import QuantResolver
     from framework.memory.measure import weight_bytes
     hf = shape_config("llama-3.1-8b")
     for method in ("fp8", "int8", "int4"):
         cfg = plan_config("llama-3.1-8b", max_model_len=8192)
         cfg.quantization.method = method
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            with torch.device("meta"):
-                model = LlamaForCausalLM(hf, quant_method=quantization.get_quant_method(cfg.quantization, hf))
-        finally:
-            torch.set_default_dtype(default)
+        model = meta_model(hf, quant=QuantResolver.build(cfg.quantization, hf))
         assert weight_bytes(model) == plan_memory(cfg, hf, 80 * GiB).weight_bytes, method
 
 
@@ -172,22 +144,18 @@ def test_quantized_weights_equal_meta_model():
     ("llama-3.1-8b", 16, "auto", 2 * 32 * 1 * 128 * 2),  # 8 KV heads on 16 ranks: each holds one, replicated
     ("qwen2.5-vl-3b", 4, "auto", 2 * 36 * 1 * 128 * 2),  # 2 KV heads on 4 ranks
     ("granite-3.1-8b", 1, "fp8", 2 * 40 * 8 * 128 * 1)])
-def test_kv_bytes_per_token(monkeypatch, name, tp, kv_dtype, per_token):
+def test_kv_bytes_per_token(name, tp, kv_dtype, per_token):
     hf = shape_config(name)
     cfg = plan_config(name, max_model_len=4096, kv_cache_dtype=kv_dtype)
     cfg.parallelism.tensor_parallel_size = tp
     plan = plan_memory(cfg, hf, 80 * GiB)
     assert plan.kv_bytes_per_token == per_token
     assert plan.kv_cache_bytes == plan.kv_blocks * cfg.cache.block_size * per_token
-    if name != "qwen2.5-vl-3b":  # our model's own attention layers agree
-        from framework.engine.model_runner import KVCacheSpec, kv_cache_dtype
-        from framework.layers.attention import Attention
-        with fake_tp(monkeypatch, tp):
-            model = meta_model(hf)
-        attn = [m for m in model.modules() if isinstance(m, Attention)]
-        spec = KVCacheSpec(len(attn), attn[0].num_kv_heads, attn[0].head_dim, 1,
-                           kv_cache_dtype(kv_dtype, torch.bfloat16))
-        assert spec.bytes_per_block == per_token
+    # our model's own attention layers agree (the engine sizes its cache from them)
+    from framework.engine.model_runner import kv_cache_dtype, kv_cache_spec
+    from framework.models.interface import attention_layers
+    spec = kv_cache_spec(attention_layers(meta_model(hf, tp=tp)), 1, kv_cache_dtype(kv_dtype, torch.bfloat16))
+    assert spec.bytes_per_block == per_token
 
 
 def test_kv_budget_on_gpu_is_what_the_rest_leaves():
@@ -303,17 +271,28 @@ def test_auto_limits_are_the_largest_that_fit():
     assert both.fits and both.max_num_seqs >= 1
 
 
-def test_engine_resolves_auto_with_the_planner(tiny_model):
-    from framework.engine.build import resolve_max_model_len, resolve_max_num_seqs
-    from framework.memory.planner import resolve_auto_limits as planned
+def test_engine_resolves_auto_once_with_the_planner(tiny_model, monkeypatch):
+    """`auto` limits are searched once, before the engine is built, and the engine, the plan and
+    metrics.json all see the numbers."""
+    from framework import LLM
+    import framework.memory.planner as planner
     model_dir = tiny_model("llama")
     cfg = FrameworkConfig()
     cfg.model.path, cfg.cache.max_model_len, cfg.cache.max_num_seqs = str(model_dir), "auto", "auto"
     cfg.cache.cpu_kvcache_space_gib = 0.01
     hf = load_hf_config(model_dir)
-    length, seqs = planned(cfg, hf, None)
-    assert resolve_max_model_len(cfg, hf) == length and resolve_max_num_seqs(cfg) == seqs
-    assert resolve_max_num_seqs(cfg, hf) == seqs
+    length, seqs = resolve_auto_limits(cfg, hf, None)
+    searches = []
+    original = planner.resolve_auto_limits
+    monkeypatch.setattr(planner, "resolve_auto_limits", lambda *a: searches.append(1) or original(*a))
+    with LLM(cfg) as llm:
+        assert (llm.config.cache.max_model_len, llm.config.cache.max_num_seqs) == (length, seqs)
+        engine = llm.launcher.local_engine()
+        assert (engine.max_model_len, engine.runner.max_num_seqs) == (length, seqs)
+        assert llm.stats()["resolved_config"]["cache"]["max_num_seqs"] == seqs
+        assert llm.plan.max_model_len == length
+    assert len(searches) == 1
+    assert cfg.cache.max_num_seqs == "auto"  # the caller's config is left as given
 
 
 # --- planned vs measured on the CPU backend ------------------------------------------------

@@ -19,6 +19,7 @@ from framework.layers.quantization.fp8 import FP8, dequantize_fp8, quantize_fp8
 from framework.layers.quantization.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
 from framework.layers.quantization.int8 import dequantize_int8, quantize_int8
 from framework.llm import LLM
+from framework.parallel import ParallelInfo
 from framework.tasks import eval as eval_task
 
 GROUP = 32  # divides every input width of the tiny model (64 and 96)
@@ -104,17 +105,17 @@ def dequantized(layer) -> torch.Tensor:
     return dequantize_int8(layer.weight, layer.weight_scale)  # the same formula for fp8 codes
 
 
-def build_and_load(kind: str, quant, checkpoint):
+def build_and_load(kind: str, quant, checkpoint, tp: ParallelInfo):
     if kind == "qkv":
-        layer = linear.QKVParallelLinear(64, 16, 4, 2, quant=quant)
+        layer = linear.QKVParallelLinear(64, 16, 4, 2, quant=quant, tp=tp)
         for shard, tensor in zip("qkv", checkpoint):
             layer.weight.weight_loader(layer.weight, tensor, shard)
     elif kind == "merged":
-        layer = linear.MergedColumnParallelLinear(64, [96, 96], quant=quant)
+        layer = linear.MergedColumnParallelLinear(64, [96, 96], quant=quant, tp=tp)
         for shard, tensor in enumerate(checkpoint):
             layer.weight.weight_loader(layer.weight, tensor, shard)
     else:
-        layer = linear.RowParallelLinear(128, 64, quant=quant)
+        layer = linear.RowParallelLinear(128, 64, quant=quant, tp=tp)
         layer.weight.weight_loader(layer.weight, checkpoint[0])
     return layer
 
@@ -122,17 +123,16 @@ def build_and_load(kind: str, quant, checkpoint):
 @pytest.mark.parametrize("method", ["int8", "fp8", "int4"])
 @pytest.mark.parametrize("kind", ["qkv", "merged", "row"])
 @pytest.mark.parametrize("rank", [0, 1])
-def test_each_rank_quantizes_exactly_its_rows(monkeypatch, method, kind, rank):
+def test_each_rank_quantizes_exactly_its_rows(method, kind, rank):
     """Two-way TP, as rank `rank`: the quantized layer equals fake-quantizing what the
     full-precision layer loads, so quantizing shard by shard loses nothing."""
-    monkeypatch.setattr(linear, "tp_size", lambda: 2)
-    monkeypatch.setattr(linear, "tp_rank", lambda: rank)
+    tp = ParallelInfo(rank, 2)
     g = torch.Generator().manual_seed(0)
     shapes = {"qkv": [(64, 64), (32, 64), (32, 64)], "merged": [(96, 64)] * 2, "row": [(64, 128)]}[kind]
     checkpoint = [torch.randn(s, generator=g) for s in shapes]
     quant = get_quant_method(QuantizationConfig(method=method, group_size=GROUP), None)
-    reference = build_and_load(kind, None, checkpoint)
-    layer = build_and_load(kind, quant, checkpoint)
+    reference = build_and_load(kind, None, checkpoint, tp)
+    layer = build_and_load(kind, quant, checkpoint, tp)
     assert torch.equal(dequantized(layer), fake_quant(method, reference.weight))
     x = torch.randn(3, layer.in_features, generator=g)
     torch.testing.assert_close(layer.matmul(x), x @ fake_quant(method, reference.weight).T, rtol=1e-5, atol=1e-5)

@@ -10,7 +10,9 @@ from framework import FrameworkConfig
 from framework.config.errors import UserError
 from framework.llm import LLM
 from helpers import greedy, small_config
+from framework.loader.resolve import load_hf_config
 from framework.loader.sharded import Manifest
+from framework.memory.planner import plan_memory
 from framework.tasks import save_sharded
 
 PROMPTS = [[1, 5, 7, 9, 11], [3] * 21, list(range(10, 47))]
@@ -73,7 +75,7 @@ def test_other_quantization_is_a_clear_error(saved_tp2):
     manifest = Manifest.read(out)
     with pytest.raises(UserError, match=r"quantization.method=int8.*saved with quantization.method=none"):
         manifest.check(out, 2, "int8")
-    manifest.check(out, 2, "auto")  # auto resolves to the copied config.json's (none)
+    manifest.check(out, 2, "none")  # what quantization.method=auto resolves to here (config.json's none)
 
 
 def test_save_and_reload_tp1(tiny_model, tmp_path):
@@ -95,6 +97,9 @@ def test_quantized_at_load_reloads_with_auto(tiny_model, tmp_path):
     reloaded.quantization.method = "auto"
     ours, (sharded,) = greedy(reloaded, PROMPTS, MAX_TOKENS)
     assert ours == expected and sharded["weight_bytes"] == quantized["weight_bytes"]
+    # the planner plans what is held (int8 codes and scales), not config.json's full precision
+    plan = plan_memory(reloaded, load_hf_config(tmp_path / "int8"), None)
+    assert plan.quantization == "int8" and plan.weight_bytes == sharded["weight_bytes"]
 
 
 def test_save_refuses_a_non_empty_folder(tiny_model, tmp_path):

@@ -100,7 +100,10 @@ def _divisors(n: int) -> str:
 
 
 def validate_against_model(cfg: FrameworkConfig, hf_config: Any) -> None:
-    """Checks that need config.json: head divisibility for TP and the context limit."""
+    """Checks that need config.json: a supported architecture, head divisibility for TP and the
+    context limit."""
+    from framework.models.registry import architecture  # imports no model module
+    architecture(hf_config)  # an unsupported one is named, with the supported ones
     tp = cfg.parallelism.tensor_parallel_size
     text = getattr(hf_config, "text_config", None) or hf_config
     heads = text.num_attention_heads

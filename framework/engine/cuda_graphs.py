@@ -32,27 +32,6 @@ from framework.engine.step_tensors import DecodeLayout, HostStaging, fill_sample
 from framework.layers.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
-MAX_DEFAULT_SIZE = 256
-
-
-def default_capture_sizes(max_num_seqs: int) -> List[int]:
-    """1, 2, 4, 8, then every 8 up to max_num_seqs (at most 256); max_num_seqs itself is added
-    when that list misses it, so every decode batch the scheduler can form has a graph."""
-    cap = min(max_num_seqs, MAX_DEFAULT_SIZE)
-    sizes = [s for s in [1, 2, 4, 8] + list(range(16, cap + 1, 8)) if s <= cap]
-    if sizes[-1] < cap:
-        sizes.append(cap)
-    return sizes
-
-
-def capture_sizes(requested: Optional[List[int]], max_num_seqs: int) -> List[int]:
-    """The sizes to capture: the requested ones (or the defaults) up to the first that covers
-    max_num_seqs; larger ones could never be replayed."""
-    if requested is None:
-        return default_capture_sizes(max_num_seqs)
-    sizes = sorted(set(int(s) for s in requested))
-    covering = [s for s in sizes if s >= max_num_seqs]
-    return [s for s in sizes if s < max_num_seqs] + covering[:1]
 
 
 def device_memory() -> Dict[str, int]:

@@ -41,11 +41,12 @@ class LaunchedStep:
 
 
 class LLMEngine:
-    def __init__(self, cfg: FrameworkConfig, runner: ModelRunner, tokenizer: Any, max_model_len: int,
-                 max_num_seqs: int, eos_token_ids: Seq[int]):
+    def __init__(self, cfg: FrameworkConfig, runner: ModelRunner, tokenizer: Any, eos_token_ids: Seq[int]):
+        """`cfg` resolved (framework/resolve.py): max_model_len and max_num_seqs are numbers."""
         self.cfg, self.runner, self.tokenizer = cfg, runner, tokenizer
+        max_model_len, max_num_seqs = cfg.cache.max_model_len, cfg.cache.max_num_seqs
         self.max_model_len, self.eos_token_ids = max_model_len, set(eos_token_ids)
-        self.vocab_size = runner.model.args.vocab_size
+        self.vocab_size = runner.model.vocab_size
         self.block_size = cfg.cache.block_size
         num_blocks = runner.num_blocks_that_fit()
         if not cfg.cache.enable_prefix_caching:  # never hold more than full concurrency can use

@@ -18,36 +18,20 @@ import torch
 import torch.distributed as dist
 
 from framework.config.schema import CompilationLevel, FrameworkConfig
-from framework.engine.cuda_graphs import CudaGraphRunner, capture_sizes, device_memory, measure_graph_memory
+from framework.engine.cuda_graphs import CudaGraphRunner, device_memory, measure_graph_memory
 from framework.engine.step_input import StepInput
 from framework.engine.step_tensors import HostStaging, fill_sampled
 from framework.layers.attention import Attention, AttentionMetadata
-from framework.layers.quantization import get_quant_method
+from framework.layers.quantization import QuantResolver
 from framework.loader import load_weights
-from framework.loader.sharded import effective_quantization
 from framework.loader.weights import LoadStats
-from framework.models.registry import model_class
-from framework.parallel import step_group, tp_rank, tp_size
+from framework.models.context import ModelContext
+from framework.models.interface import attention_layers, build_model
+from framework.parallel import ParallelInfo, step_group
+from framework.resolve import is_resolved, pick_device, pick_dtype
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device, hf_config: Any) -> torch.dtype:
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "cpu":
-        return torch.float32  # CPU matmuls in bf16 are slow and less exact
-    ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    ckpt = DTYPES.get(str(ckpt).replace("torch.", ""), torch.bfloat16)
-    return torch.bfloat16 if ckpt == torch.float32 else ckpt
 
 
 def compilation_level(value: Any) -> CompilationLevel:
@@ -57,6 +41,16 @@ def compilation_level(value: Any) -> CompilationLevel:
 
 def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     return torch.float8_e4m3fn if name == "fp8" else model_dtype
+
+
+def kv_cache_spec(layers: List[Attention], block_size: int, dtype: torch.dtype) -> "KVCacheSpec":
+    """One block layout for every layer. A sliding-window layer keeps, for now, the full context
+    like the others (resolve.model_max_len stays inside one window for such models)."""
+    shapes = {(layer.num_kv_heads, layer.head_dim) for layer in layers}
+    if len(shapes) != 1:
+        raise NotImplementedError(f"layers with different KV shapes {sorted(shapes)} need a KV cache per layer group")
+    (heads, head_dim), = shapes
+    return KVCacheSpec(len(layers), heads, head_dim, block_size, dtype)
 
 
 @dataclass
@@ -74,14 +68,16 @@ class KVCacheSpec:
 
 
 class ModelRunner:
-    def __init__(self, cfg: FrameworkConfig, model_path: Path, hf_config: Any, max_model_len: int,
-                 max_num_seqs: int):
-        self.cfg = cfg
+    def __init__(self, cfg: FrameworkConfig, model_path: Path, hf_config: Any, tp: ParallelInfo = ParallelInfo()):
+        """`cfg` is resolved (framework/resolve.py): every `auto` is a value already."""
+        assert is_resolved(cfg), "ModelRunner takes a resolved config (framework.resolve.resolve_config)"
+        self.cfg, self.tp = cfg, tp
+        max_model_len, max_num_seqs = cfg.cache.max_model_len, cfg.cache.max_num_seqs
         self.device = pick_device(cfg.model.device)
         self.dtype = pick_dtype(cfg.model.dtype, self.device, hf_config)
         if self.device.type == "cuda":
             # Ray shows each rank actor only its own GPU, so rank r may see just cuda:0
-            index = self.device.index if self.device.index is not None else tp_rank() % torch.cuda.device_count()
+            index = self.device.index if self.device.index is not None else tp.rank % torch.cuda.device_count()
             torch.cuda.set_device(index)
             self.device = torch.device("cuda", torch.cuda.current_device())
             if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
@@ -92,34 +88,25 @@ class ModelRunner:
         torch.manual_seed(cfg.model.seed)
 
         start = time.perf_counter()
-        # quantization.method: the linear layers' storage, built (and checked) before any weight is read
-        quant_cfg = cfg.quantization
-        if cfg.model.load_format == "sharded":
-            quant_cfg = effective_quantization(quant_cfg, model_path)
-        method = get_quant_method(quant_cfg, hf_config)
-        quant = {"quant_method": method} if method is not None else {}
-        default_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-        try:
-            with torch.device(self.device):
-                self.model = model_class(hf_config)(hf_config, max_model_len, **quant).eval()
-        finally:
-            torch.set_default_dtype(default_dtype)
-        self.load_stats: LoadStats = load_weights(self.model, cfg.model, model_path, cfg.quantization.method)
+        # the linear layers' storage (quantization.method, per layer) is built, and checked, before
+        # any weight is read
+        ctx = ModelContext(hf_config, self.dtype, max_model_len, tp,
+                           QuantResolver.build(cfg.quantization, hf_config, tp.size), cfg.multimodal)
+        self.model = build_model(ctx, self.device)
+        self.load_stats: LoadStats = load_weights(self.model, cfg.model, model_path, cfg.quantization.method, tp)
         self.load_seconds = time.perf_counter() - start
 
-        self.attn_layers: List[Attention] = [m for m in self.model.modules() if isinstance(m, Attention)]
-        first = self.attn_layers[0]
-        self.kv_spec = KVCacheSpec(len(self.attn_layers), first.num_kv_heads, first.head_dim,
-                                   cfg.cache.block_size, kv_cache_dtype(cfg.cache.kv_cache_dtype, self.dtype))
+        self.attn_layers: List[Attention] = attention_layers(self.model)
+        self.kv_spec = kv_cache_spec(self.attn_layers, cfg.cache.block_size,
+                                     kv_cache_dtype(cfg.cache.kv_cache_dtype, self.dtype))
         self.num_blocks = 0
-        self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs  # resolved ("auto") once, by build
+        self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.staging = HostStaging(self.device)  # one pinned host-to-device copy per step
         async_scheduling = cfg.cache.async_scheduling
         if async_scheduling is None:
             async_scheduling = self.device.type == "cuda"
         # Only rank 0 samples, so with TP the other ranks could not fill placeholders: TP steps stay in lockstep.
-        self.async_scheduling = bool(async_scheduling) and tp_size() == 1
+        self.async_scheduling = bool(async_scheduling) and tp.size == 1
         # The previous step's greedy tokens, on the device, in its logits-row order (async scheduling).
         self.sampled = torch.zeros(max_num_seqs, dtype=torch.int64, device=self.device)
         self.compilation_level = compilation_level(cfg.compilation.level)
@@ -220,7 +207,7 @@ class ModelRunner:
 
     def _agree(self, value: int, op: Optional[dist.ReduceOp]) -> int:
         """One integer agreed across ranks: reduced with `op`, or rank 0's when op is None."""
-        if tp_size() == 1:
+        if self.tp.size == 1:
             return value
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
         if op is None:
@@ -250,7 +237,7 @@ class ModelRunner:
     def _graph_sizes(self) -> List[int]:
         if self.device.type != "cuda" or self.cfg.compilation.enforce_eager:
             return []
-        return capture_sizes(self.cfg.compilation.cudagraph_capture_sizes, self.max_num_seqs)
+        return list(self.cfg.compilation.cudagraph_capture_sizes)  # resolved for max_num_seqs
 
     def _new_graphs(self) -> CudaGraphRunner:
         return CudaGraphRunner(self.forward, self.model.compute_logits, self.graph_sizes, self.max_model_len,
@@ -319,7 +306,7 @@ class ModelRunner:
         if self.cfg.quantization.method == "none":
             fixes.append("quantization=fp8 (about half the weight bytes)")
         if self.device.type == "cuda":
-            fixes.append(f"parallelism.tensor_parallel_size={2 * tp_size()} (on more GPUs)")
+            fixes.append(f"parallelism.tensor_parallel_size={2 * self.tp.size} (on more GPUs)")
         return text + "; or make room: " + ", ".join(fixes)
 
     # --- steps ----------------------------------------------------------------------
@@ -341,12 +328,12 @@ class ModelRunner:
             input_ids = fill_sampled(t.input_ids, self.sampled) if self.async_scheduling else t.input_ids
             hidden = self.forward(input_ids, t.positions, meta)
             logits = self.model.compute_logits(hidden.index_select(0, t.logits_indices))
-        if tp_rank() != 0:
+        if self.tp.rank != 0:
             return None
         return logits.float() if keep_on_device else logits.float().cpu()
 
     def run(self, step: StepInput, keep_on_device: bool = False) -> Optional[torch.Tensor]:
-        if tp_size() > 1:
+        if self.tp.size > 1:
             dist.broadcast_object_list([step], src=0, group=step_group())
         return self.execute(step, keep_on_device)
 
@@ -361,5 +348,5 @@ class ModelRunner:
             self.execute(box[0])
 
     def stop_workers(self) -> None:
-        if tp_size() > 1 and tp_rank() == 0:
+        if self.tp.size > 1 and self.tp.rank == 0:
             dist.broadcast_object_list([None], src=0, group=step_group())

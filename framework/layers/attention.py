@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import kernels
-from framework.layers.rotary import RotaryEmbedding
+from framework.layers.rotary import RopeTables
 
 
 @dataclass
@@ -25,25 +25,35 @@ class AttentionMetadata:
     max_seq_len: int  # a host-side bound on seq_lens (sizes the decode split without a sync)
 
 
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What one layer keeps in the KV cache: every earlier token (full), or the last
+    `sliding_window` (a window layer). The KV layout and the planner follow it."""
+
+    num_kv_heads: int  # on this rank
+    head_dim: int
+    sliding_window: Optional[int] = None
+
+
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary: RotaryEmbedding):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: Optional[int] = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
-        # One table shared by every layer: a shared submodule, so its buffers are counted, moved
-        # and cast once (named_buffers and .to() visit a module once however often it is reused).
-        self.rotary = rotary
+        self.spec = AttentionSpec(num_kv_heads, head_dim, sliding_window)
         self.k_cache: Optional[torch.Tensor] = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: Optional[torch.Tensor] = None
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def forward(self, rope: RopeTables, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        """q, k, v: un-rotated projections (views of the fused QKV output are fine)."""
+        """q, k, v: un-rotated projections (views of the fused QKV output are fine); `rope`: the
+        step's rotary rows (RotaryEmbedding, computed once per forward for all layers)."""
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         # One kernel for rotary and the KV write (a decode step pays per launch); the rotated k
         # exists only in the cache.
-        q = kernels.rotary_store_kv(q, k, v, positions, self.rotary.cos, self.rotary.sin,
+        q = kernels.rotary_store_kv(q, k, v, rope.index, rope.cos, rope.sin,
                                     self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.decode_only:
             out = kernels.paged_decode_attention(q, self.k_cache, self.v_cache, meta.seq_lens,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import kernels
-from framework.parallel import all_reduce, divide, tp_rank, tp_size
+from framework.parallel import ParallelInfo, all_reduce, divide
 
 
 def _copy(param: torch.Tensor, loaded) -> None:
@@ -33,12 +33,13 @@ def _copy(param: torch.Tensor, loaded) -> None:
 
 class LinearBase(nn.Module):
     """`quant` (a layers.quantization.QuantMethod) replaces `weight` with its own storage and
-    matmul; the bias always stays in the model dtype."""
+    matmul; the bias always stays in the model dtype. `tp` is this rank's place (models/context)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, quant=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool, quant=None,
+                 tp: ParallelInfo = ParallelInfo()):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features  # this rank's shape
-        self.quant = quant
+        self.quant, self.tp = quant, tp
         if quant is None:
             self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
             self.weight.weight_loader = self.weight_loader
@@ -82,24 +83,26 @@ class ReplicatedLinear(LinearBase):
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; no communication."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, quant=None):
-        super().__init__(in_features, divide(out_features, tp_size()), bias, quant)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, quant=None,
+                 tp: ParallelInfo = ParallelInfo()):
+        super().__init__(in_features, divide(out_features, tp.size), bias, quant, tp)
 
     def output_rows(self, shard_id=None) -> Tuple[int, int, int]:
-        return 0, self.out_features, tp_rank() * self.out_features
+        return 0, self.out_features, self.tp.rank * self.out_features
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs in one matmul (gate and up); shard_id is the index."""
 
-    def __init__(self, in_features: int, output_sizes: List[int], bias: bool = False, quant=None):
+    def __init__(self, in_features: int, output_sizes: List[int], bias: bool = False, quant=None,
+                 tp: ParallelInfo = ParallelInfo()):
         self.output_sizes = output_sizes
-        super().__init__(in_features, sum(output_sizes), bias, quant)
+        super().__init__(in_features, sum(output_sizes), bias, quant, tp)
 
     def output_rows(self, shard_id: int = 0) -> Tuple[int, int, int]:
-        size = self.output_sizes[shard_id] // tp_size()
-        offset = sum(self.output_sizes[:shard_id]) // tp_size()
-        return offset, size, tp_rank() * size
+        size = self.output_sizes[shard_id] // self.tp.size
+        offset = sum(self.output_sizes[:shard_id]) // self.tp.size
+        return offset, size, self.tp.rank * size
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -107,33 +110,33 @@ class QKVParallelLinear(ColumnParallelLinear):
     when there are fewer KV heads than ranks, each KV head is replicated on tp/num_kv ranks."""
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
-                 quant=None):
-        tp = tp_size()
+                 quant=None, tp: ParallelInfo = ParallelInfo()):
         self.head_dim = head_dim
-        self.num_heads = divide(num_heads, tp)
-        self.num_kv_heads = max(1, num_kv_heads // tp)
-        self.kv_replicas = max(1, tp // num_kv_heads)
+        self.num_heads = divide(num_heads, tp.size)
+        self.num_kv_heads = max(1, num_kv_heads // tp.size)
+        self.kv_replicas = max(1, tp.size // num_kv_heads)
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
-        LinearBase.__init__(self, hidden, out, bias, quant)
+        LinearBase.__init__(self, hidden, out, bias, quant, tp)
 
     def output_rows(self, shard_id: str = "q") -> Tuple[int, int, int]:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if shard_id == "q":
-            return 0, q_size, tp_rank() * q_size
+            return 0, q_size, self.tp.rank * q_size
         offset = q_size if shard_id == "k" else q_size + kv_size
-        return offset, kv_size, (tp_rank() // self.kv_replicas) * kv_size
+        return offset, kv_size, (self.tp.rank // self.kv_replicas) * kv_size
 
 
 class RowParallelLinear(LinearBase):
     """Input features split across ranks; partial outputs summed with an all-reduce."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, quant=None):
-        super().__init__(divide(in_features, tp_size()), out_features, bias, quant)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, quant=None,
+                 tp: ParallelInfo = ParallelInfo()):
+        super().__init__(divide(in_features, tp.size), out_features, bias, quant, tp)
 
     def input_cols(self, loaded, dim: int = 1, per: int = 1):
         cols = self.in_features // per
-        return loaded.narrow(dim, tp_rank() * cols, cols)
+        return loaded.narrow(dim, self.tp.rank * cols, cols)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(self.matmul(x))  # the bias is added once, after the reduce
+        y = all_reduce(self.matmul(x), self.tp.size)  # the bias is added once, after the reduce
         return y + self.bias if self.bias is not None else y

@@ -7,7 +7,6 @@ each rank reads only its own file: no slicing, no re-quantizing, 1/TP of the byt
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
@@ -21,31 +20,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from framework.config.errors import UserError
-from framework.config.schema import QuantizationConfig
 from framework.loader.weights import LoadStats
-from framework.parallel import tp_rank, tp_size
+from framework.parallel import ParallelInfo
 
 MANIFEST = "manifest.json"
 LOAD_TIME_METHODS = ("int8", "fp8", "int4")  # quantized by us at load: config.json has no trace of them
 FORMAT = "framework-sharded/1"
 # Weight files of the source folder; every other top-level file (config, tokenizer) is copied.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
-
-
-def declared_quantization(folder: Path) -> str:
-    """What `quantization.method=auto` resolves to for this folder: config.json's quant_method."""
-    config = json.loads((Path(folder) / "config.json").read_text())
-    return str((config.get("quantization_config") or {}).get("quant_method", "none"))
-
-
-def effective_quantization(quant: QuantizationConfig, folder: Path) -> QuantizationConfig:
-    """quantization.method=auto on a folder whose weights were quantized at load (int8, fp8,
-    int4) means that method, which its config.json does not record; anything else is left to
-    config.json's quantization_config."""
-    if quant.method != "auto":
-        return quant
-    saved = Manifest.read(folder).load_time_method
-    return dataclasses.replace(quant, method=saved) if saved else quant
 
 
 def rank_file(rank: int) -> str:
@@ -74,18 +56,13 @@ class Manifest:
 
     @property
     def load_time_method(self) -> Optional[str]:
-        """The method the weights were quantized with at load, which config.json does not record."""
+        """The method the weights were quantized with at load, which config.json does not record
+        (layers.quantization.resolve_quantization reads it for `auto`)."""
         return self.quantization if self.quantization in LOAD_TIME_METHODS else None
 
-    def resolve_auto(self, folder: Path) -> str:
-        """What quantization.method=auto means for this folder: the load-time method, else what
-        config.json declares."""
-        return self.load_time_method or declared_quantization(folder)
-
     def check(self, folder: Path, tensor_parallel_size: int, quantization: str) -> None:
-        """A sharded folder is only loadable at the TP size and quantization it was saved with."""
-        if quantization == "auto":
-            quantization = self.resolve_auto(folder)
+        """A sharded folder is only loadable at the TP size and quantization it was saved with
+        (`quantization` resolved: the method the weights are held in)."""
         if tensor_parallel_size != self.tensor_parallel_size:
             raise UserError(f"parallelism.tensor_parallel_size={tensor_parallel_size}, but the sharded checkpoint "
                             f"{folder} was saved with tensor_parallel_size={self.tensor_parallel_size}; load it at "
@@ -131,11 +108,11 @@ def copy_model_files(source: Path, folder: Path) -> List[str]:
     return copied
 
 
-def load_sharded(model: nn.Module, folder: Path, quantization: str) -> LoadStats:
+def load_sharded(model: nn.Module, folder: Path, quantization: str, tp: ParallelInfo) -> LoadStats:
     """This rank's file into the model: names, shapes and count must match exactly."""
     start = time.perf_counter()
-    Manifest.read(folder).check(folder, tp_size(), quantization)
-    path = Path(folder) / rank_file(tp_rank())
+    Manifest.read(folder).check(folder, tp.size, quantization)
+    path = Path(folder) / rank_file(tp.rank)
     if not path.is_file():
         raise UserError(f"model.load_format=sharded: {path} is missing")
     targets = held_tensors(model)

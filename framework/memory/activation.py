@@ -30,15 +30,31 @@ tokens a step, planned 0.258 / 0.907.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List, Tuple
 
 from framework.memory.shape import DecoderShape
 from kernels.attention import QUERY_CHUNK
-from framework.memory.weights import decoder_linears, kv_heads_per_rank
 
 SDPA_MATH_FACTOR = 2.5  # CPU SDPA with a boolean mask: peak / (scores in float32), measured 2.45
 CUBLAS_WORKSPACE_BYTES = 32 << 20  # cuBLAS takes it from torch's allocator at the first matmul (Hopper)
 GRAPH_POOL_SLACK_BYTES = 20 << 20  # the pool's allocator segments round up (one 20 MiB segment)
 GRAPH_BYTES_EACH = 2 << 20  # each captured graph's own device memory, outside torch's allocator
+
+
+def kv_heads_per_rank(num_kv_heads: int, tp: int) -> int:
+    return max(1, num_kv_heads // tp)
+
+
+def decoder_linears(s: DecoderShape, tp: int) -> List[Tuple[str, int, int]]:
+    """(name, out_features, in_features) of one layer's linear weights on one rank: the sizes of
+    the full-precision copies a quantized matmul makes (layers/linear.py slices them so)."""
+    q_out = s.num_heads // tp * s.head_dim
+    kv_out = kv_heads_per_rank(s.num_kv_heads, tp) * s.head_dim
+    inter = s.intermediate_size // tp
+    return [("qkv_proj", q_out + 2 * kv_out, s.hidden_size),
+            ("o_proj", s.hidden_size, s.num_heads * s.head_dim // tp),
+            ("gate_up_proj", 2 * inter, s.hidden_size),
+            ("down_proj", s.hidden_size, inter)]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping
 
 from framework.memory.shape import VisionShape
-from framework.memory.weights import vision_weight_elems
 from framework.multimodal.limits import parse_limits
 
 IMAGE_MAX_PIXELS = 28 * 28 * 1280  # transformers Qwen2VLImageProcessor's default cap
@@ -33,6 +32,24 @@ class EncoderBudget:
     @property
     def total(self) -> int:
         return self.weight_bytes + self.activation_bytes + self.output_cache_bytes
+
+
+def vision_weight_elems(v: VisionShape) -> int:
+    """Parameters of the vision encoder. Exact for Qwen2.5-VL (RMSNorm, gated MLP with biases,
+    a 2-layer merger over merge_size^2 patches); other encoders get the same layout with
+    LayerNorm and a 2-matrix MLP: an estimate within a few percent for ViT-style towers."""
+    h, i = v.hidden_size, v.intermediate_size
+    patch = v.in_channels * v.temporal_patch_size * v.patch_size ** 2 * h
+    attn = 3 * h * h + 3 * h + h * h + h
+    merged = h * v.merge_size ** 2
+    if v.model_type.startswith("qwen2_5_vl"):
+        block = 2 * h + attn + 2 * (h * i + i) + (i * h + h)
+        merger = h + merged * merged + merged + v.out_hidden_size * merged + v.out_hidden_size
+        return patch + v.depth * block + merger
+    block = 4 * h + attn + (h * i + i) + (i * h + h)
+    positions = (v.image_size // v.patch_size) ** 2 * h if v.image_size else 0
+    projector = merged * v.out_hidden_size + v.out_hidden_size
+    return patch + positions + v.depth * block + projector
 
 
 def limits(v: VisionShape, limit_mm_per_prompt: Mapping[str, Any]) -> Dict[str, int]:

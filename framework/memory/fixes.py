@@ -17,10 +17,9 @@ from typing import Any, Callable, Dict, List, Optional
 from framework.config.errors import ConfigError, UserError
 from framework.config.schema import CompilationLevel, FrameworkConfig
 from framework.config.validate import validate, validate_against_model
-from framework.engine.build import model_max_len
-from framework.memory.planner import GiB, MemoryPlan, plan_memory, resolve_auto_limits
-from framework.memory.shape import decoder_shape, vision_shape
-from framework.memory.weights import int4_group_fits
+from framework.memory.planner import GiB, MemoryPlan, plan_memory
+from framework.memory.shape import vision_shape
+from framework.resolve import model_max_len, resolve_config
 
 Apply = Callable[[FrameworkConfig], None]
 STRUCTURAL = ("quantization", "kv", "tp", "compilation", "multimodal")  # knobs that pair with others
@@ -73,11 +72,9 @@ def _candidates(cfg: FrameworkConfig, hf_config: Any, plan: MemoryPlan) -> List[
     cuda = plan.backend == "cuda"
     out: List[Candidate] = []
     if plan.quantization in ("none", "fp8", "int8"):
-        tp = cfg.parallelism.tensor_parallel_size
         methods = ["int4"] if plan.quantization != "none" else ["fp8", "int8", "int4"]  # gentlest first
-        for m in methods:
-            if m != "int4" or int4_group_fits(decoder_shape(hf_config), tp, 128):
-                out.append(Candidate([f"quantization={m}"], _quantization(m), "quantization"))
+        for m in methods:  # (an int4 group size the layers do not allow fails its re-plan)
+            out.append(Candidate([f"quantization={m}"], _quantization(m), "quantization"))
     if cfg.cache.kv_cache_dtype != "fp8":
         out.append(Candidate(["cache.kv_cache_dtype=fp8"], _set(**{"cache.kv_cache_dtype": "fp8"}), "kv"))
     if cuda:  # CPU ranks share one host's RAM: more of them does not help
@@ -121,8 +118,8 @@ def _length_fix(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optio
     probe = copy.deepcopy(cfg)
     probe.cache.max_model_len = "auto"
     try:
-        longest, _ = resolve_auto_limits(probe, hf_config, device_memory_bytes)
-    except UserError:
+        longest = resolve_config(probe, hf_config, device_memory_bytes).cache.max_model_len
+    except (ConfigError, UserError):
         return None
     n = _nice_len(longest, cfg.cache.block_size)
     current = cfg.cache.max_model_len

@@ -21,13 +21,11 @@ import torch
 
 from framework.config.errors import UserError
 from framework.config.schema import FrameworkConfig
-from framework.engine.build import model_max_len
-from framework.engine.cuda_graphs import capture_sizes
-from framework.engine.model_runner import pick_device, pick_dtype
 from framework.memory.activation import Step, forward_peak, graph_pool_bytes
 from framework.memory.encoder import encoder_budget
-from framework.memory.shape import architecture, decoder_shape, vision_shape
-from framework.memory.weights import decoder_weight_bytes, kv_heads_per_rank, rotary_table_bytes
+from framework.memory.model_count import count_model
+from framework.memory.shape import architecture, vision_shape
+from framework.resolve import auto_notes, capture_sizes, model_max_len, pick_device, pick_dtype, resolve_config
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -131,38 +129,13 @@ def target_device_memory(cfg: FrameworkConfig) -> Optional[int]:
     return engine_device_memory(cfg)
 
 
-def quant_method(cfg: FrameworkConfig, hf_config: Any) -> Tuple[str, int]:
-    """(method, group_size); `auto` reads the checkpoint's quantization_config."""
-    method, group = cfg.quantization.method, cfg.quantization.group_size
-    if method != "auto":
-        return method, group
-    qc = getattr(hf_config, "quantization_config", None) or {}
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    kind = str(qc.get("quant_method", "")).lower()
-    if kind == "compressed-tensors":  # layers/quantization/compressed_tensors.py reads the same keys
-        groups = list((qc.get("config_groups") or {}).values())
-        w = (groups[0].get("weights") or {}) if groups else {}
-        if w.get("num_bits") == 4:  # group_size 0: one scale per row
-            return "int4", int(w.get("group_size") or 0) if w.get("strategy") == "group" else 0
-        if w.get("num_bits") == 8:
-            return ("fp8" if w.get("type") == "float" else "int8"), group
-    if kind == "fp8":
-        return "fp8", group
-    if qc.get("bits") in (4, 8):
-        return ("int4" if qc["bits"] == 4 else "int8"), int(qc.get("group_size") or group)
-    return "none", group
-
-
 # --- the plan ----------------------------------------------------------------------------
 def plan_memory(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optional[int] = None) -> MemoryPlan:
     """Plan each rank. `device_memory_bytes` is a GPU's total memory; None plans the CPU backend.
-    `auto` limits are resolved first (resolve_auto_limits)."""
-    max_model_len, max_num_seqs = resolve_auto_limits(cfg, hf_config, device_memory_bytes)
-    plan = _plan(cfg, hf_config, device_memory_bytes, max_model_len, max_num_seqs)
-    resolved = [f"cache.{key}=auto -> {value}, the largest that fits"
-                for key, value in (("max_model_len", max_model_len), ("max_num_seqs", max_num_seqs))
-                if getattr(cfg.cache, key) == "auto"]
-    plan.notes[:0] = resolved
+    Any `auto` left in `cfg` is resolved first (framework/resolve.py), as a run would."""
+    resolved = resolve_config(cfg, hf_config, device_memory_bytes)
+    plan = _plan(resolved, hf_config, device_memory_bytes, resolved.cache.max_model_len, resolved.cache.max_num_seqs)
+    plan.notes[:0] = auto_notes(cfg, resolved)
     return plan
 
 
@@ -230,17 +203,22 @@ def _costs(cfg: FrameworkConfig, hf_config: Any, cuda: bool, max_model_len: int,
     dtype = pick_dtype(cfg.model.dtype, torch.device("cuda" if cuda else "cpu"), hf_config)
     a = dtype.itemsize
     kv_bytes = 1 if c.kv_cache_dtype == "fp8" else a
-    method, group = quant_method(cfg, hf_config)
-    s = decoder_shape(hf_config)
-    out = _Costs(dtype, method, 2 * s.num_layers * kv_heads_per_rank(s.num_kv_heads, tp) * s.head_dim * kv_bytes)
+    method = cfg.quantization.method
+    # the largest rank (ranks differ only where a split is uneven)
+    m = max(count_model(hf_config, dtype, tp, cfg.quantization, cfg.multimodal), key=lambda r: r.weight_bytes)
+    s = m.decoder
+    out = _Costs(dtype, method, m.kv_bytes_per_token(kv_bytes))
 
-    parts = decoder_weight_bytes(s, tp, a, method, group)
-    out.weights = sum(parts.values())
-    embeddings = parts["embedding"] + parts["lm_head"]
-    out.details["weights"] = (f"linear layers {parts['linear'] / GiB:.2f} ({method}), embedding + lm_head "
-                              f"{embeddings / GiB:.2f}, norms + biases {parts['bias_norm'] / GiB:.2f}")
-    out.rotary = rotary_table_bytes(s, max_model_len)
+    out.weights = m.weight_bytes - m.vision_bytes  # the tower is counted with the encoder below
+    other = out.weights - m.linear_bytes - m.embedding_bytes
+    out.details["weights"] = (f"linear layers {m.linear_bytes / GiB:.2f} ({method}), embedding + lm_head "
+                              f"{m.embedding_bytes / GiB:.2f}, norms + biases {other / GiB:.2f}")
+    out.rotary = m.rotary_bytes_per_position * max_model_len
     out.details["rotary tables"] = f"fp32 cos/sin of {max_model_len} positions, shared by all layers"
+    kinds = m.kv_bytes_by_kind(kv_bytes)
+    if kinds["sliding"]:
+        out.details["KV layout"] = (f"{kinds['full']} B/token in full-attention layers, {kinds['sliding']} B/token "
+                                    "in sliding-window layers")
 
     rows = min(max_num_seqs, c.max_num_batched_tokens)
     cpu_kv_tokens = int(c.cpu_kvcache_space_gib * GiB // (out.kv_per_token * c.block_size)) * c.block_size

@@ -1,10 +1,9 @@
 """The sizes the planner needs, read from config.json alone: the decoder and, for a
 vision-language model, the vision encoder.
 
-The decoder is read through `LlamaArgs.from_hf`, the very reader our model uses, so the planner
-and the model cannot disagree on a head count or a bias. Two things live on the top-level config
-of a vision-language model rather than its `text_config`: the architecture (Qwen2 biases) and
-`tie_word_embeddings`; they are read from there.
+The decoder's widths come from the model itself (`decoder_shape()` of a model built on the
+`meta` device, models/interface.py), so the planner and the model cannot disagree on a head
+count or a bias.
 """
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from framework.config.errors import UserError
-from framework.models.llama import LlamaArgs
 
 
 @dataclass(frozen=True)
@@ -54,22 +52,6 @@ def architecture(hf_config: Any) -> str:
 
 def text_config(hf_config: Any) -> Any:
     return getattr(hf_config, "text_config", None) or hf_config
-
-
-def decoder_shape(hf_config: Any) -> DecoderShape:
-    text = text_config(hf_config)
-    try:
-        a = LlamaArgs.from_hf(text)
-    except AttributeError as exc:
-        raise UserError(f"the memory planner cannot read {architecture(hf_config)}'s config.json: {exc}") from exc
-    qwen2 = architecture(hf_config).startswith("Qwen2")  # Qwen2-VL's text_config has no architectures
-    tie = getattr(text, "tie_word_embeddings", None) or getattr(hf_config, "tie_word_embeddings", None)
-    return DecoderShape(
-        vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
-        num_layers=a.num_layers, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
-        max_positions=a.max_positions, tie_word_embeddings=bool(tie), qkv_bias=a.qkv_bias or qwen2,
-        o_bias=a.o_bias, mlp_bias=a.mlp_bias, logits_scaling=a.logits_scaling,
-        embedding_multiplier=a.embedding_multiplier)
 
 
 def _first(obj: Any, *names: str, default: Any = None) -> Any:

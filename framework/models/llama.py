@@ -16,8 +16,9 @@ from framework.layers.attention import Attention, AttentionMetadata
 from framework.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from framework.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from framework.layers.norm import RMSNorm
-from framework.layers.quantization import QuantMethod
-from framework.layers.rotary import RotaryEmbedding, rope_parameters
+from framework.layers.rotary import RopeTables, RotaryEmbedding, rope_parameters
+from framework.memory.shape import DecoderShape
+from framework.models.context import ModelContext
 
 
 @dataclass
@@ -42,8 +43,10 @@ class LlamaArgs:
     logits_scaling: float = 1.0  # Granite: logits are divided by it
 
     @classmethod
-    def from_hf(cls, c: Any) -> "LlamaArgs":
-        arch = (getattr(c, "architectures", None) or [""])[0]
+    def from_hf(cls, c: Any, architecture: str = "") -> "LlamaArgs":
+        """`c`: the decoder's config; `architecture` of the whole model (a vision-language
+        model's text_config names none, and Qwen2's q/k/v biases follow from the name)."""
+        arch = architecture or (getattr(c, "architectures", None) or [""])[0]
         qwen2 = arch.startswith("Qwen2")
         attention_bias = getattr(c, "attention_bias", False)
         return cls(
@@ -52,7 +55,7 @@ class LlamaArgs:
             num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
             head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
             rms_norm_eps=c.rms_norm_eps, max_positions=c.max_position_embeddings, rope=rope_parameters(c),
-            tie_word_embeddings=getattr(c, "tie_word_embeddings", False),
+            tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
             qkv_bias=qwen2 or attention_bias, o_bias=attention_bias and not qwen2,
             mlp_bias=getattr(c, "mlp_bias", False),
             embedding_multiplier=getattr(c, "embedding_multiplier", 1.0),
@@ -63,27 +66,31 @@ class LlamaArgs:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding, quant: Optional[QuantMethod] = None):
+    def __init__(self, a: LlamaArgs, ctx: ModelContext, prefix: str):
         super().__init__()
+        quant = ctx.quant.for_layer(f"{prefix}.qkv_proj", parts=("q_proj", "k_proj", "v_proj"))
         self.qkv_proj = QKVParallelLinear(a.hidden_size, a.head_dim, a.num_heads, a.num_kv_heads, bias=a.qkv_bias,
-                                          quant=quant)
-        self.o_proj = RowParallelLinear(a.num_heads * a.head_dim, a.hidden_size, bias=a.o_bias, quant=quant)
+                                          quant=quant, tp=ctx.tp)
+        self.o_proj = RowParallelLinear(a.num_heads * a.head_dim, a.hidden_size, bias=a.o_bias,
+                                        quant=ctx.quant.for_layer(f"{prefix}.o_proj"), tp=ctx.tp)
         self.q_size = self.qkv_proj.num_heads * a.head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * a.head_dim
         scale = a.attention_multiplier if a.attention_multiplier is not None else a.head_dim ** -0.5
-        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, a.head_dim, scale, rotary)
+        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, a.head_dim, scale)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope: RopeTables, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        return self.o_proj(self.attn(positions, q, k, v, meta))
+        return self.o_proj(self.attn(rope, q, k, v, meta))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, a: LlamaArgs, quant: Optional[QuantMethod] = None):
+    def __init__(self, a: LlamaArgs, ctx: ModelContext, prefix: str):
         super().__init__()
+        quant = ctx.quant.for_layer(f"{prefix}.gate_up_proj", parts=("gate_proj", "up_proj"))
         self.gate_up_proj = MergedColumnParallelLinear(a.hidden_size, [a.intermediate_size] * 2, bias=a.mlp_bias,
-                                                       quant=quant)
-        self.down_proj = RowParallelLinear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias, quant=quant)
+                                                       quant=quant, tp=ctx.tp)
+        self.down_proj = RowParallelLinear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias,
+                                           quant=ctx.quant.for_layer(f"{prefix}.down_proj"), tp=ctx.tp)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,63 +98,88 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding, quant: Optional[QuantMethod] = None):
+    def __init__(self, a: LlamaArgs, ctx: ModelContext, prefix: str):
         super().__init__()
-        self.self_attn = LlamaAttention(a, rotary, quant)
-        self.mlp = LlamaMLP(a, quant)
+        self.self_attn = LlamaAttention(a, ctx, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(a, ctx, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.residual_multiplier = a.residual_multiplier
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor],
+    def forward(self, rope: RopeTables, x: torch.Tensor, residual: Optional[torch.Tensor],
                 meta: AttentionMetadata) -> Tuple[torch.Tensor, torch.Tensor]:
         # `residual` holds the running sum; each norm adds the previous block's output into it.
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta) * self.residual_multiplier
+        x = self.self_attn(rope, x, meta) * self.residual_multiplier
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x) * self.residual_multiplier, residual
 
 
 class LlamaForCausalLM(nn.Module):
+    """The decoder and its head. A vision-language model wraps it with its decoder config
+    (`config`) and the checkpoint prefix of its decoder (`prefix`)."""
+
     # checkpoint name -> (our fused module, shard id)
     packed_modules = {
         "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, hf_config: Any, max_model_len: Optional[int] = None, quant_method: Optional[QuantMethod] = None):
+    def __init__(self, ctx: ModelContext, config: Any = None, prefix: str = "model"):
         super().__init__()
-        a = self.args = LlamaArgs.from_hf(hf_config)
-        max_positions = max_model_len or a.max_positions  # no position ever reaches max_model_len
-        self.embed_tokens = VocabParallelEmbedding(a.vocab_size, a.hidden_size)
-        # quant_method (layers/quantization) replaces the decoder's linear weights; embeddings,
-        # norms and lm_head stay in the model dtype
-        rotary = RotaryEmbedding(a.head_dim, max_positions, a.rope)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(a, rotary, quant_method) for _ in range(a.num_layers))
+        top = ctx.hf_config
+        text = config if config is not None else ctx.text_config
+        a = self.args = LlamaArgs.from_hf(text, (getattr(top, "architectures", None) or [""])[0])
+        # a vision-language model states tie_word_embeddings on its top-level config
+        a.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", None)
+                                     or getattr(top, "tie_word_embeddings", None))
+        self.tp, self.prefix = ctx.tp, prefix
+        self.vocab_size = a.vocab_size
+        max_positions = ctx.max_model_len or a.max_positions  # no position ever reaches max_model_len
+        self.embed_tokens = VocabParallelEmbedding(a.vocab_size, a.hidden_size, ctx.tp)
+        # embeddings, norms and lm_head stay in the model dtype; the linear layers are stored as
+        # ctx.quant says for each (a checkpoint's ignore list may keep some in full precision)
+        self.rotary = RotaryEmbedding(a.head_dim, max_positions, a.rope)  # one table for all layers
+        self.layers = nn.ModuleList(LlamaDecoderLayer(a, ctx, f"{prefix}.layers.{i}") for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.lm_head = ParallelLMHead(a.vocab_size, a.hidden_size)
+        self.lm_head = ParallelLMHead(a.vocab_size, a.hidden_size, ctx.tp)
         if a.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     def checkpoint_name(self, name: str) -> str:
-        """HF names carry a `model.` prefix on everything but lm_head."""
-        return name if name.startswith("lm_head") else f"model.{name}"
+        """HF names carry the decoder's prefix (`model.`) on everything but lm_head."""
+        return name if name.startswith("lm_head") else f"{self.prefix}.{name}"
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # inputs_embeds: a multimodal wrapper passes text embeddings with encoder outputs merged in
+        """positions: [T], or [3, T] under M-RoPE. inputs_embeds: a multimodal model's text
+        embeddings with its encoder outputs merged in (then input_ids are not read)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.args.embedding_multiplier != 1.0:
             x = x * self.args.embedding_multiplier
+        rope = self.rotary(positions)
         residual = None
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
+            x, residual = layer(rope, x, residual, meta)
         x, _ = self.norm(x, residual)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head.compute_logits(hidden)
         return logits / self.args.logits_scaling if self.args.logits_scaling != 1.0 else logits
+
+    def decoder_shape(self) -> DecoderShape:
+        """The widths the planner's activation estimate (memory/activation.py) follows."""
+        a = self.args
+        return DecoderShape(
+            vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
+            num_layers=a.num_layers, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
+            max_positions=a.max_positions, tie_word_embeddings=a.tie_word_embeddings, qkv_bias=a.qkv_bias,
+            o_bias=a.o_bias, mlp_bias=a.mlp_bias, logits_scaling=a.logits_scaling,
+            embedding_multiplier=a.embedding_multiplier)

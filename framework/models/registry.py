@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, Dict
 
 from framework.config.errors import UserError
 
@@ -12,13 +12,36 @@ MODELS = {
     "MistralForCausalLM": "framework.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "framework.models.llama:LlamaForCausalLM",
     "GraniteForCausalLM": "framework.models.llama:LlamaForCausalLM",
+    "Qwen2_5_VLForConditionalGeneration": "framework.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration",
 }
+# Vision-language models whose decoder runs here but whose vision tower does not yet: they run
+# with every modality limited to 0 (multimodal=text_only), as the decoder alone.
+DECODER_ONLY = {"Qwen2_5_VLForConditionalGeneration"}
+
+
+def architecture(hf_config: Any) -> str:
+    """The first of config.json's `architectures` that we run."""
+    for arch in getattr(hf_config, "architectures", None) or []:
+        if arch in MODELS:
+            return arch
+    named = getattr(hf_config, "architectures", None) or f"model_type {getattr(hf_config, 'model_type', None)!r}"
+    raise UserError(f"model architecture {named} is not supported; supported: {', '.join(MODELS)}")
+
+
+def check_runnable(hf_config: Any, limit_mm_per_prompt: Dict[str, Any]) -> None:
+    """What the engine can run today (the planner plans the rest too)."""
+    arch = architecture(hf_config)
+    text_only = bool(limit_mm_per_prompt) and all(_count(v) == 0 for v in limit_mm_per_prompt.values())
+    if arch in DECODER_ONLY and not text_only:
+        raise UserError(f"{arch}: images and videos are not supported yet, only its decoder; set "
+                        "multimodal.limit_mm_per_prompt to 0 for every modality (multimodal=text_only) "
+                        "to run it on text")
+
+
+def _count(limit: Any) -> int:
+    return int(limit.get("count", 1)) if isinstance(limit, dict) else int(limit)
 
 
 def model_class(hf_config: Any) -> type:
-    for arch in getattr(hf_config, "architectures", None) or []:
-        if arch in MODELS:
-            module, cls = MODELS[arch].split(":")
-            return getattr(importlib.import_module(module), cls)
-    raise UserError(f"model architecture {getattr(hf_config, 'architectures', None)} is not supported; "
-                    f"supported: {', '.join(MODELS)}")
+    module, cls = MODELS[architecture(hf_config)].split(":")
+    return getattr(importlib.import_module(module), cls)

@@ -31,7 +31,7 @@ class EventStream:
 
 class OpenAIServer:
     def __init__(self, llm: LLM, host: str, port: int):
-        engine = getattr(llm.launcher, "engine", None)
+        engine = llm.launcher.local_engine()
         if engine is None:
             from framework.config.errors import UserError
             raise UserError("task=serve runs the engine in this process for now: "

@@ -18,7 +18,7 @@ from typing import Any, Dict, List
 import torch
 
 from framework.config.schema import FrameworkConfig
-from framework.engine.model_runner import pick_device, pick_dtype
+from framework.resolve import pick_device, pick_dtype
 from framework.engine.sampling_params import SamplingParams
 from framework.llm import LLM
 from framework.memory.compare import compare_rows, format_comparison
@@ -116,7 +116,7 @@ def bench_decode_batch1(llm: LLM, tokens: int, vocab_size: int) -> Dict[str, flo
     llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))  # warm
     out = llm.generate([prompt], SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))[0]
     result = {"tokens": tokens, "engine_tok_s": (tokens - 1) / (out.latency - out.time_to_first_token)}
-    engine = getattr(llm.launcher, "engine", None)  # local launcher: the engine is in this process
+    engine = llm.launcher.local_engine()
     graphs = engine.runner.graphs if engine is not None else None
     if graphs is not None and 1 in graphs.graphs:
         result["graph_replay_tok_s"] = 1.0 / graphs.time_replay(1)

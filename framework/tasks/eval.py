@@ -31,7 +31,6 @@ from typing import Any, List
 
 from framework.config.errors import UserError
 from framework.config.schema import FrameworkConfig
-from framework.engine.build import resolve_max_model_len
 from framework.llm import LLM
 from framework.tasks.metrics import write_metrics
 
@@ -93,7 +92,7 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
         else:
             ids = default_text(llm.tokenizer)
             source = f"pydoc_data.topics of Python {platform.python_version()}, every {EVERY_NTH}th topic"
-        window = min(WINDOW, resolve_max_model_len(cfg, llm.hf_config), cfg.cache.max_num_batched_tokens)
+        window = min(WINDOW, llm.config.cache.max_model_len, cfg.cache.max_num_batched_tokens)
         result = perplexity(llm, ids, window, source)
         stats = llm.stats()
     record = {"quantization": cfg.quantization.method, "kv_cache_dtype": cfg.cache.kv_cache_dtype,

@@ -18,7 +18,9 @@ from framework.config.errors import ConfigError, UserError
 from framework.config.schema import FrameworkConfig
 from framework.config.validate import validate_against_model
 from framework.loader.resolve import load_hf_config, resolve_model_path
-from framework.loader.sharded import Manifest, copy_model_files, declared_quantization, save_rank
+from framework.loader.sharded import Manifest, copy_model_files, save_rank
+from framework.memory.planner import engine_device_memory
+from framework.resolve import resolve_config
 from framework.tasks.metrics import write_metrics
 
 
@@ -35,8 +37,8 @@ def save_shards(cfg: FrameworkConfig, model_path: Path, hf_config: Any, folder: 
     """Build every rank's model (no engine, no KV cache) and have each rank write its file."""
     from launchers import launcher_name
     if launcher_name(cfg) == "local":
-        from framework.engine.build import build_runner
-        return [save_rank(build_runner(cfg, model_path, hf_config).model, folder, 0)]
+        from framework.engine.model_runner import ModelRunner
+        return [save_rank(ModelRunner(cfg, model_path, hf_config).model, folder, 0)]
     from launchers.ray import RayLauncher
     launcher = RayLauncher(cfg, model_path, hf_config, weights_only=True)
     try:
@@ -50,14 +52,12 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
     model_path = resolve_model_path(cfg.model.path)
     hf_config = load_hf_config(model_path)
     validate_against_model(cfg, hf_config)
+    cfg = resolve_config(cfg, hf_config, engine_device_memory(cfg))
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     shards = save_shards(cfg, model_path, hf_config, folder)
     copy_model_files(model_path, folder)
-    # `auto` holds the weights as the checkpoint declares them; record what that resolved to.
-    quantization = cfg.quantization.method
-    if quantization == "auto":
-        quantization = declared_quantization(model_path)
+    quantization = cfg.quantization.method  # resolved: what the weights are held as
     # Written last: a folder without a manifest (an interrupted save) never loads.
     Manifest(tensor_parallel_size=cfg.parallelism.tensor_parallel_size, quantization=quantization,
              dtype=shards[0]["dtype"], architectures=list(getattr(hf_config, "architectures", None) or []),

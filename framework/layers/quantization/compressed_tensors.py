@@ -23,7 +23,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -64,15 +64,21 @@ def parse(qc: Dict[str, Any]) -> WeightScheme:
     if not any(t == "Linear" for g in groups for t in g.get("targets", [])):
         raise UserError("compressed-tensors checkpoint: only config groups targeting 'Linear' are supported; "
                         f"found targets {[g.get('targets') for g in groups]}")
-    ignored = [name for name in qc.get("ignore") or [] if "lm_head" not in name]
-    if ignored:  # every linear layer here gets one method; lm_head is never quantized anyway
-        raise UserError(f"compressed-tensors checkpoint leaves layers unquantized (ignore={ignored}); "
-                        "only ignore=[lm_head] is supported")
+    # `ignore` (layers kept in full precision) is answered per layer by quantization.QuantResolver
     w = weights[0]
     return WeightScheme(format=qc.get("format") or groups[0].get("format") or "", num_bits=w.get("num_bits"),
                         type=w.get("type", "int"), symmetric=w.get("symmetric", True),
                         strategy=w.get("strategy", ""), group_size=w.get("group_size"),
                         actorder=w.get("actorder"))
+
+
+def stored_method(qc: Dict[str, Any]) -> Tuple[str, int]:
+    """(int8 | fp8 | int4, group size; 0 = one scale per row) of the weights as stored."""
+    return _method_name(from_config(qc, None)), parse(qc).group_size or 0
+
+
+def _method_name(method: QuantMethod) -> str:
+    return {CheckpointInt8: "int8", CheckpointFp8: "fp8", CheckpointInt4: "int4"}[type(method)]
 
 
 def from_config(qc: Dict[str, Any], hf_config: Any) -> QuantMethod:

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 import kernels
 from framework.config.errors import ConfigError
 from framework.layers.quantization.base import LoadTimeQuant, Spec
-from framework.parallel import tp_size
 from kernels import quant_gemv as qg, quant_matmul as qmm
 
 QMAX = 7
@@ -99,10 +98,9 @@ def check_group_size(group_size: int, in_features: List[int]) -> None:
                           f"({', '.join(map(str, sorted(set(in_features))))}); valid: {_divisors(common)}")
 
 
-def decoder_in_features(c: Any) -> List[int]:
+def decoder_in_features(c: Any, tp: int) -> List[int]:
     """Input features per rank of a decoder's linear layers, from config.json: q/k/v and
     gate/up read the whole hidden state; o_proj and down_proj (row-parallel) 1/tp of theirs."""
-    tp = tp_size()
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     sizes = [c.hidden_size, heads * head_dim // tp]
@@ -115,11 +113,12 @@ class Int4Method(LoadTimeQuant):
     name = "int4"
     codes_name = "weight"  # the compressed-tensors variant stores them as `weight_packed`
 
-    def __init__(self, group_size: Optional[int], hf_config: Any = None):
+    def __init__(self, group_size: Optional[int], hf_config: Any = None, tp_size: int = 1):
         self.group_size = group_size  # None: one group per row (per-channel)
         text = getattr(hf_config, "text_config", None) or hf_config
         if group_size and getattr(text, "hidden_size", None) and getattr(text, "num_attention_heads", None):
-            check_group_size(group_size, decoder_in_features(text))  # before any weight is read
+            # every size at once, in one message (storage() checks each layer again as it is built)
+            check_group_size(group_size, decoder_in_features(text, tp_size))
 
     def storage(self, out_features: int, in_features: int) -> Spec:
         group = self.group_size or in_features

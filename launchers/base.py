@@ -1,0 +1,28 @@
+"""What every launcher offers the LLM object, the tasks and the server; nothing reaches past it."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Dict, List, Optional
+
+from framework.engine.outputs import RequestOutput
+
+
+class Launcher(ABC):
+    @abstractmethod
+    def generate(self, prompts: List[Any], params: Any, progress: bool) -> List[RequestOutput]: ...
+
+    @abstractmethod
+    def score(self, windows: List[List[int]]) -> List[float]:
+        """Summed negative log-likelihood of each token-id window after its first token."""
+
+    @abstractmethod
+    def stats(self) -> Dict[str, Any]:
+        """{"ranks": [per-rank load time, KV cache, measured memory]} for metrics.json."""
+
+    @abstractmethod
+    def shutdown(self) -> None: ...
+
+    def local_engine(self) -> Optional[Any]:
+        """The LLMEngine when it runs in this process (the server's engine loop and bench's
+        timings drive it step by step); None when rank 0 lives elsewhere (a Ray actor)."""
+        return None
