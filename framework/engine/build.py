@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from framework.config.schema import FrameworkConfig
 from framework.engine.llm_engine import LLMEngine
@@ -31,9 +31,37 @@ def eos_token_ids(model_path: Path, hf_config: Any, tokenizer: Optional[Any]) ->
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
+def multimodal_processor(cfg: FrameworkConfig, model_path: Path, hf_config: Any, model: Any
+                         ) -> Tuple[Optional[Any], int]:
+    """(the model folder's processor wrapped with the limits, kwargs and input cache; the encoder
+    cache budget in tokens), or (None, 0) for a text model or a text-only run."""
+    if not getattr(model, "modalities", None) or not getattr(model, "vision_modules", lambda: [])():
+        return None, 0
+    from framework.memory.encoder import item_tokens
+    from framework.memory.shape import vision_shape
+    from framework.multimodal.cache import ProcessorCache
+    from framework.multimodal.encoder_cache import encoder_budget_tokens
+    from framework.multimodal.processor import MultimodalProcessor
+    mm = cfg.multimodal
+    processor = MultimodalProcessor.from_pretrained(
+        str(Path(cfg.model.tokenizer).expanduser() if cfg.model.tokenizer else model_path),
+        mm_processor_kwargs=mm.mm_processor_kwargs, limit_mm_per_prompt=mm.limit_mm_per_prompt,
+        language_model_only=mm.language_model_only, cache=ProcessorCache.from_gib(mm.processor_cache_gib))
+    # vLLM's budget: a step's tokens, raised to the largest item the processor settings allow
+    v = vision_shape(hf_config)
+    kwargs = dict(mm.mm_processor_kwargs)
+    size = getattr(getattr(processor.hf, "image_processor", None), "size", None) or {}
+    if "max_pixels" not in kwargs and size.get("longest_edge"):  # the folder's own cap
+        kwargs["max_pixels"] = size["longest_edge"]
+    largest = max(item_tokens(v, m, kwargs, cfg.cache.max_model_len) for m in model.modalities)
+    return processor, encoder_budget_tokens(cfg.cache.max_num_batched_tokens, largest)
+
+
 def build_engine(cfg: FrameworkConfig, model_path: Path, hf_config: Any, runner: Optional[ModelRunner] = None
                  ) -> LLMEngine:
     """`cfg` resolved (framework/resolve.py). Rank 0's runner may be given (the Ray rank builds it first)."""
     runner = runner or ModelRunner(cfg, model_path, hf_config)
     tokenizer = load_tokenizer(cfg, model_path)
-    return LLMEngine(cfg, runner, tokenizer, eos_token_ids(model_path, hf_config, tokenizer))
+    processor, encoder_budget = multimodal_processor(cfg, model_path, hf_config, runner.model)
+    return LLMEngine(cfg, runner, tokenizer, eos_token_ids(model_path, hf_config, tokenizer), processor,
+                     encoder_budget)

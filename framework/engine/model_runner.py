@@ -114,6 +114,7 @@ class ModelRunner:
         self.graph_sizes = self._graph_sizes()  # [] on CPU and with enforce_eager
         self.graphs: Optional[CudaGraphRunner] = None
         self.gpu_memory: Dict[str, Any] = {}  # the KV budget's terms, the graphs' measured cost
+        self.encoder_outputs: Dict[str, torch.Tensor] = {}  # content hash -> embeddings (multimodal models)
 
     # --- KV cache -------------------------------------------------------------------
     def num_blocks_that_fit(self) -> int:
@@ -326,11 +327,34 @@ class ModelRunner:
                                      block_tables=t.block_tables, decode_only=step.decode_only,
                                      max_seq_len=max(step.seq_lens))
             input_ids = fill_sampled(t.input_ids, self.sampled) if self.async_scheduling else t.input_ids
-            hidden = self.forward(input_ids, t.positions, meta)
+            positions, inputs_embeds = t.positions, self._multimodal_embeds(step, input_ids)
+            if step.mrope_positions is not None:
+                positions = torch.tensor(step.mrope_positions, dtype=torch.int64, device=self.device)
+            if inputs_embeds is None:
+                hidden = self.forward(input_ids, positions, meta)
+            else:
+                hidden = self.forward(input_ids, positions, meta, inputs_embeds=inputs_embeds)
             logits = self.model.compute_logits(hidden.index_select(0, t.logits_indices))
         if self.tp.rank != 0:
             return None
         return logits.float() if keep_on_device else logits.float().cpu()
+
+    def _multimodal_embeds(self, step: StepInput, input_ids: torch.Tensor) -> Optional[torch.Tensor]:
+        """Token embeddings with encoder outputs in the placeholder rows, or None for a text step.
+        Items to encode run through the model's encoder now (every rank: the tower is
+        replicated); their outputs stay until the scheduler's encoder cache evicts them."""
+        for key in step.mm_evict:
+            self.encoder_outputs.pop(key, None)
+        if step.mm_encode:
+            outputs = self.model.embed_multimodal([(modality, data) for _, modality, data in step.mm_encode])
+            for (key, _, _), out in zip(step.mm_encode, outputs):
+                self.encoder_outputs[key] = out
+        if not step.mm_spans:
+            return None
+        embeds = self.model.embed_input_ids(input_ids)
+        for row, key, first, count in step.mm_spans:
+            embeds[row:row + count] = self.encoder_outputs[key][first:first + count].to(embeds.dtype)
+        return embeds
 
     def run(self, step: StepInput, keep_on_device: bool = False) -> Optional[torch.Tensor]:
         if self.tp.size > 1:
