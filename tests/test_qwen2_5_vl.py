@@ -70,3 +70,107 @@ def test_hf_equality_all_cases_in_one_batch(folder):
     assert [o.error for o in outs] == [None] * len(requests)
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(folder, requests)
     assert stats["encoder_cache"]["misses"] == 4 and stats["vision_weight_bytes"] > 0
+
+
+def test_prefill_chunks_split_images_and_preemption_keeps_outputs(folder):
+    """16-token steps cut every image's placeholder run across several chunks; a KV cache of a
+    few blocks preempts and recomputes requests (their items are encoded again or hit the cache)."""
+    requests = [REQUESTS["two_images_of_different_sizes"], REQUESTS["video"],
+                {"prompt": chat_text(IMAGE), "multi_modal_data": {"image": random_image(250, 300, seed=9)}}]
+    want = hf_greedy(folder, requests)
+    outs, stats = ours(vl_config(folder, max_num_batched_tokens=16), requests)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert stats["encoder_cache"]["budget_tokens"] >= 64  # raised to the largest item
+    outs, stats = ours(vl_config(folder, max_num_batched_tokens=16, num_gpu_blocks_override=20,
+                                 max_model_len=150), requests)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert stats["num_preemptions"] > 0
+
+
+def test_same_placeholders_different_images_never_share_kv(folder):
+    """Prefix caching on: the prompts' token ids are identical, their images differ."""
+    requests = [{"prompt": chat_text(IMAGE), "multi_modal_data": {"image": random_image(112, 112, seed=s)}}
+                for s in (11, 12, 11)]
+    outs, stats = ours(vl_config(folder, enable_prefix_caching=True), requests)
+    got = [o.outputs[0].token_ids for o in outs]
+    assert outs[0].prompt_token_ids == outs[1].prompt_token_ids
+    assert got == hf_greedy(folder, requests) and got[0] != got[1]
+    assert stats["mm_processor_cache"]["hits"] == 1  # the repeated image skipped the processor
+
+
+def test_bad_requests_fail_alone(folder, tmp_path):
+    good = REQUESTS["one_image"]
+    bad = [
+        {"prompt": chat_text(IMAGE * 3), "multi_modal_data": {"image": [random_image(56, 56, seed=i) for i in range(3)]}},
+        {"prompt": chat_text(IMAGE), "multi_modal_data": {"image": b"not a png"}},
+        {"prompt": chat_text(IMAGE), "multi_modal_data": {"image": 42}},
+        {"prompt": chat_text(IMAGE), "multi_modal_data": {"audio": [b"x"]}},
+        {"prompt": chat_text(IMAGE + IMAGE), "multi_modal_data": {"image": random_image(56, 56)}},
+        {"prompt": chat_text(IMAGE), "multi_modal_data": {"image": random_image(56, 56)},
+         "mm_processor_kwargs": {"max_pixel": 1}},
+        {"prompt": chat_text(IMAGE), "multi_modal_data": {"image": random_image(900, 900)},
+         "mm_processor_kwargs": {"max_pixels": 28 * 28 * 400}},  # 400 tokens > max_model_len
+    ]
+    outs, _ = ours(vl_config(folder, max_model_len=200), [good] + bad + [good])
+    assert outs[0].error is None and outs[-1].outputs[0].token_ids == outs[0].outputs[0].token_ids
+    assert outs[0].outputs[0].token_ids == hf_greedy(folder, [good])[0]
+    errors = [o.error for o in outs[1:-1]]
+    for error, expected in zip(errors, ["limit_mm_per_prompt.image=2", "could not be decoded as an image",
+                                        "is a int, not an image", "takes no audio input",
+                                        "2 <|image_pad|> placeholder(s) for 1 image", "mm_processor_kwargs.max_pixel=1",
+                                        "cache.max_model_len=200"]):
+        assert error is not None and expected in error and "\n" not in error, (error, expected)
+
+
+def test_max_pixels_lowers_the_prompt_tokens(folder):
+    image = random_image(300, 300, seed=5)
+    request = {"prompt": chat_text(IMAGE), "multi_modal_data": {"image": image}}
+    full, _ = ours(vl_config(folder), [request], max_tokens=1)
+    cfg = vl_config(folder)
+    cfg.multimodal.mm_processor_kwargs = {"max_pixels": 28 * 28 * 16}
+    capped, _ = ours(cfg, [request], max_tokens=1)
+    from transformers import AutoProcessor
+    image_processor = AutoProcessor.from_pretrained(folder).image_processor
+    tokens = [image_processor.get_number_of_image_patches(300, 300, kw) // 4 for kw in ({}, {"max_pixels": 28 * 28 * 16})]
+    assert tokens[0] > tokens[1]
+    assert len(full[0].prompt_token_ids) - len(capped[0].prompt_token_ids) == tokens[0] - tokens[1]
+
+
+def test_language_model_only_holds_no_vision_weights(folder):
+    from framework.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+    text = REQUESTS["text_only"]
+    full, full_stats = ours(vl_config(folder), [text])
+    for limits, flag in (({"image": 0, "video": 0}, False), ({"image": 2}, True)):
+        cfg = vl_config(folder, limits=limits)
+        cfg.multimodal.language_model_only = flag
+        with LLM(cfg) as llm:
+            model = llm.launcher.local_engine().runner.model
+            assert isinstance(model, Qwen2_5_VLForConditionalGeneration) and model.visual is None
+            assert not any(name.startswith("visual") for name, _ in model.named_parameters())
+            outs = llm.generate([text, REQUESTS["one_image"]], SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
+                                                                           ignore_eos=True))
+            stats = llm.stats()["ranks"][0]
+        assert outs[0].outputs[0].token_ids == full[0].outputs[0].token_ids == hf_greedy(folder, [text])[0]
+        assert outs[1].error is not None and "no images or videos" in outs[1].error
+        assert stats["vision_weight_bytes"] == 0
+        assert full_stats["weight_bytes"] - stats["weight_bytes"] == full_stats["vision_weight_bytes"]
+        assert stats["bytes_read"] < full_stats["bytes_read"]  # the tower's tensors are never read
+
+
+def test_chat_with_content_parts_equals_generate(folder, tmp_path):
+    import base64
+    image = random_image(90, 130, seed=1)
+    path = tmp_path / "a.png"
+    image.save(path)
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    conversations = [
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe."}]}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"file://{path}"}},
+                                      {"type": "text", "text": "Describe."}]}],
+        [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "a.mp4"}}]}],
+    ]
+    with LLM(vl_config(folder)) as llm:
+        outs = llm.chat(conversations, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+    want = hf_greedy(folder, [REQUESTS["one_image"]])[0]
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids == want
+    assert outs[2].error is not None and "video file decoder" in outs[2].error
