@@ -56,3 +56,19 @@ def test_planner_reads_the_dict_form_the_new_cache_name_and_language_model_only(
     assert dict_form.host_cache_bytes == int(1.5 * GiB)
     lm_only = plan_memory(compose(base + ["multimodal.language_model_only=true"]), hf, 80 * GiB)
     assert lm_only.encoder_bytes == 0 and lm_only.host_cache_bytes == 0
+
+
+def test_planner_suggests_pixel_caps_and_no_video_each_re_planned():
+    from framework.memory.fixes import suggest_fixes
+    hf = _qwen_vl_shape()
+    # the hub's pixel cap: an image of 16384 tokens dominates the encoder's budget
+    base = ["model=qwen2_5_vl_3b_shape", "cache.max_model_len=32768", "+multimodal.mm_processor_kwargs.max_pixels=12845056",
+            "++multimodal.limit_mm_per_prompt={image: 2, video: 0}"]
+    cfg = compose(base)
+    plan = plan_memory(cfg, hf, 11 * GiB)
+    assert not plan.fits
+    fixes = {" ".join(f.overrides): f for f in suggest_fixes(cfg, hf, 11 * GiB, plan)}
+    capped = fixes["++multimodal.mm_processor_kwargs.max_pixels=1048576"]
+    assert capped.plan.fits and capped.plan.encoder_bytes < plan.encoder_bytes
+    assert plan_memory(compose(base + ["++multimodal.mm_processor_kwargs.max_pixels=1048576"]), hf,
+                       11 * GiB).encoder_bytes == capped.plan.encoder_bytes

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
+from framework.config.errors import UserError
 from framework.config.schema import FrameworkConfig
 from framework.engine.llm_engine import LLMEngine
 from framework.engine.model_runner import ModelRunner
@@ -42,11 +43,18 @@ def multimodal_processor(cfg: FrameworkConfig, model_path: Path, hf_config: Any,
     from framework.multimodal.cache import ProcessorCache
     from framework.multimodal.encoder_cache import encoder_budget_tokens
     from framework.multimodal.processor import MultimodalProcessor
+    from transformers import AutoProcessor
     mm = cfg.multimodal
-    processor = MultimodalProcessor.from_pretrained(
-        str(Path(cfg.model.tokenizer).expanduser() if cfg.model.tokenizer else model_path),
-        mm_processor_kwargs=mm.mm_processor_kwargs, limit_mm_per_prompt=mm.limit_mm_per_prompt,
-        language_model_only=mm.language_model_only, cache=ProcessorCache.from_gib(mm.processor_cache_gib))
+    folder = str(Path(cfg.model.tokenizer).expanduser() if cfg.model.tokenizer else model_path)
+    try:
+        hf_processor = AutoProcessor.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{folder} has no usable processor for images and videos ({str(exc).splitlines()[0][:120]}); "
+                        "add the model's preprocessor files, or run it on text with multimodal=text_only") from None
+    processor = MultimodalProcessor(hf_processor, mm_processor_kwargs=mm.mm_processor_kwargs,
+                                    limit_mm_per_prompt=mm.limit_mm_per_prompt,
+                                    language_model_only=mm.language_model_only,
+                                    cache=ProcessorCache.from_gib(mm.processor_cache_gib))
     # vLLM's budget: a step's tokens, raised to the largest item the processor settings allow
     v = vision_shape(hf_config)
     kwargs = dict(mm.mm_processor_kwargs)
