@@ -64,6 +64,10 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_positions_and_delta_match_hf(hf_model, name):
+    import transformers
+    from packaging.version import Version
+    if name == "video_half_second_patches" and Version(transformers.__version__) < Version("5.18"):
+        pytest.skip("transformers 5.17 truncates a video's seconds per patch to an integer (5.18 on do not)")
     ids, items = _prompt(CASES[name])
     want, want_delta = _hf(hf_model, ids, items)
     got, delta = mrope_positions(len(ids), items, MERGE, TOKENS_PER_SECOND)

@@ -15,7 +15,6 @@ valid ones, instead of transformers' warning-and-ignore.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -140,10 +139,8 @@ class MultimodalProcessor:
         token = self.placeholders[modality]
         media = {"images": frames} if modality == "image" else {"videos": [frames]}
         try:
-            with warnings.catch_warnings():  # min/max_pixels as call kwargs: deprecated in transformers 5, still read
-                warnings.simplefilter("ignore", FutureWarning)
-                out = self.hf(text=[self.tokenizer.convert_ids_to_tokens(token)], return_tensors="pt",
-                              **media, **kwargs)
+            out = self.hf(text=[self.tokenizer.convert_ids_to_tokens(token)], return_tensors="pt",
+                          **media, **self._call_kwargs(modality, kwargs))
         except Exception as exc:  # a bad kwarg value, a frame count the processor cannot use...
             raise MultimodalInputError(f"{where} could not be processed: {type(exc).__name__}: {exc}") from None
         num_tokens = int((out["input_ids"][0] == token).sum())
@@ -152,6 +149,28 @@ class MultimodalProcessor:
         if use_cache:
             self.cache.put(key, item)
         return item
+
+    def _call_kwargs(self, modality: str, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+        """`min_pixels` / `max_pixels` (vLLM's names for Qwen2-VL) as the processor's `size`
+        edges: transformers 5.17 ignores them as call kwargs, later versions read them with a
+        deprecation warning; `size` works in both. Filled from the modality's own defaults (the
+        image and video processors have different minimums)."""
+        if "min_pixels" not in kwargs and "max_pixels" not in kwargs:
+            return dict(kwargs)
+        sub = getattr(self.hf, "image_processor" if modality == "image" else "video_processor", None)
+        size = getattr(sub, "size", None)
+        read = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
+        edges = {k: read(k) for k in ("shortest_edge", "longest_edge")}
+        if edges["longest_edge"] is None:  # not a pixel-capped processor: pass the keys through
+            return dict(kwargs)
+        out = dict(kwargs)
+        edges.update(out.pop("size", None) or {})
+        if "min_pixels" in out:
+            edges["shortest_edge"] = out.pop("min_pixels")
+        if "max_pixels" in out:
+            edges["longest_edge"] = out.pop("max_pixels")
+        out["size"] = edges
+        return out
 
     # --- a prompt ---------------------------------------------------------------------
     def tokenize(self, text: str) -> List[int]:
