@@ -174,3 +174,30 @@ def test_chat_with_content_parts_equals_generate(folder, tmp_path):
     want = hf_greedy(folder, [REQUESTS["one_image"]])[0]
     assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids == want
     assert outs[2].error is not None and "video file decoder" in outs[2].error
+
+
+def test_server_chat_completions_take_image_parts(folder, tmp_path):
+    import base64
+    from framework.serve.server import OpenAIServer
+    image = random_image(90, 130, seed=1)
+    path = tmp_path / "a.png"
+    image.save(path)
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    llm = LLM(vl_config(folder))
+    want = llm.generate([REQUESTS["one_image"]], SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
+                                                                ignore_eos=True))[0].text
+    srv = OpenAIServer(llm, "127.0.0.1", 0)  # its loop drives the engine from here on
+    import threading
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                          {"type": "text", "text": "Describe."}]}],
+                "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+        status, out = srv.handle("/v1/chat/completions", body)
+        assert status == 200 and out["choices"][0]["message"]["content"] == want
+        bad = dict(body, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}])
+        status, out = srv.handle("/v1/chat/completions", bad)
+        assert status == 400 and "network URL" in out["error"]["message"]
+    finally:
+        srv.shutdown()
+        llm.shutdown()

@@ -71,13 +71,23 @@ def completion_prompts(body: Dict[str, Any]) -> List[Any]:
     raise RequestError("prompt", "prompt must be a string, a list of strings or a list of token ids")
 
 
-def chat_prompt(body: Dict[str, Any], apply_template: Callable[[List[Dict[str, str]]], str]) -> str:
+def chat_prompt(body: Dict[str, Any], apply_template: Callable[[List[Dict[str, Any]]], str]) -> Any:
+    """The prompt text, or {prompt, multi_modal_data} when the messages carry image or video parts
+    (`image_url` with a data: URL, a local path or file://; `video` frames)."""
+    from framework.multimodal.chat import split_chat_messages
+    from framework.multimodal.limits import MultimodalInputError
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), (str, list))
             for m in messages):
-        raise RequestError("messages", "messages must be a non-empty list of {role, content} with string content")
-    return apply_template([{"role": m["role"], "content": m["content"]} for m in messages])
+        raise RequestError("messages", "messages must be a non-empty list of {role, content}, content a string "
+                                       "or a list of parts")
+    try:
+        template, media = split_chat_messages(messages)
+    except MultimodalInputError as exc:
+        raise RequestError("messages", str(exc)) from None
+    text = apply_template(template)
+    return {"prompt": text, "multi_modal_data": media} if media else text
 
 
 def _usage(outputs: List[RequestOutput]) -> Dict[str, int]:

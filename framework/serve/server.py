@@ -87,10 +87,10 @@ class OpenAIServer:
         return 200, EventStream(chunks(deltas, future.result, self.model, usage), stream.cancelled.set)
 
     def _apply_chat_template(self, messages) -> str:
-        tokenizer = self.llm.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        owner = self.llm._chat_template_owner()  # a vision-language model's processor, else the tokenizer
+        if owner is None or not getattr(owner, "chat_template", None):
             raise api.RequestError("messages", f"model {self.model} has no chat template; use /v1/completions")
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def _handler_class(self):
         server = self
