@@ -201,3 +201,25 @@ def test_server_chat_completions_take_image_parts(folder, tmp_path):
     finally:
         srv.shutdown()
         llm.shutdown()
+
+
+def test_tasks_take_image_paths(folder, tmp_path):
+    """task=chat with task.images; task=generate with a JSONL prompts_file carrying "images"."""
+    import json
+    from framework.tasks import generate
+    path = tmp_path / "a.png"
+    random_image(90, 130, seed=1).save(path)
+    want = hf_greedy(folder, [REQUESTS["one_image"]])[0]
+    cfg = vl_config(folder)
+    cfg.task.prompts, cfg.task.images = ["Describe."], [str(path)]
+    cfg.task.max_tokens, cfg.task.ignore_eos, cfg.task.progress = MAX_TOKENS, True, False
+    assert generate.run(cfg, tmp_path / "chat", chat=True) == 0
+    rows = [json.loads(line) for line in (tmp_path / "chat" / "outputs.jsonl").read_text().splitlines()]
+    assert rows[0]["token_ids"] == want
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": REQUESTS["one_image"]["prompt"], "images": [f"file://{path}"]}) + "\n"
+                       + json.dumps({"prompt": "no image here"}) + "\n")
+    cfg.task.prompts, cfg.task.images, cfg.task.prompts_file = [], [], str(prompts)
+    assert generate.run(cfg, tmp_path / "gen") == 0
+    rows = [json.loads(line) for line in (tmp_path / "gen" / "outputs.jsonl").read_text().splitlines()]
+    assert rows[0]["token_ids"] == want and rows[1]["error"] is None

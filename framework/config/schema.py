@@ -99,7 +99,10 @@ class LauncherConfig:
 class TaskConfig:
     name: str = "generate"  # generate | chat | bench | plan | eval | serve | save_sharded
     prompts: List[str] = field(default_factory=list)
-    prompts_file: Optional[str] = None  # one prompt per line, or JSONL with a "prompt" field
+    prompts_file: Optional[str] = None  # one prompt per line, or JSONL with a "prompt" (and optional "images") field
+    # Images (paths, file:// or data: URLs) sent with every prompt of task.prompts to a vision-language
+    # model: task=chat puts them before the text; task=generate needs the prompt's own placeholders.
+    images: List[str] = field(default_factory=list)
     max_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
