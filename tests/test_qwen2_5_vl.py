@@ -223,3 +223,11 @@ def test_tasks_take_image_paths(folder, tmp_path):
     assert generate.run(cfg, tmp_path / "gen") == 0
     rows = [json.loads(line) for line in (tmp_path / "gen" / "outputs.jsonl").read_text().splitlines()]
     assert rows[0]["token_ids"] == want and rows[1]["error"] is None
+
+
+def test_async_scheduling_keeps_outputs(folder):
+    """The next step is built before this one's tokens reach the host: image steps still merge
+    their embeddings and M-RoPE rows correctly."""
+    requests = [REQUESTS["one_image"], REQUESTS["video"]]
+    outs, _ = ours(vl_config(folder, async_scheduling=True, max_num_batched_tokens=32), requests)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(folder, requests)
