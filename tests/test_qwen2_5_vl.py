@@ -231,3 +231,19 @@ def test_async_scheduling_keeps_outputs(folder):
     requests = [REQUESTS["one_image"], REQUESTS["video"]]
     outs, _ = ours(vl_config(folder, async_scheduling=True, max_num_batched_tokens=32), requests)
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(folder, requests)
+
+
+def test_memory_profile_runs_the_encoder_on_its_whole_budget(folder):
+    """Before the KV cache is sized (on a GPU), the profile encodes one item of the encoder
+    budget and holds its outputs; text-only runs skip it."""
+    with LLM(vl_config(folder, max_num_batched_tokens=32)) as llm:
+        runner = llm.launcher.local_engine().runner
+        seen = []
+        real = runner.model.embed_multimodal
+        runner.model.embed_multimodal = lambda items: seen.append(items) or real(items)
+        runner.profile_run()
+        assert runner.encoder_budget_tokens == llm.launcher.local_engine().encoder_cache.budget_tokens >= 64
+        (modality, data), = seen[0]
+        assert modality == "image" and int(data["image_grid_thw"].prod()) // 4 >= runner.encoder_budget_tokens
+    with LLM(vl_config(folder, limits={"image": 0, "video": 0})) as llm:
+        assert llm.launcher.local_engine().runner.encoder_budget_tokens == 0

@@ -38,10 +38,8 @@ def multimodal_processor(cfg: FrameworkConfig, model_path: Path, hf_config: Any,
     cache budget in tokens), or (None, 0) for a text model or a text-only run."""
     if not getattr(model, "modalities", None) or not getattr(model, "vision_modules", lambda: [])():
         return None, 0
-    from framework.memory.encoder import item_tokens
-    from framework.memory.shape import vision_shape
+    from framework.multimodal.budget import encoder_budget_tokens
     from framework.multimodal.cache import ProcessorCache
-    from framework.multimodal.encoder_cache import encoder_budget_tokens
     from framework.multimodal.processor import MultimodalProcessor
     from transformers import AutoProcessor
     mm = cfg.multimodal
@@ -55,14 +53,7 @@ def multimodal_processor(cfg: FrameworkConfig, model_path: Path, hf_config: Any,
                                     limit_mm_per_prompt=mm.limit_mm_per_prompt,
                                     language_model_only=mm.language_model_only,
                                     cache=ProcessorCache.from_gib(mm.processor_cache_gib))
-    # vLLM's budget: a step's tokens, raised to the largest item the processor settings allow
-    v = vision_shape(hf_config)
-    kwargs = dict(mm.mm_processor_kwargs)
-    size = getattr(getattr(processor.hf, "image_processor", None), "size", None) or {}
-    if "max_pixels" not in kwargs and size.get("longest_edge"):  # the folder's own cap
-        kwargs["max_pixels"] = size["longest_edge"]
-    largest = max(item_tokens(v, m, kwargs, cfg.cache.max_model_len) for m in model.modalities)
-    return processor, encoder_budget_tokens(cfg.cache.max_num_batched_tokens, largest)
+    return processor, encoder_budget_tokens(cfg, model_path, hf_config, model.modalities)
 
 
 def build_engine(cfg: FrameworkConfig, model_path: Path, hf_config: Any, runner: Optional[ModelRunner] = None

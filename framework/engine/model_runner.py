@@ -26,6 +26,7 @@ from framework.layers.quantization import QuantResolver
 from framework.loader import load_weights
 from framework.loader.weights import LoadStats
 from framework.models.context import ModelContext
+from framework.multimodal.budget import encoder_budget_tokens
 from framework.models.interface import attention_layers, build_model
 from framework.parallel import ParallelInfo, step_group
 from framework.resolve import is_resolved, pick_device, pick_dtype
@@ -96,6 +97,10 @@ class ModelRunner:
         self.load_stats: LoadStats = load_weights(self.model, cfg.model, model_path, cfg.quantization.method, tp)
         self.load_seconds = time.perf_counter() - start
 
+        # multimodal: the encoder cache budget (embedding tokens), which the memory profile runs
+        vision = getattr(self.model, "vision_modules", lambda: [])()
+        self.encoder_budget_tokens = (encoder_budget_tokens(cfg, model_path, hf_config, self.model.modalities)
+                                      if vision else 0)
         self.attn_layers: List[Attention] = attention_layers(self.model)
         self.kv_spec = kv_cache_spec(self.attn_layers, cfg.cache.block_size,
                                      kv_cache_dtype(cfg.cache.kv_cache_dtype, self.dtype))
@@ -171,14 +176,25 @@ class ModelRunner:
         n = self.cfg.cache.max_num_batched_tokens
         rows = min(n, self.max_num_seqs)
         self._allocate_kv_cache(1)
+        held = self._profile_encoder()  # the encoder's peak, then its outputs held during the decoder's step
         step = StepInput(input_ids=[0] * n, positions=[i % self.max_model_len for i in range(n)],
                          slot_mapping=[-1] * n, cu_seqlens_q=[0, n], seq_lens=[n],
                          block_tables=[[0] * -(-n // self.cfg.cache.block_size)],
                          logits_indices=list(range(n - rows, n)), decode_only=False)
         self.execute(step, keep_on_device=True)
+        del held
         if self.device.type == "cuda":
             self._warm_up_small_batches()
         self._free_kv_cache()
+
+    @torch.inference_mode()
+    def _profile_encoder(self) -> List[torch.Tensor]:
+        """A multimodal model encodes one item of the whole encoder budget (the most a step
+        encodes), and its outputs stay, as the encoder cache would hold them: the KV cache is
+        sized after both."""
+        if not self.encoder_budget_tokens:
+            return []
+        return self.model.embed_multimodal([self.model.dummy_multimodal_input(self.encoder_budget_tokens)])
 
     def _warm_up_small_batches(self) -> None:
         """An eager decode step of each batch size up to 8: Triton compiles variants by shape (the

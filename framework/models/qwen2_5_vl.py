@@ -11,7 +11,9 @@ its checkpoint tensors are skipped unread and no memory is held for it.
 """
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Sequence, Tuple
+import math
+
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
@@ -59,6 +61,16 @@ class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
         device = next(self.visual.parameters()).device
         out = self.visual(torch.cat(pixels).to(device), grids)
         return list(out.split([self.visual.num_tokens(g) for g in grids]))
+
+    def dummy_multimodal_input(self, num_tokens: int) -> Tuple[str, Dict[str, torch.Tensor]]:
+        """One image of at least `num_tokens` tokens, as the processor would give it (for the
+        memory profile): a grid of h x w merge blocks, zero pixels."""
+        m = self.spatial_merge_size
+        h = max(1, math.isqrt(num_tokens))
+        w = -(-num_tokens // h)
+        patch_dim = self.visual.args.patch_dim
+        return "image", {"pixel_values": torch.zeros(h * m * w * m, patch_dim),
+                         "image_grid_thw": torch.tensor([[1, h * m, w * m]])}
 
     def mrope_positions(self, num_tokens: int, items: Sequence[Tuple[int, str, Mapping[str, torch.Tensor]]]
                         ) -> Tuple[torch.Tensor, int]:
