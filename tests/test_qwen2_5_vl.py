@@ -178,26 +178,43 @@ def test_chat_with_content_parts_equals_generate(folder, tmp_path):
 
 def test_server_chat_completions_take_image_parts(folder, tmp_path):
     import base64
+    import json
+    import urllib.error
+    import urllib.request
     from framework.serve.server import OpenAIServer
     image = random_image(90, 130, seed=1)
     path = tmp_path / "a.png"
     image.save(path)
     url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-    llm = LLM(vl_config(folder))
+    cfg = vl_config(folder)
+    cfg.task.port = 0
+    llm = LLM(cfg)
     want = llm.generate([REQUESTS["one_image"]], SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
                                                                 ignore_eos=True))[0].text
-    srv = OpenAIServer(llm, "127.0.0.1", 0)  # its loop drives the engine from here on
-    import threading
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = OpenAIServer(llm, cfg.task)  # its loop drives the engine from here on
+
+    def post(body):
+        host, port = srv.address
+        request = urllib.request.Request(f"http://{host}:{port}/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
     try:
         body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                           {"type": "text", "text": "Describe."}]}],
                 "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
-        status, out = srv.handle("/v1/chat/completions", body)
+        status, out = post(body)
         assert status == 200 and out["choices"][0]["message"]["content"] == want
         bad = dict(body, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}])
-        status, out = srv.handle("/v1/chat/completions", bad)
+        status, out = post(bad)
         assert status == 400 and "network URL" in out["error"]["message"]
+        assert out["error"]["param"] == "messages[0].content[0]"
+        three = dict(body, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}] * 3}])
+        status, out = post(three)
+        assert status == 400 and "limit_mm_per_prompt.image=2" in out["error"]["message"]
     finally:
         srv.shutdown()
         llm.shutdown()
