@@ -348,6 +348,8 @@ class LLMEngine:
         self.forks.clear()
         for seq in dropped:
             self.block_manager.free_blocks(seq)
+            if self.encoder_cache is not None:  # its items stay held, unreferenced: evictable
+                self.encoder_cache.release(seq.seq_id)
         self.scheduler.running.clear()
         self.scheduler.waiting.clear()
         return dropped
