@@ -264,3 +264,21 @@ def test_memory_profile_runs_the_encoder_on_its_whole_budget(folder):
         assert modality == "image" and int(data["image_grid_thw"].prod()) // 4 >= runner.encoder_budget_tokens
     with LLM(vl_config(folder, limits={"image": 0, "video": 0})) as llm:
         assert llm.launcher.local_engine().runner.encoder_budget_tokens == 0
+
+
+def test_a_failing_encoder_fails_its_requests_only(folder):
+    """The tower raising in one step fails that step's requests; the engine, its encoder cache
+    and later requests go on."""
+    with LLM(vl_config(folder)) as llm:
+        model = llm.launcher.local_engine().runner.model
+        real = model.embed_multimodal
+        model.embed_multimodal = lambda items: (_ for _ in ()).throw(RuntimeError("tower broke"))
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+        failed = llm.generate([REQUESTS["one_image"]], params)[0]
+        assert failed.error is not None and "tower broke" in failed.error
+        model.embed_multimodal = real
+        again = llm.generate([REQUESTS["one_image"], REQUESTS["text_only"]], params)
+        assert [o.error for o in again] == [None, None]
+        assert [o.outputs[0].token_ids for o in again] == hf_greedy(folder, [REQUESTS["one_image"], REQUESTS["text_only"]])
+        image_tokens = again[0].prompt_token_ids.count(llm.hf_config.image_token_id)
+        assert llm.launcher.local_engine().encoder_cache.stats.used_tokens == image_tokens > 0  # nothing leaked

@@ -202,6 +202,8 @@ class LLMEngine:
                 launched = self._launch(batch)
             except Exception as exc:  # the forward failed: the requests in it fail, the rest go on
                 log.exception("a step's forward failed")
+                for key, _, _ in batch.mm_encode:  # never stored by the runner: not held
+                    self.encoder_cache.discard(key)
                 finished += self._fail(batch.seqs, exc)
         if self.pending is not None:
             finished += self._resolve_or_fail(self.pending)

@@ -87,3 +87,9 @@ class EncoderCache:
         entries = [self._entries[key]] if key in self._entries else [] if key is not None else self._entries.values()
         for entry in entries:
             entry.users.discard(user)
+
+    def discard(self, key: str) -> None:
+        """Forget an item whose encoding failed (the runner holds nothing for it)."""
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.stats.used_tokens -= entry.num_tokens
