@@ -187,6 +187,13 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.pending is not None
 
+    def gauges(self) -> Dict[str, int]:
+        """Requests running and waiting, KV blocks free and in all, preemptions (for /metrics;
+        plain reads, harmless from another thread)."""
+        s, b = self.scheduler, self.block_manager
+        return {"running": len(s.running), "waiting": len(s.waiting), "free_blocks": b.num_free_blocks,
+                "num_blocks": b.num_blocks, "preemptions": s.num_preemptions}
+
     def step(self) -> List[Sequence]:
         """One scheduler step; returns the sequences that finished in it (failed ones too)."""
         finished: List[Sequence] = []

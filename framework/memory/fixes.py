@@ -146,6 +146,7 @@ def _length_fix(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optio
     probe = copy.deepcopy(cfg)
     probe.cache.max_model_len = "auto"
     try:
+        validate_against_model(probe, hf_config)  # e.g. a TP size that does not divide the heads
         longest = resolve_config(probe, hf_config, device_memory_bytes).cache.max_model_len
     except (ConfigError, UserError):
         return None
