@@ -72,3 +72,14 @@ def test_planner_suggests_pixel_caps_and_no_video_each_re_planned():
     assert capped.plan.fits and capped.plan.encoder_bytes < plan.encoder_bytes
     assert plan_memory(compose(base + ["++multimodal.mm_processor_kwargs.max_pixels=1048576"]), hf,
                        11 * GiB).encoder_bytes == capped.plan.encoder_bytes
+
+
+def test_dict_form_sizes_bound_the_profiled_item():
+    hf = _qwen_vl_shape()
+    base = ["model=qwen2_5_vl_3b_shape", "cache.max_model_len=32768", "cache.max_num_batched_tokens=256"]
+    full = plan_memory(compose(base + ["++multimodal.limit_mm_per_prompt={image: 2, video: 0}"]), hf, 80 * GiB)
+    small = plan_memory(compose(base + ["++multimodal.limit_mm_per_prompt={image: {count: 2, width: 560, height: 280}, "
+                                        "video: 0}"]), hf, 80 * GiB)
+    assert "image 1280 tokens" in full.details["multimodal encoder"]
+    assert "image 200 tokens" in small.details["multimodal encoder"]  # (560 / 28) x (280 / 28)
+    assert small.encoder_bytes < full.encoder_bytes

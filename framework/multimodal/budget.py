@@ -33,11 +33,14 @@ def folder_max_pixels(folder: Path) -> Optional[int]:
 def encoder_budget_tokens(cfg: FrameworkConfig, folder: Path, hf_config: Any, modalities) -> int:
     from framework.memory.encoder import item_tokens
     from framework.memory.shape import vision_shape
+    from framework.multimodal.limits import parse_limits
     kwargs = dict(cfg.multimodal.mm_processor_kwargs)
     if "max_pixels" not in kwargs:
         cap = folder_max_pixels(Path(cfg.model.tokenizer).expanduser() if cfg.model.tokenizer else folder)
         if cap:
             kwargs["max_pixels"] = cap
     v = vision_shape(hf_config)
-    largest = max(item_tokens(v, m, kwargs, cfg.cache.max_model_len) for m in modalities)
+    limits = parse_limits(cfg.multimodal.limit_mm_per_prompt, cfg.multimodal.language_model_only, modalities)
+    largest = max([item_tokens(v, m, kwargs, cfg.cache.max_model_len, limits[m])
+                   for m in modalities if limits[m].count > 0] or [0])
     return max(cfg.cache.max_num_batched_tokens, largest)
