@@ -52,13 +52,6 @@ def vision_weight_elems(v: VisionShape) -> int:
     return patch + positions + v.depth * block + projector
 
 
-def limits(v: VisionShape, limit_mm_per_prompt: Mapping[str, Any]) -> Dict[str, int]:
-    """Items per prompt of each modality this encoder takes (video only for Qwen2-VL-style ones);
-    either form of limit_mm_per_prompt (framework/multimodal/limits.py)."""
-    modalities = ("image", "video") if v.temporal_patch_size > 1 else ("image",)
-    return {m: limit.count for m, limit in parse_limits(limit_mm_per_prompt, modalities=modalities).items()}
-
-
 def item_tokens(v: VisionShape, modality: str, kwargs: Mapping[str, Any], max_model_len: int,
                 limit: Optional[ModalityLimit] = None) -> int:
     """LLM tokens of the largest item of one modality; `limit`'s width x height (and num_frames)
