@@ -16,7 +16,7 @@ MODELS = {
 }
 # Vision-language models whose decoder runs here but whose vision tower does not yet: they run
 # with every modality limited to 0 (multimodal=text_only), as the decoder alone.
-DECODER_ONLY = {"Qwen2_5_VLForConditionalGeneration"}
+DECODER_ONLY: set = set()
 
 
 def architecture(hf_config: Any) -> str:
