@@ -24,7 +24,7 @@ from framework.engine.outputs import RequestOutput
 from framework.loader.sharded import save_rank
 from framework.memory.measure import rank_stats
 from framework.parallel import ParallelInfo, set_step_group
-from launchers.remote_engine import EngineHost, StepReport
+from launchers.remote_engine import EngineHost, MultimodalLimits, StepReport
 
 # Generous: rank 0 may still be importing torch or reading its weights when the others arrive.
 RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
@@ -90,8 +90,10 @@ class RankActor:
     # rank 0, serving: the driver's RemoteEngine (launchers/remote_engine.py) calls these
     def serve_info(self) -> Dict[str, Any]:
         self.host = EngineHost(self.engine)
+        mm = self.engine.mm_processor
         return {"max_model_len": self.engine.max_model_len, "vocab_size": self.engine.vocab_size,
-                "gauges": self.engine.gauges()}
+                "gauges": self.engine.gauges(),
+                "mm_limits": None if mm is None else MultimodalLimits(mm.limits, mm.language_model_only)}
 
     def request_problem(self, token_ids: List[int], params: Any) -> Any:
         return self.engine.request_problem(token_ids, params)

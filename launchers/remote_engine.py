@@ -30,6 +30,15 @@ class MirrorSequence:
 
 
 @dataclass
+class MultimodalLimits:
+    """What the server checks of a chat request's images before it is sent (the processor itself
+    runs in rank 0's engine): `mm_processor.limits` and `.language_model_only`."""
+
+    limits: Dict[str, Any]
+    language_model_only: bool
+
+
+@dataclass
 class StepReport:
     tokens: Dict[int, Tuple[List[int], List[TokenLogprob]]]  # live seq_id -> output tokens, logprobs so far
     finished: List[Tuple[int, RequestOutput, bool]]  # (seq_id, output without text, text was cut)
@@ -85,6 +94,7 @@ class RemoteEngine:
         self.outputs: Dict[int, RequestOutput] = {}
         self.logprobs: Dict[int, List[TokenLogprob]] = {}
         self._gauges: Dict[str, int] = info["gauges"]
+        self.mm_processor: Optional[MultimodalLimits] = info["mm_limits"]  # None: the model takes no images
         self._has_work = False
 
     def request_problem(self, token_ids: List[int], params: SamplingParams) -> Optional[str]:

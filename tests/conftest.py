@@ -17,40 +17,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from helpers import build_tiny_model  # noqa: E402 (after the environment above)
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "framework" / "assets" / "pydoc-llama"
-
-# Small enough to build in well under a second; vocab divisible by 2 for TP tests.
-TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-
-
-def _hf_config(arch: str, **overrides):
-    import transformers as tf
-    kw = {**TINY, **overrides}
-    if arch == "llama":
-        return tf.LlamaConfig(**kw)
-    if arch == "llama3":  # Llama 3.x rope scaling
-        kw.setdefault("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
-        return tf.LlamaConfig(**kw)
-    if arch == "qwen2":
-        return tf.Qwen2Config(tie_word_embeddings=True, **kw)
-    if arch == "mistral":
-        return tf.MistralConfig(sliding_window=None, **kw)
-    if arch == "granite":
-        return tf.GraniteConfig(embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.5,
-                                logits_scaling=2.0, **kw)
-    raise ValueError(arch)
-
-
-def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
-    import transformers as tf
-    torch.manual_seed(seed)
-    config = _hf_config(arch, **overrides)
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """What the engine tests share: a small config, our greedy tokens and HF's for the same prompts."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -40,3 +41,35 @@ def hf_greedy(model_dir, prompts=PROMPTS, max_tokens: int = 10) -> List[List[int
                              eos_token_id=None, pad_token_id=0)
         outs.append(ids[0, len(p):].tolist())
     return outs
+
+
+# Small enough to build in well under a second; vocab divisible by 2 for TP tests.
+TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+def _hf_config(arch: str, **overrides):
+    import transformers as tf
+    kw = {**TINY, **overrides}
+    if arch == "llama":
+        return tf.LlamaConfig(**kw)
+    if arch == "llama3":  # Llama 3.x rope scaling
+        kw.setdefault("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+        return tf.LlamaConfig(**kw)
+    if arch == "qwen2":
+        return tf.Qwen2Config(tie_word_embeddings=True, **kw)
+    if arch == "mistral":
+        return tf.MistralConfig(sliding_window=None, **kw)
+    if arch == "granite":
+        return tf.GraniteConfig(embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.5,
+                                logits_scaling=2.0, **kw)
+    raise ValueError(arch)
+
+
+def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    import transformers as tf
+    torch.manual_seed(seed)
+    config = _hf_config(arch, **overrides)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    return path

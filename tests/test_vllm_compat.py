@@ -212,7 +212,7 @@ llm = LLM(model="ibm-granite/granite-3.1-8b-instruct",
 @pytest.fixture(scope="module")
 def seed_hub(tmp_path_factory):
     """Tiny random Llama and Granite checkpoints under the SEED's hub ids, in a fake HF cache."""
-    from conftest import build_tiny_model
+    from helpers import build_tiny_model
     root = tmp_path_factory.mktemp("seed")
     llama = build_tiny_model(root / "llama", "llama")
     granite = build_tiny_model(root / "granite", "granite")
