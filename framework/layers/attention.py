@@ -55,10 +55,12 @@ class Attention(nn.Module):
         # exists only in the cache.
         q = kernels.rotary_store_kv(q, k, v, rope.index, rope.cos, rope.sin,
                                     self.k_cache, self.v_cache, meta.slot_mapping)
+        window = self.spec.sliding_window or 0
         if meta.decode_only:
             out = kernels.paged_decode_attention(q, self.k_cache, self.v_cache, meta.seq_lens,
-                                                 meta.block_tables, self.scale, max_seq_len=meta.max_seq_len)
+                                                 meta.block_tables, self.scale, max_seq_len=meta.max_seq_len,
+                                                 sliding_window=window)
         else:
             out = kernels.paged_attention(q, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.seq_lens,
-                                          meta.block_tables, self.scale)
+                                          meta.block_tables, self.scale, sliding_window=window)
         return out.reshape(-1, self.num_heads * self.head_dim)
