@@ -62,11 +62,94 @@ def _greedy(cfg, prompts, max_tokens):
     with LLM(cfg) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
-        return [o.token_ids for o in outs], llm
+        return [o.token_ids for o in outs], {"config": llm.config, **llm.stats()}
 
 
 def test_gemma3_text_matches_hf_past_the_window(gemma3_text):
     path, expected = gemma3_text
-    ours, llm = _greedy(_cfg(path), PROMPTS, 12)
+    ours, run = _greedy(_cfg(path), PROMPTS, 12)
     assert ours == expected
-    assert llm.config.cache.max_model_len == 256  # the full context, not cut to the window
+    assert run["config"].cache.max_model_len == 256  # the full context, not cut to the window
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_gemma3_chunked_prefill_past_the_window(gemma3_text, async_scheduling):
+    """5-token chunks: a chunk's queries reach back into keys of earlier chunks, partly out of
+    their window."""
+    path, expected = gemma3_text
+    ours, _ = _greedy(_cfg(path, max_num_batched_tokens=5, async_scheduling=async_scheduling), PROMPTS, 12)
+    assert ours == expected
+
+
+def test_gemma3_preemption_past_the_window(gemma3_text):
+    """14 blocks of 4 tokens: the 42-token prompt alone needs 14 once it generates; the others
+    are preempted and recomputed."""
+    path, expected = gemma3_text
+    ours, run = _greedy(_cfg(path, num_gpu_blocks_override=14, max_num_seqs=4, max_model_len=56), PROMPTS, 12)
+    assert ours == expected
+    assert run["ranks"][0]["num_preemptions"] > 0
+
+
+def test_gemma3_prefix_caching_past_the_window(gemma3_text):
+    import transformers as tf
+    path, _ = gemma3_text
+    shared = list(range(50, 70))
+    prompts = [shared + [1, 2], shared + [3], shared + [4, 5, 6]]
+    model = tf.Gemma3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    expected = hf_expected(model, prompts, 6)
+    ours, _ = _greedy(_cfg(path, enable_prefix_caching=True, max_num_seqs=1), prompts, 6)
+    assert ours == expected
+
+
+def test_gemma3_multimodal_checkpoint_runs_its_decoder_on_text(tmp_path):
+    """Gemma3ForConditionalGeneration with every modality at 0: its decoder (language_model.model.*)
+    alone, the SigLIP tower never built nor read; HF's text-only outputs matched."""
+    import transformers as tf
+    torch.manual_seed(1)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=7)
+    config = tf.Gemma3Config(text_config=TEXT, vision_config=vision, mm_tokens_per_image=4,
+                             image_token_index=380, boi_token_index=381, eoi_token_index=382)
+    hf = tf.Gemma3ForConditionalGeneration(config).eval()
+    _randomize_norms(hf)
+    hf.save_pretrained(tmp_path)
+    expected = hf_expected(hf, PROMPTS, 10)
+    cfg = _cfg(tmp_path)
+    with pytest.raises(UserError, match="images and videos are not supported yet"):
+        LLM(cfg)
+    cfg.multimodal.limit_mm_per_prompt = {"image": 0}
+    ours, run = _greedy(cfg, PROMPTS, 10)
+    assert ours == expected
+    assert run["config"].cache.max_model_len == 256
+
+
+def test_gemma3_refuses_what_it_does_not_run(tmp_path):
+    import transformers as tf
+    from framework.models.context import ModelContext
+    from framework.models.interface import build_model
+    config = tf.Gemma3TextConfig(**{**TEXT, "attn_logit_softcapping": 50.0}, architectures=["Gemma3ForCausalLM"])
+    with pytest.raises(UserError, match="attn_logit_softcapping is not supported"):
+        build_model(ModelContext(config), "meta")
+
+
+def test_gemma3_layers_get_their_window_and_rope():
+    import transformers as tf
+    from framework.models.context import ModelContext
+    from framework.models.interface import attention_specs, build_model
+    config = tf.Gemma3TextConfig(**TEXT, architectures=["Gemma3ForCausalLM"])
+    model = build_model(ModelContext(config), "meta")
+    assert [s.sliding_window for s in attention_specs(model)] == [WINDOW, None, WINDOW]
+    # older configs: rope_theta + rope_scaling global, rope_local_base_freq local, a layer pattern
+    from framework.models.gemma3 import Gemma3Args
+
+    class Old:
+        vocab_size, hidden_size, intermediate_size, num_hidden_layers = 8, 8, 8, 7
+        num_attention_heads, num_key_value_heads, head_dim, rms_norm_eps = 2, 1, 4, 1e-6
+        max_position_embeddings, sliding_window, query_pre_attn_scalar = 64, 4, 4
+        rope_theta, rope_local_base_freq = 1e6, 1e4
+        rope_scaling = {"type": "linear", "factor": 8.0}
+        sliding_window_pattern = 6
+    a = Gemma3Args.from_hf(Old(), True)
+    assert a.layer_types == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
+    assert a.rope_global == {"type": "linear", "factor": 8.0, "rope_type": "linear", "rope_theta": 1e6}
+    assert a.rope_local == {"rope_type": "default", "rope_theta": 1e4}

@@ -244,11 +244,12 @@ class Gemma3ForCausalLM(nn.Module):
 
 class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
     """The multimodal checkpoint's decoder, run on text (every modality limited to 0; the
-    SigLIP tower and projector are neither built nor read). transformers 5 writes the decoder as
-    model.language_model.*, the head as lm_head (tied to the embeddings)."""
+    SigLIP tower and projector are neither built nor read). Published checkpoints, and
+    transformers 5 when it saves one, name the decoder language_model.model.*, the tower
+    vision_tower.*, the projector multi_modal_projector.*; the head is tied to the embeddings."""
 
     def __init__(self, ctx: ModelContext):
-        super().__init__(ctx, prefix="model.language_model")
+        super().__init__(ctx, prefix="language_model.model")
 
     def vision_modules(self) -> list:
         return []  # not built yet
