@@ -112,3 +112,38 @@ def test_decode_and_mixed_references_agree(paged_batch):
     free_blocks_before_window(batch, WINDOW)
     torch.testing.assert_close(paged_decode_attention_ref(*_decode_args(batch), sliding_window=WINDOW),
                                paged_attention_ref(*_args(batch), sliding_window=WINDOW), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [128, 256])  # Gemma-3-27B's, and the 4B/12B's
+def test_gpu_bf16_gemma_shapes(head_dim, paged_batch):
+    """Gemma-3-27B's heads (32 query, 16 KV) and window (1024) over contexts past it."""
+    seqs = [(1500, 1500), (300, 2600), (1, 1025), (1, 3000), (17, 17)] + [(1, 700)] * 6
+    batch = paged_batch(seqs, 32, 16, head_dim=head_dim, block_size=16, dtype=torch.bfloat16, seed=28, device="cuda")
+    free_blocks_before_window(batch, 1024)
+    out = paged_attention(*_args(batch), sliding_window=1024)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, paged_attention_ref(*_args(batch), sliding_window=1024), atol=2e-2, rtol=2e-2)
+    decode = paged_batch([(1, n) for n in (1, 1024, 1025, 3000, 40)], 32, 16, head_dim=head_dim, block_size=16,
+                         dtype=torch.bfloat16, seed=29, device="cuda")
+    free_blocks_before_window(decode, 1024)
+    ref = paged_decode_attention_ref(*_decode_args(decode), sliding_window=1024)
+    for splits in (1, 4, None):
+        torch.testing.assert_close(paged_decode_attention(*_decode_args(decode), num_splits=splits,
+                                                          sliding_window=1024), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_with_window(paged_batch):
+    batch = paged_batch([(1, n) for n in (40, 90, 3)], 8, 2, head_dim=128, block_size=16,
+                        dtype=torch.bfloat16, seed=30, device="cuda")
+    out = torch.empty_like(batch.q)
+    args = _decode_args(batch)
+    paged_decode_attention(*args, out=out, max_seq_len=128, sliding_window=32)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode_attention(*args, out=out, max_seq_len=128, sliding_window=32)
+    batch.seq_lens[1] = 80  # new lengths after capture: the window moves with them on the device
+    out.zero_()
+    graph.replay()
+    torch.testing.assert_close(out, paged_decode_attention_ref(*args, sliding_window=32), atol=2e-2, rtol=2e-2)
