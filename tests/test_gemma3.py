@@ -153,3 +153,31 @@ def test_gemma3_layers_get_their_window_and_rope():
     assert a.layer_types == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
     assert a.rope_global == {"type": "linear", "factor": 8.0, "rope_type": "linear", "rope_theta": 1e6}
     assert a.rope_local == {"rope_type": "default", "rope_theta": 1e4}
+
+
+def test_gemma3_27b_shape_plans_its_two_layer_kinds():
+    """The shipped Gemma-3-27B shape: the decoder's weights equal HF's own model's (built on meta),
+    the context is the model's full 131,072 tokens, and the KV layout is counted per layer kind."""
+    import transformers as tf
+    from framework.memory.planner import GiB, plan_memory
+    from framework.resolve import model_max_len
+    from test_planner import SHAPES, plan_config
+    hf = tf.AutoConfig.from_pretrained(SHAPES / "gemma-3-27b")
+    with torch.device("meta"):
+        model = tf.Gemma3ForConditionalGeneration(hf)
+    text = sum(p.numel() for n, p in model.named_parameters()
+               if "vision_tower" not in n and "multi_modal_projector" not in n)
+    assert model_max_len(hf) == 131072
+    cfg = plan_config("gemma-3-27b", max_model_len=32768)
+    cfg.multimodal.limit_mm_per_prompt = {"image": 0}
+    plan = plan_memory(cfg, hf, 141 * GiB)
+    assert plan.weight_bytes == 2 * text  # bf16, embeddings tied
+    per_layer = 2 * 16 * 128 * 2  # K and V, 16 KV heads of 128, bf16
+    k = plan.kv_layout
+    assert (k["num_full_layers"], k["num_sliding_layers"], k["sliding_window"]) == (10, 52, [1024])
+    assert plan.kv_bytes_per_token == 62 * per_layer
+    for n in (32768, 131072):
+        kept = (1024 // 16 + 1) * 16  # a window layer keeps the 65 blocks its window can reach
+        assert k[f"per_context_token_windowed_{n}"] == (10 * per_layer * n + 52 * per_layer * kept) / n
+        assert k[f"per_context_token_all_full_{n}"] == 62 * per_layer
+    assert "sliding-window layers (window [1024])" in plan.format_table()

@@ -74,6 +74,9 @@ class MemoryPlan:
     verdict: str
     details: Dict[str, str] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    # Models with sliding-window layers: KV bytes per token of each layer kind, and per token of
+    # context when window layers keep only their window's blocks, against the all-full layout.
+    kv_layout: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def rank_total_bytes(self) -> int:
@@ -104,9 +107,30 @@ class MemoryPlan:
                      f"of {self.budget_bytes / GiB:.2f} GiB {budget}")
         if self.host_cache_bytes:
             lines.append(f"  {'host: mm input cache':<20}{self.host_cache_bytes / GiB:>8.2f} GiB")
+        lines += self._kv_layout_lines()
         lines += [f"  note: {n}" for n in self.notes]
         lines.append(self.verdict)
         return "\n".join(lines)
+
+
+    def _kv_layout_lines(self) -> List[str]:
+        k = self.kv_layout
+        if not k:
+            return []
+        lines = [f"  KV layout: {k['num_full_layers']} full-attention layers {k['full_bytes_per_token'] / 1024:.1f} "
+                 f"KiB/token, {k['num_sliding_layers']} sliding-window layers (window {k['sliding_window']}) "
+                 f"{k['sliding_bytes_per_token'] / 1024:.1f} KiB/token"]
+        for n in sorted(int(key.rsplit("_", 1)[1]) for key in k if key.startswith("per_context_token_windowed_")):
+            windowed, full = k[f"per_context_token_windowed_{n}"], k[f"per_context_token_all_full_{n}"]
+            lines.append(f"    per token of a {n}-token context: {windowed / 1024:.1f} KiB with window layers "
+                         f"holding only their window, {full / 1024:.1f} KiB all-full ({full / windowed:.1f}x)")
+        windowed = k.get(f"per_context_token_windowed_{self.max_model_len}")
+        if windowed and self.kv_cache_bytes:
+            lines.append(f"    the KV cache above is the all-full layout (the engine does not free window blocks yet); "
+                         f"its {self.kv_cache_bytes / GiB:.2f} GiB would hold "
+                         f"{self.kv_cache_bytes / (windowed * self.max_model_len):.2f} requests of max_model_len "
+                         f"with them freed")
+        return lines
 
 
 # --- where the plan is for -------------------------------------------------------------
@@ -192,6 +216,7 @@ class _Costs:
     runtime: int = 0
     host_cache: int = 0
     details: Dict[str, str] = field(default_factory=dict)
+    kv_layout: Dict[str, Any] = field(default_factory=dict)  # models with sliding-window layers
 
     @property
     def fixed(self) -> int:
@@ -217,8 +242,14 @@ def _costs(cfg: FrameworkConfig, hf_config: Any, cuda: bool, max_model_len: int,
     out.details["rotary tables"] = f"fp32 cos/sin of {max_model_len} positions, shared by all layers"
     kinds = m.kv_bytes_by_kind(kv_bytes)
     if kinds["sliding"]:
-        out.details["KV layout"] = (f"{kinds['full']} B/token in full-attention layers, {kinds['sliding']} B/token "
-                                    "in sliding-window layers")
+        windows = sorted({a.sliding_window for a in m.attention if a.sliding_window})
+        out.kv_layout = {"full_bytes_per_token": kinds["full"], "sliding_bytes_per_token": kinds["sliding"],
+                         "sliding_window": windows, "num_full_layers": sum(1 for a in m.attention if not a.sliding_window),
+                         "num_sliding_layers": sum(1 for a in m.attention if a.sliding_window)}
+        for n in sorted({max_model_len, 32768, 131072}):
+            windowed = m.kv_bytes_for_context(kv_bytes, n, c.block_size)
+            out.kv_layout[f"per_context_token_windowed_{n}"] = windowed / n
+            out.kv_layout[f"per_context_token_all_full_{n}"] = kinds["full"] + kinds["sliding"]
 
     rows = min(max_num_seqs, c.max_num_batched_tokens)
     cpu_kv_tokens = int(c.cpu_kvcache_space_gib * GiB // (out.kv_per_token * c.block_size)) * c.block_size
@@ -307,4 +338,5 @@ def _plan(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optional[in
         runtime_bytes=costs.runtime, kv_cache_bytes=kv_cache, kv_bytes_per_token=costs.kv_per_token,
         kv_blocks=blocks, kv_tokens=kv_tokens, kv_budget_tokens=budget_blocks * c.block_size, budget_bytes=budget,
         host_cache_bytes=costs.host_cache, fits=fits, headroom_bytes=int(headroom),
-        max_concurrency=round(concurrency, 3), verdict=verdict, details=costs.details, notes=notes)
+        max_concurrency=round(concurrency, 3), verdict=verdict, details=costs.details, notes=notes,
+        kv_layout=costs.kv_layout)
