@@ -181,3 +181,13 @@ def test_gemma3_27b_shape_plans_its_two_layer_kinds():
         assert k[f"per_context_token_windowed_{n}"] == (10 * per_layer * n + 52 * per_layer * kept) / n
         assert k[f"per_context_token_all_full_{n}"] == 62 * per_layer
     assert "sliding-window layers (window [1024])" in plan.format_table()
+
+
+@pytest.mark.slow
+def test_gemma3_through_the_triton_kernels(gemma3_text, monkeypatch):
+    """The same model through the Triton kernels (the interpreter on a CPU machine): windowed
+    prefill in 5-token chunks and windowed split-K decode match HF."""
+    monkeypatch.setenv("KERNELS_FORCE_TRITON", "1")
+    path, expected = gemma3_text
+    ours, _ = _greedy(_cfg(path, max_num_batched_tokens=5), PROMPTS[:2], 10)
+    assert ours == [e[:10] for e in expected[:2]]

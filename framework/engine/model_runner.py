@@ -44,8 +44,9 @@ def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 
 
 def kv_cache_spec(layers: List[Attention], block_size: int, dtype: torch.dtype) -> "KVCacheSpec":
-    """One block layout for every layer. A sliding-window layer keeps, for now, the full context
-    like the others (resolve.model_max_len stays inside one window for such models)."""
+    """One block layout for every layer. A sliding-window layer keeps, for now, every block of the
+    context like a full layer (its attention reads only its window; freeing the blocks the window
+    has passed needs a block table of its own: issue 13)."""
     shapes = {(layer.num_kv_heads, layer.head_dim) for layer in layers}
     if len(shapes) != 1:
         raise NotImplementedError(f"layers with different KV shapes {sorted(shapes)} need a KV cache per layer group")
