@@ -191,3 +191,56 @@ def test_gemma3_through_the_triton_kernels(gemma3_text, monkeypatch):
     path, expected = gemma3_text
     ours, _ = _greedy(_cfg(path, max_num_batched_tokens=5), PROMPTS[:2], 10)
     assert ours == [e[:10] for e in expected[:2]]
+
+
+def test_window_layers_blocks_grow_with_the_window_not_the_context(gemma3_text):
+    """Full layers keep every block of the context; window layers keep only the blocks their
+    window (8 tokens, blocks of 4) can still reach, the others going back to their pool."""
+    from framework import SamplingParams
+    path, expected = gemma3_text
+    with LLM(_cfg(path, max_num_batched_tokens=6)) as llm:
+        engine = llm.launcher.engine
+        bm = engine.block_manager
+        assert bm.window is not None and llm.stats()["ranks"][0]["kv_window_blocks"] > 0
+        window_free = bm.num_free_window_blocks
+        seq = engine.add_request({"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=12, temperature=0,
+                                                                                  ignore_eos=True))
+        most_live = 0
+        while engine.has_work():
+            engine.step()
+            live = [b for b in seq.window_block_table if b >= 0]
+            if seq.is_finished:
+                break
+            assert len(seq.block_table) == -(-seq.num_computed_tokens // 4)  # the whole context
+            assert window_free - bm.num_free_window_blocks == len(live)  # freed blocks are back in the pool
+            most_live = max(most_live, len(live))
+        assert seq.output_token_ids == expected[0]
+        assert seq.num_tokens == 49 and most_live <= 2 + -(-(WINDOW - 1 + 6) // 4)  # window + one chunk
+        assert bm.num_free_window_blocks == window_free  # all back once it finished
+
+
+def test_prefix_hit_needs_the_window_blocks_of_its_last_window():
+    """A prefix hit of k blocks adopts full blocks 0..k-1 and only the window blocks its last
+    window reaches; a window block that was reused elsewhere cuts the hit back."""
+    from framework.engine.block_manager import BlockManager
+    from framework.engine.sequence import Sequence
+    from framework import SamplingParams
+    bm = BlockManager(32, 4, enable_prefix_caching=True, num_window_blocks=8, sliding_window=8)
+    first = Sequence(list(range(100, 124)), SamplingParams())
+    bm.allocate(first, 24)
+    first.num_computed_tokens = 24
+    bm.register_full_blocks(first)
+    bm.allocate(first, 1)  # its window moves on: blocks 0..3 leave it
+    assert first.window_block_table[:4] == [-1] * 4 and all(b >= 0 for b in first.window_block_table[4:])
+    second = Sequence(list(range(100, 124)) + [7], SamplingParams())
+    bm.reuse_cached_prefix(second)
+    assert second.num_computed_tokens == 24 and second.block_table == first.block_table[:6]
+    # position 24's window is 17..24: blocks 4 and 5 (tokens 16..23)
+    assert second.window_block_table == [-1] * 4 + first.window_block_table[4:6]
+    bm.free_blocks(second)
+    bm.free_blocks(first)
+    taker = Sequence(list(range(500, 532)), SamplingParams())  # takes all 8 window blocks
+    bm.allocate(taker, 32)
+    third = Sequence(list(range(100, 124)) + [7], SamplingParams())
+    bm.reuse_cached_prefix(third)
+    assert third.num_computed_tokens < 24  # the window blocks of the 6-block hit were reused

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from framework.config.errors import UserError
 from framework.config.schema import FrameworkConfig
-from framework.engine.block_manager import BlockManager
+from framework.engine.block_manager import BlockManager, window_blocks_per_request
 from framework.engine.model_runner import ModelRunner
 from framework.engine.outputs import CompletionOutput, RequestOutput
 from framework.engine.sampler import sample
@@ -49,16 +49,29 @@ class LLMEngine:
         self.vocab_size = runner.model.vocab_size
         self.block_size = cfg.cache.block_size
         num_blocks = runner.num_blocks_that_fit()
+        spec = runner.kv_spec
+        window_blocks = runner.num_window_blocks  # the sliding-window layers' pool (0: no such group)
         if not cfg.cache.enable_prefix_caching:  # never hold more than full concurrency can use
             num_blocks = min(num_blocks, max_num_seqs * -(-max_model_len // self.block_size))
+            if spec.num_window_layers:
+                window_blocks = min(window_blocks, max_num_seqs * window_blocks_per_request(
+                    self.block_size, spec.sliding_window, max_model_len) + -(-cfg.cache.max_num_batched_tokens
+                                                                             // self.block_size))
         num_blocks = max(0, num_blocks)
         if num_blocks * self.block_size < max_model_len:
             raise UserError(runner.kv_shortfall(num_blocks * self.block_size, max_model_len))
-        runner.allocate_kv_cache(num_blocks)
-        log.info("KV cache: %d blocks x %d tokens = %d tokens; %.1f requests of %d tokens at once",
+        if spec.num_window_layers and window_blocks < min(-(-max_model_len // self.block_size),
+                                                          window_blocks_per_request(self.block_size, spec.sliding_window,
+                                                                                    max_model_len)):
+            raise UserError(runner.kv_shortfall(0, max_model_len))
+        runner.allocate_kv_cache(num_blocks, window_blocks)
+        log.info("KV cache: %d blocks x %d tokens = %d tokens; %.1f requests of %d tokens at once%s",
                  num_blocks, self.block_size, num_blocks * self.block_size,
-                 num_blocks * self.block_size / max_model_len, max_model_len)
-        self.block_manager = BlockManager(num_blocks, self.block_size, cfg.cache.enable_prefix_caching)
+                 num_blocks * self.block_size / max_model_len, max_model_len,
+                 f"; sliding-window layers: {window_blocks} blocks of their own, freed as the window "
+                 f"({spec.sliding_window} tokens) passes" if spec.num_window_layers else "")
+        self.block_manager = BlockManager(num_blocks, self.block_size, cfg.cache.enable_prefix_caching,
+                                          window_blocks, spec.sliding_window if spec.num_window_layers else 0)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, cfg.cache.max_num_batched_tokens)
         self.generator = torch.Generator().manual_seed(cfg.model.seed)
         self._ids = itertools.count()
