@@ -181,6 +181,13 @@ def test_gemma3_27b_shape_plans_its_two_layer_kinds():
         assert k[f"per_context_token_windowed_{n}"] == (10 * per_layer * n + 52 * per_layer * kept) / n
         assert k[f"per_context_token_all_full_{n}"] == 62 * per_layer
     assert "sliding-window layers (window [1024])" in plan.format_table()
+    # the KV budget split as the engine splits it: R requests of 2048 full blocks (10 layers) and
+    # 67 window blocks (52 layers) each, plus one 2048-token step's 128 window blocks
+    budget = plan.budget_bytes - (plan.rank_total_bytes - plan.kv_cache_bytes)  # what is left for KV
+    full_block, window_block = 10 * per_layer * 16, 52 * per_layer * 16
+    requests = (budget - 128 * window_block) / (2048 * full_block + 67 * window_block)
+    assert plan.kv_tokens == int(requests * 2048) * 16
+    assert abs(plan.max_concurrency - requests) < 0.01 and plan.max_concurrency > 4 * budget / (62 * per_layer * 32768)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ import torch
 
 from framework.config.errors import UserError
 from framework.config.schema import FrameworkConfig
+from framework.engine.block_manager import split_kv_budget, window_blocks_per_request
 from framework.memory.activation import Step, forward_peak, graph_pool_bytes
 from framework.memory.encoder import encoder_budget
 from framework.memory.model_count import count_model
@@ -124,12 +125,12 @@ class MemoryPlan:
             windowed, full = k[f"per_context_token_windowed_{n}"], k[f"per_context_token_all_full_{n}"]
             lines.append(f"    per token of a {n}-token context: {windowed / 1024:.1f} KiB with window layers "
                          f"holding only their window, {full / 1024:.1f} KiB all-full ({full / windowed:.1f}x)")
-        windowed = k.get(f"per_context_token_windowed_{self.max_model_len}")
-        if windowed and self.kv_cache_bytes:
-            lines.append(f"    the KV cache above is the all-full layout (the engine does not free window blocks yet); "
-                         f"its {self.kv_cache_bytes / GiB:.2f} GiB would hold "
-                         f"{self.kv_cache_bytes / (windowed * self.max_model_len):.2f} requests of max_model_len "
-                         f"with them freed")
+        full = k[f"per_context_token_all_full_{self.max_model_len}"]
+        if self.kv_cache_bytes:
+            lines.append(f"    window layers keep a pool of their own, freed as the window passes: the KV cache's "
+                         f"{self.kv_cache_bytes / GiB:.2f} GiB hold {self.max_concurrency:.2f} requests of "
+                         f"max_model_len, {self.kv_cache_bytes / (full * self.max_model_len):.2f} in the all-full "
+                         f"layout")
         return lines
 
 
@@ -203,6 +204,15 @@ def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
 
 
 @dataclass
+class _WindowGroup:
+    """What engine.block_manager.split_kv_budget reads of a KV cache spec."""
+    block_size: int
+    sliding_window: int
+    bytes_per_block: int  # of the full layers
+    window_bytes_per_block: int
+
+
+@dataclass
 class _Costs:
     """Everything but the KV cache, per rank, with a line of detail for each."""
     dtype: torch.dtype
@@ -217,6 +227,7 @@ class _Costs:
     host_cache: int = 0
     details: Dict[str, str] = field(default_factory=dict)
     kv_layout: Dict[str, Any] = field(default_factory=dict)  # models with sliding-window layers
+    window_group: Optional["_WindowGroup"] = None  # their own KV pool, as the engine allocates it
 
     @property
     def fixed(self) -> int:
@@ -243,6 +254,9 @@ def _costs(cfg: FrameworkConfig, hf_config: Any, cuda: bool, max_model_len: int,
     kinds = m.kv_bytes_by_kind(kv_bytes)
     if kinds["sliding"]:
         windows = sorted({a.sliding_window for a in m.attention if a.sliding_window})
+        if len(windows) == 1:  # the engine gives the window layers a KV group of their own (kv_cache_spec)
+            out.window_group = _WindowGroup(c.block_size, windows[0], kinds["full"] * c.block_size,
+                                            kinds["sliding"] * c.block_size)
         out.kv_layout = {"full_bytes_per_token": kinds["full"], "sliding_bytes_per_token": kinds["sliding"],
                          "sliding_window": windows, "num_full_layers": sum(1 for a in m.attention if not a.sliding_window),
                          "num_sliding_layers": sum(1 for a in m.attention if a.sliding_window)}
@@ -285,34 +299,50 @@ def _plan(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optional[in
     c, tp = cfg.cache, cfg.parallelism.tensor_parallel_size
     cuda = device_memory_bytes is not None
     costs = _costs(cfg, hf_config, cuda, max_model_len, max_num_seqs)
-    block_bytes = costs.kv_per_token * c.block_size
+    group = costs.window_group
+    block_bytes = group.bytes_per_block if group else costs.kv_per_token * c.block_size
     blocks_per_request = -(-max_model_len // c.block_size)
     notes: List[str] = []
 
     # the KV cache: what the engine would allocate (ModelRunner.num_blocks_that_fit, LLMEngine's cap)
     if cuda:
         budget = int(device_memory_bytes * c.gpu_memory_utilization)
-        budget_blocks = max(0, (budget - costs.fixed) // block_bytes)
+        kv_budget = max(0, budget - costs.fixed)
     else:
         budget = (host_memory_bytes() - costs.host_cache) // tp
-        budget_blocks = int(c.cpu_kvcache_space_gib * GiB // block_bytes)
+        kv_budget = int(c.cpu_kvcache_space_gib * GiB)
+    window_blocks = window_need = 0
+    if group:  # full layers' blocks and window layers' blocks, split as the engine splits them
+        budget_blocks, window_blocks = split_kv_budget(kv_budget, group, max_model_len, c.max_num_batched_tokens)
+        chunk = min(blocks_per_request, -(-c.max_num_batched_tokens // c.block_size))
+        window_need = window_blocks_per_request(c.block_size, group.sliding_window, max_model_len) + chunk
+    else:
+        budget_blocks = kv_budget // block_bytes
     if c.num_gpu_blocks_override:
         budget_blocks = c.num_gpu_blocks_override
+        window_blocks = budget_blocks if group else 0
     blocks = budget_blocks
     if not c.enable_prefix_caching and blocks > max_num_seqs * blocks_per_request:
         blocks = max_num_seqs * blocks_per_request
         notes.append(f"KV cache capped at max_num_seqs x max_model_len = {blocks * c.block_size} tokens "
                      f"(prefix caching off); the memory would hold {budget_blocks * c.block_size}")
-    kv_cache, kv_tokens = blocks * block_bytes, blocks * c.block_size
+    if group and not c.enable_prefix_caching:
+        window_blocks = min(window_blocks, max_num_seqs * (window_need - chunk) + chunk)
+    window_bytes = window_blocks * group.window_bytes_per_block if group else 0
+    kv_cache, kv_tokens = blocks * block_bytes + window_bytes, blocks * c.block_size
     concurrency = kv_tokens / max_model_len
     costs.details["KV cache"] = f"{kv_tokens} tokens = {concurrency:.2f} x max_model_len"
+    if group:
+        costs.details["KV cache"] += (f"; window layers: {window_blocks} blocks of their own "
+                                      f"({window_bytes / GiB:.2f} GiB)")
+    one_request = blocks_per_request * block_bytes + (window_need * group.window_bytes_per_block if group else 0)
 
     # the verdict: the engine starts only if the KV cache holds one request of max_model_len
     if cuda:
-        need = costs.fixed + (kv_cache if c.num_gpu_blocks_override else blocks_per_request * block_bytes)
+        need = costs.fixed + (kv_cache if c.num_gpu_blocks_override else one_request)
         headroom = budget - need
     elif budget_blocks < blocks_per_request:  # cpu_kvcache_space_gib is short of one request
-        headroom = (budget_blocks - blocks_per_request) * block_bytes
+        headroom = kv_budget - one_request
     else:  # every rank must fit in its share of the host's RAM
         headroom = budget - (costs.fixed + kv_cache)
     fits = headroom >= 0 and budget_blocks >= blocks_per_request
