@@ -251,3 +251,15 @@ def test_prefix_hit_needs_the_window_blocks_of_its_last_window():
     third = Sequence(list(range(100, 124)) + [7], SamplingParams())
     bm.reuse_cached_prefix(third)
     assert third.num_computed_tokens < 24  # the window blocks of the 6-block hit were reused
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compilation", ["graphs", "piecewise"])
+def test_gemma3_on_the_gpu_matches_hf(gemma3_text, compilation):
+    """The Triton kernels, async scheduling and CUDA graphs (the window group's tables among their
+    inputs), eager or torch.compile'd, in float32, past the window: HF's tokens."""
+    from test_gpu import gpu_config
+    path, expected = gemma3_text
+    ours, run = _greedy(gpu_config(path, compilation=compilation, max_num_batched_tokens=16), PROMPTS, 12)
+    assert ours == expected
+    assert run["ranks"][0]["kv_window_blocks"] > 0
