@@ -1,4 +1,5 @@
-"""The library entry point, used like vLLM's: `LLM(config).generate(prompts, SamplingParams(...))`."""
+"""The library entry point, used like vLLM's: `LLM(config).generate(prompts, SamplingParams(...))`,
+or with vLLM's own constructor: `LLM("org/name")`, `LLM(model=..., tensor_parallel_size=2, ...)`."""
 from __future__ import annotations
 
 import logging
@@ -7,10 +8,11 @@ import torch
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 from framework.config.schema import FrameworkConfig
-from framework.config.validate import validate, validate_against_model
+from framework.config import vllm_args
+from framework.config.validate import check_before_start, read_model_config
 from framework.engine.outputs import RequestOutput
 from framework.engine.sampling_params import SamplingParams
-from framework.loader.resolve import load_hf_config, resolve_model_path
+from framework.loader.resolve import resolve_model_path
 from framework.resolve import auto_notes, config_dict, resolve_config
 
 if TYPE_CHECKING:
@@ -22,7 +24,9 @@ Prompt = Union[str, Dict[str, Any]]
 
 
 class LLM:
-    def __init__(self, config: Optional[FrameworkConfig] = None):
+    def __init__(self, model: Union[None, str, FrameworkConfig] = None, **vllm_kwargs: Any):
+        """`LLM(config)`, `LLM()` (the bundled model), or vLLM's `LLM("path or org/name", **kwargs)` /
+        `LLM(model=..., **kwargs)`: each keyword lands on its YAML key (framework/config/vllm_args.py)."""
         from launchers import start_launcher
         from framework.memory.measure import reset_peak_rss
 
@@ -30,16 +34,16 @@ class LLM:
         from framework.models.registry import check_runnable
 
         reset_peak_rss()  # this engine's peak, not an earlier job's in the same process
-        requested = validate(config or FrameworkConfig())
+        requested = vllm_args.to_config(model, **vllm_kwargs)
         self.model_path = resolve_model_path(requested.model.path)
-        self.hf_config = load_hf_config(self.model_path)
-        validate_against_model(requested, self.hf_config)
+        self.hf_config = read_model_config(requested, self.model_path)
+        check_before_start(requested, self.model_path, self.hf_config)  # before any plan, rank or weight
         check_runnable(self.hf_config, requested.multimodal.limit_mm_per_prompt)
         # Every `auto` becomes a value here, once; the planner, the launcher and every rank get
         # the resolved config (a CPU-only driver of a GPU cluster resolves for the CPU backend).
         gpu_here = not (requested.model.device == "cuda" and not torch.cuda.is_available())
         device_memory = engine_device_memory(requested) if gpu_here else None
-        self.config = resolve_config(requested, self.hf_config, device_memory)
+        self.config = resolve_config(requested, self.hf_config, device_memory)  # a sharded folder is checked here
         for note in auto_notes(requested, self.config):
             log.info("%s", note)
         self.plan = self._plan(device_memory) if gpu_here else None
@@ -81,6 +85,10 @@ class LLM:
             from framework.engine.build import load_tokenizer
             self._tokenizer = load_tokenizer(self.config, self.model_path)
         return self._tokenizer
+
+    def get_tokenizer(self) -> Any:
+        """vLLM's spelling of `tokenizer`."""
+        return self.tokenizer
 
     def apply_chat_template(self, user_message: str) -> str:
         from framework.config.errors import UserError

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -18,8 +19,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from framework.config.compose import compose, to_framework_config
+from framework.config.compose import compose, normalize_overrides, to_framework_config
 from framework.config.errors import ConfigError, UserError
+from framework.config.validate import validate_device_present
 from framework.config.store import register_schema
 from framework.tasks.metrics import write_metrics
 
@@ -31,6 +33,7 @@ def run_task(cfg: DictConfig, run_dir: Path, overrides: List[str], multirun: boo
     record = {"overrides": overrides, "status": "ok", "error": None}
     try:
         fcfg = to_framework_config(cfg)
+        validate_device_present(fcfg)
         task = importlib.import_module(f"framework.tasks.{fcfg.task.name}")
         code = task.run(fcfg, run_dir)
         if code:
@@ -75,8 +78,19 @@ def precheck(argv: List[str]) -> None:
         sys.exit(USER_ERROR)
 
 
+def quiet_logs() -> None:
+    """Noise a newcomer should not have to read: Ray's warning that the private cluster a run
+    starts uses token authentication (it does, Ray's default), and colour codes in Ray's rank
+    output when the log is redirected to a file."""
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_logs()
+    sys.argv[1:] = normalize_overrides(sys.argv[1:])  # what Hydra's grammar refuses but means one thing
     register_schema()
     precheck(sys.argv[1:])
     hydra_main()

@@ -3,7 +3,9 @@
 Dispatch rule (the only one, applied by every op below): run the Triton kernel when the first
 tensor argument is on CUDA, or when Triton's CPU interpreter is on (`TRITON_INTERPRET=1`) and
 `KERNELS_FORCE_TRITON=1` asks for it (tests); otherwise run the torch reference. CPU code thus
-calls the same names as GPU code. Both variables are read at call time.
+calls the same names as GPU code. Both variables are read at call time. One exception:
+`fp8_linear` needs fp8 tensor cores, so it runs its kernels only where `fp8_linear_supported`
+(CUDA, compute capability >= 8.9), and its torch reference elsewhere.
 
 The per-file names (`kernels.rms_norm.rms_norm`, `..._ref`) are the two implementations;
 the names exported here are the dispatching ops the engine calls.
@@ -21,6 +23,7 @@ import torch
 _act = import_module("kernels.activation")
 _attn = import_module("kernels.attention")
 _decode = import_module("kernels.decode_attention")
+_fp8 = import_module("kernels.fp8_linear")
 _gemv = import_module("kernels.gemv")
 _kv = import_module("kernels.kv_cache")
 _norm = import_module("kernels.rms_norm")
@@ -99,9 +102,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+def fp8_linear_supported(x: torch.Tensor, codes: torch.Tensor) -> bool:
+    """Whether `fp8_linear` runs on fp8 tensor cores for x [M, K] and codes [N, K]: bf16/fp16 x on
+    a CUDA card of compute capability >= 8.9, K and N multiples of 16 (kernels/fp8_linear.py)."""
+    return _fp8.supported(x, codes)
+
+
+def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8: x [M, K] quantized per token to fp8, times the fp8 weight [N, K] with row scales
+    [N], plus bias -> [M, N] in x.dtype. Triton quantization + torch._scaled_mm where
+    `fp8_linear_supported`, else the torch reference (same function, float32 matmul)."""
+    fn = _fp8.fp8_linear if _fp8.supported(x, codes) else _fp8.fp8_linear_ref
+    return fn(x, codes, scale, bias)
+
+
 __all__ = [
     "GEMV_MAX_ROWS",
     "apply_rotary",
+    "fp8_linear",
+    "fp8_linear_supported",
     "fused_add_rms_norm",
     "linear",
     "paged_attention",

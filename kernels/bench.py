@@ -2,6 +2,7 @@
 
     python -m kernels.bench            # Llama-3.1-8B layer shapes, bf16
     python -m kernels.bench --quick    # fewer cases (a smoke run)
+    python -m kernels.bench --fp8      # only the fp8 table: W8A8 against weight-only and bf16
 
 Every figure is measured in this process on this card, next to a device-to-device copy
 (bytes read + written) that stands for the achievable HBM roofline. GB/s counts the minimum
@@ -25,10 +26,14 @@ from triton.testing import do_bench, do_bench_cudagraph
 from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.attention import paged_attention, paged_attention_ref
 from kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
+from kernels.fp8_linear import fp8_linear, fp8_linear_ref, quantize_rows
 from kernels.gemv import linear_gemv, linear_ref
+from kernels import linear as bf16_linear  # the engine's unquantized path: GEMV at one row, else cuBLAS
 from kernels.kv_cache import store_kv_cache, store_kv_cache_ref
 from kernels.quant_gemv import GEMV_MAX_ROWS, int4_gemv, rowscaled_gemv
 from kernels.quant_matmul import quant_matmul
+from framework.layers.quantization.fp8 import gemv_tile
+from framework.layers.quantization.int8 import scaled_linear  # the weight-only fp8 path, as dispatched
 from kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from kernels.rotary import apply_rotary, apply_rotary_ref
 from kernels.rotary_kv import rotary_store_kv
@@ -226,6 +231,80 @@ def quant_linear_cases(batches: list[int], sweep: bool) -> list[Case]:
     return cases
 
 
+FP8_ROWS = [1, 8, 32, 64, 256, 2048]
+
+
+def fp8_table(rows_list: list[int]) -> None:
+    """fp8 linears of each layer shape, µs a call replayed from a CUDA graph (weights cycled past
+    L2): bf16 as the engine runs it (kernels.linear), weight-only fp8 as dispatched
+    (int8.scaled_linear: GEMV, quant_matmul, or dequantize + cuBLAS), W8A8 (kernels/fp8_linear.py:
+    per-token quantization + torch._scaled_mm) with exact and with fast accumulation, and the
+    quantization alone. Then each W8A8 result (exact and fast accumulation) against its float32
+    reference, ||err|| / ||ref||. TFLOP/s is the fast W8A8's."""
+    print("\nfp8 linears, µs a call (CUDA graph replay); x: bf16 time / that time\n")
+    header = (f"{'shape':<10}{'M':>6}{'bf16':>9}{'w-only':>9}{'w8a8':>9}{'w8a8 fast':>11}{'quant':>8}"
+              f"{'x w-only':>10}{'x w8a8':>8}{'x fast':>8}{'TFLOP/s':>9}{'rel err':>9}{'fast err':>9}")
+    print(header)
+    print("-" * len(header))
+    for name, (n, k) in LINEAR_SHAPES.items():
+        copies = max(2, math.ceil(L2_DEFEAT_BYTES / (n * k)))
+        bf16 = [torch.randn(n, k, device="cuda", dtype=DTYPE) * k**-0.5 for _ in range(max(2, copies // 2))]
+        fp8 = [QUANT_WEIGHTS["fp8"](n, k) for _ in range(copies)]
+        for rows in rows_list:
+            x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
+            times = [1e3 * _graph_ms(_cycled(fn, ws)) for fn, ws in (
+                (lambda w: bf16_linear(x, w), bf16),
+                (lambda cs: scaled_linear(x, cs[0], cs[1], None, gemv_tile(n)), fp8),
+                (lambda cs: fp8_linear(x, *cs, fast_accum=False), fp8),
+                (lambda cs: fp8_linear(x, *cs, fast_accum=True), fp8),
+                (lambda cs: quantize_rows(x), fp8))]
+            codes, scale = fp8[0]
+            ref = fp8_linear_ref(x, codes, scale).float()
+            err, err_fast = (((fp8_linear(x, codes, scale, fast_accum=f).float() - ref).norm() / ref.norm()).item()
+                             for f in (False, True))
+            b, wo, w8, fast, q = times
+            print(f"{name:<10}{rows:>6}{b:>9.1f}{wo:>9.1f}{w8:>9.1f}{fast:>11.1f}{q:>8.1f}"
+                  f"{b / wo:>9.2f}x{b / w8:>7.2f}x{b / fast:>7.2f}x{2 * rows * n * k / fast / 1e6:>9.0f}{err:>9.1e}"
+                  f"{err_fast:>9.1e}")
+
+
+FP8_SMALL_ROWS = [1]
+# (block_n, block_k) of the one-row fp8 GEMV
+FP8_GEMV_TILES = [(4, 1024), (8, 1024), (2, 2048), (1, 2048), (2, 4096), (4, 2048), (1, 4096), (8, 2048)]
+
+
+def fp8_small_table(rows_list: list[int]) -> None:
+    """Few rows: the fp8 GEMV (weight-only, bf16 x) at several (block_n, block_k) tiles against
+    W8A8 through torch._scaled_mm (including the per-token quantization of x), µs a call
+    replayed from a CUDA graph, weights cycled past L2. GB/s counts the fp8 weight bytes of the
+    best. (A Triton fp8 tensor-core kernel for 1-16 rows, tried on 2026-11-30, lost to the GEMV
+    at one row and to weight-only quant_matmul at 4-16: 1.3-1.7x slower for o and down.)"""
+    print("\nfp8 at few rows, µs a call (CUDA graph replay)\n")
+    for name, (n, k) in LINEAR_SHAPES.items():
+        copies = max(2, math.ceil(L2_DEFEAT_BYTES / (n * k)))
+        fp8 = [QUANT_WEIGHTS["fp8"](n, k) for _ in range(copies)]
+        bf16 = [torch.randn(n, k, device="cuda", dtype=DTYPE) for _ in range(max(2, copies // 2))]
+        for rows in rows_list:
+            x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
+            fns = {"bf16": (lambda w: bf16_linear(x, w), bf16)}
+            if rows <= GEMV_MAX_ROWS:
+                for bn, bk in FP8_GEMV_TILES:
+                    fns[f"gemv {bn}x{bk}"] = (lambda cs, bn=bn, bk=bk: rowscaled_gemv(x, *cs, bn, bk), fp8)
+            fns["scaled_mm"] = (lambda cs: fp8_linear(x, *cs), fp8)
+            fns["scaled_mm fast"] = (lambda cs: fp8_linear(x, *cs, fast_accum=True), fp8)
+            times = {}
+            for label, (fn, ws) in fns.items():
+                try:
+                    times[label] = 1e3 * _graph_ms(_cycled(fn, ws))
+                except Exception as e:  # a config that does not compile here: say so, go on
+                    print(f"  {label} {name} M={rows}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            ok = {kk: v for kk, v in times.items() if kk != "bf16" and v == v}
+            best = min(ok, key=ok.get)
+            row = "  ".join(f"{kk} {v:.1f}" for kk, v in times.items())
+            print(f"{name:<8} M={rows:<3} best {best} {ok[best]:.1f} µs ({n * k / ok[best] / 1e3:.0f} GB/s, "
+                  f"{times['bf16'] / ok[best]:.2f}x bf16) | {row}")
+
+
 @dataclass
 class Fusion:
     """One fused kernel against the separate kernels it replaces (both Triton), timed in µs."""
@@ -273,6 +352,7 @@ def print_fusions(fusions: list[Fusion]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few cases only")
+    parser.add_argument("--fp8", action="store_true", help="only the fp8 W8A8 table")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA device"
     torch.manual_seed(0)
@@ -280,6 +360,10 @@ def main() -> None:
     roof = copy_gbps()
     print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, {DTYPE}")
     print(f"# device-to-device copy (1 GiB, read + write): {roof:.0f} GB/s\n")
+    if args.fp8:
+        fp8_small_table(FP8_SMALL_ROWS)
+        fp8_table(FP8_ROWS)
+        return
 
     cases: list[Case] = []
     for tokens in ([16] if args.quick else [16, 4096]):

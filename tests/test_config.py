@@ -99,7 +99,6 @@ BAD = [
     ("quantization.method=fp9", "quantization.method", "none, fp8, int8, int4, auto"),
     ("+multimodal.limit_mm_per_prompt.imag=2", "multimodal.limit_mm_per_prompt.imag", "image, video, audio"),
     ("+multimodal.limit_mm_per_prompt.image=-1", "multimodal.limit_mm_per_prompt.image", ">= 0"),
-    ("multimodal.limit_mm_per_prompt={image: 2}", "multimodal.limit_mm_per_prompt", "++"),
     ("parallelism.tensor_parallel_size=0", "parallelism.tensor_parallel_size", "positive integer"),
     ("model.dtype=float64", "model.dtype", "auto, float32, bfloat16, float16"),
     ("launcher=local", "launcher.name", None),  # only with TP>1, checked below

@@ -67,6 +67,12 @@ def test_prefix_caching_reuses_blocks_and_keeps_outputs(reference, async_schedul
         assert len(engine.block_manager.hash_to_block) >= len(shared) // cfg.cache.block_size
 
 
+def _mutated(params: SamplingParams, **changes) -> SamplingParams:
+    for key, value in changes.items():
+        setattr(params, key, value)
+    return params
+
+
 def test_bad_requests_fail_alone(reference):
     model_dir, expected = reference
     cfg = small_config(model_dir, max_model_len=64)
@@ -75,7 +81,7 @@ def test_bad_requests_fail_alone(reference):
     good = PROMPTS[:3]
     params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)] * 3 + \
              [SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)] * 3 + \
-             [SamplingParams(max_tokens=0)]
+             [_mutated(SamplingParams(), max_tokens=0)]  # construction refuses it; a later change is caught too
     prompts = [{"prompt_token_ids": p} for p in good] + bad
     with LLM(cfg) as llm:
         outs = llm.generate(prompts, params)

@@ -263,3 +263,23 @@ def test_gemma3_on_the_gpu_matches_hf(gemma3_text, compilation):
     ours, run = _greedy(gpu_config(path, compilation=compilation, max_num_batched_tokens=16), PROMPTS, 12)
     assert ours == expected
     assert run["ranks"][0]["kv_window_blocks"] > 0
+
+
+def test_gemma3_samples_of_one_prompt_share_its_window_blocks(gemma3_text):
+    """n > 1: the other samples take references to the prompt's full blocks and to the window
+    blocks its last window reaches; every sample matches HF and all blocks come back."""
+    from framework import SamplingParams
+    path, expected = gemma3_text
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    with LLM(_cfg(path)) as llm:
+        engine, bm = llm.launcher.engine, llm.launcher.engine.block_manager
+        seqs = engine.add_request_group({"prompt_token_ids": PROMPTS[0]}, [greedy] * 3)
+        shared = None
+        while engine.has_work():
+            engine.step()
+            if shared is None and all(s.block_table for s in seqs):
+                shared = [s.window_block_table[:9] for s in seqs]  # 36 shared prompt tokens
+        # the samples hold only the blocks the window after the 36 shared tokens reaches (7, 8)
+        assert shared[1] == shared[2] == [-1] * 7 + shared[0][7:9]
+        assert [engine.output(s).token_ids for s in seqs] == [expected[0]] * 3
+        assert bm.num_free_blocks == bm.num_blocks and bm.num_free_window_blocks == bm.window.num_blocks

@@ -15,7 +15,7 @@ from framework.config.errors import ConfigError, UserError
 from framework.config.schema import QuantizationConfig
 from framework.layers import linear
 from framework.layers.quantization import get_quant_method
-from framework.layers.quantization.fp8 import FP8, dequantize_fp8, quantize_fp8
+from framework.layers.quantization.fp8 import FP8, WEIGHT_ONLY_MAX_ROWS, dequantize_fp8, quantize_fp8
 from framework.layers.quantization.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
 from framework.layers.quantization.int8 import dequantize_int8, quantize_int8
 from framework.llm import LLM
@@ -286,20 +286,26 @@ LINEAR_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.we
                    "gate_proj.weight", "up_proj.weight", "down_proj.weight")
 
 
-def compressed_tensors_config(fmt: str, num_bits: int, type_: str, strategy: str, group_size=None) -> dict:
+# what llm-compressor writes for FP8_DYNAMIC: fp8 activations, one scale per token at run time
+DYNAMIC_FP8_TOKENS = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True,
+                      "group_size": None, "actorder": None, "observer": None}
+
+
+def compressed_tensors_config(fmt: str, num_bits: int, type_: str, strategy: str, group_size=None,
+                              input_activations=None) -> dict:
     weights = {"num_bits": num_bits, "type": type_, "symmetric": True, "strategy": strategy,
                "group_size": group_size, "dynamic": False, "actorder": None, "observer": "minmax"}
     return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
             "ignore": ["lm_head"], "kv_cache_scheme": None,
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                          "input_activations": None, "output_activations": None}}}
+                                          "input_activations": input_activations, "output_activations": None}}}
 
 
 def compress(w: torch.Tensor, scheme: str):
     """One weight in the documented compressed-tensors layout, written independently of the
     code under test; returns (stored tensors by suffix, the weight they dequantize to)."""
     w = w.float()
-    if scheme in ("int8-channel", "fp8-channel", "int8-tensor"):
+    if scheme in ("int8-channel", "fp8-channel", "int8-tensor", "fp8-w8a8"):
         per_row = scheme.endswith("channel")
         absmax = w.abs().amax(dim=1, keepdim=True) if per_row else w.abs().max().reshape(1, 1)
         if scheme.startswith("fp8"):
@@ -327,6 +333,7 @@ SCHEMES = {
     "int8-channel": ("int-quantized", 8, "int", "channel", None),
     "int8-tensor": ("int-quantized", 8, "int", "tensor", None),
     "fp8-channel": ("float-quantized", 8, "float", "channel", None),
+    "fp8-w8a8": ("float-quantized", 8, "float", "channel", None, DYNAMIC_FP8_TOKENS),  # weight-only on CPU
     "int4-group": ("pack-quantized", 4, "int", "group", GROUP),
 }
 
@@ -382,3 +389,44 @@ def test_checkpoint_errors_are_one_line(peaked_model, tmp_path):
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="quantization 'gptq' is not supported; supported: compressed-tensors"):
         LLM(make_config(ckpt, "auto"))
+
+
+# --- W8A8 fp8 -------------------------------------------------------------------------------
+@pytest.mark.parametrize("acts,w8a8", [(None, False), (DYNAMIC_FP8_TOKENS, True),
+                                       ({**DYNAMIC_FP8_TOKENS, "strategy": "tensor", "dynamic": False}, False),
+                                       ({**DYNAMIC_FP8_TOKENS, "type": "int"}, False)])
+def test_compressed_tensors_fp8_runs_its_activation_scheme(acts, w8a8):
+    """Dynamic per-token fp8 activations take the W8A8 path; a weight-only fp8 checkpoint and
+    schemes we do not run (static per-tensor input scales, int8 activations) stay weight-only."""
+    qc = compressed_tensors_config("float-quantized", 8, "float", "channel", input_activations=acts)
+    method = get_quant_method(QuantizationConfig(method="auto"), type("Cfg", (), {"quantization_config": qc})())
+    assert method.name == "compressed-tensors fp8" and method.quantize_activations is w8a8
+
+
+def test_quantization_fp8_quantizes_activations():
+    assert get_quant_method(QuantizationConfig(method="fp8"), object()).quantize_activations
+
+
+@pytest.mark.gpu
+def test_fp8_w8a8_end_to_end_on_gpu(sampled, monkeypatch):
+    """quantization=fp8 in bf16 on an fp8 card: steps of more than WEIGHT_ONLY_MAX_ROWS tokens run W8A8,
+    and the perplexity stays within 10% of bf16's own on the text the model sampled."""
+    import kernels
+    model_dir, text, _ = sampled
+    calls = []
+    real = kernels.fp8_linear
+    monkeypatch.setattr(kernels, "fp8_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+
+    def gpu(method):
+        cfg = make_config(model_dir, method)
+        cfg.model.device, cfg.model.dtype = "cuda", "bfloat16"
+        cfg.cache.max_model_len, cfg.cache.max_num_seqs, cfg.cache.gpu_memory_utilization = 256, 8, 0.3
+        return cfg
+
+    _, _, bf16_ppl = run_engine(gpu("none"), text)
+    tokens, _, fp8_ppl = run_engine(gpu("fp8"), text)
+    # prefill steps; decode batches (<= 8 rows here) stay weight-only
+    assert calls and min(calls) > WEIGHT_ONLY_MAX_ROWS
+    assert all(len(t) == 6 for t in tokens)
+    print(f"perplexity bf16 {bf16_ppl:.4f}, fp8 W8A8 {fp8_ppl:.4f}")
+    assert abs(fp8_ppl / bf16_ppl - 1) < 0.1, (fp8_ppl, bf16_ppl)

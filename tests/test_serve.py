@@ -1,160 +1,256 @@
-"""task=serve: OpenAI-shaped requests over HTTP, concurrent ones batched, bad ones refused alone."""
+"""task=serve through the official openai client: OpenAI's shapes, every field working or a 400
+naming it, streaming, concurrency, disconnects, auth, CORS, body limit, tokenize, metrics.
+
+One server for the module (async scheduling on, as on a GPU; the library comparisons run sync).
+"""
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 
 from framework import SamplingParams, compose
+from framework.engine.detokenizer import IncrementalDecoder
 from framework.llm import LLM
 from framework.serve.server import OpenAIServer
 from framework.serve.text_stream import TextStream
 
+KEY = "sk-test"
+ORIGIN = "http://allowed.example"
+BODY_LIMIT = 65536
+
 
 @pytest.fixture(scope="module")
 def server():
-    # async scheduling (the GPU default) here, so the library comparisons below, which run sync on
-    # the CPU, check one against the other under concurrent requests
-    llm = LLM(compose(["cache.cpu_kvcache_space_gib=0.1", "cache.async_scheduling=true", "task=serve", "task.port=0"]))
-    srv = OpenAIServer(llm, "127.0.0.1", 0)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
+    cfg = compose(["cache.cpu_kvcache_space_gib=0.1", "cache.async_scheduling=true", "task=serve", "task.port=0",
+                   f"task.api_key={KEY}", f"task.cors_origins=[{ORIGIN}]", f"task.max_body_bytes={BODY_LIMIT}"])
+    llm = LLM(cfg)
+    srv = OpenAIServer(llm, cfg.task)
     yield srv, llm
     srv.shutdown()
     llm.shutdown()
 
 
-def call(srv, path, body=None):
+@pytest.fixture(scope="module")
+def client(server):
+    host, port = server[0].address
+    return openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(server):
+    return server[1].config.model.path
+
+
+def raw(srv, method, path, body=None, headers=None):
+    """(status, headers, parsed body) of a plain HTTP call; `body` bytes go as they are."""
     host, port = srv.address
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"http://{host}:{port}{path}", data=data,
-                                     headers={"Content-Type": "application/json"})
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://{host}:{port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}",
+                                              **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
+            payload = response.read()
+            status, got = response.status, response.headers
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        payload, status, got = err.read(), err.code, err.headers
+    try:
+        return status, got, json.loads(payload)
+    except ValueError:
+        return status, got, payload.decode()
 
 
-def test_completions_match_the_library(server):
-    srv, _ = server
-    status, body = call(srv, "/v1/completions", {"prompt": "The for statement", "max_tokens": 12, "temperature": 0})
-    assert status == 200, body
+def solo(client, model, prompt, **kw):
+    return client.completions.create(model=model, prompt=prompt, temperature=0, **kw).choices[0]
+
+
+# --- the basics -----------------------------------------------------------------------------
+def test_completions_match_the_library(client, model):
+    got = client.completions.create(model=model, prompt="The for statement", max_tokens=12, temperature=0)
     with LLM(compose(["cache.cpu_kvcache_space_gib=0.1"])) as library:  # the server's engine is busy serving
         expected = library.generate("The for statement", SamplingParams(max_tokens=12, temperature=0))[0]
-    choice = body["choices"][0]
-    assert choice["text"] == expected.text and choice["finish_reason"] == expected.finish_reason
-    assert body["usage"]["completion_tokens"] == len(expected.token_ids)
+    assert got.choices[0].text == expected.text and got.choices[0].finish_reason == expected.finish_reason
+    assert got.usage.completion_tokens == len(expected.token_ids) and got.object == "text_completion"
 
 
-def test_concurrent_requests_with_a_bad_one(server):
-    srv, _ = server
-    prompts = ["Boolean operations", "The import statement", "Comparisons", "The while statement"]
-    bodies = [{"prompt": p, "max_tokens": 10, "temperature": 0} for p in prompts]
-    bodies.insert(2, {"prompt": "The pass statement", "max_tokens": -3})
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        results = list(pool.map(lambda b: call(srv, "/v1/completions", b), bodies))
-    bad_status, bad_body = results.pop(2)
-    assert bad_status == 400 and "max_tokens=-3" in bad_body["error"]["message"]
-    alone = [call(srv, "/v1/completions", b)[1]["choices"][0]["text"] for b in bodies[:2] + bodies[3:]]
-    assert [status for status, _ in results] == [200] * 4
-    assert [body["choices"][0]["text"] for _, body in results] == alone
+def test_chat_completion(client, model):
+    got = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is a generator?"}],
+                                         max_tokens=8, temperature=0)
+    assert got.object == "chat.completion" and got.choices[0].message.role == "assistant"
+    assert got.usage.completion_tokens == 8 and got.choices[0].message.content
+    parts = client.chat.completions.create(model=model, max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "a generator?"}]}])
+    plain = client.chat.completions.create(model=model, max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "What is a generator?"}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
 
 
-def test_chat_completions(server):
-    srv, _ = server
-    status, body = call(srv, "/v1/chat/completions",
-                        {"messages": [{"role": "user", "content": "What is a generator?"}], "max_tokens": 8})
-    assert status == 200, body
-    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
-    assert body["usage"]["completion_tokens"] > 0
+def test_models(client, model, server):
+    assert [m.id for m in client.models.list().data] == [model]
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-nothing")
+    assert info.value.body["param"] == "model" and info.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-nothing", prompt="x", max_tokens=2)
+    status, _, body = raw(server[0], "GET", "/v1/nothing")
+    assert status == 404 and set(body["error"]) == {"message", "type", "param", "code"}
 
 
-@pytest.mark.parametrize("body,param", [({"prompt": "x", "stream": "yes"}, "stream"),
-                                        ({"prompt": 5}, "prompt"),
-                                        ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
-                                        ({"prompt": "x", "n": 2}, "n")])
-def test_bad_fields_are_400_naming_the_field(server, body, param):
-    status, reply = call(server[0], "/v1/completions", body)
-    assert status == 400 and reply["error"]["param"] == param
+# --- every field works or is a 400 naming it ------------------------------------------------
+BAD = [({"seed": 2 ** 64}, "seed"), ({"temperature": -1}, "temperature"), ({"stop": [1]}, "stop"),
+       ({"top_p": 0}, "top_p"), ({"max_tokens": -3}, "max_tokens"), ({"max_tokens": "ten"}, "max_tokens"),
+       ({"n": 0}, "n"), ({"presence_penalty": 3}, "presence_penalty"), ({"logit_bias": {"5": 1}}, "logit_bias"),
+       ({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of"), ({"frobnicate": 1}, "frobnicate"),
+       ({"stream": "yes"}, "stream"), ({"prompt": 5}, "prompt"), ({"prompt": []}, "prompt"),
+       ({"prompt": "x" * 3000}, "prompt"), ({"prompt": [1, 99999]}, "prompt"),
+       ({"stop_token_ids": [99999]}, "stop_token_ids"), ({"logprobs": 2, "echo": True}, "echo"),
+       ({"min_tokens": 20, "max_tokens": 4}, "min_tokens"), ({"stream_options": {"include_usage": True}},
+                                                               "stream_options")]
 
 
-def test_models_health_and_unknown_routes(server):
-    srv, llm = server
-    assert call(srv, "/health") == (200, {"status": "ok"})
-    status, body = call(srv, "/v1/models")
-    assert status == 200 and body["data"][0]["id"] == llm.config.model.path
-    assert call(srv, "/v1/nothing", {})[0] == 404
+@pytest.mark.parametrize("fields,param", BAD, ids=[p for _, p in BAD])
+def test_bad_completion_fields_are_400_naming_them(server, fields, param):
+    status, _, body = raw(server[0], "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2, **fields})
+    assert status == 400 and body["error"]["param"] == param, body
+    assert body["error"]["type"] == "invalid_request_error"
 
 
-def stream(srv, path, body):
-    """(content type, [each event's payload]) of a streamed request; every line checked as SSE."""
-    host, port = srv.address
-    request = urllib.request.Request(f"http://{host}:{port}{path}", data=json.dumps({**body, "stream": True}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        content_type, raw = response.headers["Content-Type"], response.read().decode()
-    events = raw.split("\n\n")
-    assert events[-1] == "", raw  # every event ends with a blank line
-    assert all(e.startswith("data: ") and "\n" not in e for e in events[:-1]), raw
-    payloads = [e[len("data: "):] for e in events[:-1]]
-    assert payloads[-1] == "[DONE]", raw
-    return content_type, [json.loads(p) for p in payloads[:-1]]
+CHAT_BAD = [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+            ({"response_format": {"type": "json_object"}}, "response_format"),
+            ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
+            ({"max_completion_tokens": 0}, "max_completion_tokens"),
+            ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"), ({"messages": []}, "messages"),
+            ({"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                                         {"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+             "messages[0].content[1]")]
 
 
-def test_streamed_completion_adds_up_to_the_plain_one(server):
-    srv, _ = server
-    body = {"prompt": "The for statement", "max_tokens": 12, "temperature": 0}
-    plain = call(srv, "/v1/completions", body)[1]["choices"][0]
-    content_type, chunks = stream(srv, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
-    assert content_type == "text/event-stream"
-    assert all(c["object"] == "text_completion" for c in chunks)
+@pytest.mark.parametrize("fields,param", CHAT_BAD, ids=[p for _, p in CHAT_BAD])
+def test_bad_chat_fields_are_400_naming_them(server, fields, param):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **fields}
+    status, _, reply = raw(server[0], "POST", "/v1/chat/completions", body)
+    assert status == 400 and reply["error"]["param"] == param, reply
+
+
+@pytest.mark.parametrize("payload,param", [(b'{"prompt": "x", "temperature": NaN}', "temperature"),
+                                           (b'{"prompt": "x", "top_p": Infinity}', "top_p"),
+                                           (b'{"prompt": "x",', None)])
+def test_non_finite_numbers_and_broken_json(server, payload, param):
+    status, _, body = raw(server[0], "POST", "/v1/completions", payload)
+    assert status == 400 and body["error"]["param"] == param, body
+
+
+def test_bad_requests_do_not_disturb_a_concurrent_good_one(client, model, server):
+    expected = solo(client, model, "The import statement", max_tokens=24).text
+    bad = [{"prompt": "x", "seed": 2 ** 64}, {"prompt": "x", "temperature": 1e-300, "max_tokens": 3},
+           {"prompt": "x", "stop": [1]}, {"prompt": "x", "temperature": "hot"}]
+    with ThreadPoolExecutor(len(bad) + 1) as pool:
+        good = pool.submit(solo, client, model, "The import statement", max_tokens=24)
+        replies = list(pool.map(lambda b: raw(server[0], "POST", "/v1/completions", b), bad))
+        assert good.result().text == expected
+    assert [s for s, _, _ in replies] == [400, 200, 400, 400]  # a tiny temperature is greedy, not an error
+
+
+# --- what works ------------------------------------------------------------------------------
+def test_n_choices_and_seeds(client, model):
+    greedy = client.completions.create(model=model, prompt="Comparisons", max_tokens=6, temperature=0, n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2] and len({c.text for c in greedy.choices}) == 1
+    assert greedy.usage.completion_tokens == 18
+    sampled = client.completions.create(model=model, prompt="Comparisons", max_tokens=12, seed=5, n=3)
+    again = client.completions.create(model=model, prompt="Comparisons", max_tokens=12, seed=5, n=3)
+    assert [c.text for c in sampled.choices] == [c.text for c in again.choices]
+    assert len({c.text for c in sampled.choices}) > 1
+    two = client.completions.create(model=model, prompt=["Comparisons", "The pass statement"], max_tokens=4,
+                                    temperature=0, n=2)
+    assert [c.text for c in two.choices][::2] == [solo(client, model, p, max_tokens=4).text
+                                                  for p in ["Comparisons", "The pass statement"]]
+
+
+def test_logprobs_and_echo(client, model, server):
+    got = client.completions.create(model=model, prompt="The for statement", max_tokens=5, temperature=0, logprobs=3)
+    lp = got.choices[0].logprobs
+    assert "".join(lp.tokens) == got.choices[0].text and len(lp.token_logprobs) == 5
+    assert all(len(t) == 3 and max(t.values()) == pytest.approx(chosen, abs=1e-5)
+               for t, chosen in zip(lp.top_logprobs, lp.token_logprobs))  # greedy picks the likeliest
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+    echo = client.completions.create(model=model, prompt="The for statement", max_tokens=5, temperature=0, echo=True)
+    assert echo.choices[0].text == "The for statement" + got.choices[0].text
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-5)
+               for c in content)
+
+
+def test_penalties_and_min_tokens_change_the_output(client, model):
+    plain = solo(client, model, "The while statement", max_tokens=24).text
+    for fields in ({"presence_penalty": 1.5}, {"frequency_penalty": 1.5}, {"extra_body": {"repetition_penalty": 1.8}}):
+        assert solo(client, model, "The while statement", max_tokens=24, **fields).text != plain, fields
+    first = plain[:3]
+    stopped = solo(client, model, "The while statement", max_tokens=24, stop=[first])
+    assert stopped.text == "" and stopped.finish_reason == "stop"  # a stop string at the very start is removed
+    held = solo(client, model, "The while statement", max_tokens=24, stop=[first], extra_body={"min_tokens": 24})
+    assert held.text == plain and held.finish_reason == "length"
+
+
+# --- streaming ---------------------------------------------------------------------------------
+def test_streamed_completion_adds_up_to_the_plain_one(client, model):
+    plain = solo(client, model, "The for statement", max_tokens=12)
+    chunks = list(client.completions.create(model=model, prompt="The for statement", max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
     usage = chunks.pop()
-    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 12
-    texts = [c["choices"][0]["text"] for c in chunks]
-    assert "".join(texts) == plain["text"] and len([t for t in texts if t]) > 1  # piece by piece
-    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
-    assert len({c["id"] for c in chunks}) == 1
+    assert usage.choices == [] and usage.usage.completion_tokens == 12
+    texts = [c.choices[0].text for c in chunks]
+    assert "".join(texts) == plain.text and len([t for t in texts if t]) > 1
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    assert len({c.id for c in chunks}) == 1
 
 
-def test_streamed_chat(server):
-    srv, _ = server
-    body = {"messages": [{"role": "user", "content": "What is a generator?"}], "max_tokens": 10, "temperature": 0}
-    plain = call(srv, "/v1/chat/completions", body)[1]["choices"][0]
-    _, chunks = stream(srv, "/v1/chat/completions", body)
-    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[1:])
-    assert text == plain["message"]["content"]
-    assert chunks[-1]["choices"][0]["finish_reason"] == plain["finish_reason"]
+def test_streamed_chat_with_n_and_logprobs(client, model):
+    messages = [{"role": "user", "content": "What is a generator?"}]
+    plain = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, n=2, logprobs=True))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == index]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(c.delta.content or "" for c in mine) == plain.choices[0].message.content
+        assert mine[-1].finish_reason == plain.choices[0].finish_reason
+        assert sum(len(c.logprobs.content) for c in mine if c.logprobs) == 10
 
 
-def test_streamed_stop_string_does_not_leak(server):
-    srv, _ = server
-    body = {"prompt": "The while statement", "max_tokens": 24, "temperature": 0}
-    text = call(srv, "/v1/completions", body)[1]["choices"][0]["text"]
-    stop = text[6:14]  # eight characters span several tokens: their first ones come before the stop is complete
-    body["stop"] = ["never there", stop]
-    plain = call(srv, "/v1/completions", body)[1]["choices"][0]
-    assert plain["finish_reason"] == "stop" and plain["text"] == text[:text.find(stop)]
-    _, chunks = stream(srv, "/v1/completions", body)
-    assert "".join(c["choices"][0]["text"] for c in chunks) == plain["text"]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+def test_streamed_stop_string_does_not_leak(client, model):
+    text = solo(client, model, "The while statement", max_tokens=24).text
+    stop = text[6:14]  # spans several tokens: their first ones come before the stop is complete
+    plain = solo(client, model, "The while statement", max_tokens=24, stop=["never there", stop])
+    assert plain.finish_reason == "stop" and plain.text == text[:text.find(stop)]
+    chunks = list(client.completions.create(model=model, prompt="The while statement", max_tokens=24, temperature=0,
+                                            stop=["never there", stop], stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == plain.text and chunks[-1].choices[0].finish_reason == "stop"
 
 
-@pytest.mark.parametrize("path,body,needle", [
-    ("/v1/completions", {"prompt": "The pass statement", "max_tokens": -3}, "max_tokens=-3"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, "one prompt"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 0}, "max_tokens=0")])
-def test_bad_streamed_request_is_a_400_not_a_stream(server, path, body, needle):
-    status, reply = call(server[0], path, {**body, "stream": True})
-    assert status == 400 and needle in reply["error"]["message"]
+def test_stream_is_http11_chunked(server):
+    host, port = server[0].address
+    body = json.dumps({"prompt": "Comparisons", "max_tokens": 3, "stream": True})
+    with socket.create_connection((host, port), timeout=60) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode())
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+    assert b"data: [DONE]" in rest and rest.endswith(b"0\r\n\r\n")  # the terminating chunk: a clean end
 
 
 def test_deltas_hold_back_a_split_character(server):
@@ -165,20 +261,113 @@ def test_deltas_hold_back_a_split_character(server):
     text_stream = TextStream(stop=[])
     deltas = [text_stream.delta(t) for t in texts[:-1]] + [text_stream.delta(texts[-1], final=True)]
     assert "\ufffd" not in "".join(deltas) and "".join(deltas) == texts[-1]
+    incremental = IncrementalDecoder(lambda t: tokenizer.decode(t, skip_special_tokens=True))
+    seen = [incremental.update(ids[:i]) for i in range(1, len(ids) + 1)]
+    assert all(texts[-1].startswith(t) and "\ufffd" not in t for t in seen) and seen[-1] == texts[-1]
+    words = tokenizer.encode(" The with statement   is used\n\twith  caf\u00e9s", add_special_tokens=False)
+    incremental = IncrementalDecoder(tokenizer.decode)
+    for i in range(1, len(words) + 1, 2):  # two tokens at a time, as an async step may bring
+        incremental.update(words[:i])
+    assert incremental.update(words) == tokenizer.decode(words)
 
 
-def test_a_client_that_leaves_mid_stream_does_not_hurt_the_server(server):
-    srv, llm = server
-    engine, host, port = llm.launcher.engine, *srv.address
-    before = engine.num_generated_tokens
-    body = json.dumps({"prompt": "The with statement", "max_tokens": 200, "ignore_eos": True, "stream": True})
-    with socket.create_connection((host, port), timeout=60) as sock:
-        sock.sendall(f"POST /v1/completions HTTP/1.0\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
-        assert sock.recv(4096).startswith(b"HTTP/1.0 200")
-    for _ in range(600):  # the next write fails, and the loop aborts the request after its step
-        if not srv.loop.streams and not engine.has_work():
+def test_200_concurrent_streams_each_equal_to_its_solo_text(client, model, server):
+    prompts = ["The for statement", "Comparisons", "The import statement", "Boolean operations",
+               "The while statement", "The pass statement", "Assignment statements", "What is a generator?"]
+    alone = {p: solo(client, model, p, max_tokens=8).text for p in prompts}
+    host, port = server[0].address
+
+    async def one(aclient, prompt):
+        stream = await aclient.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0, stream=True)
+        return "".join([c.choices[0].text async for c in stream])
+
+    async def all_of_them():
+        aclient = openai.AsyncOpenAI(base_url=f"http://{host}:{port}/v1", api_key=KEY, max_retries=0, timeout=300,
+                                     http_client=None)
+        async with aclient:
+            work = [prompts[i % len(prompts)] for i in range(200)]
+            return work, await asyncio.gather(*(one(aclient, p) for p in work))
+    work, texts = asyncio.run(all_of_them())
+    assert texts == [alone[p] for p in work]
+
+
+# --- clients that leave -------------------------------------------------------------------
+def _wait_idle(srv, engine, before, limit):
+    for _ in range(600):
+        if not srv.loop.active and not engine.has_work():
             break
         time.sleep(0.05)
-    assert not srv.loop.streams and engine.num_generated_tokens - before < 200
-    status, reply = call(srv, "/v1/completions", {"prompt": "Comparisons", "max_tokens": 4})
-    assert status == 200 and reply["usage"]["completion_tokens"] == 4
+    assert not srv.loop.active and engine.num_generated_tokens - before < limit
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "plain"])
+def test_a_client_that_leaves_aborts_its_request(server, client, model, stream):
+    srv, llm = server
+    engine, (host, port) = llm.launcher.engine, srv.address
+    before = engine.num_generated_tokens
+    body = json.dumps({"prompt": "The with statement", "max_tokens": 400, "ignore_eos": True, "stream": stream})
+    with socket.create_connection((host, port), timeout=60) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        for _ in range(200):  # until the engine has started on it
+            if engine.num_generated_tokens > before:
+                break
+            time.sleep(0.02)
+    _wait_idle(srv, engine, before, 400)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert solo(client, model, "Comparisons", max_tokens=4).finish_reason == "length"
+
+
+# --- the rest of the HTTP surface ---------------------------------------------------------------
+def test_api_key(server, model):
+    host, port = server[0].address
+    anonymous = openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        anonymous.completions.create(model=model, prompt="x", max_tokens=2)
+    assert info.value.body["code"] == "invalid_api_key"
+    status, _, _ = raw(server[0], "POST", "/tokenize", {"prompt": "x"}, headers={"Authorization": ""})
+    assert status == 401
+    assert raw(server[0], "GET", "/health", headers={"Authorization": ""})[0] == 200  # a probe needs no key
+
+
+def test_cors(server):
+    srv = server[0]
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST"}
+    status, headers, _ = raw(srv, "OPTIONS", "/v1/completions", headers=preflight)
+    assert status == 200 and headers["access-control-allow-origin"] == ORIGIN
+    status, headers, _ = raw(srv, "OPTIONS", "/v1/completions", headers={**preflight, "Origin": "http://evil.example"})
+    assert status == 400 and "access-control-allow-origin" not in headers
+
+
+def test_body_limit(server, client, model):
+    status, _, body = raw(server[0], "POST", "/v1/completions", {"prompt": "x" * (BODY_LIMIT + 1)})
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    assert solo(client, model, "Comparisons", max_tokens=2).finish_reason == "length"
+
+
+def test_tokenize_and_detokenize(server):
+    srv, llm = server
+    status, _, body = raw(srv, "POST", "/tokenize", {"prompt": "The for statement"})
+    assert status == 200 and body["tokens"] == llm.tokenizer.encode("The for statement") and body["count"] > 0
+    status, _, back = raw(srv, "POST", "/detokenize", {"tokens": body["tokens"]})
+    assert status == 200 and back["prompt"] == llm.tokenizer.decode(body["tokens"])
+    status, _, chat = raw(srv, "POST", "/tokenize", {"messages": [{"role": "user", "content": "Hi"}]})
+    assert status == 200 and chat["count"] > body["count"] // 2
+    assert raw(srv, "POST", "/detokenize", {"tokens": [10 ** 9]})[2]["error"]["param"] == "tokens"
+    assert raw(srv, "POST", "/tokenize", {})[2]["error"]["param"] == "prompt"
+
+
+def test_metrics(server, client, model):
+    solo(client, model, "Comparisons", max_tokens=3)
+    status, headers, text = raw(server[0], "GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    for name in ("framework_requests_running", "framework_requests_waiting", "framework_kv_cache_usage_ratio",
+                 "framework_preemptions_total", "framework_prompt_tokens_total", "framework_generation_tokens_total",
+                 "framework_time_to_first_token_seconds_count", "framework_inter_token_latency_seconds_count"):
+        assert name in values, name
+    assert values["framework_generation_tokens_total"] >= 3 and values["framework_time_to_first_token_seconds_count"] >= 1
+    assert values["framework_inter_token_latency_seconds_count"] >= 2
+    assert 'framework_memory_bytes{part="weights",source="plan"}' in values
+    assert 'framework_memory_bytes{part="weights",source="measured"}' in values

@@ -43,12 +43,44 @@ def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> No
             _reject_unknown_keys(node[key], factory, f"{prefix}{key}.")
 
 
+def _dict_keys(schema: type = FrameworkConfig, prefix: str = "") -> list[str]:
+    """Schema keys holding free-form dicts (multimodal.limit_mm_per_prompt, ...)."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            keys += _dict_keys(f.default_factory, f"{prefix}{f.name}.")
+        elif str(f.type).startswith(("Dict", "dict")):
+            keys.append(prefix + f.name)
+    return keys
+
+
+def normalize_overrides(overrides: Sequence[str]) -> list[str]:
+    """What users type that Hydra's grammar refuses but means one thing, made to mean it:
+    a dict key (`multimodal.limit_mm_per_prompt={image: 2}` or `...limit_mm_per_prompt.image=2`)
+    adds keys to a typed dict, which Hydra allows only as `++`; a value starting with `~`
+    (`model.path=~/x`, unexpanded by the shell) must be quoted for Hydra's lexer."""
+    dict_keys = _dict_keys()
+    out = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or override.startswith("-"):
+            out.append(override)
+            continue
+        if value.startswith("~") and "'" not in value and "," not in value:
+            override = f"{key}='{value}'"
+        if not key.startswith(("+", "~")) and any(key == k or key.startswith(k + ".") for k in dict_keys):
+            override = "++" + override
+        out.append(override)
+    return out
+
+
 def compose(overrides: Sequence[str] = ()) -> FrameworkConfig:
     """The library front door: `compose(["+recipe=low_mem", "cache.max_num_seqs=8"])`."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_schema()
+    overrides = normalize_overrides(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
@@ -57,7 +89,7 @@ def compose(overrides: Sequence[str] = ()) -> FrameworkConfig:
     except ConfigError:
         raise
     except Exception as exc:  # Hydra/OmegaConf: turn the multi-line report into one line
-        raise ConfigError(*_describe(exc)) from exc
+        raise ConfigError(*_describe(exc, overrides)) from exc
     finally:
         GlobalHydra.instance().clear()
 
@@ -74,8 +106,9 @@ def _schema_keys(full_key: str) -> list[str]:
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
 
 
-def _describe(exc: BaseException) -> tuple[str, object, str]:
-    """(key, value, expected) for a Hydra or OmegaConf error, whichever level raised it."""
+def _describe(exc: BaseException, overrides: Sequence[str] = ()) -> tuple[str, object, str]:
+    """(key, value, expected) for a Hydra or OmegaConf error, whichever level raised it; the value
+    is the one the user gave, read back from the overrides where the error does not carry it."""
     chain, cur = [], exc
     while cur is not None:
         chain.append(cur)
@@ -89,21 +122,38 @@ def _describe(exc: BaseException) -> tuple[str, object, str]:
                     break
                 close = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
                 hint = f"did you mean {key.rsplit('.', 1)[0]}.{close[0]}? " if close and "." in key else ""
-                return key, _value_of(exc, key), f"unknown key; {hint}valid keys: {', '.join(valid)}"
-            return key, _value_of(exc, key), msg
+                given = _value_of(f"{exc} {err}", key, overrides)
+                return key, given, f"unknown key; {hint}valid keys: {', '.join(valid)}"
+            return key, _value_of(f"{exc} {err}", key, overrides), msg
     text = str(exc)
     append = re.search(r"Could not override '([^']+)'.*?use \+(.+)$", text, flags=re.S | re.M)
     if append:
         key, override = append.group(1), append.group(2).strip()
-        return key, None, f"new keys in this dict need Hydra's '++' (merge) prefix: ++{override}"
+        value = override.partition("=")[2]
+        if "." not in key:  # a config group that is not in the defaults list (recipe): `+` selects it
+            return key, value, f"{key} is an optional config group; select it with +{override}"
+        return key, value, f"new keys in this dict need Hydra's '++' (merge) prefix: ++{override}"
     missing = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
     if missing:
         group, choice = missing.groups()
         options = re.findall(r"^\t(\S+)$", text, flags=re.M)
         return group, choice, f"no such choice; valid: {', '.join(options) or '(none found)'}"
-    return "overrides", None, " ".join(text.split())[:300]
+    fragment = re.search(r"at input '(.+?)'", text)
+    for override in overrides:  # the grammar refused one override: name it whole
+        if override in text or (fragment and fragment.group(1) in override):
+            key, _, value = override.partition("=")
+            return key.lstrip("+~"), value, ("Hydra cannot parse this value; quote it for Hydra, e.g. "
+                                             f"'{key}=\"{value}\"' (single quotes outside for the shell)")
+    return "overrides", " ".join(overrides), " ".join(text.split())[:300]
 
 
-def _value_of(exc: BaseException, key: str) -> object:
-    match = re.search(rf"{re.escape(key)}=(\S+)", str(exc))
-    return match.group(1) if match else None
+def _value_of(text: str, key: str, overrides: Sequence[str] = ()) -> object:
+    """The value given for `key`: from the overrides, else from the error's text."""
+    given = {name.lstrip("+~"): value for name, sep, value in (o.partition("=") for o in overrides) if sep}
+    if key in given:
+        return given[key]
+    match = re.search(rf"{re.escape(key)}=(\S+)", text) or re.search(r"Value '(.+?)'", text)
+    if match:
+        return match.group(1)
+    within = [v for name, v in given.items() if key.startswith(name + ".")]  # a key inside a dict given whole
+    return within[0] if within else "(not given on the command line)"

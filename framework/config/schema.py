@@ -110,6 +110,10 @@ class TaskConfig:
     # serve: an OpenAI-compatible HTTP server
     host: str = "127.0.0.1"
     port: int = 8000  # 0 picks a free port
+    api_key: Optional[str] = None  # serve: if set, /v1/*, /tokenize and /detokenize need "Authorization: Bearer KEY"
+    cors_origins: List[str] = field(default_factory=list)  # serve: origins browsers may call from ("*" = any)
+    max_body_bytes: int = 4194304  # serve: larger request bodies get 413
+    drain_s: float = 30.0  # serve: on SIGTERM, how long in-flight requests may take to finish
     # save_sharded
     output_dir: Optional[str] = None
 

@@ -2,12 +2,18 @@
 
 `validate` needs only the config; `validate_against_model` also needs the model's config.json
 (head counts, context limit). Both raise ConfigError with one line naming the key.
+`check_before_start` is the library's front door: those checks, the device, and a note for each
+knob that does nothing in the run at hand (a sharded folder's manifest is checked where
+`quantization.method=auto` is resolved, framework/resolve.py, still before any plan or rank).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+import logging
+import re
+from pathlib import Path
+from typing import Any, Iterable, List, Tuple
 
-from framework.config.errors import ConfigError
+from framework.config.errors import ConfigError, UserError
 from framework.config.schema import FrameworkConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -18,6 +24,8 @@ KV_CACHE_DTYPES = ("auto", "fp8")
 LAUNCHERS = ("auto", "local", "ray")
 TASKS = ("generate", "chat", "bench", "plan", "eval", "serve", "save_sharded")
 MODALITIES = ("image", "video", "audio")
+
+log = logging.getLogger(__name__)
 
 
 def _choice(key: str, value: Any, choices: Iterable[str]) -> None:
@@ -38,6 +46,12 @@ def validate(cfg: FrameworkConfig) -> FrameworkConfig:
     m, c, comp, mm, t = cfg.model, cfg.cache, cfg.compilation, cfg.multimodal, cfg.task
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.load_format", m.load_format, LOAD_FORMATS)
+    if m.device == "cuda:0":  # the first visible GPU: what `cuda` means here
+        m.device = "cuda"
+    if isinstance(m.device, str) and re.fullmatch(r"cuda:\d+", m.device):
+        index = m.device.split(":")[1]
+        raise ConfigError("model.device", m.device, f"pick the GPU with CUDA_VISIBLE_DEVICES={index} and "
+                          "model.device=cuda (each rank uses the first GPU it sees)")
     _choice("model.device", m.device, DEVICES)
     _positive("parallelism.tensor_parallel_size", cfg.parallelism.tensor_parallel_size)
     _choice("quantization.method", cfg.quantization.method, QUANT_METHODS)
@@ -87,6 +101,17 @@ def validate(cfg: FrameworkConfig) -> FrameworkConfig:
     _positive("task.num_requests", t.num_requests)
     if not 0 <= t.port <= 65535:
         raise ConfigError("task.port", t.port, "must be in [0, 65535] (0 picks a free port)")
+    if t.api_key is not None and (not isinstance(t.api_key, str) or not t.api_key.strip()):
+        raise ConfigError("task.api_key", t.api_key, "must be a non-empty string, or null for no key")
+    if not all(isinstance(o, str) and o for o in t.cors_origins):
+        raise ConfigError("task.cors_origins", list(t.cors_origins), "must be a list of origins like "
+                          "http://localhost:3000, or [\"*\"]")
+    _positive("task.max_body_bytes", t.max_body_bytes)
+    if t.name == "serve" and cfg.parallelism.tensor_parallel_size > 1:
+        raise ConfigError("parallelism.tensor_parallel_size", cfg.parallelism.tensor_parallel_size,
+                          "task=serve runs one rank for now (the engine in the server's process): use 1")
+    if isinstance(t.drain_s, bool) or not isinstance(t.drain_s, (int, float)) or not 0 <= t.drain_s < float("inf"):
+        raise ConfigError("task.drain_s", t.drain_s, "must be a number of seconds >= 0")
     _positive("task.compare_hf_requests", t.compare_hf_requests, allow=(None,))
     if isinstance(t.decode_batch1_tokens, bool) or not isinstance(t.decode_batch1_tokens, int) \
             or t.decode_batch1_tokens < 0:
@@ -123,3 +148,84 @@ def validate_against_model(cfg: FrameworkConfig, hf_config: Any) -> None:
         raise ConfigError("cache.max_model_len", max_len,
                           f"exceeds the model's max_position_embeddings={limit}; lower it or set "
                           "cache.allow_long_max_model_len=true")
+
+
+def validate_device_present(cfg: FrameworkConfig) -> None:
+    """model.device=cuda needs a GPU in this process, unless the ranks run on a Ray cluster
+    named by launcher.address (a CPU-only driver of GPU nodes) or task=plan plans for a GPU
+    of task.device_memory_gib."""
+    planning_for_a_size = cfg.task.name == "plan" and cfg.task.device_memory_gib
+    if cfg.model.device != "cuda" or cfg.launcher.address or planning_for_a_size:
+        return
+    import torch
+    if torch.cuda.is_available():
+        return
+    why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+    raise ConfigError("model.device", cfg.model.device, f"{why} (torch {torch.__version__}); use model.device=auto "
+                      "or cpu, plan for a GPU with task=plan task.device_memory_gib=N, or name a GPU cluster with "
+                      "launcher=ray launcher.address=HOST:PORT")
+
+
+def inert_knobs(cfg: FrameworkConfig, hf_config: Any, on_gpu: bool, multimodal: bool) -> List[Tuple[int, str]]:
+    """Knobs that this run cannot act on, each as (log level, one line to say at start): a warning
+    where the value was chosen, info where it is the default (CUDA graphs on a CPU run)."""
+    notes = []
+    comp, mm = cfg.compilation, cfg.multimodal
+    if not on_gpu:
+        graphs = "" if comp.enforce_eager else "CUDA graphs (compilation=cudagraph, the default)"
+        compiled = f"compilation.level={getattr(comp.level, 'name', comp.level)}" if comp.level else ""
+        sizes = f"compilation.cudagraph_capture_sizes={list(comp.cudagraph_capture_sizes)}" \
+            if comp.cudagraph_capture_sizes and not comp.enforce_eager else ""
+        what = ", ".join(x for x in (compiled, sizes or graphs) if x)
+        if what:
+            level = logging.WARNING if compiled or sizes else logging.INFO
+            notes.append((level, f"{what}: not used on the CPU backend (GPU only); this run decodes eagerly"))
+        if cfg.cache.gpu_memory_utilization != 0.9:
+            notes.append((logging.WARNING, f"cache.gpu_memory_utilization={cfg.cache.gpu_memory_utilization}: not "
+                          "used on the CPU backend; its KV cache is "
+                          f"cache.cpu_kvcache_space_gib={cfg.cache.cpu_kvcache_space_gib}"))
+    elif cfg.cache.cpu_kvcache_space_gib != 4.0:
+        notes.append((logging.WARNING, f"cache.cpu_kvcache_space_gib={cfg.cache.cpu_kvcache_space_gib} "
+                      "(VLLM_CPU_KVCACHE_SPACE): not used on GPU; the KV cache there follows "
+                      "cache.gpu_memory_utilization"))
+    if not multimodal:
+        arch = ", ".join(getattr(hf_config, "architectures", None) or []) or "this model"
+        for key in ("limit_mm_per_prompt", "mm_processor_kwargs"):
+            if getattr(mm, key):
+                notes.append((logging.WARNING, f"multimodal.{key}={getattr(mm, key)}: not used; {arch} takes "
+                              "text only"))
+    return notes
+
+
+def read_model_config(cfg: FrameworkConfig, model_path: Path) -> Any:
+    """config.json through transformers, refusing a model type that only the checkpoint's own code
+    defines (auto_map, e.g. OpenGVLab/InternVL2's internvl_chat): transformers would stop to ask
+    on stdin whether to run that code, and this framework never runs it."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    from framework.loader.resolve import load_hf_config
+    model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
+    if model_type is not None and model_type not in CONFIG_MAPPING:
+        raise UserError(f"model.path={cfg.model.path!r}: config.json's model_type {model_type!r} is defined only by "
+                        "the checkpoint's own code, which this framework never runs (trust_remote_code has "
+                        "nothing to trust); use a checkpoint in transformers' own format")
+    return load_hf_config(Path(model_path))
+
+
+def check_before_start(cfg: FrameworkConfig, model_path: Path, hf_config: Any) -> None:
+    """Everything the front door can check once it has config.json, before a plan, a rank or a
+    weight: the model's limits and architecture, the device; then says which
+    knobs do nothing."""
+    from framework.models.registry import model_class
+    validate_against_model(cfg, hf_config)
+    model = model_class(hf_config)  # an architecture without a model class is refused here, not in a rank
+    validate_device_present(cfg)
+    if cfg.launcher.address:  # the ranks' devices are on other nodes: nothing to judge from here
+        return
+    import torch
+    on_gpu = cfg.model.device == "cuda" or (cfg.model.device == "auto" and torch.cuda.is_available())
+    multimodal = hasattr(model, "embed_multimodal") or getattr(hf_config, "vision_config", None) is not None
+    for level, note in inert_knobs(cfg, hf_config, on_gpu, multimodal):
+        log.log(level, "note: %s", note)

@@ -130,6 +130,17 @@ class BlockManager:
                 self.window.release(table[i])
                 table[i] = -1
 
+    def share_prefix(self, parent: Sequence, seq: Sequence, num_blocks: int) -> None:
+        """`seq` (with no blocks yet) takes references to the parent's first num_blocks full
+        blocks, and to the window blocks that the window after them reaches (the parent, whose
+        prompt just reached them, still holds those)."""
+        seq.block_table = [self.full.take(b, cache_hit=True) for b in parent.block_table[:num_blocks]]
+        if self.window is not None:
+            live = self._first_live_block(num_blocks * self.block_size)
+            shared = parent.window_block_table[live:num_blocks]
+            assert all(b >= 0 for b in shared), "the parent's window blocks were released before its samples took them"
+            seq.window_block_table = [-1] * live + [self.window.take(b, cache_hit=True) for b in shared]
+
     def free_blocks(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):  # the prefix goes back last: evicted last
             self.full.release(block)

@@ -2,6 +2,8 @@
 
 It lives on rank 0. A request it cannot serve (empty, too long, bad token ids or settings)
 finishes at once with an error; it never reaches the scheduler, so no other request is hurt.
+A failure inside a step (the forward, or one row's sampling) fails the requests of that step
+(or that row) with an error; the engine goes on with the others.
 """
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ import torch.nn.functional as F
 from framework.config.errors import UserError
 from framework.config.schema import FrameworkConfig
 from framework.engine.block_manager import BlockManager, window_blocks_per_request
+from framework.engine.detokenizer import IncrementalDecoder
 from framework.engine.model_runner import ModelRunner
-from framework.engine.outputs import CompletionOutput, RequestOutput
-from framework.engine.sampler import sample
+from framework.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from framework.engine.sampler import SampleRow, Sampled, sample
 from framework.engine.sampling_params import SamplingParams
 from framework.engine.scheduler import ScheduledBatch, Scheduler
-from framework.engine.sequence import Sequence
+from framework.engine.sequence import Sequence, Status
 from framework.engine.step_input import build_step_input
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,10 @@ class LLMEngine:
         self.generator = torch.Generator().manual_seed(cfg.model.seed)
         self._ids = itertools.count()
         self.num_generated_tokens = 0
+        self.errors: Dict[int, str] = {}  # seq_id -> why a step failed it, until its output is taken
+        self.logprobs: Dict[int, List[TokenLogprob]] = {}  # seq_id -> per token, for requests that ask
+        self._stop_decoders: Dict[int, IncrementalDecoder] = {}  # seq_id -> its text so far, for stop strings
+        self.forks: Dict[int, List[Sequence]] = {}  # seq_id -> samples of its prompt waiting for its KV
         self.pending: Optional[LaunchedStep] = None  # async scheduling: launched, not yet resolved
         pin = runner.device.type == "cuda"
         self._host_tokens = [torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
@@ -97,25 +104,54 @@ class LLMEngine:
         if len(token_ids) >= self.max_model_len:
             return (f"the prompt has {len(token_ids)} tokens; cache.max_model_len={self.max_model_len} "
                     "leaves no room to generate")
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
         if bad:
             return f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+        if not isinstance(params, SamplingParams):
+            return f"sampling params must be a SamplingParams, got {type(params).__name__}"
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            return f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
         return params.problem()
+
+    def request_problem(self, token_ids: List[int], params: SamplingParams) -> Optional[str]:
+        """Why add_request would refuse these token ids and settings, or None (any thread: it
+        reads only what never changes)."""
+        return self._problem(token_ids, params)
 
     def add_request(self, prompt: Prompt, params: SamplingParams) -> Union[Sequence, RequestOutput]:
         """A Sequence now in the scheduler, or a finished RequestOutput carrying the error."""
+        seq = self._new_sequence(prompt, params)
+        if isinstance(seq, Sequence):
+            self.scheduler.add(seq)
+        return seq
+
+    def add_request_group(self, prompt: Prompt, params: Seq[SamplingParams]) -> List[Union[Sequence, RequestOutput]]:
+        """Several samples of one prompt (OpenAI's `n`). The first computes the prompt; the others
+        wait until it has, then take references to its full prompt blocks and compute only the
+        rest (at most a block), so the prompt's KV is computed and held once."""
+        first = self.add_request(prompt, params[0])
+        others = [self._new_sequence(prompt, p) for p in params[1:]]
+        if isinstance(first, Sequence):
+            self.forks[first.seq_id] = [s for s in others if isinstance(s, Sequence)]
+        else:
+            for seq in others:
+                if isinstance(seq, Sequence):
+                    self.scheduler.add(seq)
+        return [first, *others]
+
+    def _new_sequence(self, prompt: Prompt, params: SamplingParams) -> Union[Sequence, RequestOutput]:
         request_id = str(next(self._ids))
+        text, token_ids = None, []
         try:
             text, token_ids = self._tokenize(prompt)
             problem = self._problem(token_ids, params)
-        except Exception as exc:  # a tokenizer failure is this request's problem only
-            text, token_ids, problem = None, [], f"could not tokenize the prompt: {exc}"
+        except Exception as exc:  # a bad prompt or tokenizer failure is this request's problem only
+            problem = f"could not read the prompt: {type(exc).__name__}: {exc}"
         if problem:
             return RequestOutput(request_id, text, token_ids, [CompletionOutput("", [], "error")],
                                  error=f"request {request_id}: {problem}")
-        seq = Sequence(token_ids, params, request_id=request_id, prompt=text)
-        self.scheduler.add(seq)
-        return seq
+        return Sequence(token_ids, params, request_id=request_id, prompt=text)
 
     # --- the loop -------------------------------------------------------------------
     # A step is launched (forward and, for greedy rows, argmax on the device), committed (its
@@ -129,25 +165,58 @@ class LLMEngine:
         return self.scheduler.has_work() or self.pending is not None
 
     def step(self) -> List[Sequence]:
-        """One scheduler step; returns the sequences that finished in it."""
-        batch = self.scheduler.schedule()
-        launched = self._launch(batch) if batch.seqs else None
-        finished = self._resolve(self.pending) if self.pending is not None else []
+        """One scheduler step; returns the sequences that finished in it (failed ones too)."""
+        finished: List[Sequence] = []
+        try:
+            batch = self.scheduler.schedule()
+        except Exception as exc:  # no step can be formed: fail every request, keep the engine
+            log.exception("scheduling failed")
+            batch = ScheduledBatch([], [])
+            finished += self._fail(list(self.scheduler.running) + list(self.scheduler.waiting), exc)
+        launched = None
+        if batch.seqs:
+            try:
+                launched = self._launch(batch)
+            except Exception as exc:  # the forward failed: the requests in it fail, the rest go on
+                log.exception("a step's forward failed")
+                finished += self._fail(batch.seqs, exc)
+        if self.pending is not None:
+            finished += self._resolve_or_fail(self.pending)
         self.pending = None
         if launched is not None:
             self._commit(launched)
             if launched.tokens_host is not None:
                 self.pending = launched
             else:
-                finished += self._resolve(launched)
+                finished += self._resolve_or_fail(launched)
         return finished
+
+    def _resolve_or_fail(self, launched: LaunchedStep) -> List[Sequence]:
+        try:
+            return self._resolve(launched)
+        except Exception as exc:
+            log.exception("a step's sampling failed")
+            return self._fail([s for s in launched.sampling if not s.is_finished], exc)
+
+    def _fail(self, seqs: List[Sequence], exc: Union[Exception, str]) -> List[Sequence]:
+        """Finish `seqs` with an error; returns the ones that were still unfinished."""
+        failed = []
+        message = exc if isinstance(exc, str) else f"the engine step failed: {type(exc).__name__}: {exc}"
+        for seq in seqs:
+            if seq.is_finished:
+                continue
+            self.abort(seq)
+            seq.finish_reason, seq.finish_time = "error", time.perf_counter()
+            self.errors[seq.seq_id] = f"request {seq.request_id}: {message}"
+            failed.append(seq)
+        return failed
 
     def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
         step = build_step_input(batch, self.block_size)
         logits = self.runner.run(step, keep_on_device=True)  # only sampled tokens come back to the host
         sampling = [seq for seq, n in zip(batch.seqs, batch.num_new_tokens)
                     if seq.num_computed_tokens + n == seq.num_tokens]  # reached the newest token
-        if not (self.runner.async_scheduling and all(s.params.greedy for s in sampling)):
+        if not (self.runner.async_scheduling and all(s.params.plain_greedy for s in sampling)):
             return LaunchedStep(batch, sampling, logits=logits)
         tokens = self.runner.sampled[:len(sampling)]
         torch.argmax(logits, dim=-1, out=tokens)
@@ -166,6 +235,8 @@ class LLMEngine:
                 continue
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)  # placeholders are never among the computed tokens
+            if seq.seq_id in self.forks and seq.num_computed_tokens >= self._shared_blocks(seq) * self.block_size:
+                self._attach_forks(seq)
         for row, seq in enumerate(launched.sampling):
             if not seq.is_finished:
                 seq.token_ids.append(-1 - row)
@@ -175,15 +246,21 @@ class LLMEngine:
         if launched.tokens_host is not None:
             if launched.ready is not None:
                 launched.ready.synchronize()
-            tokens = launched.tokens_host.tolist()
+            sampled = [Sampled(t) for t in launched.tokens_host.tolist()]
         else:
-            tokens = sample(launched.logits, [s.params for s in seqs], [s.generator for s in seqs], self.generator)
+            sampled = sample(launched.logits, [self._sample_row(s) for s in seqs], self.generator)
         finished = []
         now = time.perf_counter()
-        for seq, token in zip(seqs, tokens):
+        for seq, result in zip(seqs, sampled):
             if seq.is_finished:
                 continue
+            if result.error is not None:
+                finished += self._fail([seq], result.error)
+                continue
+            token = result.token
             seq.token_ids[-1] = token  # its placeholder: nothing is appended between commit and resolve
+            if seq.params.logprobs is not None:
+                self.logprobs.setdefault(seq.seq_id, []).append(TokenLogprob(token, result.logprob, result.top))
             seq.first_token_time = seq.first_token_time or now
             self.num_generated_tokens += 1
             reason = self._finish_reason(seq, token)
@@ -193,9 +270,42 @@ class LLMEngine:
                 finished.append(seq)
         return finished
 
+    def _sample_row(self, seq: Sequence) -> SampleRow:
+        p = seq.params
+        outputs = seq.token_ids[seq.num_prompt_tokens:-1]  # the last one is this step's placeholder
+        banned = ()
+        if len(outputs) < p.min_tokens:
+            banned = sorted(set(p.stop_token_ids) | self.eos_token_ids)
+        return SampleRow(p, seq.generator, seq.token_ids[:seq.num_prompt_tokens], outputs, banned)
+
+    def _shared_blocks(self, seq: Sequence) -> int:
+        """Full blocks of prompt a sample can share, leaving it at least one token to compute."""
+        return (seq.num_prompt_tokens - 1) // self.block_size
+
+    def _attach_forks(self, parent: Sequence) -> None:
+        """The parent's prompt KV is written (the steps that wrote it run before any later step on
+        the device): its samples take references to its full prompt blocks and join the queue."""
+        shared = min(self._shared_blocks(parent), len(parent.block_table))
+        for seq in self.forks.pop(parent.seq_id, []):
+            self.block_manager.share_prefix(parent, seq, shared)  # full blocks are never written again
+            seq.num_computed_tokens = shared * self.block_size
+            self.scheduler.add(seq)
+
+    def _release_forks(self, parent: Sequence) -> None:
+        """The parent ends before its prompt was computed: its samples compute their own."""
+        for seq in self.forks.pop(parent.seq_id, []):
+            self.scheduler.add(seq)
+
     def abort(self, seq: Sequence) -> None:
         """Drop one unfinished request (its client went away); a step in flight skips it, as it
         skips a sequence that finished in the step before."""
+        self._stop_decoders.pop(seq.seq_id, None)
+        self._release_forks(seq)
+        for waiting in self.forks.values():
+            if seq in waiting:  # a sample still waiting for its parent's prompt: not in the scheduler
+                waiting.remove(seq)
+                seq.status, seq.finish_reason = Status.FINISHED, "abort"
+                return
         if not seq.is_finished:
             self.scheduler.finish(seq, "abort")
             if seq.token_ids[-1] < 0:  # the token of a step still in flight: never filled in now
@@ -204,7 +314,12 @@ class LLMEngine:
     def clear(self) -> List[Sequence]:
         """Drop every request (after an engine failure); returns the unfinished ones."""
         self.pending = None
+        self.errors.clear()
+        self.logprobs.clear()
+        self._stop_decoders.clear()
         dropped = list(self.scheduler.running) + list(self.scheduler.waiting)
+        dropped += [seq for waiting in self.forks.values() for seq in waiting]
+        self.forks.clear()
         for seq in dropped:
             self.block_manager.free_blocks(seq)
         self.scheduler.running.clear()
@@ -213,11 +328,21 @@ class LLMEngine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> Optional[str]:
         p = seq.params
+        text, before = None, 0
+        if p.stop and self.tokenizer is not None:  # decoded a few tokens a step, not the whole output
+            decoder = self._stop_decoders.get(seq.seq_id)
+            if decoder is None:
+                decoder = self._stop_decoders[seq.seq_id] = IncrementalDecoder(self._decode)
+            before = len(decoder.text)
+            text = decoder.update(seq.output_token_ids)
+        if seq.num_output_tokens < p.min_tokens:  # EOS and stop tokens were masked; strings wait too
+            return "length" if seq.num_tokens >= self.max_model_len else None
         if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
             return "stop"
-        if p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-            hits = [text.find(s) for s in p.stop if s in text]
+        if text is not None:
+            # only a stop string that the new text completes: one that ended earlier was seen then,
+            # or came before min_tokens, when stop strings do not count
+            hits = [i for i in (text.find(s, max(0, before - len(s) + 1)) for s in p.stop) if i >= 0]
             if hits:
                 seq.text = text[:min(hits)]
                 return "stop"
@@ -225,16 +350,27 @@ class LLMEngine:
             return "length"
         return None
 
-    def output(self, seq: Sequence) -> RequestOutput:
-        token_ids = list(seq.output_token_ids)  # EOS stays in token_ids, as in vLLM; the text skips it
-        text = seq.text
-        if not text and self.tokenizer is not None:
-            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+    def _decode(self, token_ids: List[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def output(self, seq: Sequence, decode: bool = True) -> RequestOutput:
+        """decode=False leaves the text "" unless a stop string cut it (the server decodes off
+        the engine's thread)."""
+        self._stop_decoders.pop(seq.seq_id, None)
+        token_ids = [t for t in seq.output_token_ids if t >= 0]  # EOS stays, as in vLLM; the text skips it
+        text = seq.text  # cut at a stop string (maybe to ""), else decoded here
+        if text is None and not decode:
+            text = ""
+        elif text is None:
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+        logprobs = self.logprobs.pop(seq.seq_id, []) if seq.params.logprobs is not None else None
+        first, last = seq.first_token_time, seq.finish_time
         return RequestOutput(seq.request_id, seq.prompt, seq.token_ids[:seq.num_prompt_tokens],
-                             [CompletionOutput(text, token_ids, seq.finish_reason)],
+                             [CompletionOutput(text, token_ids, seq.finish_reason, logprobs)],
+                             error=self.errors.pop(seq.seq_id, None),
                              num_preemptions=seq.num_preemptions,
-                             time_to_first_token=seq.first_token_time - seq.arrival_time,
-                             latency=seq.finish_time - seq.arrival_time)
+                             time_to_first_token=None if first is None else first - seq.arrival_time,
+                             latency=None if last is None else last - seq.arrival_time)
 
     def score(self, windows: Seq[List[int]]) -> List[float]:
         """Summed negative log-likelihood (nats) of each window's tokens after its first, given
@@ -259,17 +395,25 @@ class LLMEngine:
     def generate(self, prompts: Seq[Prompt], params: Union[SamplingParams, Seq[SamplingParams]],
                  progress: bool = False) -> List[RequestOutput]:
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        results: List[Union[Sequence, RequestOutput]] = [self.add_request(p, sp)
-                                                         for p, sp in zip(prompts, params_list)]
+        if len(params_list) != len(prompts):
+            raise ValueError(f"sampling_params: {len(params_list)} given for {len(prompts)} prompts")
+        results: List[Union[Sequence, RequestOutput]] = []
         bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(results), desc="generate", unit="req", dynamic_ncols=True)
-            bar.update(sum(isinstance(r, RequestOutput) for r in results))
-        while self.has_work():
-            done = self.step()
-            if bar is not None and done:
-                bar.update(len(done))
-        if bar is not None:
-            bar.close()
+        try:
+            for prompt, sp in zip(prompts, params_list):
+                results.append(self.add_request(prompt, sp))
+            if progress:
+                from tqdm import tqdm
+                bar = tqdm(total=len(results), desc="generate", unit="req", dynamic_ncols=True)
+                bar.update(sum(isinstance(r, RequestOutput) for r in results))
+            while self.has_work():
+                done = self.step()
+                if bar is not None and done:
+                    bar.update(len(done))
+        finally:  # interrupted (Ctrl-C): nothing of this call stays in the engine for the next one
+            for seq in results:
+                if isinstance(seq, Sequence) and not seq.is_finished:
+                    self.abort(seq)
+            if bar is not None:
+                bar.close()
         return [r if isinstance(r, RequestOutput) else self.output(r) for r in results]

@@ -2,14 +2,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability under the model, and the likeliest alternatives."""
+    token_id: int
+    logprob: float
+    top: List[Tuple[int, float]] = field(default_factory=list)  # (token id, logprob), likeliest first
 
 
 @dataclass
 class CompletionOutput:
     text: str
     token_ids: List[int]
-    finish_reason: Optional[str]  # "stop" | "length" | "error"
+    finish_reason: Optional[str]  # "stop" | "length" | "abort" | "error"
+    logprobs: Optional[List[TokenLogprob]] = None  # one per token, when SamplingParams.logprobs is set
 
 
 @dataclass

@@ -38,7 +38,7 @@ class Sequence:
     num_registered_blocks: int = 0  # full blocks already published to the prefix cache
     status: Status = Status.WAITING
     finish_reason: Optional[str] = None
-    text: str = ""
+    text: Optional[str] = None  # set when a stop string cut the output (maybe to "")
     generator: Optional[torch.Generator] = None  # seeded requests only
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.perf_counter)

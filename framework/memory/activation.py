@@ -21,7 +21,9 @@ query/KV width per rank, i = intermediate per rank; widths in elements of the mo
 - Weight-only fp8/int8 cast the codes to the model dtype inside the matmul (one weight-sized
   transient, counted in that matmul's phase) and keep the unscaled output beside the scaled
   one; int4 unpacks to a full-precision copy. On GPU, a matmul over few rows (decode) runs the
-  fused kernel of kernels/quant_matmul.py instead, which makes no copy.
+  fused kernel of kernels/quant_matmul.py instead, which makes no copy. fp8 on a card with fp8
+  tensor cores (bf16/fp16 model) runs W8A8 above 32 rows (kernels/fp8_linear.py): no weight
+  copy, no unscaled output, only x's fp8 codes and row scales (T x (K + 4) bytes).
 
 Checked against the engine's own profile (ModelRunner.profile_run, which scores min(tokens,
 max_num_seqs) rows as we do) on an H100: Llama-3.1-8B measured 0.260 / 0.908 GiB at 2048 / 8192
@@ -31,6 +33,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import List, Tuple
+
+import torch
 
 from framework.memory.shape import DecoderShape
 from kernels.attention import QUERY_CHUNK
@@ -82,10 +86,28 @@ def fused_quant_rows() -> int:
     return SMALL_M
 
 
+def w8a8_fp8(quant: str, reference: bool, a: int) -> bool:
+    """quantization=fp8 runs W8A8 (layers/quantization/fp8.py): on this machine's GPU if it has
+    fp8 tensor cores (compute capability >= 8.9) and the model is bf16/fp16. Planning on a machine
+    without that GPU counts the weight-only path, which needs more."""
+    if quant != "fp8" or reference or a != 2:
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def weight_only_rows() -> int:
+    """Up to how many rows fp8 stays weight-only on an fp8 card (layers/quantization/fp8.py)."""
+    from framework.layers.quantization.fp8 import WEIGHT_ONLY_MAX_ROWS
+    return WEIGHT_ONLY_MAX_ROWS
+
+
 def dequantized_bytes(s: DecoderShape, tp: int, a: int, quant: str, reference: bool, rows: int) -> dict:
     """The full-precision copy of each linear weight that one quantized matmul over `rows` rows
     makes: fp8/int8 cast their codes to the model dtype (scaled_linear); int4 unpacks, in one
-    Triton pass on GPU or through int8 codes on the reference backend. None on GPU for few rows."""
+    Triton pass on GPU or through int8 codes on the reference backend. None on GPU for few rows.
+    W8A8 fp8 copies x instead, to its fp8 codes and float32 row scales."""
+    if rows > weight_only_rows() and w8a8_fp8(quant, reference, a):
+        return {name: rows * (inp + 4) for name, out, inp in decoder_linears(s, tp)}
     if quant not in ("fp8", "int8", "int4") or (not reference and rows <= fused_quant_rows()):
         per = 0
     elif quant == "int4":
@@ -101,7 +123,8 @@ def layer_peak(s: DecoderShape, tp: int, tokens: int, a: int, quant: str, refere
     h, q, kv, i = _widths(s, tp)
     w = dequantized_bytes(s, tp, a, quant, reference, tokens)
     # scaled_linear keeps its output y beside y * scale (the fused kernel scales inside)
-    scaled = quant in ("fp8", "int8") and (reference or tokens > fused_quant_rows())
+    scaled = quant in ("fp8", "int8") and (reference or tokens > fused_quant_rows()) \
+        and not (tokens > weight_only_rows() and w8a8_fp8(quant, reference, a))
     act = (4 if reference else 3) * i
     widths = [  # elements per token alive in each phase
         5 * h + 3 * q + 2 * kv + (h if scaled else 0),  # attention, up to o_proj's output

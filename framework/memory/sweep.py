@@ -102,12 +102,31 @@ def varying_overrides(rows: List[JobRow]) -> Dict[str, str]:
     return {r.job: " ".join(o for o in s if o not in common) or f"job {r.job}" for r, s in zip(rows, sets)}
 
 
+def override_pairs(overrides: str) -> Dict[str, str]:
+    """'task=bench +recipe=low_mem cache.max_num_seqs=8' -> {task: bench, recipe: low_mem, cache.max_num_seqs: 8}."""
+    pairs = (o.partition("=") for o in overrides.split())
+    return {key.lstrip("+~"): value for key, sep, value in pairs if sep}
+
+
+def swept_keys(rows: List[JobRow]) -> List[str]:
+    """Keys whose value differs between jobs, in first-seen order (every key if none differs)."""
+    per_job = [override_pairs(r.overrides) for r in rows]
+    keys = list(dict.fromkeys(k for pairs in per_job for k in pairs))
+    swept = [k for k in keys if len({pairs.get(k) for pairs in per_job}) > 1]
+    return swept or keys
+
+
 def write_csv(rows: List[JobRow], path: Path) -> None:
+    """One column per swept key (its value in each job), then the figures, then all overrides."""
+    keys = swept_keys(rows)
+    names = [fl.name for fl in fields(JobRow) if fl.name != "overrides"]
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(JobRow)])
+        writer = csv.DictWriter(f, fieldnames=["job", *keys, *names[1:], "overrides"])
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: "" if v is None else v for k, v in asdict(r).items()})
+            pairs = override_pairs(r.overrides)
+            record = {k: "" if v is None else v for k, v in asdict(r).items()}
+            writer.writerow({**record, **{k: pairs.get(k, "") for k in keys}})
 
 
 def _cell(value: Any) -> str:
@@ -138,8 +157,10 @@ def pareto_front(points: List[tuple]) -> List[tuple]:
 
 
 def plot_pareto(rows: List[JobRow], path: Path) -> None:
-    """Peak memory (measured, else planned) against output tok/s, one labelled point per job.
-    A sweep of task=plan measures no throughput: it plots the planned KV tokens instead."""
+    """Peak memory (measured, else planned) against output tok/s, one labelled point per job, the
+    Pareto front (least memory for the throughput) as a line, and a legend. A sweep of task=plan
+    measures no throughput: it plots the planned KV tokens instead. Jobs with no memory figure
+    (refused before a plan) are listed under the plot with their error."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -147,30 +168,44 @@ def plot_pareto(rows: List[JobRow], path: Path) -> None:
     by_throughput = any(r.output_tokens_per_s is not None for r in rows)
     value = (lambda r: r.output_tokens_per_s) if by_throughput else (lambda r: r.planned_kv_tokens)
     labels = varying_overrides(rows)
-    shown = [(r, r.peak_gib, value(r) or 0) for r in rows if r.peak_gib is not None]  # others: table rows only
+    shown = [(r, r.peak_gib, value(r) or 0) for r in rows if r.peak_gib is not None]
+    unplotted = [r for r in rows if r.peak_gib is None]
     span_x = max([x for _, x, _ in shown], default=1) or 1
     span_y = max([y for _, _, y in shown], default=1) or 1
     placed: Dict[tuple, list] = {}  # jobs within 1% of each other share one label
     points = []
+    styles = {"ok": ("o", "tab:blue", "job (ok)"), "failed": ("x", "tab:red", "job (failed)"),
+              "empty": ("x", "tab:gray", "job (ok, no figure)")}
+    used = set()
     fig, ax = plt.subplots(figsize=(9, 6))
     for r, x, y in shown:
-        ok = r.status == "ok" and value(r) is not None
-        color = "tab:blue" if ok else ("tab:red" if r.status != "ok" else "tab:gray")
-        ax.scatter([x], [y], marker="o" if ok else "x", color=color)
+        kind = "failed" if r.status != "ok" else ("ok" if value(r) is not None else "empty")
+        marker, color, name = styles[kind]
+        ax.scatter([x], [y], marker=marker, color=color, label=None if kind in used else name)
+        used.add(kind)
         spot = placed.setdefault((round(100 * x / span_x), round(100 * y / span_y)), [x, y, []])
         spot[2].append(labels[r.job] + ("" if r.status == "ok" else " (failed)"))
-        if ok:
+        if kind == "ok":
             points.append((x, y))
     for x, y, names in placed.values():
         ax.annotate("\n".join(names), (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
     front = pareto_front(points)
-    if len(front) > 1:
-        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:blue", alpha=0.5, label="Pareto front")
+    if front:
+        ax.plot([p[0] for p in front], [p[1] for p in front], "--o", color="tab:green", alpha=0.6,
+                fillstyle="none", markersize=11, label="Pareto front (no job has less memory and more "
+                + ("tok/s" if by_throughput else "KV") + ")")
+    if unplotted:
+        ax.scatter([], [], marker="x", color="tab:red", label="not plotted: no memory figure (below)")
+        notes = [f"job {r.job} [{labels[r.job]}]: {r.status}{': ' + r.error[:90] if r.error else ''}"
+                 for r in unplotted]
+        fig.text(0.01, -0.02, "Not plotted (no memory figure):\n" + "\n".join(notes), fontsize=7, va="top",
+                 color="tab:red")
+    if used or front or unplotted:
         ax.legend(loc="best", fontsize=8)
     measured = any(r.measured_peak_gib is not None for r in rows)
     ax.set_xlabel(f"peak memory per rank, GiB ({'measured' if measured else 'planned'})")
     ax.set_ylabel("output tokens/s" if by_throughput else "KV cache tokens (planned; no throughput measured)")
-    ax.set_title("Sweep: memory vs " + ("throughput" if by_throughput else "KV capacity") + " (x: failed)")
+    ax.set_title("Sweep: memory vs " + ("throughput" if by_throughput else "KV capacity"))
     ax.grid(True, alpha=0.3)
     ax.margins(x=0.25, y=0.15)
     fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -1,128 +1,186 @@
 """The engine on a thread of its own, fed by HTTP handlers: continuous batching across requests.
 
-Handlers `submit` a request and wait on its future; the loop admits whatever arrived, runs one
-engine step while there is work, and resolves the futures of finished requests. A request the
-engine refuses (bad prompt or settings) resolves at once with its error; the others go on.
-A streaming request also hands in a Stream, which gets its text piece by piece after each step.
+Handlers tokenize on their side, then `submit` token ids with a Handle; the loop admits whatever
+arrived, runs one engine step while there is work, and pushes Events into each handle's asyncio
+queue (through the handler's event loop, thread-safely): the new tokens after each step for a
+streaming request, the RequestOutput when a request ends. A handle that `abort`s (its client
+left) is dropped after the step in flight. If the loop itself ever dies, every handle gets an
+error, `dead` holds the cause, and `on_death` runs (the server then exits non-zero).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
-from concurrent.futures import Future
-from typing import Any, Dict, List, Optional, Sequence as Seq, Tuple
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from framework.engine.llm_engine import LLMEngine
-from framework.engine.outputs import RequestOutput
+from framework.engine.outputs import RequestOutput, TokenLogprob
 from framework.engine.sampling_params import SamplingParams
 from framework.engine.sequence import Sequence
-from framework.serve.text_stream import TextStream
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05  # how long an idle loop sleeps on the inbox before checking for shutdown
 
 
-class Stream:
-    """A streaming request's channel to its handler. `deltas` gets "" once the request is
-    admitted (None instead if it was refused), then text deltas, then None at the end; the
-    request's future is resolved before that None. The handler sets `cancelled` if its client
-    goes away, and the loop aborts the request after the step in flight."""
+@dataclass
+class Event:
+    token_ids: List[int]  # every output token so far
+    logprobs: List[TokenLogprob] = field(default_factory=list)  # every one so far, if asked for
+    output: Optional[RequestOutput] = None  # set on the last event of a request
+    decode_text: bool = False  # the output's text is for the handler to decode (no stop string cut it)
+    error: Optional[str] = None  # the loop died: no output will come
 
-    def __init__(self, stop: Seq[str]):
-        self.deltas: "queue.Queue[Optional[str]]" = queue.Queue()
-        self.cancelled = threading.Event()
-        self.text = TextStream(stop)  # the loop's side: what has been sent so far
+
+class Handle:
+    """One engine request (one choice of an HTTP request) seen from its handler. Its Events go
+    into `events` as (index, Event): the choices of one HTTP request share one queue."""
+
+    def __init__(self, prompt_token_ids: List[int], prompt: Optional[str], params: SamplingParams, stream: bool,
+                 events: "asyncio.Queue[Tuple[int, Event]]", index: int = 0):
+        self.prompt = {"prompt_token_ids": prompt_token_ids, "prompt": prompt}
+        self.params, self.stream, self.events, self.index = params, stream, events, index
+        self.event_loop = asyncio.get_running_loop()
+        self.arrival = time.perf_counter()
+        # the engine thread's side
+        self.seq: Optional[Sequence] = None
+        self.num_seen = 0  # output tokens already reported (metrics) or pushed (stream)
+        self.last_token_time = 0.0
+
+    def push(self, event: Event) -> None:
+        try:
+            self.event_loop.call_soon_threadsafe(self.events.put_nowait, (self.index, event))
+        except RuntimeError:  # the handler's event loop is closed: nobody is listening any more
+            pass
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
-        self.inbox: "queue.Queue[Tuple[Any, SamplingParams, Future, Optional[Stream]]]" = queue.Queue()
-        self.pending: Dict[int, Future] = {}  # seq_id -> the future its handler waits on
-        self.streams: Dict[int, Tuple[Sequence, Stream]] = {}  # seq_id -> a streaming request's channel
+    def __init__(self, engine: LLMEngine, metrics: Any = None):
+        self.engine, self.metrics = engine, metrics
+        self.inbox: "queue.Queue[tuple]" = queue.Queue()
+        self.active: Dict[int, Handle] = {}  # seq_id -> handle of every admitted, unfinished request
         self.stopped = threading.Event()
+        self.dead: Optional[BaseException] = None
+        self.on_death: Callable[[BaseException], None] = lambda exc: None  # set it before start()
         self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self) -> None:
         self.thread.start()
 
-    def submit(self, prompt: Any, params: SamplingParams, stream: Optional[Stream] = None) -> "Future[RequestOutput]":
-        future: "Future[RequestOutput]" = Future()
-        self.inbox.put((prompt, params, future, stream))
-        return future
+    # --- the handlers' side (any thread) -----------------------------------------------------
+    def submit(self, handles: List[Handle]) -> None:
+        """Handles of one prompt (the n choices of a request): its KV is computed once for all."""
+        if self.dead is not None:
+            for handle in handles:
+                handle.push(Event([], error=f"the engine loop died: {self.dead}"))
+            return
+        self.inbox.put(("add", handles))
+
+    def abort(self, handle: Handle) -> None:
+        self.inbox.put(("abort", handle))
 
     def shutdown(self) -> None:
         self.stopped.set()
-        self.thread.join(timeout=10)
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
 
-    def _admit(self, block: bool) -> None:
+    @property
+    def alive(self) -> bool:
+        return self.dead is None and self.thread.is_alive()
+
+    # --- the engine thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                self._drain_inbox(block=not self.engine.has_work())
+                if self.engine.has_work():
+                    finished = self.engine.step()  # a request's failure is its own (LLMEngine.step)
+                    self._after_step(finished)
+        except BaseException as exc:  # a bug in the loop itself: nothing will be served any more
+            log.exception("the engine loop died")
+            self.dead = exc
+            for handle in list(self.active.values()):
+                handle.push(Event([], error=f"the engine loop died: {type(exc).__name__}: {exc}"))
+            self._fail_inbox(exc)
+            self.active.clear()
+            self.on_death(exc)
+
+    def _drain_inbox(self, block: bool) -> None:
         try:
             item = self.inbox.get(timeout=IDLE_WAIT_S) if block else self.inbox.get_nowait()
         except queue.Empty:
             return
         while item is not None:
-            self._admit_one(*item)
+            kind, what = item
+            self._add(what) if kind == "add" else self._abort(what)
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 item = None
 
-    def _admit_one(self, prompt: Any, params: SamplingParams, future: Future, stream: Optional[Stream]) -> None:
-        result = self.engine.add_request(prompt, params)
-        if isinstance(result, RequestOutput):  # refused: its error, at once
-            future.set_result(result)
-            if stream is not None:
-                stream.deltas.put(None)  # its handler answers 400, as without streaming
+    def _add(self, handles: List[Handle]) -> None:
+        results = self.engine.add_request_group(handles[0].prompt, [h.params for h in handles])
+        for handle, result in zip(handles, results):
+            if isinstance(result, RequestOutput):  # refused: its error, at once
+                handle.push(Event([], output=result))
+                continue
+            handle.seq = result
+            self.active[result.seq_id] = handle
+        if self.metrics is not None and isinstance(results[0], Sequence):
+            self.metrics.prompt_tokens.inc(results[0].num_prompt_tokens)  # computed once for the group
+
+    def _abort(self, handle: Handle) -> None:
+        seq = handle.seq
+        if seq is None or self.active.pop(seq.seq_id, None) is None:
+            return  # finished already (or never admitted)
+        self.engine.abort(seq)
+        if self.metrics is not None:
+            self.metrics.requests.labels("abort").inc()
+
+    def _after_step(self, finished: List[Sequence]) -> None:
+        now = time.perf_counter()
+        ended = {seq.seq_id for seq in finished}
+        for seq_id, handle in self.active.items():  # a finished one's text comes with its output (stop strings cut)
+            self._report_tokens(handle, now, push=seq_id not in ended)
+        for seq in finished:
+            handle = self.active.pop(seq.seq_id, None)
+            if handle is None:
+                continue
+            decode_text = seq.text is None and self.engine.tokenizer is not None
+            output = self.engine.output(seq, decode=False)  # detokenized by its handler, off this thread
+            handle.push(Event(list(output.token_ids), list(output.outputs[0].logprobs or []), output=output,
+                              decode_text=decode_text))
+            if self.metrics is not None:
+                self.metrics.requests.labels(output.finish_reason or "unknown").inc()
+
+    def _report_tokens(self, handle: Handle, now: float, push: bool) -> None:
+        seq = handle.seq
+        tokens = seq.output_token_ids
+        count = len(tokens) - (1 if tokens and tokens[-1] < 0 else 0)  # async: a placeholder at the end
+        new = count - handle.num_seen
+        if new <= 0:
             return
-        self.pending[result.seq_id] = future
-        if stream is not None:
-            self.streams[result.seq_id] = (result, stream)
-            stream.deltas.put("")  # admitted: its handler may start the event stream
+        if self.metrics is not None:
+            self.metrics.generation_tokens.inc(new)
+            if handle.num_seen == 0:
+                self.metrics.ttft.observe(now - handle.arrival)
+            else:
+                gap = (now - handle.last_token_time) / new
+                for _ in range(new):
+                    self.metrics.itl.observe(gap)
+        handle.num_seen, handle.last_token_time = count, now
+        if handle.stream and push:
+            logprobs = list(self.engine.logprobs.get(seq.seq_id, [])) if seq.params.logprobs is not None else []
+            handle.push(Event(tokens[:count], logprobs))
 
-    def _run(self) -> None:
-        while not self.stopped.is_set():
-            self._admit(block=not self.engine.has_work())
-            if not self.engine.has_work():
-                continue
+    def _fail_inbox(self, exc: BaseException) -> None:
+        while True:
             try:
-                for seq in self.engine.step():
-                    self._finish(seq)
-                self._stream_new_text()
-            except Exception as exc:  # an engine bug: fail what is in flight, keep serving
-                log.exception("engine step failed")
-                self._fail_all(exc)
-
-    def _finish(self, seq: Sequence) -> None:
-        output = self.engine.output(seq)
-        _, stream = self.streams.pop(seq.seq_id, (None, None))
-        if stream is not None:
-            stream.deltas.put(stream.text.delta(output.text, final=True))
-        self.pending.pop(seq.seq_id).set_result(output)
-        if stream is not None:
-            stream.deltas.put(None)
-
-    def _stream_new_text(self) -> None:
-        for seq_id, (seq, stream) in list(self.streams.items()):
-            if stream.cancelled.is_set():  # its client left: stop spending steps on it
-                self.engine.abort(seq)
-                del self.streams[seq_id]
-                self.pending.pop(seq_id).cancel()
-                continue
-            delta = stream.text.delta(self._text_so_far(seq))
-            if delta:
-                stream.deltas.put(delta)
-
-    def _text_so_far(self, seq: Sequence) -> str:
-        if self.engine.tokenizer is None:
-            return ""
-        # with async scheduling the newest token may still be a placeholder (< 0)
-        tokens: List[int] = [t for t in seq.output_token_ids if t >= 0]
-        return self.engine.tokenizer.decode(tokens, skip_special_tokens=True)  # as engine.output decodes
-
-    def _fail_all(self, exc: Exception) -> None:
-        self.engine.clear()
-        for future in self.pending.values():
-            future.set_exception(exc)
-        for _, stream in self.streams.values():
-            stream.deltas.put(None)  # after the future, so its handler finds the exception there
-        self.pending.clear()
-        self.streams.clear()
+                kind, handle = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            for handle in (handle if kind == "add" else []):
+                handle.push(Event([], error=f"the engine loop died: {type(exc).__name__}: {exc}"))

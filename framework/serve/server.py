@@ -1,156 +1,86 @@
-"""A small OpenAI-compatible HTTP server over one engine (standard library only).
+"""The OpenAI-compatible server: the Starlette app of app.py on uvicorn (HTTP/1.1, keep-alive,
+chunked streaming), with the engine loop on its own thread.
 
-POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health. Each handler
-thread submits to the EngineLoop and waits, so concurrent requests share engine steps. With
-`stream: true` the handler writes server-sent events as the loop hands it text, ending with
-`data: [DONE]`; a request refused at admission is still a plain 400.
+uvicorn runs on a thread of its own too, so the caller's thread keeps the signals: `drain()`
+(what task=serve's SIGTERM handler calls) refuses new requests, lets in-flight ones finish for up
+to `drain_s` seconds, cancels what is left, then stops the engine loop. If the engine loop dies,
+the server stops by itself and `failed` says why (task=serve then exits non-zero).
 """
 from __future__ import annotations
 
-import json
 import logging
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Tuple, Union
+import socket
+import threading
+from typing import Any, Dict, Optional, Tuple
 
-from framework.engine.sampling_params import SamplingParams
+import uvicorn
+
+from framework.config.errors import UserError
+from framework.config.schema import TaskConfig
 from framework.llm import LLM
-from framework.serve import openai_api as api
-from framework.serve.engine_loop import EngineLoop, Stream
+from framework.memory.measure import rank_stats
+from framework.serve.app import ServeState, build_app
+from framework.serve.engine_loop import EngineLoop
+from framework.serve.metrics import ServeMetrics, measured_figures
 
 log = logging.getLogger(__name__)
-CHAT_MAX_TOKENS = 256  # when a chat request names no limit
-COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions
-
-
-@dataclass
-class EventStream:
-    chunks: Iterator[Dict[str, Any]]  # each one `data: {json}`, as the engine produces text
-    cancel: Callable[[], None]  # the client went away
+DEATH_GRACE_S = 1.0  # after the engine loop dies, how long /health answers 503 before the server stops
+LISTEN_BACKLOG = 2048  # connections the kernel queues before accept: a burst of clients is not reset
 
 
 class OpenAIServer:
-    def __init__(self, llm: LLM, host: str, port: int):
+    def __init__(self, llm: LLM, task: TaskConfig):
         engine = llm.launcher.local_engine()
         if engine is None:
-            from framework.config.errors import UserError
             raise UserError("task=serve runs the engine in this process for now: "
                             "parallelism.tensor_parallel_size=1 (launcher=local)")
-        self.llm, self.model = llm, llm.config.model.path
-        self.loop = EngineLoop(engine)
-        self.httpd = ThreadingHTTPServer((host, port), self._handler_class())
-        self.httpd.daemon_threads = True
+        self.llm, self.task = llm, task
+        self.metrics = ServeMetrics(engine, llm.plan, lambda: measured_figures(rank_stats(engine)))
+        self.loop = EngineLoop(engine, self.metrics)
+        self.state = ServeState(self.loop, engine.tokenizer, llm.config.model.path, engine.max_model_len,
+                                self.metrics, task.api_key, list(task.cors_origins), task.max_body_bytes)
+        self.socket = socket.socket(socket.AF_INET6 if ":" in task.host else socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((task.host, task.port))
+        self.socket.listen(LISTEN_BACKLOG)
+        config = uvicorn.Config(build_app(self.state), log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=task.drain_s, timeout_keep_alive=30)
+        self.uvicorn = uvicorn.Server(config)
+        self.failed: Optional[BaseException] = None
+        self.loop.on_death = self._on_engine_death
+        self.loop.start()
+        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.socket]},
+                                       name="http", daemon=True)
+        self.thread.start()
 
     @property
     def address(self) -> Tuple[str, int]:
-        return self.httpd.server_address[:2]
+        return self.socket.getsockname()[:2]
 
-    def serve_forever(self) -> None:
-        self.httpd.serve_forever()
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Until the HTTP server has stopped (drain, or the engine loop died); False on timeout."""
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def drain(self) -> None:
+        """No new requests (503, and the listening socket closes); in-flight ones finish within
+        task.drain_s, then the rest are cancelled (and aborted in the engine)."""
+        self.state.draining = True
+        self.uvicorn.should_exit = True
 
     def shutdown(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.drain()
+        self.wait(self.task.drain_s + 10)
         self.loop.shutdown()
 
-    # --- requests -------------------------------------------------------------------
-    def handle(self, path: str, body: Dict[str, Any]) -> Tuple[int, Union[Dict[str, Any], EventStream]]:
-        try:
-            if path == "/v1/completions":
-                params = api.sampling_params(body, COMPLETION_MAX_TOKENS)
-                prompts = api.completion_prompts(body)
-                if api.wants_stream(body) and len(prompts) != 1:
-                    raise api.RequestError("prompt", "stream=true takes one prompt")
-                if api.wants_stream(body):
-                    return self._stream(prompts[0], params, api.completion_chunks, api.include_usage(body))
-                outputs = [f.result() for f in [self.loop.submit(p, params) for p in prompts]]
-                errors = [o.error for o in outputs if o.error]
-                return (400, api.error_body(errors[0])) if errors else (200, api.completion_body(outputs, self.model))
-            if path == "/v1/chat/completions":
-                params = api.sampling_params(body, CHAT_MAX_TOKENS)
-                prompt = api.chat_prompt(body, self._apply_chat_template)
-                if api.wants_stream(body):
-                    return self._stream(prompt, params, api.chat_chunks, api.include_usage(body))
-                output = self.loop.submit(prompt, params).result()
-                return (400, api.error_body(output.error)) if output.error else (200, api.chat_body(output, self.model))
-        except api.RequestError as exc:
-            return 400, api.error_body(str(exc), exc.param)
-        return 404, api.error_body(f"no route {path}")
+    def _on_engine_death(self, exc: BaseException) -> None:
+        """/health says 503 for a moment (a balancer stops sending here), then the server stops."""
+        self.failed = exc
+        timer = threading.Timer(DEATH_GRACE_S, lambda: setattr(self.uvicorn, "should_exit", True))
+        timer.daemon = True
+        timer.start()
 
-    def _stream(self, prompt: Any, params: SamplingParams, chunks: Callable, usage: bool
-                ) -> Tuple[int, Union[Dict[str, Any], EventStream]]:
-        stream = Stream(params.stop)
-        future = self.loop.submit(prompt, params, stream)
-        if stream.deltas.get() is None:  # refused at admission: no stream has started, so a plain 400
-            return 400, api.error_body(future.result().error)
-        deltas = iter(stream.deltas.get, None)
-        return 200, EventStream(chunks(deltas, future.result, self.model, usage), stream.cancelled.set)
-
-    def _apply_chat_template(self, messages) -> str:
-        tokenizer = self.llm.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise api.RequestError("messages", f"model {self.model} has no chat template; use /v1/completions")
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    def _handler_class(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _send(self, status: int, body: Dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                if self.path == "/health":
-                    self._send(200, {"status": "ok"})
-                elif self.path == "/v1/models":
-                    self._send(200, {"object": "list", "data": [{"id": server.model, "object": "model",
-                                                                 "owned_by": "framework"}]})
-                else:
-                    self._send(404, api.error_body(f"no route {self.path}"))
-
-            def do_POST(self) -> None:  # noqa: N802
-                try:
-                    length = int(self.headers.get("Content-Length", 0))
-                    body = json.loads(self.rfile.read(length) or b"{}")
-                    if not isinstance(body, dict):
-                        raise ValueError("the body must be a JSON object")
-                except ValueError as exc:
-                    self._send(400, api.error_body(f"invalid JSON body: {exc}"))
-                    return
-                status, reply = server.handle(self.path, body)
-                if isinstance(reply, EventStream):
-                    self._send_events(reply)
-                else:
-                    self._send(status, reply)
-
-            def _send_events(self, events: EventStream) -> None:
-                try:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/event-stream")
-                    self.send_header("Cache-Control", "no-cache")
-                    self.end_headers()  # HTTP/1.0: the end of the stream is the end of the connection
-                    for chunk in _or_error(events.chunks):
-                        self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-                    self.wfile.write(b"data: [DONE]\n\n")
-                except (BrokenPipeError, ConnectionResetError):  # the client left: stop generating for it
-                    events.cancel()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("%s " + format, self.address_string(), *args)
-
-        return Handler
-
-
-def _or_error(chunks: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
-    """The chunks, then an error chunk if the engine failed mid-request: the 200 went out already."""
-    try:
-        yield from chunks
-    except Exception as exc:
-        log.exception("a streamed request failed")
-        yield {"error": {"message": f"the engine failed: {exc}", "type": "server_error", "param": None,
-                         "code": 500}}
+    def summary(self) -> Dict[str, Any]:
+        """The serving figures for metrics.json."""
+        return {"serve": {**self.metrics.summary(), "engine_loop_died": None if self.failed is None else
+                          f"{type(self.failed).__name__}: {self.failed}"}}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-REPLACEMENT = "\ufffd"
+from framework.engine.detokenizer import REPLACEMENT
 
 
 class TextStream:

@@ -13,15 +13,17 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 
 from framework.config.schema import FrameworkConfig
+from framework.engine.outputs import RequestOutput
 from framework.resolve import pick_device, pick_dtype
 from framework.engine.sampling_params import SamplingParams
 from framework.llm import LLM
 from framework.memory.compare import compare_rows, format_comparison
+from framework.tasks.generate import summarize
 from framework.tasks.metrics import write_metrics
 
 HF_BATCH = 64  # HF pads a batch to its longest request; larger batches waste more
@@ -45,14 +47,14 @@ def make_workload(cfg: FrameworkConfig, vocab_size: int) -> Workload:
     return Workload(prompts, [rng.randint(*t.output_len_range) for _ in range(t.num_requests)])
 
 
-def bench_ours(llm: LLM, work: Workload) -> float:
+def bench_ours(llm: LLM, work: Workload) -> Tuple[float, List[RequestOutput]]:
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in work.output_lens]
     llm.generate([{"prompt_token_ids": work.prompts[0][:8]}], SamplingParams(max_tokens=4, ignore_eos=True))
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in work.prompts], params)
     seconds = time.perf_counter() - start
     assert sum(len(o.token_ids) for o in outputs) == work.output_tokens, "a request stopped early"
-    return seconds
+    return seconds, outputs
 
 
 def _sync(device: torch.device) -> None:
@@ -63,6 +65,8 @@ def _sync(device: torch.device) -> None:
 def bench_hf(cfg: FrameworkConfig, model_path: Path, hf_config: Any, work: Workload) -> float:
     """HF generate over left-padded batches; only each request's own output tokens count."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # its weight-loading bar would land in the middle of bench's report
     device = pick_device(cfg.model.device)
     dtype = pick_dtype(cfg.model.dtype, device, hf_config)
     if cfg.model.load_format == "dummy":
@@ -140,7 +144,7 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
     with LLM(cfg) as llm:
         startup = time.perf_counter() - start
         work = make_workload(cfg, llm.hf_config.vocab_size)
-        ours = bench_ours(llm, work)
+        ours, outputs = bench_ours(llm, work)
         decode = bench_decode_batch1(llm, t.decode_batch1_tokens, llm.hf_config.vocab_size) \
             if copy_bps else None
         stats = llm.stats()
@@ -158,8 +162,13 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
           + (f", CUDA graphs {rank0['cudagraph_capture_seconds']:.1f} s" if "cudagraph_capture_seconds" in rank0
              else "") + f"; compilation level {rank0.get('compilation_level', 'n/a')})")
     print(f"  ours: {work.output_tokens} output tokens in {ours:.2f} s = {ours_tps:,.1f} tok/s")
+    latency = summarize(outputs, ours)  # every request arrives at once: latency includes queueing
+    print(f"  latency per request (s): p50 {latency['latency_s']['p50']}, p90 {latency['latency_s']['p90']}, "
+          f"p99 {latency['latency_s']['p99']}; time to first token p50 {latency['ttft_s']['p50']}, "
+          f"p99 {latency['ttft_s']['p99']}")
     result: Dict[str, Any] = {"output_tokens": work.output_tokens, "seconds": round(ours, 4),
-                              "output_tokens_per_s": round(ours_tps, 2), "startup_seconds": round(startup, 2)}
+                              "output_tokens_per_s": round(ours_tps, 2), "startup_seconds": round(startup, 2),
+                              "requests": len(outputs), "latency_s": latency["latency_s"], "ttft_s": latency["ttft_s"]}
     if decode is not None:
         weights = rank0["weight_bytes"]
         step_bytes = weights - embedding_bytes(rank0, hf_config)

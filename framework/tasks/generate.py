@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -15,16 +16,22 @@ from framework.tasks.metrics import write_metrics
 from framework.tasks.prompts import load_prompts, sampling_params
 
 
+def percentiles(values: List[float]) -> dict:
+    """Nearest-rank p50/p90/p99 and the mean, in seconds."""
+    ranked = sorted(values) or [0.0]
+    pick = lambda q: ranked[max(0, math.ceil(q * len(ranked)) - 1)]  # noqa: E731
+    return {"p50": round(pick(0.5), 4), "p90": round(pick(0.9), 4), "p99": round(pick(0.99), 4),
+            "mean": round(statistics.fmean(ranked), 4)}
+
+
 def summarize(outputs: List[RequestOutput], seconds: float) -> dict:
     ok = [o for o in outputs if o.error is None]
     tokens = sum(len(o.token_ids) for o in ok)
-    latencies = sorted(o.latency for o in ok) or [0.0]
-    pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+    ttft = percentiles([o.time_to_first_token for o in ok])
     return {"requests": len(outputs), "failed_requests": len(outputs) - len(ok), "output_tokens": tokens,
             "seconds": round(seconds, 4), "output_tokens_per_s": round(tokens / seconds, 2) if seconds else None,
-            "latency_s": {"p50": round(pct(0.5), 4), "p90": round(pct(0.9), 4), "p99": round(pct(0.99), 4),
-                          "mean": round(statistics.fmean(latencies), 4)},
-            "ttft_s_p50": round(sorted(o.time_to_first_token for o in ok)[len(ok) // 2], 4) if ok else None}
+            "latency_s": percentiles([o.latency for o in ok]), "ttft_s": ttft,
+            "ttft_s_p50": ttft["p50"] if ok else None}
 
 
 def run(cfg: FrameworkConfig, run_dir: Path, chat: bool = False) -> int:

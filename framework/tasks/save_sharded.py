@@ -10,11 +10,13 @@ architecture) and a copy of config.json and the tokenizer files.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from framework.config.errors import ConfigError, UserError
+from framework.config.errors import UserError
 from framework.config.schema import FrameworkConfig
 from framework.config.validate import validate_against_model
 from framework.loader.resolve import load_hf_config, resolve_model_path
@@ -26,7 +28,7 @@ from framework.tasks.metrics import write_metrics
 
 def output_folder(cfg: FrameworkConfig) -> Path:
     if not cfg.task.output_dir:
-        raise ConfigError("task.output_dir", cfg.task.output_dir, "must name the folder to write the shards to")
+        raise UserError("task.output_dir is not set: name the folder to write the shards to, task.output_dir=DIR")
     folder = Path(cfg.task.output_dir).expanduser()
     if folder.exists() and any(folder.iterdir()):  # never mix shards of two saves
         raise UserError(f"task.output_dir={cfg.task.output_dir!r} exists and is not empty; choose a new folder")
@@ -47,15 +49,33 @@ def save_shards(cfg: FrameworkConfig, model_path: Path, hf_config: Any, folder: 
         launcher.shutdown()
 
 
+def checkpoint_dtype(hf_config: Any) -> str:
+    """config.json's dtype (torch_dtype in older files); float32 when it names none."""
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    name = str(dtype).replace("torch.", "") if dtype else "float32"
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def share_like_other_files(paths: List[Path]) -> None:
+    """safetensors writes 0600; a shared model folder needs the mode any new file gets (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        path.chmod(0o666 & ~umask)
+
+
 def run(cfg: FrameworkConfig, run_dir: Path) -> int:
     folder = output_folder(cfg)
     model_path = resolve_model_path(cfg.model.path)
     hf_config = load_hf_config(model_path)
     validate_against_model(cfg, hf_config)
+    if cfg.model.dtype == "auto":  # auto means float32 on a CPU run: save the checkpoint's bytes instead
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=checkpoint_dtype(hf_config)))
     cfg = resolve_config(cfg, hf_config, engine_device_memory(cfg))
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     shards = save_shards(cfg, model_path, hf_config, folder)
+    share_like_other_files([folder / s["file"] for s in shards])
     copy_model_files(model_path, folder)
     quantization = cfg.quantization.method  # resolved: what the weights are held as
     # Written last: a folder without a manifest (an interrupted save) never loads.

@@ -2,13 +2,15 @@
 
     none   full precision
     int8   symmetric per-output-channel int8, quantized at load (int8.py)
-    fp8    float8_e4m3fn with per-output-channel scales, quantized at load (fp8.py)
+    fp8    float8_e4m3fn with per-output-channel scales, quantized at load (fp8.py); on a card
+           with fp8 tensor cores, steps over 32 rows quantize activations per token too (W8A8)
     int4   group-wise symmetric 4-bit, `quantization.group_size` columns per scale (int4.py)
     auto   whatever the checkpoint's config.json `quantization_config` says (compressed-tensors,
            compressed_tensors.py); an unquantized checkpoint runs in full precision
 
-Embeddings, lm_head and norms always stay in the model dtype, and so do activations. Modules
-are imported only when their method is chosen.
+Embeddings, lm_head and norms always stay in the model dtype, and so do activations (but for
+fp8's W8A8 matmuls). A checkpoint's `ignore` list keeps the layers it names in full precision
+(QuantResolver). Modules are imported only when their method is chosen.
 """
 from __future__ import annotations
 

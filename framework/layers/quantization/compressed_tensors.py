@@ -14,8 +14,12 @@ Tensors of each quantized linear layer (`<layer>.` + name):
 The weight is (q - zero_point) * scale; only symmetric schemes (no zero point) are supported.
 
 These map onto our own int8, fp8 and int4 storage, loaded as stored (nothing is re-quantized).
-Checkpoints that also quantize activations (W8A8) run weight-only here: activations stay in the
-model dtype, which is at least as accurate; their `input_scale` tensors are not read.
+Activations (`input_activations`): fp8 weights with dynamic per-token fp8 activations
+({num_bits: 8, type: float, strategy: token, dynamic: true, symmetric: true}) run W8A8 like
+quantization=fp8 (fp8.py: fp8 tensor cores where the card has them). An fp8 checkpoint without
+input_activations runs weight-only, as its author quantized it. Other activation schemes (static
+per-tensor `input_scale`, int8 activations) run weight-only too, activations in the model dtype
+(at least as accurate), and say so in the log; their `input_scale` tensors are not read.
 """
 from __future__ import annotations
 
@@ -81,11 +85,20 @@ def _method_name(method: QuantMethod) -> str:
     return {CheckpointInt8: "int8", CheckpointFp8: "fp8", CheckpointInt4: "int4"}[type(method)]
 
 
+def dynamic_fp8_tokens(act: Optional[Dict[str, Any]]) -> bool:
+    """An input_activations scheme that is fp8 e4m3, symmetric, one scale per token, computed at
+    run time: what our W8A8 fp8 path does."""
+    return bool(act) and act.get("num_bits") == 8 and act.get("type") == "float" \
+        and act.get("strategy") == "token" and act.get("dynamic") is True and act.get("symmetric", True)
+
+
 def from_config(qc: Dict[str, Any], hf_config: Any) -> QuantMethod:
     s = parse(qc)
-    if any(g.get("input_activations") for g in qc["config_groups"].values()):
-        log.info("compressed-tensors checkpoint quantizes activations too; running it weight-only "
-                 "(activations stay in the model dtype)")
+    acts = [g.get("input_activations") for g in qc["config_groups"].values()]
+    w8a8_fp8 = s.type == "float" and all(dynamic_fp8_tokens(a) for a in acts)
+    if any(acts) and not w8a8_fp8:
+        log.info("compressed-tensors checkpoint quantizes activations as %s; running it weight-only "
+                 "(activations stay in the model dtype)", acts[0])
     if s.actorder not in (None, "static"):  # "group"/"weight" reorder columns through weight_g_idx
         raise UserError(f"compressed-tensors checkpoint ({s.describe()}) uses actorder={s.actorder!r}; "
                         f"supported: {SUPPORTED}")
@@ -93,7 +106,7 @@ def from_config(qc: Dict[str, Any], hf_config: Any) -> QuantMethod:
         if s.type == "int" and s.format in ("int-quantized", "naive-quantized"):
             return CheckpointInt8()
         if s.type == "float" and s.format in ("float-quantized", "naive-quantized"):
-            return CheckpointFp8()
+            return CheckpointFp8(quantize_activations=w8a8_fp8)
     if s.symmetric and s.strategy in ("group", "channel") and s.num_bits == 4 and s.type == "int" \
             and s.format == "pack-quantized":
         return CheckpointInt4(s.group_size if s.strategy == "group" else None)

@@ -1,24 +1,46 @@
-"""fp8: float8_e4m3fn weights with a per-output-channel float32 scale; activations stay in the
-model dtype.
+"""fp8: float8_e4m3fn weights with a per-output-channel float32 scale, quantized at load.
 
 The scale maps each row's absmax onto e4m3's largest finite value (448), so every row uses the
 format's full range: 3 mantissa bits give a relative error of at most 2^-4 per weight (tiny
-weights fall into the subnormals, absolute error at most 2^-10 of the row's scale). The matmul
-casts the codes to the activation dtype (exact for bf16/fp16/fp32) and scales the output.
+weights fall into the subnormals, absolute error at most 2^-10 of the row's scale).
 
-torch._scaled_mm would run fp8 x fp8 on Hopper/Ada, but it needs fp8 *activations*: that is
-W8A8, a different accuracy trade-off than this weight-only method, so it is not used here.
+Two matmuls, chosen per call:
+- W8A8 (kernels/fp8_linear.py), where the card has fp8 tensor cores (compute capability >= 8.9)
+  and x is bf16/fp16: x is quantized per token on the fly and `torch._scaled_mm` multiplies
+  fp8 by fp8 with both row scales applied to the float32 sums. Prefill and decode batches of
+  more than WEIGHT_ONLY_MAX_ROWS take it: twice the bf16 tensor-core rate, one byte per weight,
+  no dequantized weight copy.
+- Weight-only (int8.scaled_linear): the codes convert exactly to the activation dtype and the
+  row scale multiplies the output. Decode batches up to WEIGHT_ONLY_MAX_ROWS on GPU stay here
+  (the one-row GEMV and the fused kernel of quant_matmul measured faster than cuBLAS's fp8 GEMM
+  there, and x stays exact), and so do the CPU, cards without fp8 and float32 models.
+`quantize_activations=False` (a compressed-tensors checkpoint that quantizes only its weights)
+always runs weight-only.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from framework.layers.quantization.int8 import RowScaledMethod
+import kernels
+from framework.layers.quantization.int8 import RowScaledMethod, scaled_linear
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
+# Up to this many rows (tokens) a call stays weight-only on a native-fp8 card: the GEMV at one
+# row, kernels/quant_matmul.py above. kernels/bench.py --fp8 on an H200 (2026-11-30, graph replay,
+# the four Llama-3.1-8B shapes of a layer together, W8A8 with fast accumulation): 1 row 76.6 µs
+# weight-only vs 128 W8A8, 8 rows 83.9 vs 113, 32 rows 105 vs 115, 64 rows 167 vs 115 (cuBLAS's
+# fp8 GEMM has a floor of about 15 µs for N = K = 4096 and 41 µs for down, whatever the rows).
+WEIGHT_ONLY_MAX_ROWS = 32
+
+
+def gemv_tile(n: int) -> Tuple[int, int]:
+    """(block_n, block_k) of the one-row fp8 GEMV for N output rows. H200, 2026-11-30, µs a call
+    against the default 4 x 1024: qkv 9.7 vs 10.0, o 7.1 vs 8.0, down 19.0 vs 21.4 at 2 x 2048
+    (more programs for narrow N); gate_up (N = 28672) 33.3 vs 37.5 at 8 x 1024."""
+    return (2, 2048) if n <= 8192 else (8, 1024)
 
 
 def quantize_fp8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +56,22 @@ def dequantize_fp8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
     return (codes.float() * scale.float()[:, None]).to(dtype)
 
 
+def uses_w8a8(x2: torch.Tensor, codes: torch.Tensor) -> bool:
+    """Whether a call over the rows x2 [M, K] runs W8A8 (see the module docstring)."""
+    return x2.shape[0] > WEIGHT_ONLY_MAX_ROWS and kernels.fp8_linear_supported(x2, codes)
+
+
 class Fp8Method(RowScaledMethod):
     name = "fp8"
     code_dtype = FP8
     quantize_rows = staticmethod(quantize_fp8)
+
+    def __init__(self, quantize_activations: bool = True):
+        self.quantize_activations = quantize_activations
+
+    def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.quantize_activations and uses_w8a8(x2, layer.weight):
+            y = kernels.fp8_linear(x2, layer.weight, layer.weight_scale, bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        return scaled_linear(x, layer.weight, layer.weight_scale, bias, gemv_tile(layer.weight.shape[0]))

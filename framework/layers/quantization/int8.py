@@ -33,14 +33,15 @@ def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 
 
 def scaled_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-                  bias: Optional[torch.Tensor]) -> torch.Tensor:
+                  bias: Optional[torch.Tensor], gemv_tile: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """x @ (scale * codes).T + bias, with the per-row scale applied to the output. On GPU, decode
-    rows take the GEMV (kernels/quant_gemv.py) and somewhat more the fused matmul
-    (kernels/quant_matmul.py); both read one byte per weight."""
+    rows take the GEMV (kernels/quant_gemv.py; `gemv_tile` = (block_n, block_k) overrides its
+    default tile) and somewhat more the fused matmul (kernels/quant_matmul.py); both read one
+    byte per weight."""
     x2 = x.reshape(-1, x.shape[-1])
     triton = kernels.use_triton(x)
     if triton and x2.shape[0] <= qg.DISPATCH_MAX_ROWS:
-        y = qg.rowscaled_gemv(x2, codes, scale).view(*x.shape[:-1], codes.shape[0])
+        y = qg.rowscaled_gemv(x2, codes, scale, *(gemv_tile or ())).view(*x.shape[:-1], codes.shape[0])
     elif triton and x2.shape[0] <= qmm.SMALL_M and qmm.supported(codes, scale):
         y = qmm.quant_matmul(x2, codes, scale).view(*x.shape[:-1], codes.shape[0])
     else:
