@@ -283,3 +283,16 @@ def test_gemma3_samples_of_one_prompt_share_its_window_blocks(gemma3_text):
         assert shared[1] == shared[2] == [-1] * 7 + shared[0][7:9]
         assert [engine.output(s).token_ids for s in seqs] == [expected[0]] * 3
         assert bm.num_free_blocks == bm.num_blocks and bm.num_free_window_blocks == bm.window.num_blocks
+
+
+def test_window_pool_exhausted_by_a_direct_allocate_is_one_line():
+    """The scheduler checks both pools before it allocates; a direct caller (task=eval's one-step
+    windows) gets a line naming the window pool, not a StopIteration."""
+    from framework import SamplingParams
+    from framework.engine.block_manager import BlockManager
+    from framework.engine.sequence import Sequence
+    bm = BlockManager(16, 4, num_window_blocks=3, sliding_window=8)
+    seq = Sequence(list(range(40)), SamplingParams())
+    assert not bm.can_allocate(seq, 40)
+    with pytest.raises(RuntimeError, match="sliding-window layers' KV pool has 3 free blocks; 40 new tokens"):
+        bm.allocate(seq, 40)

@@ -120,7 +120,11 @@ class BlockManager:
             return
         self._release_passed_window_blocks(seq)
         table = seq.window_block_table
-        while len(table) < len(seq.block_table):
+        missing = len(seq.block_table) - len(table)
+        if missing > self.num_free_window_blocks:  # the scheduler checks first; a direct caller may not
+            raise RuntimeError(f"the sliding-window layers' KV pool has {self.num_free_window_blocks} free blocks; "
+                               f"{num_new_tokens} new tokens of one step need {missing}")
+        for _ in range(missing):
             table.append(self.window.take())
 
     def _release_passed_window_blocks(self, seq: Sequence) -> None:

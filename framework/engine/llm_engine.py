@@ -63,10 +63,12 @@ class LLMEngine:
         num_blocks = max(0, num_blocks)
         if num_blocks * self.block_size < max_model_len:
             raise UserError(runner.kv_shortfall(num_blocks * self.block_size, max_model_len))
-        if spec.num_window_layers and window_blocks < min(-(-max_model_len // self.block_size),
-                                                          window_blocks_per_request(self.block_size, spec.sliding_window,
-                                                                                    max_model_len)):
-            raise UserError(runner.kv_shortfall(0, max_model_len))
+        window_need = min(-(-max_model_len // self.block_size),
+                          window_blocks_per_request(self.block_size, spec.sliding_window, max_model_len))
+        if spec.num_window_layers and window_blocks < window_need:
+            raise UserError(f"the sliding-window layers' KV pool has {window_blocks} blocks, fewer than the "
+                            f"{window_need} one request's window needs; raise cache.num_gpu_blocks_override "
+                            f"(it sizes both pools) or the memory for the KV cache")
         runner.allocate_kv_cache(num_blocks, window_blocks)
         log.info("KV cache: %d blocks x %d tokens = %d tokens; %.1f requests of %d tokens at once%s",
                  num_blocks, self.block_size, num_blocks * self.block_size,
