@@ -296,3 +296,14 @@ def test_window_pool_exhausted_by_a_direct_allocate_is_one_line():
     assert not bm.can_allocate(seq, 40)
     with pytest.raises(RuntimeError, match="sliding-window layers' KV pool has 3 free blocks; 40 new tokens"):
         bm.allocate(seq, 40)
+
+
+@pytest.mark.slow
+def test_gemma3_tp2_matches_hf(gemma3_text, ray_cluster):
+    """Two gloo ranks: heads split, q/k norms and both KV pools per rank, the same window blocks."""
+    path, expected = gemma3_text
+    cfg = _cfg(path, max_model_len=128, max_num_seqs=4)
+    cfg.parallelism.tensor_parallel_size = 2
+    ours, run = _greedy(cfg, PROMPTS, 12)
+    assert ours == expected
+    assert [r["kv_window_blocks"] for r in run["ranks"]] == [run["ranks"][0]["kv_window_blocks"]] * 2
