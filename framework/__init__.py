@@ -1,4 +1,10 @@
 """A YAML-first LLM deployment framework: one config, our own inference core."""
+# Before anything imports transformers: a torchvision whose compiled operators cannot load
+# (the CUDA wheel beside a CPU torch) would otherwise break every transformers import.
+from framework.multimodal.torchvision_compat import prepare_torchvision
+
+prepare_torchvision()
+
 from framework.config.schema import FrameworkConfig
 from framework.engine.outputs import CompletionOutput, RequestOutput
 from framework.engine.sampling_params import SamplingParams

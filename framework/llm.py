@@ -97,6 +97,44 @@ class LLM:
         return self.tokenizer.apply_chat_template([{"role": "user", "content": user_message}],
                                                   add_generation_prompt=True, tokenize=False)
 
+    def _chat_template_owner(self) -> Any:
+        """The model folder's processor when it has one (a vision-language model's chat template
+        lives there), else the tokenizer."""
+        if not hasattr(self, "_chat_owner"):
+            self._chat_owner = self.tokenizer
+            if getattr(self.hf_config, "vision_config", None) is not None:
+                from transformers import AutoProcessor
+                self._chat_owner = AutoProcessor.from_pretrained(str(self.model_path))
+        return self._chat_owner
+
+    def chat(self, messages: Sequence[Any], sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
+             use_tqdm: bool = False) -> List[RequestOutput]:
+        """One conversation (a list of {role, content} messages) or a list of them, content as a
+        string or OpenAI-style parts (text, image_url with a data: URL / path / file://, image,
+        video frames). A conversation that cannot be read fails alone, with its error."""
+        from framework.engine.outputs import CompletionOutput
+        from framework.multimodal.chat import split_chat_messages
+        from framework.multimodal.limits import MultimodalInputError
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        owner = self._chat_template_owner()
+        prompts: List[Any] = []
+        for i, conversation in enumerate(conversations):
+            try:
+                template, media = split_chat_messages(conversation)
+                text = owner.apply_chat_template(template, tokenize=False, add_generation_prompt=True)
+                prompts.append({"prompt": text, "multi_modal_data": media} if media else text)
+            except (MultimodalInputError, ValueError) as exc:
+                prompts.append(RequestOutput(f"chat-{i}", None, [], [CompletionOutput("", [], "error")],
+                                             error=f"conversation {i}: {exc}"))
+        params = sampling_params or SamplingParams()
+        good = [i for i, p in enumerate(prompts) if not isinstance(p, RequestOutput)]
+        if isinstance(params, (list, tuple)):
+            params = [params[i] for i in good]
+        outputs = self.generate([prompts[i] for i in good], params, use_tqdm) if good else []
+        for i, out in zip(good, outputs):
+            prompts[i] = out
+        return prompts
+
     def stats(self) -> Dict[str, Any]:
         """Load time, KV cache size and measured memory of each rank, and the resolved config
         they ran (for metrics.json)."""

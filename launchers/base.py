@@ -23,6 +23,11 @@ class Launcher(ABC):
     def shutdown(self) -> None: ...
 
     def local_engine(self) -> Optional[Any]:
-        """The LLMEngine when it runs in this process (the server's engine loop and bench's
-        timings drive it step by step); None when rank 0 lives elsewhere (a Ray actor)."""
+        """The LLMEngine when it runs in this process (bench's timings read it); None when rank
+        0 lives elsewhere (a Ray actor)."""
         return None
+
+    def serving_engine(self, tokenizer: Any) -> Any:
+        """What the server's engine loop drives step by step: the LLMEngine itself, or at TP > 1
+        a RemoteEngine (launchers/remote_engine.py) over rank 0's actor."""
+        return self.local_engine()

@@ -24,6 +24,7 @@ from framework.engine.outputs import RequestOutput
 from framework.loader.sharded import save_rank
 from framework.memory.measure import rank_stats
 from framework.parallel import ParallelInfo, set_step_group
+from launchers.remote_engine import EngineHost, StepReport
 
 # Generous: rank 0 may still be importing torch or reading its weights when the others arrive.
 RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
@@ -85,6 +86,24 @@ class RankActor:
 
     def stop_workers(self) -> None:
         self.runner.stop_workers()
+
+    # rank 0, serving: the driver's RemoteEngine (launchers/remote_engine.py) calls these
+    def serve_info(self) -> Dict[str, Any]:
+        self.host = EngineHost(self.engine)
+        return {"max_model_len": self.engine.max_model_len, "vocab_size": self.engine.vocab_size,
+                "gauges": self.engine.gauges()}
+
+    def request_problem(self, token_ids: List[int], params: Any) -> Any:
+        return self.engine.request_problem(token_ids, params)
+
+    def serve_add(self, prompt: Any, params: List[Any]) -> List[Any]:
+        return self.host.add(prompt, params)
+
+    def serve_abort(self, seq_id: int) -> None:
+        self.host.abort(seq_id)
+
+    def serve_step(self) -> StepReport:
+        return self.host.step()
 
     # --- other ranks --------------------------------------------------------------------
     def serve(self) -> None:

@@ -39,6 +39,7 @@ from framework.config.schema import FrameworkConfig
 from framework.engine.outputs import RequestOutput
 from launchers.base import Launcher
 from launchers.rank import RankActor
+from launchers.remote_engine import RemoteEngine
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,14 @@ class RayLauncher(Launcher):
     def score(self, windows: List[List[int]]) -> List[float]:
         self._check_running()
         return self._wait({self.actors[0].score.remote(windows): 0})[0]
+
+    def call_rank0(self, method: str, *args: Any) -> Any:
+        """One call to rank 0's actor, every rank watched while it runs (a dead rank raises)."""
+        self._check_running()
+        return self._wait({getattr(self.actors[0], method).remote(*args): 0})[0]
+
+    def serving_engine(self, tokenizer: Any) -> RemoteEngine:
+        return RemoteEngine(self.call_rank0, tokenizer, self.call_rank0("serve_info"))
 
     def stats(self) -> Dict[str, Any]:
         self._check_running()

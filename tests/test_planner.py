@@ -370,3 +370,17 @@ def test_planned_matches_engine_on_gpu(quant, kv_dtype):
         # engine counts it with the weights, not in its activation peak (the budget is the same)
         error = abs(measured["activation_peak_bytes"] - plan.activation_bytes)
         assert error <= 0.1 * plan.activation_bytes + CUBLAS_WORKSPACE_BYTES
+
+
+def test_fixes_skip_tp_sizes_the_heads_do_not_allow(tiny_model):
+    """A structural fix (tp=8 on a 4-head model) is dropped, never planned (the model would not build)."""
+    from framework.memory.fixes import suggest_fixes
+    model_dir = tiny_model("llama")
+    cfg = FrameworkConfig()
+    cfg.model.path = str(model_dir)
+    cfg.cache.gpu_memory_utilization = 0.0005
+    hf = load_hf_config(model_dir)
+    base = plan_memory(cfg, hf, 2 * GiB)
+    assert not base.fits
+    fixes = suggest_fixes(cfg, hf, 2 * GiB, base)
+    assert all("tensor_parallel_size=8" not in " ".join(f.overrides) for f in fixes)

@@ -122,8 +122,7 @@ def test_task_serve_exits_non_zero_when_the_engine_loop_dies(tmp_path, monkeypat
     assert "bug in the loop" in metrics["serve"]["engine_loop_died"]
 
 
-@pytest.mark.parametrize("override,key", [("parallelism.tensor_parallel_size=2", "parallelism.tensor_parallel_size"),
-                                          ("task.drain_s=-1", "task.drain_s"), ("task.api_key=''", "task.api_key"),
+@pytest.mark.parametrize("override,key", [("task.drain_s=-1", "task.drain_s"), ("task.api_key=''", "task.api_key"),
                                           ("task.max_body_bytes=0", "task.max_body_bytes")])
 def test_serve_knobs_are_checked_before_loading(override, key):
     from framework.config.errors import ConfigError

@@ -179,3 +179,17 @@ def test_redirected_log_has_no_colour_codes_or_ray_auth_warning(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = proc.stdout + proc.stderr
     assert "\x1b[" not in log and "Token authentication" not in log
+
+
+def test_plan_refuses_a_remote_code_config_in_one_line(tmp_path):
+    """task=plan reads config.json as the engine does: a model type only the checkpoint's own code
+    defines is one line (transformers would otherwise stop to ask on stdin)."""
+    import json
+    from framework import compose
+    from framework.config.errors import UserError
+    from framework.tasks import plan
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
+        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"}}))
+    with pytest.raises(UserError, match="model_type 'internvl_chat' is defined only by the checkpoint's own code"):
+        plan.run(compose(["task=plan", f"model.path={tmp_path}"]), tmp_path / "run")

@@ -74,9 +74,18 @@ class CompilationConfig:
 
 @dataclass
 class MultimodalConfig:
-    limit_mm_per_prompt: Dict[str, int] = field(default_factory=dict)  # {image: 3, video: 1}; 0 disables
+    # Items per prompt: {image: 3, video: 1}, or {image: {count: 3, width: 1024, height: 1024}} where the
+    # sizes only bound the encoder's profiling; 0 disables a modality; unnamed modalities take 1.
+    limit_mm_per_prompt: Dict[str, Any] = field(default_factory=dict)
     mm_processor_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the HF processor
-    mm_input_cache_gib: float = 4.0  # host cache of processed inputs (vLLM: VLLM_MM_INPUT_CACHE_GIB)
+    mm_input_cache_gib: float = 4.0  # host cache of processed inputs (seed's name; VLLM_MM_INPUT_CACHE_GIB)
+    mm_processor_cache_gib: Optional[float] = None  # vLLM's current name for the same cache; wins when set
+    language_model_only: bool = False  # run a vision-language model's decoder alone (= every limit at 0)
+
+    @property
+    def processor_cache_gib(self) -> float:
+        """The processed-input cache size, whichever name set it."""
+        return self.mm_input_cache_gib if self.mm_processor_cache_gib is None else self.mm_processor_cache_gib
 
 
 @dataclass
@@ -90,7 +99,10 @@ class LauncherConfig:
 class TaskConfig:
     name: str = "generate"  # generate | chat | bench | plan | eval | serve | save_sharded
     prompts: List[str] = field(default_factory=list)
-    prompts_file: Optional[str] = None  # one prompt per line, or JSONL with a "prompt" field
+    prompts_file: Optional[str] = None  # one prompt per line, or JSONL with a "prompt" (and optional "images") field
+    # Images (paths, file:// or data: URLs) sent with every prompt of task.prompts to a vision-language
+    # model: task=chat puts them before the text; task=generate needs the prompt's own placeholders.
+    images: List[str] = field(default_factory=list)
     max_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0

@@ -15,6 +15,7 @@ from typing import Any, Iterable, List, Tuple
 
 from framework.config.errors import ConfigError, UserError
 from framework.config.schema import FrameworkConfig
+from framework.multimodal.limits import parse_limits
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy", "sharded")
@@ -23,7 +24,6 @@ QUANT_METHODS = ("none", "fp8", "int8", "int4", "auto")
 KV_CACHE_DTYPES = ("auto", "fp8")
 LAUNCHERS = ("auto", "local", "ray")
 TASKS = ("generate", "chat", "bench", "plan", "eval", "serve", "save_sharded")
-MODALITIES = ("image", "video", "audio")
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,11 @@ def validate(cfg: FrameworkConfig) -> FrameworkConfig:
             raise ConfigError("compilation.cudagraph_capture_sizes", list(sizes),
                               "must be a non-empty, strictly increasing list of positive integers")
 
-    for modality, limit in mm.limit_mm_per_prompt.items():
-        if modality not in MODALITIES:
-            raise ConfigError(f"multimodal.limit_mm_per_prompt.{modality}", limit,
-                              f"unknown modality; valid modalities: {', '.join(MODALITIES)}")
-        if limit < 0:
-            raise ConfigError(f"multimodal.limit_mm_per_prompt.{modality}", limit, "must be >= 0 (0 disables it)")
-    if mm.mm_input_cache_gib < 0:
-        raise ConfigError("multimodal.mm_input_cache_gib", mm.mm_input_cache_gib, "must be >= 0 GiB")
+    parse_limits(mm.limit_mm_per_prompt)  # both forms; raises ConfigError naming the key
+    for key in ("mm_input_cache_gib", "mm_processor_cache_gib"):
+        value = getattr(mm, key)
+        if value is not None and not value >= 0:
+            raise ConfigError(f"multimodal.{key}", value, "must be >= 0 GiB (0 disables the cache)")
 
     _choice("launcher.name", cfg.launcher.name, LAUNCHERS)
     if cfg.launcher.name == "local" and cfg.parallelism.tensor_parallel_size > 1:
@@ -107,9 +104,6 @@ def validate(cfg: FrameworkConfig) -> FrameworkConfig:
         raise ConfigError("task.cors_origins", list(t.cors_origins), "must be a list of origins like "
                           "http://localhost:3000, or [\"*\"]")
     _positive("task.max_body_bytes", t.max_body_bytes)
-    if t.name == "serve" and cfg.parallelism.tensor_parallel_size > 1:
-        raise ConfigError("parallelism.tensor_parallel_size", cfg.parallelism.tensor_parallel_size,
-                          "task=serve runs one rank for now (the engine in the server's process): use 1")
     if isinstance(t.drain_s, bool) or not isinstance(t.drain_s, (int, float)) or not 0 <= t.drain_s < float("inf"):
         raise ConfigError("task.drain_s", t.drain_s, "must be a number of seconds >= 0")
     _positive("task.compare_hf_requests", t.compare_hf_requests, allow=(None,))

@@ -160,8 +160,9 @@ class BlockManager:
         never change, so each is hashed once and kept on the sequence."""
         hashes = seq.block_hashes
         for i in range(len(hashes), num_blocks):
-            tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            hashes.append(hash((hashes[-1] if hashes else 0, tokens)))
+            start, end = i * self.block_size, (i + 1) * self.block_size
+            tokens = tuple(seq.token_ids[start:end])
+            hashes.append(hash((hashes[-1] if hashes else 0, tokens, seq.block_extra(start, end))))
         return hashes[:num_blocks]
 
     def reuse_cached_prefix(self, seq: Sequence) -> None:

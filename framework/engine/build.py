@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
+from framework.config.errors import UserError
 from framework.config.schema import FrameworkConfig
 from framework.engine.llm_engine import LLMEngine
 from framework.engine.model_runner import ModelRunner
@@ -31,9 +32,35 @@ def eos_token_ids(model_path: Path, hf_config: Any, tokenizer: Optional[Any]) ->
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
+def multimodal_processor(cfg: FrameworkConfig, model_path: Path, hf_config: Any, model: Any
+                         ) -> Tuple[Optional[Any], int]:
+    """(the model folder's processor wrapped with the limits, kwargs and input cache; the encoder
+    cache budget in tokens), or (None, 0) for a text model or a text-only run."""
+    if not getattr(model, "modalities", None) or not getattr(model, "vision_modules", lambda: [])():
+        return None, 0
+    from framework.multimodal.budget import encoder_budget_tokens
+    from framework.multimodal.cache import ProcessorCache
+    from framework.multimodal.processor import MultimodalProcessor
+    from transformers import AutoProcessor
+    mm = cfg.multimodal
+    folder = str(Path(cfg.model.tokenizer).expanduser() if cfg.model.tokenizer else model_path)
+    try:
+        hf_processor = AutoProcessor.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{folder} has no usable processor for images and videos ({str(exc).splitlines()[0][:120]}); "
+                        "add the model's preprocessor files, or run it on text with multimodal=text_only") from None
+    processor = MultimodalProcessor(hf_processor, mm_processor_kwargs=mm.mm_processor_kwargs,
+                                    limit_mm_per_prompt=mm.limit_mm_per_prompt,
+                                    language_model_only=mm.language_model_only,
+                                    cache=ProcessorCache.from_gib(mm.processor_cache_gib))
+    return processor, encoder_budget_tokens(cfg, model_path, hf_config, model.modalities)
+
+
 def build_engine(cfg: FrameworkConfig, model_path: Path, hf_config: Any, runner: Optional[ModelRunner] = None
                  ) -> LLMEngine:
     """`cfg` resolved (framework/resolve.py). Rank 0's runner may be given (the Ray rank builds it first)."""
     runner = runner or ModelRunner(cfg, model_path, hf_config)
     tokenizer = load_tokenizer(cfg, model_path)
-    return LLMEngine(cfg, runner, tokenizer, eos_token_ids(model_path, hf_config, tokenizer))
+    processor, encoder_budget = multimodal_processor(cfg, model_path, hf_config, runner.model)
+    return LLMEngine(cfg, runner, tokenizer, eos_token_ids(model_path, hf_config, tokenizer), processor,
+                     encoder_budget)

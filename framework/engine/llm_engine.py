@@ -27,6 +27,9 @@ from framework.engine.sampling_params import SamplingParams
 from framework.engine.scheduler import ScheduledBatch, Scheduler
 from framework.engine.sequence import Sequence, Status
 from framework.engine.step_input import build_step_input
+from framework.multimodal.encoder_cache import EncoderCache
+from framework.multimodal.limits import MultimodalInputError
+from framework.multimodal.processor import MultimodalProcessor, MultimodalPrompt
 
 log = logging.getLogger(__name__)
 Prompt = Union[str, Dict[str, Any]]
@@ -44,9 +47,12 @@ class LaunchedStep:
 
 
 class LLMEngine:
-    def __init__(self, cfg: FrameworkConfig, runner: ModelRunner, tokenizer: Any, eos_token_ids: Seq[int]):
-        """`cfg` resolved (framework/resolve.py): max_model_len and max_num_seqs are numbers."""
+    def __init__(self, cfg: FrameworkConfig, runner: ModelRunner, tokenizer: Any, eos_token_ids: Seq[int],
+                 mm_processor: Optional[MultimodalProcessor] = None, encoder_budget: int = 0):
+        """`cfg` resolved (framework/resolve.py): max_model_len and max_num_seqs are numbers.
+        A multimodal model brings its processor and its encoder cache budget (embedding tokens)."""
         self.cfg, self.runner, self.tokenizer = cfg, runner, tokenizer
+        self.mm_processor = mm_processor
         max_model_len, max_num_seqs = cfg.cache.max_model_len, cfg.cache.max_num_seqs
         self.max_model_len, self.eos_token_ids = max_model_len, set(eos_token_ids)
         self.vocab_size = runner.model.vocab_size
@@ -77,7 +83,9 @@ class LLMEngine:
                  f"({spec.sliding_window} tokens) passes" if spec.num_window_layers else "")
         self.block_manager = BlockManager(num_blocks, self.block_size, cfg.cache.enable_prefix_caching,
                                           window_blocks, spec.sliding_window if spec.num_window_layers else 0)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, cfg.cache.max_num_batched_tokens)
+        self.encoder_cache = EncoderCache(encoder_budget) if mm_processor is not None else None
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, cfg.cache.max_num_batched_tokens,
+                                   self.encoder_cache)
         self.generator = torch.Generator().manual_seed(cfg.model.seed)
         self._ids = itertools.count()
         self.num_generated_tokens = 0
@@ -116,6 +124,23 @@ class LLMEngine:
             return f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
         return params.problem()
 
+    def _multimodal(self, prompt: Prompt, text: Optional[str], token_ids: List[int]) -> MultimodalPrompt:
+        """The prompt's images and videos processed, placeholders expanded (a text-only prompt of a
+        multimodal model too: a stray placeholder without its item is refused)."""
+        data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        kwargs = prompt.get("mm_processor_kwargs") if isinstance(prompt, dict) else None
+        if self.mm_processor is None:
+            if data or kwargs:
+                raise MultimodalInputError("this model takes no images or videos (multi_modal_data)")
+            return MultimodalPrompt(token_ids)
+        out = self.mm_processor.process(token_ids, data, kwargs)
+        too_big = [p.item for p in out.items if p.item.num_tokens > self.encoder_cache.budget_tokens]
+        if too_big:
+            raise MultimodalInputError(f"an {too_big[0].modality} of {too_big[0].num_tokens} tokens exceeds the "
+                                       f"encoder cache budget of {self.encoder_cache.budget_tokens} tokens; lower "
+                                       "mm_processor_kwargs.max_pixels")
+        return out
+
     def request_problem(self, token_ids: List[int], params: SamplingParams) -> Optional[str]:
         """Why add_request would refuse these token ids and settings, or None (any thread: it
         reads only what never changes)."""
@@ -145,15 +170,26 @@ class LLMEngine:
     def _new_sequence(self, prompt: Prompt, params: SamplingParams) -> Union[Sequence, RequestOutput]:
         request_id = str(next(self._ids))
         text, token_ids = None, []
+        mm = MultimodalPrompt([])
         try:
             text, token_ids = self._tokenize(prompt)
+            mm = self._multimodal(prompt, text, token_ids)
+            token_ids = mm.token_ids
             problem = self._problem(token_ids, params)
+        except MultimodalInputError as exc:  # one line naming the item or limit at fault
+            text, token_ids, problem = (prompt.get("prompt") if isinstance(prompt, dict) else prompt), [], str(exc)
         except Exception as exc:  # a bad prompt or tokenizer failure is this request's problem only
             problem = f"could not read the prompt: {type(exc).__name__}: {exc}"
         if problem:
             return RequestOutput(request_id, text, token_ids, [CompletionOutput("", [], "error")],
                                  error=f"request {request_id}: {problem}")
-        return Sequence(token_ids, params, request_id=request_id, prompt=text)
+        seq = Sequence(token_ids, params, request_id=request_id, prompt=text)
+        if mm.items:
+            seq.mm_items = mm.items
+            if getattr(self.runner.model, "uses_mrope", False):
+                seq.mrope_positions, seq.mrope_delta = self.runner.model.mrope_positions(
+                    len(token_ids), [(p.offset, p.item.modality, p.item.data) for p in mm.items])
+        return seq
 
     # --- the loop -------------------------------------------------------------------
     # A step is launched (forward and, for greedy rows, argmax on the device), committed (its
@@ -165,6 +201,13 @@ class LLMEngine:
     # that is thrown away.
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.pending is not None
+
+    def gauges(self) -> Dict[str, int]:
+        """Requests running and waiting, KV blocks free and in all, preemptions (for /metrics;
+        plain reads, harmless from another thread)."""
+        s, b = self.scheduler, self.block_manager
+        return {"running": len(s.running), "waiting": len(s.waiting), "free_blocks": b.num_free_blocks,
+                "num_blocks": b.num_blocks, "preemptions": s.num_preemptions}
 
     def step(self) -> List[Sequence]:
         """One scheduler step; returns the sequences that finished in it (failed ones too)."""
@@ -181,6 +224,8 @@ class LLMEngine:
                 launched = self._launch(batch)
             except Exception as exc:  # the forward failed: the requests in it fail, the rest go on
                 log.exception("a step's forward failed")
+                for key, _, _ in batch.mm_encode:  # never stored by the runner: not held
+                    self.encoder_cache.discard(key)
                 finished += self._fail(batch.seqs, exc)
         if self.pending is not None:
             finished += self._resolve_or_fail(self.pending)
@@ -237,6 +282,7 @@ class LLMEngine:
                 continue
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)  # placeholders are never among the computed tokens
+            self.scheduler.release_encoder_inputs(seq)
             if seq.seq_id in self.forks and seq.num_computed_tokens >= self._shared_blocks(seq) * self.block_size:
                 self._attach_forks(seq)
         for row, seq in enumerate(launched.sampling):
@@ -324,6 +370,8 @@ class LLMEngine:
         self.forks.clear()
         for seq in dropped:
             self.block_manager.free_blocks(seq)
+            if self.encoder_cache is not None:  # its items stay held, unreferenced: evictable
+                self.encoder_cache.release(seq.seq_id)
         self.scheduler.running.clear()
         self.scheduler.waiting.clear()
         return dropped

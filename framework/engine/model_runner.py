@@ -27,6 +27,7 @@ from framework.layers.quantization import QuantResolver
 from framework.loader import load_weights
 from framework.loader.weights import LoadStats
 from framework.models.context import ModelContext
+from framework.multimodal.budget import encoder_budget_tokens
 from framework.models.interface import attention_layers, build_model
 from framework.parallel import ParallelInfo, step_group
 from framework.resolve import is_resolved, pick_device, pick_dtype
@@ -112,6 +113,10 @@ class ModelRunner:
         self.load_stats: LoadStats = load_weights(self.model, cfg.model, model_path, cfg.quantization.method, tp)
         self.load_seconds = time.perf_counter() - start
 
+        # multimodal: the encoder cache budget (embedding tokens), which the memory profile runs
+        vision = getattr(self.model, "vision_modules", lambda: [])()
+        self.encoder_budget_tokens = (encoder_budget_tokens(cfg, model_path, hf_config, self.model.modalities)
+                                      if vision else 0)
         self.attn_layers: List[Attention] = attention_layers(self.model)
         self.kv_spec = kv_cache_spec(self.attn_layers, cfg.cache.block_size,
                                      kv_cache_dtype(cfg.cache.kv_cache_dtype, self.dtype))
@@ -130,6 +135,7 @@ class ModelRunner:
         self.graph_sizes = self._graph_sizes()  # [] on CPU and with enforce_eager
         self.graphs: Optional[CudaGraphRunner] = None
         self.gpu_memory: Dict[str, Any] = {}  # the KV budget's terms, the graphs' measured cost
+        self.encoder_outputs: Dict[str, torch.Tensor] = {}  # content hash -> embeddings (multimodal models)
 
     # --- KV cache -------------------------------------------------------------------
     def num_blocks_that_fit(self) -> int:
@@ -192,14 +198,25 @@ class ModelRunner:
         n = self.cfg.cache.max_num_batched_tokens
         rows = min(n, self.max_num_seqs)
         self._allocate_kv_cache(1)
+        held = self._profile_encoder()  # the encoder's peak, then its outputs held during the decoder's step
         step = StepInput(input_ids=[0] * n, positions=[i % self.max_model_len for i in range(n)],
                          slot_mapping=[-1] * n, cu_seqlens_q=[0, n], seq_lens=[n],
                          block_tables=[[0] * -(-n // self.cfg.cache.block_size)],
                          logits_indices=list(range(n - rows, n)), decode_only=False)
         self.execute(step, keep_on_device=True)
+        del held
         if self.device.type == "cuda":
             self._warm_up_small_batches()
         self._free_kv_cache()
+
+    @torch.inference_mode()
+    def _profile_encoder(self) -> List[torch.Tensor]:
+        """A multimodal model encodes one item of the whole encoder budget (the most a step
+        encodes), and its outputs stay, as the encoder cache would hold them: the KV cache is
+        sized after both."""
+        if not self.encoder_budget_tokens:
+            return []
+        return self.model.embed_multimodal([self.model.dummy_multimodal_input(self.encoder_budget_tokens)])
 
     def _warm_up_small_batches(self) -> None:
         """An eager decode step of each batch size up to 8: Triton compiles variants by shape (the
@@ -354,11 +371,34 @@ class ModelRunner:
                                      max_seq_len=max(step.seq_lens), window_slot_mapping=t.window_slot_mapping,
                                      window_block_tables=t.window_block_tables)
             input_ids = fill_sampled(t.input_ids, self.sampled) if self.async_scheduling else t.input_ids
-            hidden = self.forward(input_ids, t.positions, meta)
+            positions, inputs_embeds = t.positions, self._multimodal_embeds(step, input_ids)
+            if step.mrope_positions is not None:
+                positions = torch.tensor(step.mrope_positions, dtype=torch.int64, device=self.device)
+            if inputs_embeds is None:
+                hidden = self.forward(input_ids, positions, meta)
+            else:
+                hidden = self.forward(input_ids, positions, meta, inputs_embeds=inputs_embeds)
             logits = self.model.compute_logits(hidden.index_select(0, t.logits_indices))
         if self.tp.rank != 0:
             return None
         return logits.float() if keep_on_device else logits.float().cpu()
+
+    def _multimodal_embeds(self, step: StepInput, input_ids: torch.Tensor) -> Optional[torch.Tensor]:
+        """Token embeddings with encoder outputs in the placeholder rows, or None for a text step.
+        Items to encode run through the model's encoder now (every rank: the tower is
+        replicated); their outputs stay until the scheduler's encoder cache evicts them."""
+        for key in step.mm_evict:
+            self.encoder_outputs.pop(key, None)
+        if step.mm_encode:
+            outputs = self.model.embed_multimodal([(modality, data) for _, modality, data in step.mm_encode])
+            for (key, _, _), out in zip(step.mm_encode, outputs):
+                self.encoder_outputs[key] = out
+        if not step.mm_spans:
+            return None
+        embeds = self.model.embed_input_ids(input_ids)
+        for row, key, first, count in step.mm_spans:
+            embeds[row:row + count] = self.encoder_outputs[key][first:first + count].to(embeds.dtype)
+        return embeds
 
     def run(self, step: StepInput, keep_on_device: bool = False) -> Optional[torch.Tensor]:
         if self.tp.size > 1:

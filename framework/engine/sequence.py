@@ -5,7 +5,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 
@@ -44,6 +44,11 @@ class Sequence:
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: Optional[float] = None
     finish_time: Optional[float] = None
+    # Multimodal prompts: each image/video with its placeholder run (multimodal/processor.PlacedItem),
+    # and under M-RoPE the prompt's [3, P] positions; a later token p sits at p + mrope_delta.
+    mm_items: List[Any] = field(default_factory=list)
+    mrope_positions: Optional[torch.Tensor] = None
+    mrope_delta: int = 0
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -61,6 +66,12 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
+
+    def block_extra(self, start: int, end: int) -> tuple:
+        """Content hashes of the items whose placeholders fall in tokens [start, end): a KV block's
+        prefix-cache hash mixes them in, so two different images never share KV."""
+        return tuple((p.item.content_hash, max(start, p.offset) - p.offset)
+                     for p in self.mm_items if p.offset < end and p.end > start)
 
     @property
     def is_finished(self) -> bool:

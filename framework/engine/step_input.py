@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import Any, Dict, List, Optional, Tuple
 
 from framework.engine.scheduler import ScheduledBatch
 
@@ -20,18 +20,45 @@ class StepInput:
     # the sliding-window layers' KV group (block_manager.py), when the model has one; else empty
     window_slot_mapping: List[int] = field(default_factory=list)
     window_block_tables: List[List[int]] = field(default_factory=list)
+    # M-RoPE: [3][T] positions when a prompt chunk of a sequence with images is in the step (text
+    # and generated tokens repeat their 1-D position in all three rows); None otherwise
+    mrope_positions: Optional[List[List[int]]] = None
+    # multimodal: items to run through the encoder now, (content hash, modality, processor outputs) ...
+    mm_encode: List[Tuple[str, str, Dict[str, Any]]] = field(default_factory=list)
+    # ... where encoder outputs replace token embeddings: (first step row, content hash, first
+    # embedding row of the item, count) ...
+    mm_spans: List[Tuple[int, str, int, int]] = field(default_factory=list)
+    # ... and encoder outputs no request needs any more (the scheduler's encoder cache evicted them)
+    mm_evict: List[str] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
 
 
+def _positions(seq, start: int, end: int) -> Tuple[List[int], Optional[List[List[int]]]]:
+    """1-D positions of tokens [start, end), and their 3 rows when the prompt's M-RoPE rows apply."""
+    delta = seq.mrope_delta
+    flat = [p + delta for p in range(start, end)]
+    mrope = seq.mrope_positions
+    if mrope is None or start >= seq.num_prompt_tokens:
+        return flat, None
+    prompt_end = min(end, seq.num_prompt_tokens)
+    rows = mrope[:, start:prompt_end].tolist()
+    tail = flat[prompt_end - start:]
+    return flat, [row + tail for row in rows]
+
+
 def build_step_input(batch: ScheduledBatch, block_size: int) -> StepInput:
     step = StepInput([], [], [], [0], [], [], [], True)
+    rows3: List[Optional[List[List[int]]]] = []
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        base = len(step.input_ids)
         step.input_ids += seq.token_ids[start:end]
-        step.positions += range(start, end)
+        flat, three = _positions(seq, start, end)
+        step.positions += flat
+        rows3.append(three)
         step.slot_mapping += [seq.block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
         step.cu_seqlens_q.append(step.cu_seqlens_q[-1] + n)
         step.seq_lens.append(end)
@@ -43,4 +70,18 @@ def build_step_input(batch: ScheduledBatch, block_size: int) -> StepInput:
         if end == seq.num_tokens:  # reached the newest token: this step yields the next one
             step.logits_indices.append(step.cu_seqlens_q[-1] - 1)
         step.decode_only &= n == 1
+        for placed in seq.mm_items:  # the part of each item's placeholder run in this chunk
+            lo, hi = max(start, placed.offset), min(end, placed.end)
+            if lo < hi:
+                step.mm_spans.append((base + lo - start, placed.item.content_hash, lo - placed.offset, hi - lo))
+    if any(r is not None for r in rows3):
+        step.mrope_positions = [[], [], []]
+        lo = 0
+        for seq_rows, n in zip(rows3, batch.num_new_tokens):
+            flat = step.positions[lo:lo + n]
+            for r in range(3):
+                step.mrope_positions[r] += seq_rows[r] if seq_rows is not None else flat
+            lo += n
+    step.mm_encode = list(batch.mm_encode)
+    step.mm_evict = list(batch.mm_evict)
     return step

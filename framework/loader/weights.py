@@ -86,7 +86,9 @@ def load_safetensors(model: nn.Module, folder: Path) -> LoadStats:
         target, shard_id = name, None
         for ckpt_part, (ours, shard) in packed.items():
             if f".{ckpt_part}." in name:
-                target, shard_id = name.replace(f".{ckpt_part}.", f".{ours}."), shard
+                fused = name.replace(f".{ckpt_part}.", f".{ours}.")
+                if fused in params:  # a vision tower keeps its gate_proj / up_proj unfused
+                    target, shard_id = fused, shard
                 break
         param = params.get(target)
         if param is None:  # rotary caches and the like; tied lm_head arrives as embed_tokens

@@ -11,6 +11,12 @@ def measured_peak(rank: Dict[str, Any]) -> int:
     return rank.get("device_used_bytes") or rank.get("peak_rss_bytes") or 0
 
 
+def _decoder_weights(rank: Dict[str, Any]):
+    """The plan counts a vision tower with the multimodal encoder, not in `weight_bytes`: so here."""
+    held = rank.get("weight_bytes")
+    return None if held is None else held - rank.get("vision_weight_bytes", 0)
+
+
 def compare_rows(plan: Dict[str, Any], ranks: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     rows = []
     for i, rank in enumerate(ranks):
@@ -19,7 +25,7 @@ def compare_rows(plan: Dict[str, Any], ranks: List[Dict[str, Any]]) -> List[Dict
         rows.append({"rank": i, "predicted_peak_bytes": predicted, "measured_peak_bytes": peak,
                      "peak_error": round(peak / predicted - 1, 4) if predicted and peak else None,
                      "predicted_kv_tokens": plan["kv_tokens"], "measured_kv_tokens": rank.get("kv_tokens"),
-                     "predicted_weight_bytes": plan["weight_bytes"], "measured_weight_bytes": rank.get("weight_bytes")})
+                     "predicted_weight_bytes": plan["weight_bytes"], "measured_weight_bytes": _decoder_weights(rank)})
     return rows
 
 

@@ -11,14 +11,14 @@ default) and can never exceed max_model_len. The encoder is assumed replicated o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 from framework.memory.shape import VisionShape
+from framework.multimodal.limits import ModalityLimit, parse_limits
 
 IMAGE_MAX_PIXELS = 28 * 28 * 1280  # transformers Qwen2VLImageProcessor's default cap
 VIDEO_MAX_PIXELS = 28 * 28 * 768  # ... and Qwen2VLVideoProcessor's, per frame
 VIDEO_MAX_FRAMES = 768  # Qwen2VLVideoProcessor.max_frames
-DEFAULT_LIMIT = 1  # vLLM: one item per modality unless limit_mm_per_prompt says otherwise
 
 
 @dataclass(frozen=True)
@@ -52,22 +52,21 @@ def vision_weight_elems(v: VisionShape) -> int:
     return patch + positions + v.depth * block + projector
 
 
-def limits(v: VisionShape, limit_mm_per_prompt: Mapping[str, int]) -> Dict[str, int]:
-    """Items per prompt of each modality this encoder takes (video only for Qwen2-VL-style ones)."""
-    modalities = ("image", "video") if v.temporal_patch_size > 1 else ("image",)
-    return {m: int(limit_mm_per_prompt.get(m, DEFAULT_LIMIT)) for m in modalities}
-
-
-def item_tokens(v: VisionShape, modality: str, kwargs: Mapping[str, Any], max_model_len: int) -> int:
-    """LLM tokens of the largest item of one modality."""
+def item_tokens(v: VisionShape, modality: str, kwargs: Mapping[str, Any], max_model_len: int,
+                limit: Optional[ModalityLimit] = None) -> int:
+    """LLM tokens of the largest item of one modality; `limit`'s width x height (and num_frames)
+    in limit_mm_per_prompt's dict form bound the item profiled, as in vLLM."""
     if v.merge_size > 1:  # Qwen2-VL family: dynamic resolution, merge_size^2 patches per token
-        pixels_per_token = (v.patch_size * v.merge_size) ** 2
+        side = v.patch_size * v.merge_size
+        cap = int(kwargs.get("max_pixels", IMAGE_MAX_PIXELS if modality == "image" else VIDEO_MAX_PIXELS)) // side ** 2
+        if limit is not None and limit.width and limit.height:  # its tokens, rounded up to whole blocks
+            cap = min(cap, -(-limit.width // side) * -(-limit.height // side))
         if modality == "image":
-            tokens = int(kwargs.get("max_pixels", IMAGE_MAX_PIXELS)) // pixels_per_token
+            tokens = cap
         else:
-            per_frame = int(kwargs.get("max_pixels", VIDEO_MAX_PIXELS)) // pixels_per_token
-            frames = int(kwargs.get("max_frames", VIDEO_MAX_FRAMES))
-            tokens = per_frame * -(-frames // v.temporal_patch_size)
+            frames = int(limit.num_frames if limit is not None and limit.num_frames else
+                         kwargs.get("max_frames", VIDEO_MAX_FRAMES))
+            tokens = cap * -(-frames // v.temporal_patch_size)
     else:  # fixed resolution: one tile of (image_size / patch)^2 patches, or several (InternVL)
         side = (v.image_size or 336) // v.patch_size
         tiles = int(kwargs.get("max_dynamic_patch", 1))
@@ -77,10 +76,12 @@ def item_tokens(v: VisionShape, modality: str, kwargs: Mapping[str, Any], max_mo
 
 def encoder_budget(v: VisionShape, limit_mm_per_prompt: Mapping[str, int], kwargs: Mapping[str, Any],
                    max_num_batched_tokens: int, max_model_len: int, dtype_bytes: int) -> EncoderBudget:
-    enabled = {m: n for m, n in limits(v, limit_mm_per_prompt).items() if n > 0}
+    modalities = ("image", "video") if v.temporal_patch_size > 1 else ("image",)
+    enabled = {m: limit for m, limit in parse_limits(limit_mm_per_prompt, modalities=modalities).items()
+               if limit.count > 0}
     if not enabled:
         return EncoderBudget(0, 0, 0, 0, {})
-    items = {m: item_tokens(v, m, kwargs, max_model_len) for m in enabled}
+    items = {m: item_tokens(v, m, kwargs, max_model_len, limit) for m, limit in enabled.items()}
     tokens = max(max_num_batched_tokens, max(items.values()))
     patches = tokens * v.merge_size ** 2
     h, i = v.hidden_size, v.intermediate_size

@@ -18,7 +18,9 @@ from framework.config.errors import ConfigError, UserError
 from framework.config.schema import CompilationLevel, FrameworkConfig
 from framework.config.validate import validate, validate_against_model
 from framework.memory.planner import GiB, MemoryPlan, plan_memory
+from framework.memory.encoder import IMAGE_MAX_PIXELS
 from framework.memory.shape import vision_shape
+from framework.multimodal.limits import parse_limits
 from framework.resolve import model_max_len, resolve_config
 
 Apply = Callable[[FrameworkConfig], None]
@@ -62,6 +64,31 @@ def _quantization(method: str) -> Apply:  # conf/quantization/<method>.yaml
     return _set(**{"quantization.method": method, "quantization.group_size": 128})
 
 
+def _multimodal_knobs(cfg: FrameworkConfig, v: Any) -> List[Candidate]:
+    """A lower pixel cap (each image's tokens, so the encoder's activations and its output cache)
+    and no video (whose frames multiply an item's tokens), as single keys."""
+    out: List[Candidate] = []
+    if v is None or v.merge_size <= 1:
+        return out
+    mm = cfg.multimodal
+    current = int(mm.mm_processor_kwargs.get("max_pixels", IMAGE_MAX_PIXELS))
+    for side in (1024, 768, 512):
+        if side * side < current:
+            out.append(Candidate([f"++multimodal.mm_processor_kwargs.max_pixels={side * side}"],
+                                 _dict_entry("mm_processor_kwargs", "max_pixels", side * side), "max_pixels"))
+    limits = parse_limits(mm.limit_mm_per_prompt, mm.language_model_only, ("image", "video"))
+    if limits["video"].count and limits["image"].count:
+        out.append(Candidate(["++multimodal.limit_mm_per_prompt.video=0"],
+                             _dict_entry("limit_mm_per_prompt", "video", 0), "video_limit"))
+    return out
+
+
+def _dict_entry(key: str, entry: str, value: Any) -> Apply:
+    def apply(cfg: FrameworkConfig) -> None:
+        setattr(cfg.multimodal, key, {**getattr(cfg.multimodal, key), entry: value})
+    return apply
+
+
 def _nice_len(n: int, block_size: int) -> int:
     """A round context length at most n: a multiple of 1024 from 2048 up, else of the block size."""
     step = 1024 if n >= 2048 else block_size
@@ -93,12 +120,13 @@ def _candidates(cfg: FrameworkConfig, hf_config: Any, plan: MemoryPlan) -> List[
     if plan.encoder_bytes:  # conf/multimodal/text_only.yaml and images_only.yaml
         out.append(Candidate(["multimodal=text_only"], _set(**{
             "multimodal.limit_mm_per_prompt": {"image": 0, "video": 0}, "multimodal.mm_processor_kwargs": {},
-            "multimodal.mm_input_cache_gib": 0}), "multimodal"))
+            "multimodal.mm_input_cache_gib": 0, "multimodal.mm_processor_cache_gib": 0}), "multimodal"))
         v = vision_shape(hf_config)
         if v is not None and v.temporal_patch_size > 1:
             out.append(Candidate(["multimodal=images_only"], _set(**{
                 "multimodal.limit_mm_per_prompt": {"image": 3, "video": 0},
                 "multimodal.mm_processor_kwargs": {"max_pixels": 589824}}), "multimodal"))
+        out += _multimodal_knobs(cfg, v)
     for key, floor in (("max_num_batched_tokens", 256), ("max_num_seqs", 1)):
         value = getattr(cfg.cache, key)
         smaller = [value // 2 ** k for k in range(1, 8) if value // 2 ** k >= floor]
@@ -118,6 +146,7 @@ def _length_fix(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optio
     probe = copy.deepcopy(cfg)
     probe.cache.max_model_len = "auto"
     try:
+        validate_against_model(probe, hf_config)  # e.g. a TP size that does not divide the heads
         longest = resolve_config(probe, hf_config, device_memory_bytes).cache.max_model_len
     except (ConfigError, UserError):
         return None

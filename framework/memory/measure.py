@@ -56,6 +56,12 @@ def rank_stats(engine: Any) -> Dict[str, Any]:
         "kv_window_blocks": runner.num_window_blocks,  # the sliding-window layers' own pool (0: none)
         "num_preemptions": engine.scheduler.num_preemptions,
     }
+    vision = getattr(runner.model, "vision_modules", lambda: [])()
+    if hasattr(runner.model, "vision_modules"):  # a vision-language model: 0 when text-only
+        stats["vision_weight_bytes"] = sum(weight_bytes(m) for m in vision)
+    if getattr(engine, "mm_processor", None) is not None:
+        stats["mm_processor_cache"] = engine.mm_processor.cache.stats.as_dict()
+        stats["encoder_cache"] = engine.encoder_cache.stats.as_dict()
     if runner.device.type == "cuda":
         stats["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(runner.device)
         free, total = torch.cuda.mem_get_info(runner.device)

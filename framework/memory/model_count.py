@@ -93,8 +93,9 @@ def _count(hf_key: int, dtype: torch.dtype, tp: ParallelInfo, method: str, group
            multimodal_key: Tuple) -> ModelCount:
     hf_config = _CONFIGS[hf_key]
     quant = QuantResolver.build(QuantizationConfig(method, group_size), hf_config, tp.size)
-    multimodal = MultimodalConfig(limit_mm_per_prompt={k: dict(v) if isinstance(v, tuple) else v
-                                                     for k, v in multimodal_key})
+    limits, language_model_only = multimodal_key
+    multimodal = MultimodalConfig(limit_mm_per_prompt={k: dict(v) if isinstance(v, tuple) else v for k, v in limits},
+                                  language_model_only=language_model_only)
     ctx = ModelContext(hf_config, dtype, max_model_len=1, tp=tp, quant=quant, multimodal=multimodal)
     return count_built(build_model(ctx, "meta"))
 
@@ -106,8 +107,9 @@ def count_model(hf_config: Any, dtype: torch.dtype, tp_size: int, quantization: 
                 multimodal: Optional[MultimodalConfig] = None) -> List[ModelCount]:
     """Each rank's count (quantization resolved: no `auto`)."""
     _CONFIGS.setdefault(id(hf_config), hf_config)
-    limits = (multimodal or MultimodalConfig()).limit_mm_per_prompt
-    key = tuple(sorted((k, _hashable(v)) for k, v in limits.items()))
+    multimodal = multimodal or MultimodalConfig()
+    key = (tuple(sorted((k, _hashable(v)) for k, v in multimodal.limit_mm_per_prompt.items())),
+           bool(multimodal.language_model_only))
     return [_count(id(hf_config), dtype, ParallelInfo(r, tp_size), quantization.method, quantization.group_size, key)
             for r in range(tp_size)]
 

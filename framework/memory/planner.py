@@ -279,12 +279,13 @@ def _costs(cfg: FrameworkConfig, hf_config: Any, cuda: bool, max_model_len: int,
 
     v = vision_shape(hf_config)
     if v is not None:
-        enc = encoder_budget(v, cfg.multimodal.limit_mm_per_prompt, cfg.multimodal.mm_processor_kwargs,
+        limits = {} if not cfg.multimodal.language_model_only else {"image": 0, "video": 0, "audio": 0}
+        enc = encoder_budget(v, {**cfg.multimodal.limit_mm_per_prompt, **limits}, cfg.multimodal.mm_processor_kwargs,
                              c.max_num_batched_tokens, max_model_len, a)
         out.encoder = enc.total
         out.details["multimodal encoder"] = "every modality limited to 0"
         if enc.tokens:
-            out.host_cache = int(cfg.multimodal.mm_input_cache_gib * GiB)
+            out.host_cache = int(cfg.multimodal.processor_cache_gib * GiB)
             items = ", ".join(f"{m} {n} tokens" for m, n in enc.item_tokens.items())
             out.details["multimodal encoder"] = (f"weights {enc.weight_bytes / GiB:.2f} + {enc.tokens} tokens at "
                                                  f"once (largest item: {items})")

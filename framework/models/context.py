@@ -29,13 +29,9 @@ class ModelContext:
     def text_config(self) -> Any:
         return getattr(self.hf_config, "text_config", None) or self.hf_config
 
-    @property
-    def language_model_only(self) -> bool:
-        """Every modality limited to 0: the vision parts are never built nor read."""
-        limits = self.multimodal.limit_mm_per_prompt
-        return bool(limits) and all(_count(v) == 0 for v in limits.values())
-
-
-def _count(limit: Any) -> int:
-    """A limit as `3` or as `{count: 3, width: ..., height: ...}`."""
-    return int(limit.get("count", 1)) if isinstance(limit, dict) else int(limit)
+    def language_model_only(self, modalities=("image", "video")) -> bool:
+        """No modality of the model's may carry an item (every limit 0, or
+        multimodal.language_model_only): its vision parts are never built nor read."""
+        from framework.multimodal.limits import parse_limits, text_only
+        return text_only(parse_limits(self.multimodal.limit_mm_per_prompt, self.multimodal.language_model_only,
+                                      modalities))

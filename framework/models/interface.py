@@ -18,9 +18,13 @@ Required:
   (memory/activation.py) is computed from; weights and KV are counted from the model itself,
   built on the `meta` device (memory/planner.py)
 
-Optional (multimodal models):
-- `embed_multimodal(...)`: encoder outputs of a request's images or videos, in placeholder order
-- `uses_mrope = True`: steps give 3-row positions for prompt tokens that carry them
+Optional (multimodal models; models/qwen2_5_vl.py is the example):
+- `modalities` (("image", "video")) and `vision_modules()` (the tower and projector, [] when the run
+  is text-only: then they are never built, and the loader skips their tensors unread)
+- `embed_multimodal([(modality, processor outputs), ...])`: each item's embeddings [tokens, hidden]
+- `dummy_multimodal_input(num_tokens)`: one item of that many tokens, for the memory profile
+- `uses_mrope = True` and `mrope_positions(num_tokens, [(offset, modality, outputs), ...])`: a
+  prompt's [3, T] positions and its decode delta; steps give 3-row positions for its prompt tokens
 
 A new architecture touches its model file and the registry; nothing else describes it.
 """

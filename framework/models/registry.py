@@ -18,7 +18,7 @@ MODELS = {
 }
 # Vision-language models whose decoder runs here but whose vision tower does not yet: they run
 # with every modality limited to 0 (multimodal=text_only), as the decoder alone.
-DECODER_ONLY = {"Qwen2_5_VLForConditionalGeneration", "Gemma3ForConditionalGeneration"}
+DECODER_ONLY = {"Gemma3ForConditionalGeneration"}
 # Models whose attention runs the sliding window their config names (the others that name one,
 # Mistral's first release, Qwen2 with use_sliding_window, run full attention: resolve.model_max_len
 # keeps their context inside one window, where both agree).

@@ -147,24 +147,46 @@ async def _encode(state: ServeState, prompt: Any) -> Tuple[Optional[str], List[i
     return prompt, await run_in_threadpool(state.tokenizer.encode, prompt)
 
 
-def _chat_text(state: ServeState, messages: List[ChatMessage]) -> str:
+def _chat_text(state: ServeState, messages: List[ChatMessage]) -> Tuple[str, List[Any]]:
+    """(the chat template's text, the images of its image_url parts in order). An image is read
+    here, in a worker thread: one that cannot be is a 400 naming its part."""
+    from framework.multimodal.limits import MultimodalInputError, check_counts
+    from framework.multimodal.media import load_image
     tokenizer = state.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise api.RequestError("messages", f"model {state.model} has no chat template; use /v1/completions")
     if not messages:
         raise api.RequestError("messages", "messages must not be empty")
-    plain = []
+    processor = getattr(state.loop.engine, "mm_processor", None)
+    plain, images = [], []
     for i, message in enumerate(messages):
         content = message.content
-        if not isinstance(content, str):  # a list of parts: text parts join; images are not served yet
-            images = [j for j, part in enumerate(content) if isinstance(part, ImagePart)]
-            if images:
-                raise api.RequestError(f"messages[{i}].content[{images[0]}]", "images in chat messages are not "
-                                       "supported by this server yet")
-            content = "".join(part.text for part in content)
+        if not isinstance(content, str):  # a list of parts: text parts join; image parts become placeholders
+            if not any(isinstance(part, ImagePart) for part in content):
+                content = "".join(part.text for part in content)
+            else:
+                parts = []
+                for j, part in enumerate(content):
+                    if isinstance(part, TextPart):
+                        parts.append({"type": "text", "text": part.text})
+                        continue
+                    where = f"messages[{i}].content[{j}]"
+                    if processor is None:
+                        raise api.RequestError(where, f"model {state.model} takes no images")
+                    try:
+                        images.append(load_image(part.image_url.get("url"), where))
+                    except MultimodalInputError as exc:
+                        raise api.RequestError(where, str(exc)) from None
+                    parts.append({"type": "image"})
+                content = parts
         plain.append({**message.model_dump(exclude_none=True), "content": content})
+    if images:
+        try:
+            check_counts({"image": len(images)}, processor.limits, processor.language_model_only)
+        except MultimodalInputError as exc:
+            raise api.RequestError("messages", str(exc)) from None
     try:
-        return tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False), images
     except Exception as exc:  # the template itself refuses (say, roles out of order)
         raise api.RequestError("messages", f"the chat template refused the messages: {exc}") from None
 
@@ -278,11 +300,12 @@ async def chat_completions(state: ServeState, request: Request) -> Response:
     req = await parse(request, ChatCompletionRequest)
     _model_check(state, req.model)
     params = api.sampling_params(req, CHAT_MAX_TOKENS)
-    text = await run_in_threadpool(_chat_text, state, req.messages)
+    text, images = await run_in_threadpool(_chat_text, state, req.messages)
     _, ids = await _encode(state, text)
     _refusal(state, ids, params[0], "messages")
     events: "asyncio.Queue[Tuple[int, Event]]" = asyncio.Queue()
-    handles = [Handle(ids, text, sp, req.stream, events, j) for j, sp in enumerate(params)]
+    handles = [Handle(ids, text, sp, req.stream, events, j, {"image": images} if images else None)
+               for j, sp in enumerate(params)]
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _sse(_stream(state, True, handles, len(handles), events, [""] * len(handles), len(ids), include_usage))
@@ -392,8 +415,8 @@ async def tokenize(state: ServeState, request: Request) -> Response:
     if state.tokenizer is None:
         raise api.RequestError(None, "this model has no tokenizer")
     if req.messages is not None:
-        text = await run_in_threadpool(_chat_text, state, req.messages)
-        ids = await run_in_threadpool(state.tokenizer.encode, text)  # as chat completions encode it
+        text, _ = await run_in_threadpool(_chat_text, state, req.messages)
+        ids = await run_in_threadpool(state.tokenizer.encode, text)  # as chat completions encode it (before images)
     else:
         ids = await run_in_threadpool(state.tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens)
     return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len})

@@ -40,8 +40,11 @@ class Handle:
     into `events` as (index, Event): the choices of one HTTP request share one queue."""
 
     def __init__(self, prompt_token_ids: List[int], prompt: Optional[str], params: SamplingParams, stream: bool,
-                 events: "asyncio.Queue[Tuple[int, Event]]", index: int = 0):
+                 events: "asyncio.Queue[Tuple[int, Event]]", index: int = 0,
+                 multi_modal_data: Optional[Dict[str, Any]] = None):
         self.prompt = {"prompt_token_ids": prompt_token_ids, "prompt": prompt}
+        if multi_modal_data:  # images: processed by the engine (placeholders expanded there)
+            self.prompt["multi_modal_data"] = multi_modal_data
         self.params, self.stream, self.events, self.index = params, stream, events, index
         self.event_loop = asyncio.get_running_loop()
         self.arrival = time.perf_counter()

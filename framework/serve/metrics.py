@@ -28,14 +28,14 @@ class EngineCollector:
         self.engine, self.plan, self.measured = engine, plan, measured
 
     def collect(self):
-        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
-        yield GaugeMetricFamily(f"{PREFIX}_requests_running", "Requests in the running batch", len(scheduler.running))
-        yield GaugeMetricFamily(f"{PREFIX}_requests_waiting", "Requests waiting to be scheduled", len(scheduler.waiting))
-        used = 1 - blocks.num_free_blocks / max(1, blocks.num_blocks)
+        g = self.engine.gauges()
+        yield GaugeMetricFamily(f"{PREFIX}_requests_running", "Requests in the running batch", g["running"])
+        yield GaugeMetricFamily(f"{PREFIX}_requests_waiting", "Requests waiting to be scheduled", g["waiting"])
+        used = 1 - g["free_blocks"] / max(1, g["num_blocks"])
         yield GaugeMetricFamily(f"{PREFIX}_kv_cache_usage_ratio", "Share of KV-cache blocks in use (0..1)", used)
-        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_blocks", "KV-cache blocks in all", blocks.num_blocks)
+        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_blocks", "KV-cache blocks in all", g["num_blocks"])
         yield CounterMetricFamily(f"{PREFIX}_preemptions", "Sequences preempted (recomputed later)",
-                                  scheduler.num_preemptions)
+                                  g["preemptions"])
         memory = GaugeMetricFamily(f"{PREFIX}_memory_bytes", "Memory per rank: the plan beside what was measured",
                                    labels=["source", "part"])
         for part, value in plan_figures(self.plan).items():

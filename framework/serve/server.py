@@ -18,7 +18,6 @@ import uvicorn
 from framework.config.errors import UserError
 from framework.config.schema import TaskConfig
 from framework.llm import LLM
-from framework.memory.measure import rank_stats
 from framework.serve.app import ServeState, build_app
 from framework.serve.engine_loop import EngineLoop
 from framework.serve.metrics import ServeMetrics, measured_figures
@@ -30,12 +29,10 @@ LISTEN_BACKLOG = 2048  # connections the kernel queues before accept: a burst of
 
 class OpenAIServer:
     def __init__(self, llm: LLM, task: TaskConfig):
-        engine = llm.launcher.local_engine()
-        if engine is None:
-            raise UserError("task=serve runs the engine in this process for now: "
-                            "parallelism.tensor_parallel_size=1 (launcher=local)")
+        # the engine itself, or at TP > 1 rank 0's engine in its Ray actor, one call a step
+        engine = llm.launcher.serving_engine(llm.tokenizer)
         self.llm, self.task = llm, task
-        self.metrics = ServeMetrics(engine, llm.plan, lambda: measured_figures(rank_stats(engine)))
+        self.metrics = ServeMetrics(engine, llm.plan, lambda: measured_figures(llm.stats()["ranks"][0]))
         self.loop = EngineLoop(engine, self.metrics)
         self.state = ServeState(self.loop, engine.tokenizer, llm.config.model.path, engine.max_model_len,
                                 self.metrics, task.api_key, list(task.cors_origins), task.max_body_bytes)

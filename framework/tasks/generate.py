@@ -13,7 +13,7 @@ from framework.engine.outputs import RequestOutput
 from framework.llm import LLM
 from framework.memory.compare import compare_rows, format_comparison
 from framework.tasks.metrics import write_metrics
-from framework.tasks.prompts import load_prompts, sampling_params
+from framework.tasks.prompts import load_images, load_prompts, sampling_params
 
 
 def percentiles(values: List[float]) -> dict:
@@ -36,10 +36,18 @@ def summarize(outputs: List[RequestOutput], seconds: float) -> dict:
 
 def run(cfg: FrameworkConfig, run_dir: Path, chat: bool = False) -> int:
     prompts = load_prompts(cfg.task)
+    images = load_images(cfg.task, len(prompts))
     with LLM(cfg) as llm:
-        inputs = [llm.apply_chat_template(p) for p in prompts] if chat else prompts
         start = time.perf_counter()
-        outputs = llm.generate(inputs, sampling_params(cfg.task), use_tqdm=cfg.task.progress)
+        if chat and any(images):  # content parts: the model's template writes the placeholders
+            conversations = [[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": i}} for i in imgs]
+                               + [{"type": "text", "text": p}]}] for p, imgs in zip(prompts, images)]
+            outputs = llm.chat(conversations, sampling_params(cfg.task), use_tqdm=cfg.task.progress)
+        else:
+            inputs = [llm.apply_chat_template(p) for p in prompts] if chat else prompts
+            inputs = [{"prompt": p, "multi_modal_data": {"image": imgs}} if imgs else p
+                      for p, imgs in zip(inputs, images)]
+            outputs = llm.generate(inputs, sampling_params(cfg.task), use_tqdm=cfg.task.progress)
         seconds = time.perf_counter() - start
         stats = llm.stats()
     out_path = Path(run_dir) / cfg.task.output_file

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 from framework.config.schema import FrameworkConfig
-from framework.config.validate import validate_against_model
-from framework.loader.resolve import load_hf_config, resolve_model_path
+from framework.config.validate import read_model_config, validate_against_model
+from framework.loader.resolve import resolve_model_path
 from framework.memory.fixes import format_fixes, suggest_fixes
 from framework.memory.planner import plan_memory, target_device_memory
 from framework.tasks.metrics import write_metrics
@@ -20,7 +20,7 @@ FITS, NO_FIT = 0, 3
 
 
 def run(cfg: FrameworkConfig, run_dir: Path) -> int:
-    hf_config = load_hf_config(resolve_model_path(cfg.model.path))
+    hf_config = read_model_config(cfg, resolve_model_path(cfg.model.path))  # refuses remote-code configs
     validate_against_model(cfg, hf_config)
     device_memory = target_device_memory(cfg)
     plan = plan_memory(cfg, hf_config, device_memory)

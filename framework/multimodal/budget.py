@@ -1,0 +1,46 @@
+"""The encoder cache budget in embedding tokens, the same on every rank: vLLM's rule,
+`max_num_batched_tokens` raised to the largest item the processor settings allow.
+
+The largest item follows the planner's count (memory/encoder.item_tokens) under the pixel cap in
+force: `multimodal.mm_processor_kwargs.max_pixels`, else the model folder's own processor config
+(read as JSON: every rank computes this before any processor is loaded), else the HF default.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from framework.config.schema import FrameworkConfig
+
+
+def folder_max_pixels(folder: Path) -> Optional[int]:
+    """The image pixel cap a model folder's processor config states, if any."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        data = data.get("image_processor", data)
+        if data.get("max_pixels"):
+            return int(data["max_pixels"])
+        size = data.get("size") or {}
+        if size.get("longest_edge"):
+            return int(size["longest_edge"])
+    return None
+
+
+def encoder_budget_tokens(cfg: FrameworkConfig, folder: Path, hf_config: Any, modalities) -> int:
+    from framework.memory.encoder import item_tokens
+    from framework.memory.shape import vision_shape
+    from framework.multimodal.limits import parse_limits
+    kwargs = dict(cfg.multimodal.mm_processor_kwargs)
+    if "max_pixels" not in kwargs:
+        cap = folder_max_pixels(Path(cfg.model.tokenizer).expanduser() if cfg.model.tokenizer else folder)
+        if cap:
+            kwargs["max_pixels"] = cap
+    v = vision_shape(hf_config)
+    limits = parse_limits(cfg.multimodal.limit_mm_per_prompt, cfg.multimodal.language_model_only, modalities)
+    largest = max([item_tokens(v, m, kwargs, cfg.cache.max_model_len, limits[m])
+                   for m in modalities if limits[m].count > 0] or [0])
+    return max(cfg.cache.max_num_batched_tokens, largest)

@@ -1,0 +1,230 @@
+"""A prompt with images and videos -> token ids with each item's placeholder run, and each item's
+processed tensors, using the model folder's own HF processor (`AutoProcessor`).
+
+The prompt carries one placeholder token per item, as the model's chat template writes it
+(Qwen2.5-VL: `<|vision_start|><|image_pad|><|vision_end|>`). Each item is processed alone
+(`processor(text=[placeholder], images=[item])`), which gives its tensors and how many
+placeholder tokens it becomes; the prompt's placeholder is then repeated that many times. That
+is exactly what the HF processor does to the whole prompt (the placeholder is a special token,
+so text around it tokenizes the same), and processing items alone lets the cache hold each one.
+
+`multimodal.mm_processor_kwargs` and a request's own `mm_processor_kwargs` (which win) go to
+every call; a key neither the image nor the video processor takes is refused, naming the
+valid ones, instead of transformers' warning-and-ignore.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+
+from framework.config.errors import ConfigError
+from framework.multimodal.cache import ProcessorCache, tensor_bytes
+from framework.multimodal.limits import (MODALITIES, MultimodalInputError, ModalityLimit, check_counts,
+                                         parse_limits, text_only)
+from framework.multimodal.media import content_hash, load_image, load_video
+
+# processor outputs that describe the text, not the item
+_TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+# keys of the processors' typed kwargs that are ours to set, not the user's
+_INTERNAL_KWARGS = {"return_tensors", "device", "data_format", "input_data_format", "video_metadata",
+                    "return_metadata"}
+# (image_processor attribute, modality, processor attribute naming its placeholder token)
+_SUBPROCESSORS = (("image_processor", "image", "image_token"), ("video_processor", "video", "video_token"))
+
+
+@dataclass
+class ProcessedItem:
+    """One image or video after the HF processor: what the encoder needs, shared through the cache."""
+    modality: str
+    content_hash: str  # pixels + processor kwargs: the cache key, and what prefix-cache block hashes mix in
+    num_tokens: int  # placeholder tokens it fills in the prompt
+    data: Dict[str, torch.Tensor]  # this item's processor outputs (Qwen2.5-VL: pixel_values, image_grid_thw...)
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.data)
+
+
+@dataclass
+class PlacedItem:
+    offset: int  # index of the item's first placeholder token in the expanded prompt
+    item: ProcessedItem
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.item.num_tokens
+
+
+@dataclass
+class MultimodalPrompt:
+    token_ids: List[int]
+    items: List[PlacedItem] = field(default_factory=list)  # in prompt order
+
+
+def valid_processor_kwargs(processor: Any) -> List[str]:
+    keys = set()
+    for attr, _, _ in _SUBPROCESSORS:
+        sub = getattr(processor, attr, None)
+        typed = getattr(sub, "valid_kwargs", None)
+        if typed is not None:
+            keys |= set(getattr(typed, "__optional_keys__", ())) | set(getattr(typed, "__required_keys__", ()))
+    return sorted(keys - _INTERNAL_KWARGS)
+
+
+class MultimodalProcessor:
+    def __init__(self, processor: Any, mm_processor_kwargs: Optional[Mapping[str, Any]] = None,
+                 limit_mm_per_prompt: Optional[Mapping[str, Any]] = None, language_model_only: bool = False,
+                 cache: Optional[ProcessorCache] = None):
+        self.hf = processor
+        self.tokenizer = processor.tokenizer
+        self.valid_kwargs = valid_processor_kwargs(processor)
+        # placeholder token id of each modality this processor (and so the model) takes
+        self.placeholders: Dict[str, int] = {}
+        for attr, modality, token_attr in _SUBPROCESSORS:
+            token = getattr(processor, token_attr, None)
+            if getattr(processor, attr, None) is not None and token is not None:
+                self.placeholders[modality] = self.tokenizer.convert_tokens_to_ids(token)
+        self.language_model_only = language_model_only
+        self.limits: Dict[str, ModalityLimit] = parse_limits(limit_mm_per_prompt or {}, language_model_only,
+                                                            modalities=list(self.placeholders))
+        self.kwargs = dict(mm_processor_kwargs or {})
+        self._check_kwargs(self.kwargs, "multimodal.mm_processor_kwargs", config=True)
+        self.cache = cache if cache is not None else ProcessorCache(0)
+        if self.kwargs and not self.text_only:  # a bad value fails at start-up, not on the first request
+            probe = Image.new("RGB", (56, 56))
+            modality = "image" if "image" in self.placeholders else "video"
+            try:
+                self.process_item(modality, probe if modality == "image" else [probe, probe], self.kwargs,
+                                  f"a 56x56 test {modality}", use_cache=False)
+            except MultimodalInputError as exc:
+                raise ConfigError("multimodal.mm_processor_kwargs", self.kwargs, f"the processor refuses them: {exc}")
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "MultimodalProcessor":
+        from transformers import AutoProcessor
+        return cls(AutoProcessor.from_pretrained(path), **kwargs)
+
+    @property
+    def text_only(self) -> bool:
+        return text_only(self.limits)
+
+    # --- kwargs -----------------------------------------------------------------------
+    def _check_kwargs(self, kwargs: Mapping[str, Any], where: str, config: bool = False) -> None:
+        for key, value in kwargs.items():
+            if key not in self.valid_kwargs:
+                expected = f"unknown key for {type(self.hf).__name__}; valid keys: {', '.join(self.valid_kwargs)}"
+                if config:
+                    raise ConfigError(f"{where}.{key}", value, expected)
+                raise MultimodalInputError(f"{where}.{key}={value!r}: {expected}")
+
+    def _kwargs_for(self, request_kwargs: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+        if request_kwargs:
+            if not isinstance(request_kwargs, Mapping):
+                raise MultimodalInputError(f"mm_processor_kwargs must be a dict, got {type(request_kwargs).__name__}")
+            self._check_kwargs(request_kwargs, "mm_processor_kwargs")
+        return {**self.kwargs, **(request_kwargs or {})}
+
+    # --- one item ---------------------------------------------------------------------
+    def process_item(self, modality: str, raw: Any, kwargs: Mapping[str, Any], where: str,
+                     use_cache: bool = True) -> ProcessedItem:
+        frames = [load_image(raw, where)] if modality == "image" else load_video(raw, where)
+        key = content_hash(modality, frames, json.dumps(kwargs, sort_keys=True, default=repr))
+        cached = self.cache.get(key) if use_cache else None
+        if cached is not None:
+            return cached
+        token = self.placeholders[modality]
+        media = {"images": frames} if modality == "image" else {"videos": [frames]}
+        try:
+            out = self.hf(text=[self.tokenizer.convert_ids_to_tokens(token)], return_tensors="pt",
+                          **media, **self._call_kwargs(modality, kwargs))
+        except Exception as exc:  # a bad kwarg value, a frame count the processor cannot use...
+            raise MultimodalInputError(f"{where} could not be processed: {type(exc).__name__}: {exc}") from None
+        num_tokens = int((out["input_ids"][0] == token).sum())
+        data = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
+        item = ProcessedItem(modality, key, num_tokens, data)
+        if use_cache:
+            self.cache.put(key, item)
+        return item
+
+    def _call_kwargs(self, modality: str, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+        """`min_pixels` / `max_pixels` (vLLM's names for Qwen2-VL) as the processor's `size`
+        edges: transformers 5.17 ignores them as call kwargs, later versions read them with a
+        deprecation warning; `size` works in both. Filled from the modality's own defaults (the
+        image and video processors have different minimums)."""
+        if "min_pixels" not in kwargs and "max_pixels" not in kwargs:
+            return dict(kwargs)
+        sub = getattr(self.hf, "image_processor" if modality == "image" else "video_processor", None)
+        size = getattr(sub, "size", None)
+        read = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
+        edges = {k: read(k) for k in ("shortest_edge", "longest_edge")}
+        if edges["longest_edge"] is None:  # not a pixel-capped processor: pass the keys through
+            return dict(kwargs)
+        out = dict(kwargs)
+        edges.update(out.pop("size", None) or {})
+        if "min_pixels" in out:
+            edges["shortest_edge"] = out.pop("min_pixels")
+        if "max_pixels" in out:
+            edges["longest_edge"] = out.pop("max_pixels")
+        out["size"] = edges
+        return out
+
+    # --- a prompt ---------------------------------------------------------------------
+    def tokenize(self, text: str) -> List[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    def process(self, prompt: Union[str, Sequence[int]], multi_modal_data: Optional[Mapping[str, Any]],
+                mm_processor_kwargs: Optional[Mapping[str, Any]] = None) -> MultimodalPrompt:
+        """Token ids with every placeholder expanded, and the items in prompt order."""
+        token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        data = dict(multi_modal_data or {})
+        items_by_modality = {}
+        for modality, raw in data.items():
+            if modality not in MODALITIES:
+                raise MultimodalInputError(f"multi_modal_data.{modality}: unknown modality; this model takes: "
+                                           f"{', '.join(self.placeholders) or 'text only'}")
+            items_by_modality[modality] = _as_items(modality, raw)
+        check_counts({m: len(v) for m, v in items_by_modality.items()}, self.limits, self.language_model_only)
+        kwargs = self._kwargs_for(mm_processor_kwargs)
+
+        runs = {m: [i for i, t in enumerate(token_ids) if t == tok] for m, tok in self.placeholders.items()}
+        for modality, items in items_by_modality.items():
+            if len(runs[modality]) != len(items):
+                name = self.tokenizer.convert_ids_to_tokens(self.placeholders[modality])
+                raise MultimodalInputError(f"the prompt has {len(runs[modality])} {name} placeholder(s) for "
+                                           f"{len(items)} {modality} item(s); write one per item (the chat "
+                                           "template does)")
+        for modality, positions in runs.items():
+            if positions and modality not in items_by_modality:
+                name = self.tokenizer.convert_ids_to_tokens(self.placeholders[modality])
+                raise MultimodalInputError(f"the prompt has {len(positions)} {name} placeholder(s) but "
+                                           f"multi_modal_data has no {modality}")
+
+        found = []  # (prompt position of the placeholder, processed item)
+        for modality, items in items_by_modality.items():
+            for n, (pos, raw) in enumerate(zip(runs[modality], items)):
+                found.append((pos, self.process_item(modality, raw, kwargs, f"multi_modal_data.{modality}[{n}]")))
+        found.sort(key=lambda pair: pair[0])
+
+        expanded, placed, cursor = [], [], 0
+        for pos, item in found:
+            expanded += token_ids[cursor:pos]
+            placed.append(PlacedItem(len(expanded), item))
+            expanded += [token_ids[pos]] * item.num_tokens
+            cursor = pos + 1
+        expanded += token_ids[cursor:]
+        return MultimodalPrompt(expanded, placed)
+
+
+def _as_items(modality: str, raw: Any) -> List[Any]:
+    """multi_modal_data[modality] -> its items. One image or a list of images; one video (a list of
+    frames or a 4-D array) or a list of videos."""
+    if not isinstance(raw, (list, tuple)):
+        return [raw]
+    if modality == "video":
+        several = bool(raw) and (isinstance(raw[0], (list, tuple)) or getattr(raw[0], "ndim", 0) == 4)
+        return list(raw) if several else [raw]
+    return list(raw)
