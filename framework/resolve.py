@@ -42,11 +42,13 @@ def pick_dtype(name: str, device: torch.device, hf_config: Any) -> torch.dtype:
 
 
 def model_max_len(hf_config: Any) -> int:
+    from framework.models.registry import RUNS_SLIDING_WINDOW
     text = getattr(hf_config, "text_config", None) or hf_config
     limit = text.max_position_embeddings
     window = getattr(text, "sliding_window", None)
-    if window and getattr(text, "use_sliding_window", True):
-        limit = min(limit, window)  # no sliding-window attention kernel yet: stay inside one window
+    runs_window = any(a in RUNS_SLIDING_WINDOW for a in getattr(hf_config, "architectures", None) or [])
+    if window and getattr(text, "use_sliding_window", True) and not runs_window:
+        limit = min(limit, window)  # a window our model does not apply: stay inside one window
     return limit
 
 

@@ -47,18 +47,19 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                     block_tables: torch.Tensor, scale: float,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, sliding_window: int = 0) -> torch.Tensor:
     fn = _attn.paged_attention if use_triton(q) else _attn.paged_attention_ref
-    return fn(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, out=out)
+    return fn(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, out=out,
+              sliding_window=sliding_window)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                            num_splits: int | None = None, max_seq_len: int | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, sliding_window: int = 0) -> torch.Tensor:
     fn = _decode.paged_decode_attention if use_triton(q) else _decode.paged_decode_attention_ref
     return fn(q, k_cache, v_cache, seq_lens, block_tables, scale,
-              num_splits=num_splits, max_seq_len=max_seq_len, out=out)
+              num_splits=num_splits, max_seq_len=max_seq_len, out=out, sliding_window=sliding_window)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

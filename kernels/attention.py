@@ -7,7 +7,10 @@ Inputs (B sequences, T new tokens in all):
   seq_lens      int32 [B]    total context per sequence, new tokens included
   block_tables  int32 [B, max_blocks]; entries past a sequence's blocks are never read
 The i-th new token of sequence b sits at position seq_lens[b] - q_len_b + i and sees keys
-0..that position. Query head h reads KV head h // (Hq // Hkv).
+0..that position; with `sliding_window` W > 0 only the last W of them (key n is seen from
+position p when p - W < n <= p, HF's sliding-window mask). Keys before the first query's window
+are never read, nor are their block-table entries: a window layer's blocks that no window
+reaches any more may be freed. Query head h reads KV head h // (Hq // Hkv).
 
 Kernel shape: one program per (query tile, KV head). A query tile is BLOCK_Q consecutive tokens
 of one sequence times the GROUP query heads of that KV head, flattened into BLOCK_M rows, so a
@@ -56,12 +59,13 @@ def _find_seq(cu_seqlens_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
 def _attend_kv_range(
     acc, l_i, m_i, q, pos,
     k_cache_ptr, v_cache_ptr, bt_row, kvh,
-    lo, hi, kv_end, scale_log2,
+    lo, hi, kv_start, kv_end, scale_log2,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     MASKED: tl.constexpr,  # False: every key of every tile is visible to every row
+    WINDOW: tl.constexpr,  # > 0: row at position p sees keys p - WINDOW < n <= p
 ):
     # Online softmax (flash attention) over key tiles [lo, hi). In log2 units: s = q.k * scale * log2 e.
     d = tl.arange(0, BLOCK_D)
@@ -69,9 +73,10 @@ def _attend_kv_range(
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         # Keys are gathered per token through the block table, so BLOCK_N and the cache's
-        # block size are independent. Entries past the sequence (-1, junk) are never loaded.
+        # block size are independent. Entries outside [kv_start, kv_end) (past the sequence:
+        # -1, junk; before every row's window: maybe freed) are never loaded.
         if MASKED:
-            n_ok = n < kv_end
+            n_ok = (n < kv_end) & (n >= kv_start)
             blk = tl.load(bt_row + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
         else:
             n_ok = n >= 0  # all true; only the head_dim padding needs masking
@@ -89,10 +94,18 @@ def _attend_kv_range(
             v = tl.load(v_cache_ptr + v_rows[:, None] + d[None, :])
         s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
         if MASKED:
-            s = tl.where((n[None, :] <= pos[:, None]) & n_ok[None, :], s, float("-inf"))
+            visible = (n[None, :] <= pos[:, None]) & n_ok[None, :]
+            if WINDOW > 0:
+                visible = visible & (n[None, :] > pos[:, None] - WINDOW)
+            s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        if WINDOW > 0:
+            # A row may see no key of a tile (its window starts later): keep exp2 off -inf - -inf.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
                                             input_precision=DOT_PRECISION)
@@ -119,6 +132,7 @@ def _paged_attention_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr,  # 0: full causal attention
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -151,21 +165,30 @@ def _paged_attention_kernel(
     # last real token's position. Either loop's first tile shows key 0 to every row, so each
     # row's running max is finite from then on.
     kv_end = context + tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len)
-    full_end = (context + tile * BLOCK_Q + 1) // BLOCK_N * BLOCK_N
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-    acc, l_i, m_i = _attend_kv_range(
-        acc, l_i, m_i, q, pos, k_cache_ptr, v_cache_ptr, bt_row, kvh, 0, full_end, kv_end,
-        scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        BLOCK_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, MASKED=False)
-    acc, l_i, m_i = _attend_kv_range(
-        acc, l_i, m_i, q, pos, k_cache_ptr, v_cache_ptr, bt_row, kvh, full_end, kv_end, kv_end,
-        scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        BLOCK_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, MASKED=True)
+    if WINDOW > 0:
+        # Every tile masked: from the first key of the tile's first row's window to its last key.
+        kv_start = tl.maximum(context + tile * BLOCK_Q - WINDOW + 1, 0)
+        acc, l_i, m_i = _attend_kv_range(
+            acc, l_i, m_i, q, pos, k_cache_ptr, v_cache_ptr, bt_row, kvh,
+            kv_start // BLOCK_N * BLOCK_N, kv_end, kv_start, kv_end,
+            scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            BLOCK_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, MASKED=True, WINDOW=WINDOW)
+    else:
+        full_end = (context + tile * BLOCK_Q + 1) // BLOCK_N * BLOCK_N
+        acc, l_i, m_i = _attend_kv_range(
+            acc, l_i, m_i, q, pos, k_cache_ptr, v_cache_ptr, bt_row, kvh, 0, full_end, 0, kv_end,
+            scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            BLOCK_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, MASKED=False, WINDOW=0)
+        acc, l_i, m_i = _attend_kv_range(
+            acc, l_i, m_i, q, pos, k_cache_ptr, v_cache_ptr, bt_row, kvh, full_end, kv_end, 0, kv_end,
+            scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            BLOCK_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, MASKED=True, WINDOW=0)
 
-    o = acc / l_i[:, None]
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a padding row may see no key of its window
     tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -189,8 +212,10 @@ def paged_attention(
     block_tables: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    sliding_window: int = 0,
 ) -> torch.Tensor:
     """Triton paged causal attention over a mixed batch; returns `[T, Hq, D]` in q's dtype.
+    `sliding_window` > 0: each query sees only its last that many keys (itself included).
 
     No host sync: the grid depends only on T, B and Hkv, so it can run under CUDA graphs.
     """
@@ -221,7 +246,7 @@ def paged_attention(
         block_tables.stride(0), BLOCK_SIZE=block_size,
         GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_M=block_m,
         HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), BLOCK_N=BLOCK_N,
-        DOT_PRECISION=dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), WINDOW=int(sliding_window or 0),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out
@@ -236,6 +261,7 @@ def paged_attention_ref(
     block_tables: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    sliding_window: int = 0,
 ) -> torch.Tensor:
     """Torch reference of `paged_attention` (fp32 math), the CPU backend's attention.
 
@@ -256,16 +282,21 @@ def paged_attention_ref(
         idx = torch.tensor(decode, device=q.device)
         rows = cu_seqlens_q[idx].long()
         out[rows] = paged_decode_attention_ref(
-            q[rows], k_cache, v_cache, seq_lens[idx], block_tables[idx], scale)
+            q[rows], k_cache, v_cache, seq_lens[idx], block_tables[idx], scale, sliding_window=sliding_window)
 
     for b, q_len in enumerate(q_lens):
         if q_len <= 1:
             continue
         seq_len, start = lens[b], cu[b]
         nblk = -(-seq_len // block_size)
-        blocks = block_tables[b, :nblk].long()
-        k = k_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).float()  # [Hkv, L, D]
-        v = v_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).float()
+        # Blocks before the first query's window are not read (a window layer may have freed them):
+        # keys are gathered from block `skip` on, and key j of the gather is position base + j.
+        first_key = max(0, seq_len - q_len - sliding_window + 1) if sliding_window else 0
+        skip = first_key // block_size
+        base = skip * block_size
+        blocks = block_tables[b, skip:nblk].long()
+        k = k_cache[blocks].flatten(0, 1)[:seq_len - base].transpose(0, 1).float()  # [Hkv, L, D]
+        v = v_cache[blocks].flatten(0, 1)[:seq_len - base].transpose(0, 1).float()
         # Queries in chunks of QUERY_CHUNK rows: the scores of a long prompt over its whole context
         # never exist at once (a 2048-token prompt on 32 heads would need 1.3 GiB per layer).
         for c0 in range(0, q_len, QUERY_CHUNK):
@@ -275,10 +306,13 @@ def paged_attention_ref(
             qb = qb.permute(1, 2, 0, 3).reshape(hkv, group * n, head_dim)
             first = seq_len - q_len + c0
             visible = first + n  # keys past the chunk's last query are never attended: leave them out
-            query_pos = torch.arange(first, visible, device=q.device)
-            causal = torch.arange(visible, device=q.device)[None, :] <= query_pos[:, None]
-            o = F.scaled_dot_product_attention(qb, k[:, :visible], v[:, :visible],
-                                               attn_mask=causal.repeat(group, 1), scale=scale)
+            query_pos = torch.arange(first, visible, device=q.device)[:, None]
+            key_pos = torch.arange(base, visible, device=q.device)[None, :]
+            mask = key_pos <= query_pos
+            if sliding_window:
+                mask &= key_pos > query_pos - sliding_window
+            o = F.scaled_dot_product_attention(qb, k[:, :visible - base], v[:, :visible - base],
+                                               attn_mask=mask.repeat(group, 1), scale=scale)
             o = o.reshape(hkv, group, n, head_dim).permute(2, 0, 1, 3)
             out[start + c0:start + c0 + n] = o.reshape(n, hq, head_dim).to(out.dtype)
     return out

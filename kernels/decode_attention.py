@@ -10,6 +10,10 @@ Why CUDA-graph safe: `num_splits` is picked from Python ints only (shapes, an op
 sequence's real length on the device and simply idles when its chunk is empty.
 
 GQA: one program handles every query head that shares a KV head, so each KV tile is read once.
+
+Sliding window (`sliding_window` W > 0): a sequence of length L attends to keys max(0, L - W)..L-1
+only; the splits cover that range, and block-table entries before it are never read (a window
+layer may have freed those blocks).
 """
 
 from __future__ import annotations
@@ -48,16 +52,22 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr,       # 0: every key; > 0: the last WINDOW keys
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
 
-    # Chunk boundaries come from this sequence's own length, rounded to whole tiles.
-    tiles = tl.cdiv(seq_len, BLOCK_N)
+    # Chunk boundaries come from this sequence's own (windowed) key range, rounded to whole tiles.
+    if WINDOW > 0:
+        kv_start = tl.maximum(seq_len - WINDOW, 0)
+    else:
+        kv_start = seq_len * 0
+    base = kv_start // BLOCK_N * BLOCK_N
+    tiles = tl.cdiv(seq_len - base, BLOCK_N)
     chunk = tl.cdiv(tiles, NUM_SPLITS) * BLOCK_N
-    start = split * chunk
+    start = base + split * chunk
     end = tl.minimum(start + chunk, seq_len)
 
     g = tl.arange(0, BLOCK_G)
@@ -74,8 +84,9 @@ def _decode_split_kernel(
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < end
-        # Never dereference block-table entries past the sequence: they may hold -1 or junk.
+        n_ok = (n < end) & (n >= kv_start)
+        # Never dereference block-table entries outside the keys read: past the sequence they may
+        # hold -1 or junk, before a window they may name freed blocks.
         blk = tl.load(bt_row + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
         off = (n % BLOCK_SIZE).to(tl.int64)
         kv_mask = n_ok[None, :] & d_ok[:, None]
@@ -168,6 +179,7 @@ def paged_decode_attention(
     num_splits: int | None = None,
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
+    sliding_window: int = 0,
 ) -> torch.Tensor:
     """Triton split-K decode attention: q `[B, Hq, D]` -> `[B, Hq, D]` (q's dtype).
 
@@ -189,6 +201,8 @@ def paged_decode_attention(
         return out
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * block_size
+    if sliding_window:  # a window reads at most W keys (plus the tile they start in)
+        max_seq_len = min(max_seq_len, sliding_window + BLOCK_N)
     if num_splits is None:
         num_splits = pick_num_splits(batch, hkv, max_seq_len, q.device)
     group = hq // hkv
@@ -207,7 +221,7 @@ def paged_decode_attention(
         block_tables.stride(0), BLOCK_SIZE=block_size,
         NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=max(16, next_pow2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
-        DOT_PRECISION=dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), WINDOW=int(sliding_window or 0),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     if num_splits > 1:
@@ -220,24 +234,28 @@ def paged_decode_attention(
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-              max_len: int) -> torch.Tensor:
+              max_len: int, starts: torch.Tensor | None = None) -> torch.Tensor:
     """Dense `[B, Hkv, max_len, D]` copy of each sequence's first max_len cache rows.
 
-    Rows past a sequence's length are zeroed and their block-table entries replaced by block 0,
-    so -1/junk entries are never used as indices and stale or NaN slots can't leak into SDPA
-    (a masked score of NaN would still poison the softmax).
+    Rows past a sequence's length (or before its `starts` row: outside a sliding window) are
+    zeroed and their block-table entries replaced by block 0, so -1/junk/freed entries are never
+    used as indices and stale or NaN slots can't leak into SDPA (a masked score of NaN would
+    still poison the softmax).
     """
     block_size = cache.shape[1]
     batch, nblk = block_tables.shape[0], -(-max_len // block_size)
     lens = seq_lens.long()[:, None]
+    lo = torch.zeros_like(lens) if starts is None else starts.long()[:, None]
     bt = block_tables[:, :nblk].long()
-    bt = torch.where(torch.arange(nblk, device=bt.device) * block_size < lens, bt, 0)
+    blk_start = torch.arange(nblk, device=bt.device) * block_size
+    bt = torch.where((blk_start < lens) & (blk_start + block_size > lo), bt, 0)
     # One index_select of whole blocks, rows flattened to [B, L, Hkv * D] so the padding rows
     # can be zeroed by index: several times faster on CPU than a broadcast masked_fill.
     dense = cache.index_select(0, bt.flatten()).view(batch, nblk * block_size, -1)
     if dense.element_size() == 1:  # an fp8 cache: CPU indexing writes have no fp8 kernel
         dense = dense.float()
-    dense[(torch.arange(dense.shape[1], device=bt.device) >= lens).nonzero(as_tuple=True)] = 0
+    row = torch.arange(dense.shape[1], device=bt.device)
+    dense[((row >= lens) | (row < lo)).nonzero(as_tuple=True)] = 0
     return dense.view(batch, nblk * block_size, *cache.shape[2:])[:, :max_len].transpose(1, 2)
 
 
@@ -251,6 +269,7 @@ def paged_decode_attention_ref(
     num_splits: int | None = None,
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
+    sliding_window: int = 0,
 ) -> torch.Tensor:
     """Torch reference of `paged_decode_attention`: one batched SDPA over gathered K/V.
 
@@ -267,11 +286,14 @@ def paged_decode_attention_ref(
     max_len = int(seq_lens.max())
     if max_len == 0:
         return out.zero_()
-    k = gather_kv(k_cache, block_tables, seq_lens, max_len).float()  # [B, Hkv, L, D]
-    v = gather_kv(v_cache, block_tables, seq_lens, max_len).float()
+    starts = (seq_lens - sliding_window).clamp(min=0) if sliding_window else None
+    k = gather_kv(k_cache, block_tables, seq_lens, max_len, starts).float()  # [B, Hkv, L, D]
+    v = gather_kv(v_cache, block_tables, seq_lens, max_len, starts).float()
     # GQA without repeating K/V: the G query heads of a KV head become G query rows.
     qg = q.float().view(batch, hkv, hq // hkv, head_dim)
     keep = torch.arange(max_len, device=q.device) < seq_lens[:, None]  # [B, L]
+    if sliding_window:
+        keep &= torch.arange(max_len, device=q.device) >= starts[:, None]
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=keep[:, None, None, :], scale=scale)
     o = torch.where(seq_lens.view(batch, 1, 1, 1) > 0, o, 0.0)  # fully masked rows give NaN
     out.copy_(o.reshape(batch, hq, head_dim))

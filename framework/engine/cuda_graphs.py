@@ -59,13 +59,14 @@ class CudaGraphRunner:
     """Graphs of `forward` + `compute_logits` at fixed decode batch sizes, sharing one pool."""
 
     def __init__(self, forward: Callable, compute_logits: Callable, sizes: List[int], max_model_len: int,
-                 block_size: int, device: torch.device, sampled: Optional[torch.Tensor] = None):
+                 block_size: int, device: torch.device, sampled: Optional[torch.Tensor] = None,
+                 windowed: bool = False):
         self.forward, self.compute_logits = forward, compute_logits
         self.sampled = sampled  # async scheduling: placeholders in the ids are filled from it, inside the graph
         self.sizes = sorted(sizes)
         self.max_batch = self.sizes[-1]
         self.max_model_len = max_model_len
-        self.layout = DecodeLayout(self.max_batch, -(-max_model_len // block_size))
+        self.layout = DecodeLayout(self.max_batch, -(-max_model_len // block_size), windowed)
         self.device = device
         self.staging = HostStaging(device, self.layout.nbytes)
         self.static_in = torch.zeros(self.layout.nbytes, dtype=torch.uint8, device=device)
@@ -77,11 +78,12 @@ class CudaGraphRunner:
         self.replays = 0
 
     def _run(self, size: int) -> None:
-        ids, positions, slots, seq_lens, tables = self.layout.views(self.static_in, size)
+        ids, positions, slots, seq_lens, tables, window_slots, window_tables = self.layout.views(self.static_in, size)
         if self.sampled is not None:
             ids = fill_sampled(ids, self.sampled)
         meta = AttentionMetadata(slot_mapping=slots, cu_seqlens_q=self.cu_seqlens[:size + 1], seq_lens=seq_lens,
-                                 block_tables=tables, decode_only=True, max_seq_len=self.max_model_len)
+                                 block_tables=tables, decode_only=True, max_seq_len=self.max_model_len,
+                                 window_slot_mapping=window_slots, window_block_tables=window_tables)
         logits = self.compute_logits(self.forward(ids, positions, meta))
         if self.logits is None:
             self.logits = torch.empty((self.max_batch, logits.shape[-1]), dtype=logits.dtype, device=self.device)

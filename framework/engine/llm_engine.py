@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from framework.config.errors import UserError
 from framework.config.schema import FrameworkConfig
-from framework.engine.block_manager import BlockManager
+from framework.engine.block_manager import BlockManager, window_blocks_per_request
 from framework.engine.detokenizer import IncrementalDecoder
 from framework.engine.model_runner import ModelRunner
 from framework.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
@@ -58,16 +58,31 @@ class LLMEngine:
         self.vocab_size = runner.model.vocab_size
         self.block_size = cfg.cache.block_size
         num_blocks = runner.num_blocks_that_fit()
+        spec = runner.kv_spec
+        window_blocks = runner.num_window_blocks  # the sliding-window layers' pool (0: no such group)
         if not cfg.cache.enable_prefix_caching:  # never hold more than full concurrency can use
             num_blocks = min(num_blocks, max_num_seqs * -(-max_model_len // self.block_size))
+            if spec.num_window_layers:
+                window_blocks = min(window_blocks, max_num_seqs * window_blocks_per_request(
+                    self.block_size, spec.sliding_window, max_model_len) + -(-cfg.cache.max_num_batched_tokens
+                                                                             // self.block_size))
         num_blocks = max(0, num_blocks)
         if num_blocks * self.block_size < max_model_len:
             raise UserError(runner.kv_shortfall(num_blocks * self.block_size, max_model_len))
-        runner.allocate_kv_cache(num_blocks)
-        log.info("KV cache: %d blocks x %d tokens = %d tokens; %.1f requests of %d tokens at once",
+        window_need = min(-(-max_model_len // self.block_size),
+                          window_blocks_per_request(self.block_size, spec.sliding_window, max_model_len))
+        if spec.num_window_layers and window_blocks < window_need:
+            raise UserError(f"the sliding-window layers' KV pool has {window_blocks} blocks, fewer than the "
+                            f"{window_need} one request's window needs; raise cache.num_gpu_blocks_override "
+                            f"(it sizes both pools) or the memory for the KV cache")
+        runner.allocate_kv_cache(num_blocks, window_blocks)
+        log.info("KV cache: %d blocks x %d tokens = %d tokens; %.1f requests of %d tokens at once%s",
                  num_blocks, self.block_size, num_blocks * self.block_size,
-                 num_blocks * self.block_size / max_model_len, max_model_len)
-        self.block_manager = BlockManager(num_blocks, self.block_size, cfg.cache.enable_prefix_caching)
+                 num_blocks * self.block_size / max_model_len, max_model_len,
+                 f"; sliding-window layers: {window_blocks} blocks of their own, freed as the window "
+                 f"({spec.sliding_window} tokens) passes" if spec.num_window_layers else "")
+        self.block_manager = BlockManager(num_blocks, self.block_size, cfg.cache.enable_prefix_caching,
+                                          window_blocks, spec.sliding_window if spec.num_window_layers else 0)
         self.encoder_cache = EncoderCache(encoder_budget) if mm_processor is not None else None
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, cfg.cache.max_num_batched_tokens,
                                    self.encoder_cache)
@@ -320,9 +335,7 @@ class LLMEngine:
         the device): its samples take references to its full prompt blocks and join the queue."""
         shared = min(self._shared_blocks(parent), len(parent.block_table))
         for seq in self.forks.pop(parent.seq_id, []):
-            for block in parent.block_table[:shared]:  # full blocks are never written again: safe to share
-                self.block_manager.ref_counts[block] += 1
-                seq.block_table.append(block)
+            self.block_manager.share_prefix(parent, seq, shared)  # full blocks are never written again
             seq.num_computed_tokens = shared * self.block_size
             self.scheduler.add(seq)
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from framework.config.schema import CompilationLevel, FrameworkConfig
+from framework.engine.block_manager import split_kv_budget
 from framework.engine.cuda_graphs import CudaGraphRunner, device_memory, measure_graph_memory
 from framework.engine.step_input import StepInput
 from framework.engine.step_tensors import HostStaging, fill_sampled
@@ -45,27 +46,42 @@ def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 
 
 def kv_cache_spec(layers: List[Attention], block_size: int, dtype: torch.dtype) -> "KVCacheSpec":
-    """One block layout for every layer. A sliding-window layer keeps, for now, the full context
-    like the others (resolve.model_max_len stays inside one window for such models)."""
+    """One block shape for every layer; sliding-window layers (all of one window) form a KV group
+    of their own, whose blocks are freed as the window passes (engine/block_manager.py)."""
     shapes = {(layer.num_kv_heads, layer.head_dim) for layer in layers}
     if len(shapes) != 1:
         raise NotImplementedError(f"layers with different KV shapes {sorted(shapes)} need a KV cache per layer group")
     (heads, head_dim), = shapes
-    return KVCacheSpec(len(layers), heads, head_dim, block_size, dtype)
+    windows = {layer.spec.sliding_window for layer in layers if layer.spec.sliding_window}
+    if len(windows) != 1:  # none, or several windows: every layer keeps every block
+        return KVCacheSpec(len(layers), heads, head_dim, block_size, dtype)
+    num_window = sum(1 for layer in layers if layer.spec.sliding_window)
+    return KVCacheSpec(len(layers) - num_window, heads, head_dim, block_size, dtype, num_window, windows.pop())
 
 
 @dataclass
 class KVCacheSpec:
-    num_layers: int
+    num_layers: int  # that keep every block (all of them when there is no window group)
     num_kv_heads: int  # on this rank
     head_dim: int
     block_size: int
     dtype: torch.dtype
+    num_window_layers: int = 0  # the sliding-window group's layers
+    sliding_window: int = 0
+
+    @property
+    def layer_block_bytes(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
 
     @property
     def bytes_per_block(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+        """Of the full group (the block count that bounds a request's context)."""
+        return self.num_layers * self.layer_block_bytes
+
+    @property
+    def window_bytes_per_block(self) -> int:
+        return self.num_window_layers * self.layer_block_bytes
 
 
 class ModelRunner:
@@ -104,7 +120,7 @@ class ModelRunner:
         self.attn_layers: List[Attention] = attention_layers(self.model)
         self.kv_spec = kv_cache_spec(self.attn_layers, cfg.cache.block_size,
                                      kv_cache_dtype(cfg.cache.kv_cache_dtype, self.dtype))
-        self.num_blocks = 0
+        self.num_blocks = self.num_window_blocks = 0
         self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.staging = HostStaging(self.device)  # one pinned host-to-device copy per step
         async_scheduling = cfg.cache.async_scheduling
@@ -124,11 +140,17 @@ class ModelRunner:
     # --- KV cache -------------------------------------------------------------------
     def num_blocks_that_fit(self) -> int:
         """With TP every rank calls this (a collective): all agree on the smallest rank's count."""
-        if self.cfg.cache.num_gpu_blocks_override:
+        if self.cfg.cache.num_gpu_blocks_override:  # both groups get that many
+            self.num_window_blocks = self.cfg.cache.num_gpu_blocks_override if self.kv_spec.num_window_layers else 0
             return self.cfg.cache.num_gpu_blocks_override
         budget = self.cfg.cache.cpu_kvcache_space_gib * GiB
         if self.device.type == "cuda":
             budget = self._gpu_kv_budget()
+        if self.kv_spec.num_window_layers:
+            full, window = split_kv_budget(int(budget), self.kv_spec, self.max_model_len,
+                                           self.cfg.cache.max_num_batched_tokens)
+            self.num_window_blocks = self._agree(window, dist.ReduceOp.MIN)
+            return self._agree(full, dist.ReduceOp.MIN)
         return self._agree(int(budget // self.kv_spec.bytes_per_block), dist.ReduceOp.MIN)
 
     def _gpu_kv_budget(self) -> float:
@@ -206,19 +228,23 @@ class ModelRunner:
                              logits_indices=list(range(b)), decode_only=True)
             self.execute(step, keep_on_device=True)
 
-    def allocate_kv_cache(self, num_blocks: Optional[int]) -> None:
-        """With TP every rank calls this (a collective): rank 0's count, after the engine's caps,
-        is broadcast, so other ranks pass None and hold exactly the blocks rank 0 schedules."""
+    def allocate_kv_cache(self, num_blocks: Optional[int], num_window_blocks: Optional[int] = None) -> None:
+        """With TP every rank calls this (a collective): rank 0's counts, after the engine's caps,
+        are broadcast, so other ranks pass None and hold exactly the blocks rank 0 schedules."""
         num_blocks = self._agree(num_blocks or 0, None)
-        self.num_blocks = num_blocks
-        self._allocate_kv_cache(num_blocks)
+        num_window_blocks = self._agree(num_window_blocks or 0, None)
+        self.num_blocks, self.num_window_blocks = num_blocks, num_window_blocks
+        self._allocate_kv_cache(num_blocks, num_window_blocks)
         if self.graph_sizes:  # after the cache: the graphs point at it
             self._capture_graphs()
 
-    def _allocate_kv_cache(self, num_blocks: int) -> None:
+    def _allocate_kv_cache(self, num_blocks: int, num_window_blocks: Optional[int] = None) -> None:
+        """Window-group layers get `num_window_blocks` (default: as many as the others)."""
         s = self.kv_spec
-        shape = (num_blocks, s.block_size, s.num_kv_heads, s.head_dim)
         for layer in self.attn_layers:
+            windowed = s.num_window_layers and layer.spec.sliding_window
+            n = num_window_blocks if windowed and num_window_blocks is not None else num_blocks
+            shape = (n, s.block_size, s.num_kv_heads, s.head_dim)
             layer.k_cache = torch.zeros(shape, dtype=s.dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=s.dtype, device=self.device)
 
@@ -259,7 +285,8 @@ class ModelRunner:
     def _new_graphs(self) -> CudaGraphRunner:
         return CudaGraphRunner(self.forward, self.model.compute_logits, self.graph_sizes, self.max_model_len,
                                self.cfg.cache.block_size, self.device,
-                               self.sampled if self.async_scheduling else None)
+                               self.sampled if self.async_scheduling else None,
+                               windowed=bool(self.kv_spec.num_window_layers))
 
     def _capture_graphs(self) -> None:
         before = device_memory()
@@ -341,7 +368,8 @@ class ModelRunner:
             t = self.staging.stage(step)
             meta = AttentionMetadata(slot_mapping=t.slot_mapping, cu_seqlens_q=t.cu_seqlens_q, seq_lens=t.seq_lens,
                                      block_tables=t.block_tables, decode_only=step.decode_only,
-                                     max_seq_len=max(step.seq_lens))
+                                     max_seq_len=max(step.seq_lens), window_slot_mapping=t.window_slot_mapping,
+                                     window_block_tables=t.window_block_tables)
             input_ids = fill_sampled(t.input_ids, self.sampled) if self.async_scheduling else t.input_ids
             positions, inputs_embeds = t.positions, self._multimodal_embeds(step, input_ids)
             if step.mrope_positions is not None:

@@ -32,6 +32,8 @@ class Sequence:
     # Tokens whose K/V are in the cache. Preemption resets it to 0 (recompute); prefix-cache hits raise it.
     num_computed_tokens: int = 0
     block_table: List[int] = field(default_factory=list)
+    # Sliding-window layers' own blocks, by logical block; -1 where the window has passed (block_manager.py)
+    window_block_table: List[int] = field(default_factory=list)
     block_hashes: List[int] = field(default_factory=list)  # prefix caching: chained hash per full block
     num_registered_blocks: int = 0  # full blocks already published to the prefix cache
     status: Status = Status.WAITING

@@ -17,6 +17,9 @@ class StepInput:
     block_tables: List[List[int]]
     logits_indices: List[int]  # rows whose next-token logits are needed
     decode_only: bool
+    # the sliding-window layers' KV group (block_manager.py), when the model has one; else empty
+    window_slot_mapping: List[int] = field(default_factory=list)
+    window_block_tables: List[List[int]] = field(default_factory=list)
     # M-RoPE: [3][T] positions when a prompt chunk of a sequence with images is in the step (text
     # and generated tokens repeat their 1-D position in all three rows); None otherwise
     mrope_positions: Optional[List[List[int]]] = None
@@ -60,6 +63,10 @@ def build_step_input(batch: ScheduledBatch, block_size: int) -> StepInput:
         step.cu_seqlens_q.append(step.cu_seqlens_q[-1] + n)
         step.seq_lens.append(end)
         step.block_tables.append(seq.block_table)
+        if seq.window_block_table:
+            window = seq.window_block_table
+            step.window_slot_mapping += [window[p // block_size] * block_size + p % block_size for p in range(start, end)]
+            step.window_block_tables.append(window)
         if end == seq.num_tokens:  # reached the newest token: this step yields the next one
             step.logits_indices.append(step.cu_seqlens_q[-1] - 1)
         step.decode_only &= n == 1

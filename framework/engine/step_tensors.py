@@ -27,6 +27,9 @@ class StepTensors(NamedTuple):
     cu_seqlens_q: torch.Tensor  # [B+1] int32
     seq_lens: torch.Tensor  # [B] int32
     block_tables: torch.Tensor  # [B, W] int32, zero past each sequence's blocks
+    # the sliding-window layers' KV group, when the model has one (block_manager.py)
+    window_slot_mapping: Optional[torch.Tensor] = None  # [T] int64
+    window_block_tables: Optional[torch.Tensor] = None  # [B, W'] int32
 
 
 def fill_sampled(input_ids: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
@@ -44,6 +47,14 @@ def fill_block_tables(out: np.ndarray, tables: Sequence[List[int]]) -> None:
     out[:len(tables)] = 0
     for row, table in zip(out, tables):
         row[:len(table)] = table
+
+
+def fill_window_tables(out: np.ndarray, tables: Sequence[List[int]]) -> None:
+    """fill_block_tables for the window group: its released entries (-1, never read by a real
+    row) become block 0, so that no device table ever names a block outside the cache (a CUDA
+    graph's padding row reads entry 0 of whatever its row held before)."""
+    fill_block_tables(out, tables)
+    np.maximum(out, 0, out=out)
 
 
 class HostStaging:
@@ -87,46 +98,62 @@ class HostStaging:
         """Any step (prefill, mixed, decode) as fresh device tensors, block tables width = the longest."""
         t, b, n_logits = len(step.input_ids), step.num_seqs, len(step.logits_indices)
         w = max(1, max(len(x) for x in step.block_tables))
-        n64, n32 = 3 * t + n_logits, (b + 1) + b + b * w
+        windowed = bool(step.window_block_tables)
+        ww = max(1, max(len(x) for x in step.window_block_tables)) if windowed else 0
+        nt = 4 * t if windowed else 3 * t
+        n64, n32 = nt + n_logits, (b + 1) + b + b * w + b * ww
         nbytes = 8 * n64 + 4 * n32
         self._wait(nbytes)
         a64, a32 = self._views(n64, n32)
         a64[:t] = step.input_ids
         a64[t:2 * t] = step.positions
         a64[2 * t:3 * t] = step.slot_mapping
-        a64[3 * t:] = step.logits_indices
+        if windowed:
+            a64[3 * t:4 * t] = step.window_slot_mapping
+        a64[nt:] = step.logits_indices
         a32[:b + 1] = step.cu_seqlens_q
         a32[b + 1:2 * b + 1] = step.seq_lens
-        fill_block_tables(a32[2 * b + 1:].reshape(b, w), step.block_tables)
+        tables_end = 2 * b + 1 + b * w
+        fill_block_tables(a32[2 * b + 1:tables_end].reshape(b, w), step.block_tables)
+        if windowed:
+            fill_window_tables(a32[tables_end:].reshape(b, ww), step.window_block_tables)
         dev = self._send(nbytes)
         d64 = dev[:8 * n64].view(torch.int64)
         d32 = dev[8 * n64:].view(torch.int32)
-        return StepTensors(d64[:t], d64[t:2 * t], d64[2 * t:3 * t], d64[3 * t:],
-                           d32[:b + 1], d32[b + 1:2 * b + 1], d32[2 * b + 1:].view(b, w))
+        return StepTensors(d64[:t], d64[t:2 * t], d64[2 * t:3 * t], d64[nt:],
+                           d32[:b + 1], d32[b + 1:2 * b + 1], d32[2 * b + 1:tables_end].view(b, w),
+                           d64[3 * t:4 * t] if windowed else None,
+                           d32[tables_end:].view(b, ww) if windowed else None)
 
 
 class DecodeLayout:
     """The fixed layout of a CUDA graph's inputs: rows for `max_batch` sequences, tables `width` wide.
 
-    int64: ids [M] | positions [M] | slots [M];  int32: seq_lens [M] | block tables [M, W].
+    int64: ids [M] | positions [M] | slots [M] (| window slots [M]);
+    int32: seq_lens [M] | per row: its block table [W] (| its window block table [W]).
+    A row's two tables sit side by side, so the first `batch` rows are one prefix of the buffer.
     """
 
-    def __init__(self, max_batch: int, width: int):
-        self.max_batch, self.width = max_batch, width
-        self.n64, self.n32 = 3 * max_batch, max_batch + max_batch * width
+    def __init__(self, max_batch: int, width: int, windowed: bool = False):
+        self.max_batch, self.width, self.windowed = max_batch, width, windowed
+        self.row_width = 2 * width if windowed else width
+        self.n64 = (4 if windowed else 3) * max_batch
+        self.n32 = max_batch + max_batch * self.row_width
         self.nbytes = 8 * self.n64 + 4 * self.n32
 
     def bytes_for(self, batch: int) -> int:
         """Header of every row plus the block tables of the first `batch` rows."""
-        return 8 * self.n64 + 4 * (self.max_batch + batch * self.width)
+        return 8 * self.n64 + 4 * (self.max_batch + batch * self.row_width)
 
     def views(self, buf: torch.Tensor, size: int):
-        """(ids, positions, slots, seq_lens, block_tables) of the first `size` rows of a device buffer."""
+        """(ids, positions, slots, seq_lens, block_tables, window_slots, window_block_tables) of the
+        first `size` rows of a device buffer; the window ones None without a window group."""
         m, w = self.max_batch, self.width
         d64 = buf[:8 * self.n64].view(torch.int64)
         d32 = buf[8 * self.n64:self.nbytes].view(torch.int32)
-        return (d64[:size], d64[m:m + size], d64[2 * m:2 * m + size], d32[:size],
-                d32[m:m + size * w].view(size, w))
+        rows = d32[m:m + size * self.row_width].view(size, self.row_width)
+        window = (d64[3 * m:3 * m + size], rows[:, w:]) if self.windowed else (None, None)
+        return (d64[:size], d64[m:m + size], d64[2 * m:2 * m + size], d32[:size], rows[:, :w]) + window
 
 
 def stage_decode(staging: HostStaging, layout: DecodeLayout, step: Optional[StepInput],
@@ -136,20 +163,24 @@ def stage_decode(staging: HostStaging, layout: DecodeLayout, step: Optional[Step
     Rows past the batch are padding: token 0 at position 0, slot -1 (nothing stored), seq_len 1,
     so attention reads one key of whatever block their table row names (a valid block: the row
     holds zeros or an earlier step's blocks, and the cache never shrinks)."""
-    m, w = layout.max_batch, layout.width
+    m, w, rw = layout.max_batch, layout.width, layout.row_width
     b = step.num_seqs if step is not None else 0
     nbytes = layout.bytes_for(b) if step is not None else layout.nbytes
     staging._wait(layout.nbytes)
     a64, a32 = staging._views(layout.n64, layout.n32)
     a64[:] = 0
-    a64[2 * m:3 * m] = -1
+    a64[2 * m:] = -1  # slots (and window slots)
     a32[:m] = 1
     if step is not None:
         a64[:b] = step.input_ids
         a64[m:m + b] = step.positions
         a64[2 * m:2 * m + b] = step.slot_mapping
         a32[:b] = step.seq_lens
-        fill_block_tables(a32[m:m + b * w].reshape(b, w), step.block_tables)
+        rows = a32[m:m + b * rw].reshape(b, rw)
+        fill_block_tables(rows[:, :w], step.block_tables)
+        if layout.windowed:
+            a64[3 * m:3 * m + b] = step.window_slot_mapping
+            fill_window_tables(rows[:, w:], step.window_block_tables)
     else:
         a32[m:] = 0
     staging._send(nbytes, dst)

@@ -23,6 +23,10 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     decode_only: bool  # every sequence adds exactly one token: the split-K decode kernel applies
     max_seq_len: int  # a host-side bound on seq_lens (sizes the decode split without a sync)
+    # A model whose sliding-window layers have their own KV group (engine/block_manager.py): their
+    # slots and block tables; None: every layer uses the ones above.
+    window_slot_mapping: Optional[torch.Tensor] = None
+    window_block_tables: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -53,12 +57,15 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         # One kernel for rotary and the KV write (a decode step pays per launch); the rotated k
         # exists only in the cache.
-        q = kernels.rotary_store_kv(q, k, v, rope.index, rope.cos, rope.sin,
-                                    self.k_cache, self.v_cache, meta.slot_mapping)
+        window = self.spec.sliding_window or 0
+        slots, tables = meta.slot_mapping, meta.block_tables
+        if window and meta.window_block_tables is not None:  # this layer's KV lives in the window group
+            slots, tables = meta.window_slot_mapping, meta.window_block_tables
+        q = kernels.rotary_store_kv(q, k, v, rope.index, rope.cos, rope.sin, self.k_cache, self.v_cache, slots)
         if meta.decode_only:
-            out = kernels.paged_decode_attention(q, self.k_cache, self.v_cache, meta.seq_lens,
-                                                 meta.block_tables, self.scale, max_seq_len=meta.max_seq_len)
+            out = kernels.paged_decode_attention(q, self.k_cache, self.v_cache, meta.seq_lens, tables, self.scale,
+                                                 max_seq_len=meta.max_seq_len, sliding_window=window)
         else:
             out = kernels.paged_attention(q, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.seq_lens,
-                                          meta.block_tables, self.scale)
+                                          tables, self.scale, sliding_window=window)
         return out.reshape(-1, self.num_heads * self.head_dim)

@@ -51,7 +51,9 @@ def rank_stats(engine: Any) -> Dict[str, Any]:
         "weight_bytes": weight_bytes(runner.model),
         "kv_blocks": runner.num_blocks,
         "kv_tokens": runner.num_blocks * runner.kv_spec.block_size,
-        "kv_bytes": runner.num_blocks * runner.kv_spec.bytes_per_block,
+        "kv_bytes": (runner.num_blocks * runner.kv_spec.bytes_per_block
+                     + runner.num_window_blocks * runner.kv_spec.window_bytes_per_block),
+        "kv_window_blocks": runner.num_window_blocks,  # the sliding-window layers' own pool (0: none)
         "num_preemptions": engine.scheduler.num_preemptions,
     }
     vision = getattr(runner.model, "vision_modules", lambda: [])()

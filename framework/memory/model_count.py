@@ -47,6 +47,18 @@ class ModelCount:
     def kv_bytes_per_token(self, kv_dtype_bytes: int) -> int:
         return sum(2 * a.num_kv_heads * a.head_dim * kv_dtype_bytes for a in self.attention)
 
+    def kv_bytes_for_context(self, kv_dtype_bytes: int, context: int, block_size: int) -> int:
+        """KV bytes one sequence of `context` tokens needs when each window layer keeps only the
+        blocks its window can still reach (at most ceil(W / block_size) + 1 of them) and each
+        full layer keeps every block: the layout issue 13 asks for, against which
+        kv_bytes_per_token() * context is the all-full layout."""
+        blocks = -(-context // block_size)
+        total = 0
+        for a in self.attention:
+            kept = blocks if not a.sliding_window else min(blocks, -(-a.sliding_window // block_size) + 1)
+            total += 2 * a.num_kv_heads * a.head_dim * kv_dtype_bytes * kept * block_size
+        return total
+
     def kv_bytes_by_kind(self, kv_dtype_bytes: int) -> Dict[str, int]:
         """Bytes per token of context of full-attention layers and of sliding-window layers."""
         out = {"full": 0, "sliding": 0}

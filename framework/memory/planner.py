@@ -21,6 +21,7 @@ import torch
 
 from framework.config.errors import UserError
 from framework.config.schema import FrameworkConfig
+from framework.engine.block_manager import split_kv_budget, window_blocks_per_request
 from framework.memory.activation import Step, forward_peak, graph_pool_bytes
 from framework.memory.encoder import encoder_budget
 from framework.memory.model_count import count_model
@@ -74,6 +75,9 @@ class MemoryPlan:
     verdict: str
     details: Dict[str, str] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    # Models with sliding-window layers: KV bytes per token of each layer kind, and per token of
+    # context when window layers keep only their window's blocks, against the all-full layout.
+    kv_layout: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def rank_total_bytes(self) -> int:
@@ -104,9 +108,30 @@ class MemoryPlan:
                      f"of {self.budget_bytes / GiB:.2f} GiB {budget}")
         if self.host_cache_bytes:
             lines.append(f"  {'host: mm input cache':<20}{self.host_cache_bytes / GiB:>8.2f} GiB")
+        lines += self._kv_layout_lines()
         lines += [f"  note: {n}" for n in self.notes]
         lines.append(self.verdict)
         return "\n".join(lines)
+
+
+    def _kv_layout_lines(self) -> List[str]:
+        k = self.kv_layout
+        if not k:
+            return []
+        lines = [f"  KV layout: {k['num_full_layers']} full-attention layers {k['full_bytes_per_token'] / 1024:.1f} "
+                 f"KiB/token, {k['num_sliding_layers']} sliding-window layers (window {k['sliding_window']}) "
+                 f"{k['sliding_bytes_per_token'] / 1024:.1f} KiB/token"]
+        for n in sorted(int(key.rsplit("_", 1)[1]) for key in k if key.startswith("per_context_token_windowed_")):
+            windowed, full = k[f"per_context_token_windowed_{n}"], k[f"per_context_token_all_full_{n}"]
+            lines.append(f"    per token of a {n}-token context: {windowed / 1024:.1f} KiB with window layers "
+                         f"holding only their window, {full / 1024:.1f} KiB all-full ({full / windowed:.1f}x)")
+        full = k[f"per_context_token_all_full_{self.max_model_len}"]
+        if self.kv_cache_bytes:
+            lines.append(f"    window layers keep a pool of their own, freed as the window passes: the KV cache's "
+                         f"{self.kv_cache_bytes / GiB:.2f} GiB hold {self.max_concurrency:.2f} requests of "
+                         f"max_model_len, {self.kv_cache_bytes / (full * self.max_model_len):.2f} in the all-full "
+                         f"layout")
+        return lines
 
 
 # --- where the plan is for -------------------------------------------------------------
@@ -179,6 +204,15 @@ def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
 
 
 @dataclass
+class _WindowGroup:
+    """What engine.block_manager.split_kv_budget reads of a KV cache spec."""
+    block_size: int
+    sliding_window: int
+    bytes_per_block: int  # of the full layers
+    window_bytes_per_block: int
+
+
+@dataclass
 class _Costs:
     """Everything but the KV cache, per rank, with a line of detail for each."""
     dtype: torch.dtype
@@ -192,6 +226,8 @@ class _Costs:
     runtime: int = 0
     host_cache: int = 0
     details: Dict[str, str] = field(default_factory=dict)
+    kv_layout: Dict[str, Any] = field(default_factory=dict)  # models with sliding-window layers
+    window_group: Optional["_WindowGroup"] = None  # their own KV pool, as the engine allocates it
 
     @property
     def fixed(self) -> int:
@@ -217,8 +253,17 @@ def _costs(cfg: FrameworkConfig, hf_config: Any, cuda: bool, max_model_len: int,
     out.details["rotary tables"] = f"fp32 cos/sin of {max_model_len} positions, shared by all layers"
     kinds = m.kv_bytes_by_kind(kv_bytes)
     if kinds["sliding"]:
-        out.details["KV layout"] = (f"{kinds['full']} B/token in full-attention layers, {kinds['sliding']} B/token "
-                                    "in sliding-window layers")
+        windows = sorted({a.sliding_window for a in m.attention if a.sliding_window})
+        if len(windows) == 1:  # the engine gives the window layers a KV group of their own (kv_cache_spec)
+            out.window_group = _WindowGroup(c.block_size, windows[0], kinds["full"] * c.block_size,
+                                            kinds["sliding"] * c.block_size)
+        out.kv_layout = {"full_bytes_per_token": kinds["full"], "sliding_bytes_per_token": kinds["sliding"],
+                         "sliding_window": windows, "num_full_layers": sum(1 for a in m.attention if not a.sliding_window),
+                         "num_sliding_layers": sum(1 for a in m.attention if a.sliding_window)}
+        for n in sorted({max_model_len, 32768, 131072}):
+            windowed = m.kv_bytes_for_context(kv_bytes, n, c.block_size)
+            out.kv_layout[f"per_context_token_windowed_{n}"] = windowed / n
+            out.kv_layout[f"per_context_token_all_full_{n}"] = kinds["full"] + kinds["sliding"]
 
     rows = min(max_num_seqs, c.max_num_batched_tokens)
     cpu_kv_tokens = int(c.cpu_kvcache_space_gib * GiB // (out.kv_per_token * c.block_size)) * c.block_size
@@ -255,34 +300,50 @@ def _plan(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optional[in
     c, tp = cfg.cache, cfg.parallelism.tensor_parallel_size
     cuda = device_memory_bytes is not None
     costs = _costs(cfg, hf_config, cuda, max_model_len, max_num_seqs)
-    block_bytes = costs.kv_per_token * c.block_size
+    group = costs.window_group
+    block_bytes = group.bytes_per_block if group else costs.kv_per_token * c.block_size
     blocks_per_request = -(-max_model_len // c.block_size)
     notes: List[str] = []
 
     # the KV cache: what the engine would allocate (ModelRunner.num_blocks_that_fit, LLMEngine's cap)
     if cuda:
         budget = int(device_memory_bytes * c.gpu_memory_utilization)
-        budget_blocks = max(0, (budget - costs.fixed) // block_bytes)
+        kv_budget = max(0, budget - costs.fixed)
     else:
         budget = (host_memory_bytes() - costs.host_cache) // tp
-        budget_blocks = int(c.cpu_kvcache_space_gib * GiB // block_bytes)
+        kv_budget = int(c.cpu_kvcache_space_gib * GiB)
+    window_blocks = window_need = 0
+    if group:  # full layers' blocks and window layers' blocks, split as the engine splits them
+        budget_blocks, window_blocks = split_kv_budget(kv_budget, group, max_model_len, c.max_num_batched_tokens)
+        chunk = min(blocks_per_request, -(-c.max_num_batched_tokens // c.block_size))
+        window_need = window_blocks_per_request(c.block_size, group.sliding_window, max_model_len) + chunk
+    else:
+        budget_blocks = kv_budget // block_bytes
     if c.num_gpu_blocks_override:
         budget_blocks = c.num_gpu_blocks_override
+        window_blocks = budget_blocks if group else 0
     blocks = budget_blocks
     if not c.enable_prefix_caching and blocks > max_num_seqs * blocks_per_request:
         blocks = max_num_seqs * blocks_per_request
         notes.append(f"KV cache capped at max_num_seqs x max_model_len = {blocks * c.block_size} tokens "
                      f"(prefix caching off); the memory would hold {budget_blocks * c.block_size}")
-    kv_cache, kv_tokens = blocks * block_bytes, blocks * c.block_size
+    if group and not c.enable_prefix_caching:
+        window_blocks = min(window_blocks, max_num_seqs * (window_need - chunk) + chunk)
+    window_bytes = window_blocks * group.window_bytes_per_block if group else 0
+    kv_cache, kv_tokens = blocks * block_bytes + window_bytes, blocks * c.block_size
     concurrency = kv_tokens / max_model_len
     costs.details["KV cache"] = f"{kv_tokens} tokens = {concurrency:.2f} x max_model_len"
+    if group:
+        costs.details["KV cache"] += (f"; window layers: {window_blocks} blocks of their own "
+                                      f"({window_bytes / GiB:.2f} GiB)")
+    one_request = blocks_per_request * block_bytes + (window_need * group.window_bytes_per_block if group else 0)
 
     # the verdict: the engine starts only if the KV cache holds one request of max_model_len
     if cuda:
-        need = costs.fixed + (kv_cache if c.num_gpu_blocks_override else blocks_per_request * block_bytes)
+        need = costs.fixed + (kv_cache if c.num_gpu_blocks_override else one_request)
         headroom = budget - need
     elif budget_blocks < blocks_per_request:  # cpu_kvcache_space_gib is short of one request
-        headroom = (budget_blocks - blocks_per_request) * block_bytes
+        headroom = kv_budget - one_request
     else:  # every rank must fit in its share of the host's RAM
         headroom = budget - (costs.fixed + kv_cache)
     fits = headroom >= 0 and budget_blocks >= blocks_per_request
@@ -308,4 +369,5 @@ def _plan(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optional[in
         runtime_bytes=costs.runtime, kv_cache_bytes=kv_cache, kv_bytes_per_token=costs.kv_per_token,
         kv_blocks=blocks, kv_tokens=kv_tokens, kv_budget_tokens=budget_blocks * c.block_size, budget_bytes=budget,
         host_cache_bytes=costs.host_cache, fits=fits, headroom_bytes=int(headroom),
-        max_concurrency=round(concurrency, 3), verdict=verdict, details=costs.details, notes=notes)
+        max_concurrency=round(concurrency, 3), verdict=verdict, details=costs.details, notes=notes,
+        kv_layout=costs.kv_layout)

@@ -13,10 +13,16 @@ MODELS = {
     "Qwen2ForCausalLM": "framework.models.llama:LlamaForCausalLM",
     "GraniteForCausalLM": "framework.models.llama:LlamaForCausalLM",
     "Qwen2_5_VLForConditionalGeneration": "framework.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration",
+    "Gemma3ForCausalLM": "framework.models.gemma3:Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration": "framework.models.gemma3:Gemma3ForConditionalGeneration",
 }
 # Vision-language models whose decoder runs here but whose vision tower does not yet: they run
 # with every modality limited to 0 (multimodal=text_only), as the decoder alone.
-DECODER_ONLY: set = set()
+DECODER_ONLY = {"Gemma3ForConditionalGeneration"}
+# Models whose attention runs the sliding window their config names (the others that name one,
+# Mistral's first release, Qwen2 with use_sliding_window, run full attention: resolve.model_max_len
+# keeps their context inside one window, where both agree).
+RUNS_SLIDING_WINDOW = {"Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"}
 
 
 def architecture(hf_config: Any) -> str:

@@ -128,8 +128,9 @@ def build_paged_batch(
     )
 
 
-def dense_causal_attention_f64(batch: PagedBatch) -> torch.Tensor:
-    """The spec, computed directly in float64 from the dense K/V: no paging, no SDPA."""
+def dense_causal_attention_f64(batch: PagedBatch, window: int = 0) -> torch.Tensor:
+    """The spec, computed directly in float64 from the dense K/V: no paging, no SDPA.
+    `window` > 0: position p sees keys p - window < n <= p (HF's sliding-window mask)."""
     q = batch.q.double().cpu()
     out = torch.zeros_like(q)
     cu = batch.cu_seqlens_q.tolist()
@@ -139,11 +140,12 @@ def dense_causal_attention_f64(batch: PagedBatch) -> torch.Tensor:
         q_len, seq_len = end - start, k.shape[0]
         for i in range(q_len):
             p = seq_len - q_len + i  # absolute position of this query token
+            lo = max(0, p - window + 1) if window else 0
             for h in range(hq):
                 kh = h // (hq // hkv)
-                s = (k[: p + 1, kh].double() @ q[start + i, h]) * batch.scale
+                s = (k[lo: p + 1, kh].double() @ q[start + i, h]) * batch.scale
                 w = torch.softmax(s, dim=0)
-                out[start + i, h] = w @ v[: p + 1, kh].double()
+                out[start + i, h] = w @ v[lo: p + 1, kh].double()
     return out
 
 
