@@ -52,7 +52,8 @@ def multimodal_processor(cfg: FrameworkConfig, model_path: Path, hf_config: Any,
     processor = MultimodalProcessor(hf_processor, mm_processor_kwargs=mm.mm_processor_kwargs,
                                     limit_mm_per_prompt=mm.limit_mm_per_prompt,
                                     language_model_only=mm.language_model_only,
-                                    cache=ProcessorCache.from_gib(mm.processor_cache_gib))
+                                    cache=ProcessorCache.from_gib(mm.processor_cache_gib),
+                                    modalities=model.modalities)
     return processor, encoder_budget_tokens(cfg, model_path, hf_config, model.modalities)
 
 

@@ -47,7 +47,8 @@ class LlamaArgs:
         """`c`: the decoder's config; `architecture` of the whole model (a vision-language
         model's text_config names none, and Qwen2's q/k/v biases follow from the name)."""
         arch = architecture or (getattr(c, "architectures", None) or [""])[0]
-        qwen2 = arch.startswith("Qwen2")
+        # a vision-language model's decoder (InternVL's) may be Qwen2 under another architecture name
+        qwen2 = arch.startswith("Qwen2") or getattr(c, "model_type", None) == "qwen2"
         attention_bias = getattr(c, "attention_bias", False)
         return cls(
             vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,

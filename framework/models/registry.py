@@ -13,6 +13,7 @@ MODELS = {
     "Qwen2ForCausalLM": "framework.models.llama:LlamaForCausalLM",
     "GraniteForCausalLM": "framework.models.llama:LlamaForCausalLM",
     "Qwen2_5_VLForConditionalGeneration": "framework.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration",
+    "InternVLForConditionalGeneration": "framework.models.internvl:InternVLForConditionalGeneration",
     "Gemma3ForCausalLM": "framework.models.gemma3:Gemma3ForCausalLM",
     "Gemma3ForConditionalGeneration": "framework.models.gemma3:Gemma3ForConditionalGeneration",
 }

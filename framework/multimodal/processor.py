@@ -34,6 +34,9 @@ _INTERNAL_KWARGS = {"return_tensors", "device", "data_format", "input_data_forma
                     "return_metadata"}
 # (image_processor attribute, modality, processor attribute naming its placeholder token)
 _SUBPROCESSORS = (("image_processor", "image", "image_token"), ("video_processor", "video", "video_token"))
+# vLLM's names for a processor's own kwargs: (ours, the processor's); used where the processor takes
+# the target (InternVL's GotOcr2 image processor: max_patches tiles, plus a thumbnail)
+_ALIASES = (("max_dynamic_patch", "max_patches"), ("min_dynamic_patch", "min_patches"))
 
 
 @dataclass
@@ -43,6 +46,9 @@ class ProcessedItem:
     content_hash: str  # pixels + processor kwargs: the cache key, and what prefix-cache block hashes mix in
     num_tokens: int  # placeholder tokens it fills in the prompt
     data: Dict[str, torch.Tensor]  # this item's processor outputs (Qwen2.5-VL: pixel_values, image_grid_thw...)
+    # text tokens the processor writes around the placeholder run (InternVL: <img> ... </img>)
+    prefix_ids: List[int] = field(default_factory=list)
+    suffix_ids: List[int] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -72,13 +78,15 @@ def valid_processor_kwargs(processor: Any) -> List[str]:
         typed = getattr(sub, "valid_kwargs", None)
         if typed is not None:
             keys |= set(getattr(typed, "__optional_keys__", ())) | set(getattr(typed, "__required_keys__", ()))
-    return sorted(keys - _INTERNAL_KWARGS)
+    keys -= _INTERNAL_KWARGS
+    return sorted(keys | {alias for alias, target in _ALIASES if target in keys})
 
 
 class MultimodalProcessor:
     def __init__(self, processor: Any, mm_processor_kwargs: Optional[Mapping[str, Any]] = None,
                  limit_mm_per_prompt: Optional[Mapping[str, Any]] = None, language_model_only: bool = False,
-                 cache: Optional[ProcessorCache] = None):
+                 cache: Optional[ProcessorCache] = None, modalities: Optional[Sequence[str]] = None):
+        """modalities: those the model takes (None: every one the processor has a token for)."""
         self.hf = processor
         self.tokenizer = processor.tokenizer
         self.valid_kwargs = valid_processor_kwargs(processor)
@@ -86,7 +94,8 @@ class MultimodalProcessor:
         self.placeholders: Dict[str, int] = {}
         for attr, modality, token_attr in _SUBPROCESSORS:
             token = getattr(processor, token_attr, None)
-            if getattr(processor, attr, None) is not None and token is not None:
+            if getattr(processor, attr, None) is not None and token is not None and (
+                    modalities is None or modality in modalities):
                 self.placeholders[modality] = self.tokenizer.convert_tokens_to_ids(token)
         self.language_model_only = language_model_only
         self.limits: Dict[str, ModalityLimit] = parse_limits(limit_mm_per_prompt or {}, language_model_only,
@@ -140,12 +149,15 @@ class MultimodalProcessor:
         media = {"images": frames} if modality == "image" else {"videos": [frames]}
         try:
             out = self.hf(text=[self.tokenizer.convert_ids_to_tokens(token)], return_tensors="pt",
-                          **media, **self._call_kwargs(modality, kwargs))
+                          add_special_tokens=False, **media, **self._call_kwargs(modality, kwargs))
         except Exception as exc:  # a bad kwarg value, a frame count the processor cannot use...
             raise MultimodalInputError(f"{where} could not be processed: {type(exc).__name__}: {exc}") from None
-        num_tokens = int((out["input_ids"][0] == token).sum())
+        ids = out["input_ids"][0].tolist()
+        runs = [i for i, t in enumerate(ids) if t == token]
+        if not runs or runs[-1] - runs[0] + 1 != len(runs):  # we place one contiguous run of embeddings
+            raise MultimodalInputError(f"{where}: the processor did not write one run of placeholder tokens for it")
         data = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
-        item = ProcessedItem(modality, key, num_tokens, data)
+        item = ProcessedItem(modality, key, len(runs), data, ids[:runs[0]], ids[runs[-1] + 1:])
         if use_cache:
             self.cache.put(key, item)
         return item
@@ -155,6 +167,7 @@ class MultimodalProcessor:
         edges: transformers 5.17 ignores them as call kwargs, later versions read them with a
         deprecation warning; `size` works in both. Filled from the modality's own defaults (the
         image and video processors have different minimums)."""
+        kwargs = {dict(_ALIASES).get(k, k): v for k, v in kwargs.items()}  # max_dynamic_patch -> max_patches
         if "min_pixels" not in kwargs and "max_pixels" not in kwargs:
             return dict(kwargs)
         sub = getattr(self.hf, "image_processor" if modality == "image" else "video_processor", None)
@@ -211,9 +224,9 @@ class MultimodalProcessor:
 
         expanded, placed, cursor = [], [], 0
         for pos, item in found:
-            expanded += token_ids[cursor:pos]
+            expanded += token_ids[cursor:pos] + item.prefix_ids
             placed.append(PlacedItem(len(expanded), item))
-            expanded += [token_ids[pos]] * item.num_tokens
+            expanded += [token_ids[pos]] * item.num_tokens + item.suffix_ids
             cursor = pos + 1
         expanded += token_ids[cursor:]
         return MultimodalPrompt(expanded, placed)

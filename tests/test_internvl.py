@@ -1,0 +1,117 @@
+"""InternVL end to end on CPU: our engine against HF transformers, token for token (greedy)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from framework import SamplingParams
+from framework.llm import LLM
+from tests.helpers import small_config
+from tests.internvl_helpers import TOKENS_PER_TILE, build_tiny_internvl
+from tests.vl_helpers import random_image
+
+pytest.importorskip("torchvision", reason="HF's InternVL image processor needs torchvision")
+
+IMAGE = "<IMG_CONTEXT>\n"
+MAX_TOKENS = 8
+
+
+def chat_text(parts: str, question: str = "Describe.") -> str:
+    return f"<|im_start|>user\n{parts}{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return build_tiny_internvl(tmp_path_factory.mktemp("tiny_internvl"))
+
+
+def vl_config(folder, limits=None, **cache):
+    cfg = small_config(folder, **cache)
+    cfg.multimodal.limit_mm_per_prompt = limits if limits is not None else {"image": 2}
+    cfg.multimodal.mm_input_cache_gib = 0.01
+    return cfg
+
+
+def hf_greedy(folder, requests, max_tokens=MAX_TOKENS, **processor_kwargs):
+    from transformers import AutoProcessor, InternVLForConditionalGeneration
+    model = InternVLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    outs = []
+    for req in requests:
+        images = req.get("multi_modal_data", {}).get("image")
+        images = None if images is None else images if isinstance(images, list) else [images]
+        inputs = processor(text=[req["prompt"]], images=images, return_tensors="pt", **processor_kwargs)
+        ids = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        outs.append(ids[0, inputs["input_ids"].shape[1]:].tolist())
+    return outs
+
+
+def ours(cfg, requests, max_tokens=MAX_TOKENS):
+    with LLM(cfg) as llm:
+        outs = llm.generate(requests, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+        return outs, llm.stats()["ranks"][0]
+
+
+REQUESTS = {
+    "one_image": {"prompt": chat_text(IMAGE), "multi_modal_data": {"image": random_image(90, 130, seed=1)}},
+    "two_images_of_different_sizes": {"prompt": chat_text(IMAGE + "and " + IMAGE, "Compare."),
+                                      "multi_modal_data": {"image": [random_image(200, 60, seed=2),
+                                                                     random_image(40, 40, seed=3)]}},
+    "text_only": {"prompt": chat_text("", "Hello there, how are you?")},
+}
+
+
+def test_hf_equality_one_image_two_images_and_text_in_one_batch(folder):
+    requests = list(REQUESTS.values())
+    outs, stats = ours(vl_config(folder), requests)
+    assert [o.error for o in outs] == [None] * len(requests)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(folder, requests)
+    assert stats["encoder_cache"]["misses"] == 3 and stats["vision_weight_bytes"] > 0
+    # <img>, then the tiles' tokens (several tiles and a thumbnail for the 90x130 image), then </img>
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(folder)
+    want = processor(text=[REQUESTS["one_image"]["prompt"]], images=[REQUESTS["one_image"]["multi_modal_data"]["image"]],
+                     return_tensors="pt")["input_ids"][0].tolist()
+    assert outs[0].prompt_token_ids == want
+    assert want.count(processor.image_token_id) > TOKENS_PER_TILE  # more than one tile
+
+
+def test_max_dynamic_patch_maps_onto_max_patches(folder):
+    """The seed's knob (vLLM's name) caps the tiles through the processor's max_patches, from the
+    config and per request (which wins); outputs stay HF's under the same cap."""
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(folder)
+    image = random_image(60, 200, seed=4)  # wide: 3 tiles + a thumbnail by default (max_patches=4)
+    request = {"prompt": chat_text(IMAGE), "multi_modal_data": {"image": image}}
+
+    def hf_tokens(**kw):
+        ids = processor(text=[request["prompt"]], images=[image], return_tensors="pt", **kw)["input_ids"][0]
+        return int((ids == processor.image_token_id).sum())
+
+    assert hf_tokens() == 4 * TOKENS_PER_TILE and hf_tokens(max_patches=2) == 3 * TOKENS_PER_TILE
+    cfg = vl_config(folder)
+    cfg.multimodal.mm_processor_kwargs = {"max_dynamic_patch": 1}
+    outs, _ = ours(cfg, [request, dict(request, mm_processor_kwargs={"max_dynamic_patch": 2})])
+    counts = [o.prompt_token_ids.count(processor.image_token_id) for o in outs]
+    assert counts == [TOKENS_PER_TILE, 3 * TOKENS_PER_TILE]  # one tile has no thumbnail
+    assert outs[0].outputs[0].token_ids == hf_greedy(folder, [request], max_patches=1)[0]
+    assert outs[1].outputs[0].token_ids == hf_greedy(folder, [request], max_patches=2)[0]
+
+
+def test_text_only_holds_no_vision_weights(folder):
+    from framework.models.internvl import InternVLForConditionalGeneration
+    text = REQUESTS["text_only"]
+    full, full_stats = ours(vl_config(folder), [text])
+    cfg = vl_config(folder, limits={"image": 0})
+    with LLM(cfg) as llm:
+        model = llm.launcher.local_engine().runner.model
+        assert isinstance(model, InternVLForConditionalGeneration) and model.vision_modules() == []
+        assert not any(name.startswith(("vision_tower", "multi_modal_projector")) for name, _ in model.named_parameters())
+        outs = llm.generate([text, REQUESTS["one_image"]], SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
+                                                                       ignore_eos=True))
+        stats = llm.stats()["ranks"][0]
+    assert outs[0].outputs[0].token_ids == full[0].outputs[0].token_ids == hf_greedy(folder, [text])[0]
+    assert outs[1].error is not None
+    assert stats["vision_weight_bytes"] == 0
+    assert full_stats["weight_bytes"] - stats["weight_bytes"] == full_stats["vision_weight_bytes"]
+    assert stats["bytes_read"] < full_stats["bytes_read"]  # the tower's tensors are never read
