@@ -115,3 +115,28 @@ def test_text_only_holds_no_vision_weights(folder):
     assert stats["vision_weight_bytes"] == 0
     assert full_stats["weight_bytes"] - stats["weight_bytes"] == full_stats["vision_weight_bytes"]
     assert stats["bytes_read"] < full_stats["bytes_read"]  # the tower's tensors are never read
+
+
+def test_internvl2_2b_shape_plans_with_hf_weights_and_tiles():
+    """The shipped InternVL2-2B shape: decoder and encoder weights equal HF's model (built on
+    meta), an image's tokens follow max_dynamic_patch (256 a 448-pixel tile, + a thumbnail)."""
+    from transformers import InternVLForConditionalGeneration as HF
+    from framework.loader.resolve import load_hf_config, resolve_model_path
+    from framework.memory.encoder import encoder_budget
+    from framework.memory.planner import GiB, plan_memory
+    from framework.memory.shape import vision_shape
+    from tests.test_planner import plan_config
+    hf_config = load_hf_config(resolve_model_path("internvl2-2b"))
+    with torch.device("meta"):
+        model = HF(hf_config)
+    vision = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("model.vision_tower",
+                                                                                 "model.multi_modal_projector")))
+    text = sum(p.numel() for p in model.parameters()) - vision
+    plan = plan_memory(plan_config("internvl2-2b", max_model_len=8192), hf_config, 80 * GiB)
+    assert plan.weight_bytes == 2 * text
+    v = vision_shape(hf_config)
+    budget = encoder_budget(v, {"image": 1}, {}, 2048, 8192, 2)
+    assert budget.weight_bytes == 2 * vision
+    assert budget.item_tokens == {"image": 13 * 256}  # 12 tiles (the processor's default) + the thumbnail
+    assert encoder_budget(v, {"image": 1}, {"max_dynamic_patch": 6}, 2048, 8192, 2).item_tokens == {"image": 7 * 256}
+    assert encoder_budget(v, {"image": 1}, {"max_dynamic_patch": 1}, 512, 8192, 2).tokens == 512

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 
 
 def rope_parameters(hf_config: Any) -> Dict[str, Any]:
@@ -36,6 +36,10 @@ def inverse_frequencies(head_dim: int, params: Dict[str, Any]) -> torch.Tensor:
         blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
         return torch.where(wavelen > old_len / low, inv_freq / factor,
                            torch.where(wavelen < old_len / high, inv_freq, blended))
+    if rope_type == "dynamic":
+        # HF's dynamic NTK starts from the default frequencies and rescales only once a sequence
+        # passes max_position_embeddings, which no position here reaches (the context is capped there)
+        return inv_freq
     if rope_type != "default":
         raise ValueError(f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     return inv_freq

@@ -19,6 +19,7 @@ from framework.multimodal.limits import ModalityLimit, parse_limits
 IMAGE_MAX_PIXELS = 28 * 28 * 1280  # transformers Qwen2VLImageProcessor's default cap
 VIDEO_MAX_PIXELS = 28 * 28 * 768  # ... and Qwen2VLVideoProcessor's, per frame
 VIDEO_MAX_FRAMES = 768  # Qwen2VLVideoProcessor.max_frames
+INTERNVL_MAX_TILES = 12  # GotOcr2ImageProcessor.max_patches, and InternVL2's max_dynamic_patch
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def vision_weight_elems(v: VisionShape) -> int:
     h, i = v.hidden_size, v.intermediate_size
     patch = v.in_channels * v.temporal_patch_size * v.patch_size ** 2 * h
     attn = 3 * h * h + 3 * h + h * h + h
-    merged = h * v.merge_size ** 2
+    merged = round(h * v.merge_size ** 2 / v.downsample_ratio ** 2)  # the projector's input width
     if v.model_type.startswith("qwen2_5_vl"):
         block = 2 * h + attn + 2 * (h * i + i) + (i * h + h)
         merger = h + merged * merged + merged + v.out_hidden_size * merged + v.out_hidden_size
@@ -49,6 +50,9 @@ def vision_weight_elems(v: VisionShape) -> int:
     block = 4 * h + attn + (h * i + i) + (i * h + h)
     positions = (v.image_size // v.patch_size) ** 2 * h if v.image_size else 0
     projector = merged * v.out_hidden_size + v.out_hidden_size
+    if v.downsample_ratio < 1:  # InternVL (exact): the projector's LayerNorm and second Linear; the class
+        # token, its position and the patch convolution's bias; two per-channel branch scales a block
+        projector += 2 * merged + v.out_hidden_size ** 2 + v.out_hidden_size + 3 * h + v.depth * 2 * h
     return patch + positions + v.depth * block + projector
 
 
@@ -69,8 +73,10 @@ def item_tokens(v: VisionShape, modality: str, kwargs: Mapping[str, Any], max_mo
             tokens = cap * -(-frames // v.temporal_patch_size)
     else:  # fixed resolution: one tile of (image_size / patch)^2 patches, or several (InternVL)
         side = (v.image_size or 336) // v.patch_size
-        tiles = int(kwargs.get("max_dynamic_patch", 1))
-        tokens = side * side * (tiles + (1 if tiles > 1 else 0))  # + the thumbnail tile
+        default_tiles = INTERNVL_MAX_TILES if v.downsample_ratio < 1 else 1
+        tiles = int(kwargs.get("max_dynamic_patch", kwargs.get("max_patches", default_tiles)))
+        per_tile = round(side * side * v.downsample_ratio ** 2)  # after InternVL's pixel shuffle
+        tokens = per_tile * (tiles + (1 if tiles > 1 else 0))  # + the thumbnail tile
     return max(1, min(tokens, max_model_len))
 
 
@@ -83,7 +89,7 @@ def encoder_budget(v: VisionShape, limit_mm_per_prompt: Mapping[str, int], kwarg
         return EncoderBudget(0, 0, 0, 0, {})
     items = {m: item_tokens(v, m, kwargs, max_model_len, limit) for m, limit in enabled.items()}
     tokens = max(max_num_batched_tokens, max(items.values()))
-    patches = tokens * v.merge_size ** 2
+    patches = round(tokens * v.merge_size ** 2 / v.downsample_ratio ** 2)
     h, i = v.hidden_size, v.intermediate_size
     # one block: hidden + residual + normed (3h), then the worse of attention (qkv, rotated q/k,
     # output, projection: 7h) and the gated MLP (gate, up, their product: 3i)

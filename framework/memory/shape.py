@@ -44,6 +44,7 @@ class VisionShape:
     merge_size: int  # patches merged into one LLM token per side (Qwen2-VL: spatial_merge_size)
     out_hidden_size: int  # width of what the encoder hands the decoder
     image_size: Optional[int]  # fixed-resolution encoders (CLIP, SigLIP, InternViT)
+    downsample_ratio: float = 1.0  # InternVL's pixel shuffle: a tile's tokens are patches x ratio^2
 
 
 def architecture(hf_config: Any) -> str:
@@ -84,5 +85,6 @@ def vision_shape(hf_config: Any) -> Optional[VisionShape]:
         temporal_patch_size=int(_first(v, "temporal_patch_size", default=1)),
         merge_size=int(_first(v, "spatial_merge_size", default=1)),
         out_hidden_size=int(out_hidden or text_config(hf_config).hidden_size),
-        image_size=_side(v.image_size) if getattr(v, "image_size", None) else None)
+        image_size=_side(v.image_size) if getattr(v, "image_size", None) else None,
+        downsample_ratio=float(getattr(hf_config, "downsample_ratio", None) or 1.0))
 
