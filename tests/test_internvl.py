@@ -140,3 +140,36 @@ def test_internvl2_2b_shape_plans_with_hf_weights_and_tiles():
     assert budget.item_tokens == {"image": 13 * 256}  # 12 tiles (the processor's default) + the thumbnail
     assert encoder_budget(v, {"image": 1}, {"max_dynamic_patch": 6}, 2048, 8192, 2).item_tokens == {"image": 7 * 256}
     assert encoder_budget(v, {"image": 1}, {"max_dynamic_patch": 1}, 512, 8192, 2).tokens == 512
+
+
+def test_internvl_chat_layout_loads_to_hf_outputs(tmp_path):
+    """InternVL2's own layout (model_type internvl_chat, InternLM2 decoder with fused wqkv, InternViT
+    with fused qkv, mlp1 projector), written by the test from a native InternVL with a Llama
+    decoder: our engine on it gives HF's tokens on the native folder; text-only reads no tower."""
+    from framework.models.internvl_chat import InternVLChatModel
+    from tests.internvl_helpers import write_internvl_chat_layout
+    native = build_tiny_internvl(tmp_path / "native", seed=7, text_model_type="llama")
+    remote = write_internvl_chat_layout(native, tmp_path / "remote")
+    requests = list(REQUESTS.values())
+    want = hf_greedy(native, requests)
+    with LLM(vl_config(remote)) as llm:
+        assert isinstance(llm.launcher.local_engine().runner.model, InternVLChatModel)
+        outs = llm.generate(requests, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+        full = llm.stats()["ranks"][0]
+    assert [o.outputs[0].token_ids for o in outs] == want
+    text, stats = ours(vl_config(remote, limits={"image": 0}), [REQUESTS["text_only"]])
+    assert text[0].outputs[0].token_ids == want[2]
+    assert stats["vision_weight_bytes"] == 0 and stats["bytes_read"] < full["bytes_read"]
+
+
+def test_dynamic_rope_is_hf_default_below_max_positions():
+    """InternLM2's `dynamic` NTK rope (InternVL2-2B): HF's initial frequencies, the ones every
+    position below max_position_embeddings (where the context is capped) uses."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from framework.layers.rotary import inverse_frequencies, rope_parameters
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6})
+    hf, _ = ROPE_INIT_FUNCTIONS["dynamic"](config, "cpu")
+    ours_ = inverse_frequencies(16, rope_parameters(config))
+    torch.testing.assert_close(ours_.float(), hf.float())

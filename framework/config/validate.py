@@ -193,15 +193,16 @@ def inert_knobs(cfg: FrameworkConfig, hf_config: Any, on_gpu: bool, multimodal: 
 
 def read_model_config(cfg: FrameworkConfig, model_path: Path) -> Any:
     """config.json through transformers, refusing a model type that only the checkpoint's own code
-    defines (auto_map, e.g. OpenGVLab/InternVL2's internvl_chat): transformers would stop to ask
-    on stdin whether to run that code, and this framework never runs it."""
+    defines (auto_map): transformers would stop to ask on stdin whether to run that code, and this
+    framework never runs it. InternVL2's internvl_chat is the exception: its config and tensors
+    are read into transformers' InternVL format (models/internvl_chat.py)."""
     import json
 
     from transformers import CONFIG_MAPPING
 
     from framework.loader.resolve import load_hf_config
     model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
-    if model_type is not None and model_type not in CONFIG_MAPPING:
+    if model_type is not None and model_type not in CONFIG_MAPPING and model_type != "internvl_chat":  # read natively
         raise UserError(f"model.path={cfg.model.path!r}: config.json's model_type {model_type!r} is defined only by "
                         "the checkpoint's own code, which this framework never runs (trust_remote_code has "
                         "nothing to trust); use a checkpoint in transformers' own format")

@@ -27,5 +27,14 @@ def resolve_model_path(path: str) -> Path:
 
 
 def load_hf_config(path: Path) -> Any:
+    """config.json through transformers; InternVL2's own layout (internvl_chat, defined only by the
+    checkpoint's code) is read into transformers' InternVL config without running that code."""
+    import json
     from transformers import AutoConfig
+    file = Path(path) / "config.json"
+    if file.is_file():
+        raw = json.loads(file.read_text())
+        if raw.get("model_type") == "internvl_chat":
+            from framework.models.internvl_chat import native_config
+            return native_config(raw)
     return AutoConfig.from_pretrained(str(path))

@@ -78,11 +78,14 @@ def load_safetensors(model: nn.Module, folder: Path) -> LoadStats:
     start = time.perf_counter()
     params: Dict[str, nn.Parameter] = {model.checkpoint_name(n): p for n, p in model.named_parameters()}
     packed = getattr(model, "packed_modules", {})
+    # a model whose checkpoint layout differs from transformers' (InternVL2's internvl_chat) renames
+    # and splits each tensor first
+    rewrite = getattr(model, "checkpoint_tensors", lambda name, tensor: [(name, tensor)])
     loaded = set()
     # a bar only on a terminal: quiet in tests, CI and logs
     entries = tqdm(iterate_checkpoint(folder, stats), total=count_tensors(folder), desc="loading weights",
                    unit="tensor", leave=False, disable=not sys.stderr.isatty())
-    for name, tensor in entries:
+    for name, tensor in ((n, t) for entry in entries for n, t in rewrite(*entry)):
         target, shard_id = name, None
         for ckpt_part, (ours, shard) in packed.items():
             if f".{ckpt_part}." in name:

@@ -14,6 +14,7 @@ MODELS = {
     "GraniteForCausalLM": "framework.models.llama:LlamaForCausalLM",
     "Qwen2_5_VLForConditionalGeneration": "framework.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration",
     "InternVLForConditionalGeneration": "framework.models.internvl:InternVLForConditionalGeneration",
+    "InternVLChatModel": "framework.models.internvl_chat:InternVLChatModel",  # InternVL2's own layout
     "Gemma3ForCausalLM": "framework.models.gemma3:Gemma3ForCausalLM",
     "Gemma3ForConditionalGeneration": "framework.models.gemma3:Gemma3ForConditionalGeneration",
 }
