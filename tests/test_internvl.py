@@ -1,6 +1,8 @@
 """InternVL end to end on CPU: our engine against HF transformers, token for token (greedy)."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -10,7 +12,9 @@ from tests.helpers import small_config
 from tests.internvl_helpers import TOKENS_PER_TILE, build_tiny_internvl
 from tests.vl_helpers import random_image
 
-pytest.importorskip("torchvision", reason="HF's InternVL image processor needs torchvision")
+# HF's InternVL image processor (GotOcr2) needs torchvision; the planner and rope tests do not
+needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                                       reason="HF's InternVL image processor needs torchvision")
 
 IMAGE = "<IMG_CONTEXT>\n"
 MAX_TOKENS = 8
@@ -61,6 +65,7 @@ REQUESTS = {
 }
 
 
+@needs_torchvision
 def test_hf_equality_one_image_two_images_and_text_in_one_batch(folder):
     requests = list(REQUESTS.values())
     outs, stats = ours(vl_config(folder), requests)
@@ -76,6 +81,7 @@ def test_hf_equality_one_image_two_images_and_text_in_one_batch(folder):
     assert want.count(processor.image_token_id) > TOKENS_PER_TILE  # more than one tile
 
 
+@needs_torchvision
 def test_max_dynamic_patch_maps_onto_max_patches(folder):
     """The seed's knob (vLLM's name) caps the tiles through the processor's max_patches, from the
     config and per request (which wins); outputs stay HF's under the same cap."""
@@ -96,8 +102,13 @@ def test_max_dynamic_patch_maps_onto_max_patches(folder):
     assert counts == [TOKENS_PER_TILE, 3 * TOKENS_PER_TILE]  # one tile has no thumbnail
     assert outs[0].outputs[0].token_ids == hf_greedy(folder, [request], max_patches=1)[0]
     assert outs[1].outputs[0].token_ids == hf_greedy(folder, [request], max_patches=2)[0]
+    from framework.config.errors import ConfigError
+    cfg.multimodal.mm_processor_kwargs = {"max_dynamic_patch": 0}
+    with pytest.raises(ConfigError, match="multimodal.mm_processor_kwargs.max_dynamic_patch"):
+        LLM(cfg)
 
 
+@needs_torchvision
 def test_text_only_holds_no_vision_weights(folder):
     from framework.models.internvl import InternVLForConditionalGeneration
     text = REQUESTS["text_only"]
@@ -142,6 +153,7 @@ def test_internvl2_2b_shape_plans_with_hf_weights_and_tiles():
     assert encoder_budget(v, {"image": 1}, {"max_dynamic_patch": 1}, 512, 8192, 2).tokens == 512
 
 
+@needs_torchvision
 def test_internvl_chat_layout_loads_to_hf_outputs(tmp_path):
     """InternVL2's own layout (model_type internvl_chat, InternLM2 decoder with fused wqkv, InternViT
     with fused qkv, mlp1 projector), written by the test from a native InternVL with a Llama
@@ -173,3 +185,35 @@ def test_dynamic_rope_is_hf_default_below_max_positions():
     hf, _ = ROPE_INIT_FUNCTIONS["dynamic"](config, "cpu")
     ours_ = inverse_frequencies(16, rope_parameters(config))
     torch.testing.assert_close(ours_.float(), hf.float())
+
+
+@needs_torchvision
+def test_prefill_chunks_split_images_and_preemption_keeps_outputs(folder):
+    """8-token steps cut every image's run of <IMG_CONTEXT> tokens (20 for the 90x130 image) across
+    chunks; a KV cache of a few blocks preempts and recomputes requests."""
+    requests = [REQUESTS["two_images_of_different_sizes"], REQUESTS["one_image"]]
+    want = hf_greedy(folder, requests)
+    outs, stats = ours(vl_config(folder, max_num_batched_tokens=8), requests)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert stats["encoder_cache"]["budget_tokens"] == 5 * TOKENS_PER_TILE  # the folder's max_patches=4 + thumbnail
+    outs, stats = ours(vl_config(folder, max_num_batched_tokens=8, num_gpu_blocks_override=12, max_model_len=96),
+                       requests)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert stats["num_preemptions"] > 0
+
+
+@needs_torchvision
+def test_bad_requests_fail_alone(folder):
+    good = REQUESTS["one_image"]
+    image = random_image(56, 56)
+    bad = [
+        {"prompt": chat_text(IMAGE * 3), "multi_modal_data": {"image": [image] * 3}},
+        {"prompt": chat_text(IMAGE), "multi_modal_data": {"video": [image, image]}},
+        {"prompt": chat_text(IMAGE), "multi_modal_data": {"image": image}, "mm_processor_kwargs": {"max_dynamic": 2}},
+        {"prompt": chat_text(IMAGE), "multi_modal_data": {"image": image}, "mm_processor_kwargs": {"max_dynamic_patch": 0}},
+    ]
+    outs, _ = ours(vl_config(folder), [good] + bad + [good])
+    assert outs[0].error is None and outs[-1].outputs[0].token_ids == outs[0].outputs[0].token_ids
+    for out, expected in zip(outs[1:-1], ["limit_mm_per_prompt.image=2", "takes no video input",
+                                          "mm_processor_kwargs.max_dynamic=2", "max_dynamic_patch=0: must be an integer >= 1"]):
+        assert out.error is not None and expected in out.error and "\n" not in out.error, (out.error, expected)

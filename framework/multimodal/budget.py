@@ -4,6 +4,7 @@
 The largest item follows the planner's count (memory/encoder.item_tokens) under the pixel cap in
 force: `multimodal.mm_processor_kwargs.max_pixels`, else the model folder's own processor config
 (read as JSON: every rank computes this before any processor is loaded), else the HF default.
+InternVL's tiles likewise: `max_dynamic_patch` / `max_patches`, else the folder's `max_patches`.
 """
 from __future__ import annotations
 
@@ -12,6 +13,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 from framework.config.schema import FrameworkConfig
+
+
+def folder_max_tiles(folder: Path) -> Optional[int]:
+    """The most tiles an image is cut into (InternVL's GotOcr2 processor: max_patches), if stated."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            value = data.get("image_processor", data).get("max_patches")
+            if value:
+                return int(value)
+    return None
 
 
 def folder_max_pixels(folder: Path) -> Optional[int]:
@@ -35,10 +48,15 @@ def encoder_budget_tokens(cfg: FrameworkConfig, folder: Path, hf_config: Any, mo
     from framework.memory.shape import vision_shape
     from framework.multimodal.limits import parse_limits
     kwargs = dict(cfg.multimodal.mm_processor_kwargs)
+    processor_folder = Path(cfg.model.tokenizer).expanduser() if cfg.model.tokenizer else folder
     if "max_pixels" not in kwargs:
-        cap = folder_max_pixels(Path(cfg.model.tokenizer).expanduser() if cfg.model.tokenizer else folder)
+        cap = folder_max_pixels(processor_folder)
         if cap:
             kwargs["max_pixels"] = cap
+    if "max_dynamic_patch" not in kwargs and "max_patches" not in kwargs:
+        tiles = folder_max_tiles(processor_folder)
+        if tiles:
+            kwargs["max_patches"] = tiles
     v = vision_shape(hf_config)
     limits = parse_limits(cfg.multimodal.limit_mm_per_prompt, cfg.multimodal.language_model_only, modalities)
     largest = max([item_tokens(v, m, kwargs, cfg.cache.max_model_len, limits[m])

@@ -37,6 +37,7 @@ _SUBPROCESSORS = (("image_processor", "image", "image_token"), ("video_processor
 # vLLM's names for a processor's own kwargs: (ours, the processor's); used where the processor takes
 # the target (InternVL's GotOcr2 image processor: max_patches tiles, plus a thumbnail)
 _ALIASES = (("max_dynamic_patch", "max_patches"), ("min_dynamic_patch", "min_patches"))
+_TILE_KEYS = {name for pair in _ALIASES for name in pair}
 
 
 @dataclass
@@ -124,11 +125,16 @@ class MultimodalProcessor:
     # --- kwargs -----------------------------------------------------------------------
     def _check_kwargs(self, kwargs: Mapping[str, Any], where: str, config: bool = False) -> None:
         for key, value in kwargs.items():
+            expected = None
             if key not in self.valid_kwargs:
                 expected = f"unknown key for {type(self.hf).__name__}; valid keys: {', '.join(self.valid_kwargs)}"
-                if config:
-                    raise ConfigError(f"{where}.{key}", value, expected)
-                raise MultimodalInputError(f"{where}.{key}={value!r}: {expected}")
+            elif key in _TILE_KEYS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                expected = "must be an integer >= 1 (tiles an image is cut into)"  # HF takes 0 and cuts one
+            if expected is None:
+                continue
+            if config:
+                raise ConfigError(f"{where}.{key}", value, expected)
+            raise MultimodalInputError(f"{where}.{key}={value!r}: {expected}")
 
     def _kwargs_for(self, request_kwargs: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
         if request_kwargs:
