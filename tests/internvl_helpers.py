@@ -172,3 +172,24 @@ def torch_cat_grouped(*parts):
 def torch_cat(parts):
     import torch
     return torch.cat(parts, dim=0).contiguous()
+
+
+# OpenGVLab/InternVL2-2B's config.json as published (original layout; the values that matter here)
+INTERNVL2_2B_CHAT_CONFIG = {
+    "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
+    "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                 "AutoModel": "modeling_internvl_chat.InternVLChatModel"},
+    "downsample_ratio": 0.5, "dynamic_image_size": True, "force_image_size": 448, "max_dynamic_patch": 12,
+    "min_dynamic_patch": 1, "ps_version": "v2", "select_layer": -1, "template": "internlm2-chat",
+    "use_thumbnail": True, "torch_dtype": "bfloat16",
+    "llm_config": {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "bias": False,
+                   "vocab_size": 92553, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                   "num_attention_heads": 16, "num_key_value_heads": 8, "max_position_embeddings": 32768,
+                   "rms_norm_eps": 1e-05, "rope_theta": 1000000, "rope_scaling": {"type": "dynamic", "factor": 2.0},
+                   "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+                   "pad_token_id": 2},
+    "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": 1024,
+                      "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                      "image_size": 448, "patch_size": 14, "qkv_bias": True, "qk_normalization": False,
+                      "norm_type": "layer_norm", "layer_norm_eps": 1e-06, "hidden_act": "gelu", "num_channels": 3},
+}

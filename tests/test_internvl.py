@@ -217,3 +217,24 @@ def test_bad_requests_fail_alone(folder):
     for out, expected in zip(outs[1:-1], ["limit_mm_per_prompt.image=2", "takes no video input",
                                           "mm_processor_kwargs.max_dynamic=2", "max_dynamic_patch=0: must be an integer >= 1"]):
         assert out.error is not None and expected in out.error and "\n" not in out.error, (out.error, expected)
+
+
+def test_internvl2_2b_original_config_maps_onto_the_shipped_shape():
+    """The published InternVL2-2B config.json (internvl_chat) read natively describes the same model
+    as the shipped shape (transformers' format): same decoder and tower, same planned bytes."""
+    from framework.config.errors import UserError
+    from framework.loader.resolve import load_hf_config, resolve_model_path
+    from framework.memory.planner import GiB, plan_memory
+    from framework.models.internvl_chat import native_config
+    from tests.internvl_helpers import INTERNVL2_2B_CHAT_CONFIG
+    from tests.test_planner import meta_model, param_bytes, plan_config
+    mapped, shape = native_config(INTERNVL2_2B_CHAT_CONFIG), load_hf_config(resolve_model_path("internvl2-2b"))
+    ours_, shipped = meta_model(mapped), meta_model(shape)
+    assert param_bytes(ours_) == param_bytes(shipped)
+    assert ours_.decoder_shape() == shipped.decoder_shape() and ours_.vision_args == shipped.vision_args
+    assert ours_.args.rope == shipped.args.rope
+    plans = [plan_memory(plan_config("internvl2-2b", max_model_len=8192), hf, 80 * GiB) for hf in (mapped, shape)]
+    assert plans[0].weight_bytes == plans[1].weight_bytes and plans[0].encoder_bytes == plans[1].encoder_bytes > 0
+    bad = {k: v for k, v in INTERNVL2_2B_CHAT_CONFIG.items() if k != "llm_config"}
+    with pytest.raises(UserError, match="lacks the key 'llm_config'"):
+        native_config(bad)

@@ -68,6 +68,14 @@ def _text_config(llm: Dict[str, Any]) -> Dict[str, Any]:
 def native_config(raw: Dict[str, Any]) -> Any:
     """config.json of the internvl_chat layout -> the same model as transformers' InternVLConfig,
     its architecture InternVLChatModel (so the loader renames the tensors)."""
+    try:
+        return _native_config(raw)
+    except KeyError as exc:
+        raise UserError(f"config.json of model_type 'internvl_chat' lacks the key {exc.args[0]!r} "
+                        "(llm_config and vision_config are required)") from None
+
+
+def _native_config(raw: Dict[str, Any]) -> Any:
     from transformers import InternVLConfig
     if raw.get("ps_version", "v2") != "v2":
         raise UserError(f"internvl_chat: ps_version {raw.get('ps_version')!r} is not supported; supported: v2")
