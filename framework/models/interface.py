@@ -26,6 +26,9 @@ Optional (multimodal models; models/qwen2_5_vl.py is the example):
 - `uses_mrope = True` and `mrope_positions(num_tokens, [(offset, modality, outputs), ...])`: a
   prompt's [3, T] positions and its decode delta; steps give 3-row positions for its prompt tokens
 
+Optional (a checkpoint layout other than transformers'): `checkpoint_tensors(name, tensor)` yields
+(transformers' name, tensor) pairs for one checkpoint tensor, renamed or split (models/internvl_chat.py).
+
 A new architecture touches its model file and the registry; nothing else describes it.
 """
 from __future__ import annotations
