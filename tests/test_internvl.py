@@ -238,3 +238,18 @@ def test_internvl2_2b_original_config_maps_onto_the_shipped_shape():
     bad = {k: v for k, v in INTERNVL2_2B_CHAT_CONFIG.items() if k != "llm_config"}
     with pytest.raises(UserError, match="lacks the key 'llm_config'"):
         native_config(bad)
+
+
+@needs_torchvision
+def test_chat_with_image_parts_equals_hf(folder, tmp_path):
+    """llm.chat: the folder's chat template writes <IMG_CONTEXT> for an image part; the tokens are
+    HF's on the same rendered prompt."""
+    image = random_image(90, 130, seed=1)
+    path = tmp_path / "a.png"
+    image.save(path)
+    conversation = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"file://{path}"}},
+                                                 {"type": "text", "text": "Describe."}]}]
+    with LLM(vl_config(folder)) as llm:
+        out = llm.chat([conversation], SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))[0]
+    assert out.error is None
+    assert out.outputs[0].token_ids == hf_greedy(folder, [REQUESTS["one_image"]])[0]
