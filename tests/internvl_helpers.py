@@ -91,6 +91,8 @@ def write_internvl_chat_layout(native: Path, path: Path) -> Path:
     wqkv grouped per KV head, InternViT's fused qkv, mlp1 projector; the processor files copied."""
     import json
     import shutil
+
+    import torch
     from safetensors.torch import load_file, save_file
     config = json.loads((native / "config.json").read_text())
     text, vision = config["text_config"], config["vision_config"]
@@ -135,13 +137,10 @@ def write_internvl_chat_layout(native: Path, path: Path) -> Path:
                (".self_attn.o_proj.", ".attention.wo."), (".mlp.gate_proj.", ".feed_forward.w1."),
                (".mlp.up_proj.", ".feed_forward.w3."), (".mlp.down_proj.", ".feed_forward.w2."),
                (".input_layernorm.", ".attention_norm."), (".post_attention_layernorm.", ".ffn_norm.")]
+    fused_parts = tuple(f".{kind}.{p}_proj." for kind in ("self_attn", "attention") for p in "qkv")
     for name, tensor in native_weights.items():
-        if ".self_attn.q_proj." in name or ".attention.q_proj." in name:
-            continue  # written with k and v below
-        if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
-            continue
-        if ".attention.k_proj." in name or ".attention.v_proj." in name:
-            continue
+        if any(part in name for part in fused_parts):
+            continue  # fused below
         for old, new in renames:
             name = name.replace(old, new)
         out[name] = tensor
@@ -149,29 +148,20 @@ def write_internvl_chat_layout(native: Path, path: Path) -> Path:
         if ".self_attn.q_proj." in name:  # [kv head: its q heads, k, v] rows
             k, v = (native_weights[name.replace(".q_proj.", f".{p}.")] for p in ("k_proj", "v_proj"))
             rest = q.shape[1:]
-            fused = torch_cat_grouped(q.reshape(kv_heads, groups, head_dim, *rest), k.reshape(kv_heads, 1, head_dim, *rest),
-                                      v.reshape(kv_heads, 1, head_dim, *rest))
+            fused = torch.cat([q.reshape(kv_heads, groups, head_dim, *rest), k.reshape(kv_heads, 1, head_dim, *rest),
+                               v.reshape(kv_heads, 1, head_dim, *rest)], dim=1)
             out[name.replace(".self_attn.q_proj.", ".attention.wqkv.")] = fused.reshape(-1, *rest).contiguous()
         if ".attention.q_proj." in name:  # InternViT: [q; k; v]
             k, v = (native_weights[name.replace(".q_proj.", f".{p}.")] for p in ("k_proj", "v_proj"))
             fused_name = name.replace(".attention.q_proj.", ".attn.qkv.").replace("vision_tower.encoder.layer.",
                                                                                  "vision_model.encoder.layers.")
-            out[fused_name] = torch_cat([q, k, v])
+            out[fused_name] = torch.cat([q, k, v]).contiguous()
     save_file(out, str(path / "model.safetensors"))
     for file in native.iterdir():  # tokenizer, processor and chat template: transformers' own files
         if file.name not in ("config.json", "model.safetensors", "generation_config.json"):
             shutil.copy(file, path / file.name)
     return path
 
-
-def torch_cat_grouped(*parts):
-    import torch
-    return torch.cat(parts, dim=1)
-
-
-def torch_cat(parts):
-    import torch
-    return torch.cat(parts, dim=0).contiguous()
 
 
 # OpenGVLab/InternVL2-2B's config.json as published (original layout; the values that matter here)

@@ -3,10 +3,12 @@ processed tensors, using the model folder's own HF processor (`AutoProcessor`).
 
 The prompt carries one placeholder token per item, as the model's chat template writes it
 (Qwen2.5-VL: `<|vision_start|><|image_pad|><|vision_end|>`). Each item is processed alone
-(`processor(text=[placeholder], images=[item])`), which gives its tensors and how many
-placeholder tokens it becomes; the prompt's placeholder is then repeated that many times. That
-is exactly what the HF processor does to the whole prompt (the placeholder is a special token,
-so text around it tokenizes the same), and processing items alone lets the cache hold each one.
+(`processor(text=[placeholder], images=[item])`), which gives its tensors and the tokens the
+placeholder becomes: one run of placeholder tokens (where the item's embeddings go), with any
+text tokens the processor writes around it (InternVL: `<img>` before, `</img>` after); the
+prompt's placeholder is replaced by the same. That is exactly what the HF processor does to the
+whole prompt (the placeholder is a special token, so text around it tokenizes the same), and
+processing items alone lets the cache hold each one.
 
 `multimodal.mm_processor_kwargs` and a request's own `mm_processor_kwargs` (which win) go to
 every call; a key neither the image nor the video processor takes is refused, naming the
