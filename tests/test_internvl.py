@@ -253,3 +253,18 @@ def test_chat_with_image_parts_equals_hf(folder, tmp_path):
         out = llm.chat([conversation], SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))[0]
     assert out.error is None
     assert out.outputs[0].token_ids == hf_greedy(folder, [REQUESTS["one_image"]])[0]
+
+
+def test_a_limit_for_a_modality_internvl_lacks_is_said_not_used():
+    from framework import FrameworkConfig
+    from framework.config.validate import inert_knobs
+    from framework.loader.resolve import load_hf_config, resolve_model_path
+    from framework.models.internvl import InternVLForConditionalGeneration
+    cfg = FrameworkConfig()
+    cfg.multimodal.limit_mm_per_prompt = {"image": 2, "video": 1}
+    hf_config = load_hf_config(resolve_model_path("internvl2-2b"))
+    notes = [note for _, note in inert_knobs(cfg, hf_config, True, True, InternVLForConditionalGeneration.modalities)]
+    assert notes == ["multimodal.limit_mm_per_prompt.video=1: not used; InternVLForConditionalGeneration takes image "
+                     "only (such a request fails alone)"]
+    cfg.multimodal.limit_mm_per_prompt = {"image": 2, "video": 0}
+    assert inert_knobs(cfg, hf_config, True, True, InternVLForConditionalGeneration.modalities) == []

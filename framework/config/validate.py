@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterable, List, Tuple
+from typing import Any, Iterable, List, Mapping, Sequence, Tuple
 
 from framework.config.errors import ConfigError, UserError
 from framework.config.schema import FrameworkConfig
@@ -160,9 +160,11 @@ def validate_device_present(cfg: FrameworkConfig) -> None:
                       "launcher=ray launcher.address=HOST:PORT")
 
 
-def inert_knobs(cfg: FrameworkConfig, hf_config: Any, on_gpu: bool, multimodal: bool) -> List[Tuple[int, str]]:
+def inert_knobs(cfg: FrameworkConfig, hf_config: Any, on_gpu: bool, multimodal: bool,
+                modalities: Sequence[str] = ()) -> List[Tuple[int, str]]:
     """Knobs that this run cannot act on, each as (log level, one line to say at start): a warning
-    where the value was chosen, info where it is the default (CUDA graphs on a CPU run)."""
+    where the value was chosen, info where it is the default (CUDA graphs on a CPU run).
+    `modalities`: those the model takes (a limit for another one does nothing)."""
     notes = []
     comp, mm = cfg.compilation, cfg.multimodal
     if not on_gpu:
@@ -188,6 +190,13 @@ def inert_knobs(cfg: FrameworkConfig, hf_config: Any, on_gpu: bool, multimodal: 
             if getattr(mm, key):
                 notes.append((logging.WARNING, f"multimodal.{key}={getattr(mm, key)}: not used; {arch} takes "
                               "text only"))
+    elif modalities:
+        arch = ", ".join(getattr(hf_config, "architectures", None) or []) or "this model"
+        for modality, limit in (mm.limit_mm_per_prompt or {}).items():
+            count = limit.get("count", 0) if isinstance(limit, Mapping) else limit
+            if modality not in modalities and count:
+                notes.append((logging.WARNING, f"multimodal.limit_mm_per_prompt.{modality}={count}: not used; {arch} "
+                              f"takes {', '.join(modalities)} only (such a request fails alone)"))
     return notes
 
 
@@ -222,5 +231,5 @@ def check_before_start(cfg: FrameworkConfig, model_path: Path, hf_config: Any) -
     import torch
     on_gpu = cfg.model.device == "cuda" or (cfg.model.device == "auto" and torch.cuda.is_available())
     multimodal = hasattr(model, "embed_multimodal") or getattr(hf_config, "vision_config", None) is not None
-    for level, note in inert_knobs(cfg, hf_config, on_gpu, multimodal):
+    for level, note in inert_knobs(cfg, hf_config, on_gpu, multimodal, getattr(model, "modalities", ())):
         log.log(level, "note: %s", note)
