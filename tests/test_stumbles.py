@@ -188,8 +188,8 @@ def test_plan_refuses_a_remote_code_config_in_one_line(tmp_path):
     from framework import compose
     from framework.config.errors import UserError
     from framework.tasks import plan
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
-        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"}}))
-    with pytest.raises(UserError, match="model_type 'internvl_chat' is defined only by the checkpoint's own code"):
+    (tmp_path / "config.json").write_text(json.dumps({  # InternLM2 alone (InternVL2's own layout is read natively)
+        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
+        "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config"}}))
+    with pytest.raises(UserError, match="model_type 'internlm2' is defined only by the checkpoint's own code"):
         plan.run(compose(["task=plan", f"model.path={tmp_path}"]), tmp_path / "run")
