@@ -182,7 +182,7 @@ class LLMEngine:
             problem = f"could not read the prompt: {type(exc).__name__}: {exc}"
         if problem:
             return RequestOutput(request_id, text, token_ids, [CompletionOutput("", [], "error")],
-                                 error=f"request {request_id}: {problem}")
+                                 error=f"request {request_id}: {problem}", refused=True)
         seq = Sequence(token_ids, params, request_id=request_id, prompt=text)
         if mm.items:
             seq.mm_items = mm.items

@@ -261,10 +261,14 @@ async def _results(state: ServeState, request: Request, submitted: Submitted,
     return outputs  # type: ignore[return-value]
 
 
-def _engine_error(outputs: Sequence[RequestOutput]) -> None:
-    errors = [o.error for o in outputs if o.error]
-    if errors:
-        raise api.RequestError(None, errors[0], 500, "server_error")
+def _engine_error(outputs: Sequence[RequestOutput], param: str) -> None:
+    """A request the engine refused at admission (its images, its length) is the client's 400,
+    naming `param`; a failure inside a step is the server's 500."""
+    failed = [o for o in outputs if o.error]
+    if failed and all(o.refused for o in failed):
+        raise api.RequestError(param, failed[0].error)
+    if failed:
+        raise api.RequestError(None, failed[0].error, 500, "server_error")
 
 
 # --- routes ------------------------------------------------------------------------------
@@ -284,7 +288,7 @@ async def completions(state: ServeState, request: Request) -> Response:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _sse(_stream(state, False, handles, len(params), events, echoes, prompt_tokens, include_usage))
     outputs = await _results(state, request, Submitted(state, handles, len(params)), events)
-    _engine_error(outputs)
+    _engine_error(outputs, "prompt")
     token_text = _token_text(state)
     choices = []
     for index, (output, echo) in enumerate(zip(outputs, echoes)):
@@ -310,7 +314,7 @@ async def chat_completions(state: ServeState, request: Request) -> Response:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _sse(_stream(state, True, handles, len(handles), events, [""] * len(handles), len(ids), include_usage))
     outputs = await _results(state, request, Submitted(state, handles, len(handles)), events)
-    _engine_error(outputs)
+    _engine_error(outputs, "messages")
     token_text = _token_text(state)
     choices = [api.chat_choice(i, o.text, o.finish_reason,
                                None if o.outputs[0].logprobs is None else
