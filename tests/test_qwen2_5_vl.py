@@ -192,6 +192,10 @@ def test_server_chat_completions_take_image_parts(folder, tmp_path):
     want = llm.generate([REQUESTS["one_image"]], SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
                                                                 ignore_eos=True))[0].text
     srv = OpenAIServer(llm, cfg.task)  # its loop drives the engine from here on
+    import threading
+    processor, threads = llm.launcher.local_engine().mm_processor, []
+    original = processor.process
+    processor.process = lambda *a, **k: threads.append(threading.current_thread().name) or original(*a, **k)
 
     def post(body):
         host, port = srv.address
@@ -225,6 +229,7 @@ def test_server_chat_completions_take_image_parts(folder, tmp_path):
         assert status == 400 and out["error"]["param"] == "messages", out
         status, out = post(body)  # the server goes on
         assert status == 200 and out["choices"][0]["message"]["content"] == want
+        assert threads and "engine-loop" not in threads  # images are processed off the engine's thread
     finally:
         srv.shutdown()
         llm.shutdown()

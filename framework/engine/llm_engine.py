@@ -133,7 +133,9 @@ class LLMEngine:
             if data or kwargs:
                 raise MultimodalInputError("this model takes no images or videos (multi_modal_data)")
             return MultimodalPrompt(token_ids)
-        out = self.mm_processor.process(token_ids, data, kwargs)
+        out = prompt.get("processed") if isinstance(prompt, dict) else None
+        if out is None:  # the server processes in its worker threads (and hands the result over)
+            out = self.mm_processor.process(token_ids, data, kwargs)
         too_big = [p.item for p in out.items if p.item.num_tokens > self.encoder_cache.budget_tokens]
         if too_big:
             raise MultimodalInputError(f"an {too_big[0].modality} of {too_big[0].num_tokens} tokens exceeds the "

@@ -191,6 +191,20 @@ def _chat_text(state: ServeState, messages: List[ChatMessage]) -> Tuple[str, Lis
         raise api.RequestError("messages", f"the chat template refused the messages: {exc}") from None
 
 
+def _process_images(state: ServeState, token_ids: List[int], images: List[Any]) -> Any:
+    """The images through the model's processor here, in a worker thread, so the engine's thread
+    never waits on image decoding and resizing; None where the processor lives in rank 0's actor
+    (TP > 1), which then processes them itself."""
+    from framework.multimodal.limits import MultimodalInputError
+    processor = state.loop.engine.mm_processor
+    if not hasattr(processor, "process"):
+        return None
+    try:
+        return processor.process(token_ids, {"image": images})
+    except MultimodalInputError as exc:
+        raise api.RequestError("messages", str(exc)) from None
+
+
 def _refusal(state: ServeState, token_ids: List[int], params: SamplingParams, param: str) -> None:
     problem = state.loop.engine.request_problem(token_ids, params)
     if problem:
@@ -306,9 +320,10 @@ async def chat_completions(state: ServeState, request: Request) -> Response:
     params = api.sampling_params(req, CHAT_MAX_TOKENS)
     text, images = await run_in_threadpool(_chat_text, state, req.messages)
     _, ids = await _encode(state, text)
-    _refusal(state, ids, params[0], "messages")
+    processed = await run_in_threadpool(_process_images, state, ids, images) if images else None
+    _refusal(state, ids if processed is None else processed.token_ids, params[0], "messages")
     events: "asyncio.Queue[Tuple[int, Event]]" = asyncio.Queue()
-    handles = [Handle(ids, text, sp, req.stream, events, j, {"image": images} if images else None)
+    handles = [Handle(ids, text, sp, req.stream, events, j, {"image": images} if images else None, processed)
                for j, sp in enumerate(params)]
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
