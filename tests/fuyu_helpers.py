@@ -42,7 +42,7 @@ def tiny_config():
     tok = build_tokenizer()
     # head_dim 16, rotary on 8 of them (partial_rotary_factor 0.5, as Fuyu-8B)
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                num_attention_heads=4, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
                 eos_token_id=tok.eos_token_id, pad_token_id=None)
     return FuyuConfig(text_config=text, patch_size=30, num_channels=3, image_size=300,
                       image_token_id=tok.convert_tokens_to_ids(IMAGE), architectures=["FuyuForCausalLM"])
