@@ -96,8 +96,18 @@ def test_prefill_chunk_boundary_inside_an_image_run(folder, hf):
     """5-token steps: the first image's 9-token run (3 patches, newline, 3 patches, newline, <s>)
     is cut after its 5th token, inside the second row of patches; the second image's run too."""
     cases = [requests_for(hf[1])[name] for name in ("two_images", "one_image")]
-    outs, _ = ours(fuyu_config(folder, max_num_batched_tokens=5), [req for req, _, _ in cases])
+    with LLM(fuyu_config(folder, max_num_batched_tokens=5)) as llm:
+        runner = llm.launcher.local_engine().runner
+        spans, merge = [], runner._multimodal_embeds
+
+        def recording(step, input_ids):  # (first run token, tokens) of each image part a step embeds
+            spans.extend((first, count) for _, _, first, count in step.mm_spans)
+            return merge(step, input_ids)
+        runner._multimodal_embeds = recording
+        outs = llm.generate([req for req, _, _ in cases], SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
+                                                                          ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(hf, cases)
+    assert (0, 5) in spans and (5, 4) in spans  # the 9-token run in two steps, cut after 5 tokens
 
 
 def test_text_only_holds_no_patch_projection(folder, hf):
