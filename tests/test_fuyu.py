@@ -145,3 +145,24 @@ def test_seed_example_context_and_batch(folder, hf, tmp_path, monkeypatch):
     assert "limit_mm_per_prompt.image=1" in outs[1].error and "\n" not in outs[1].error
     del outs[1], cases[1]
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(hf, cases)
+
+
+def test_fuyu_8b_shape_plans_with_the_published_parameter_count():
+    """The shipped Fuyu-8B config.json: our model on `meta` has HF's 9.41B parameters; the plan
+    counts the decoder as weights and the patch projection as the encoder, none of it text-only."""
+    from framework.config.compose import compose
+    from framework.loader.resolve import load_hf_config, resolve_model_path
+    from framework.memory.planner import GiB, plan_memory
+    from tests.test_planner import meta_model
+    hf_config = load_hf_config(resolve_model_path("fuyu-8b"))
+    model = meta_model(hf_config, max_model_len=2048)
+    projection = 2700 * 4096 + 4096
+    assert sum(p.numel() for p in model.parameters()) == 9_408_238_592  # "9.41B params"
+    assert sum(p.numel() for p in model.vision_embed_tokens.parameters()) == projection
+    cfg = compose(["model=fuyu_8b_shape", "cache.max_model_len=2048", "cache.max_num_seqs=2"])
+    plan = plan_memory(cfg, hf_config, 80 * GiB)
+    assert plan.weight_bytes == 2 * (9_408_238_592 - projection)
+    assert plan.encoder_bytes >= 2 * projection and plan.fits
+    text = plan_memory(compose(["model=fuyu_8b_shape", "multimodal=text_only", "cache.max_model_len=2048",
+                                "cache.max_num_seqs=2"]), hf_config, 80 * GiB)
+    assert text.encoder_bytes == 0 and text.weight_bytes == plan.weight_bytes
