@@ -166,3 +166,26 @@ def test_fuyu_8b_shape_plans_with_the_published_parameter_count():
     text = plan_memory(compose(["model=fuyu_8b_shape", "multimodal=text_only", "cache.max_model_len=2048",
                                 "cache.max_num_seqs=2"]), hf_config, 80 * GiB)
     assert text.encoder_bytes == 0 and text.weight_bytes == plan.weight_bytes
+
+
+def test_text_prompt_gets_the_image_first_as_hf_processor_does(folder, hf):
+    """A string prompt without |SPEAKER|: the image goes before the text, as HF's processor
+    puts it (which also ends the text with <0x04>: a prompt writes it, nothing is appended)."""
+    model, processor = hf
+    inputs = processor(text=["What is shown?"], images=[IMAGES[0]], return_tensors="pt")
+    request = {"prompt": "What is shown?" + BOA, "multi_modal_data": {"image": IMAGES[0]}}
+    outs, _ = ours(fuyu_config(folder), [request])
+    ids = inputs["input_ids"][0].tolist()
+    assert outs[0].prompt_token_ids == ids
+    assert outs[0].outputs[0].token_ids == hf_greedy(hf, [(None, ids, inputs["image_patches"])])[0]
+
+
+def test_bad_image_fails_alone(folder, hf):
+    cases = requests_for(hf[1])
+    good, _, _ = cases["one_image"]
+    bad = [{**good, "multi_modal_data": {"image": b"not a png"}},
+           {**good, "multi_modal_data": {"image": IMAGES * 2}}]  # 4 images for one placeholder, over the limit
+    outs, _ = ours(fuyu_config(folder), [good] + bad + [good])
+    assert outs[0].error is None and outs[-1].outputs[0].token_ids == outs[0].outputs[0].token_ids
+    for out, expected in zip(outs[1:3], ["could not be decoded as an image", "limit_mm_per_prompt.image=2"]):
+        assert out.error is not None and expected in out.error and "\n" not in out.error, out.error

@@ -12,6 +12,7 @@ Some processors place the image themselves and write it as more than the placeho
 (Fuyu: `|SPEAKER|` rows each closed by `|NEWLINE|`, then `<s>`, always before the text). Those
 are called with empty text; the item's run is what they wrote for the image, and its token ids
 travel in the item's data as `run_token_ids` (the model embeds the non-placeholder ones as text).
+A prompt with no placeholder gets one per image before its text, where those processors put them.
 
 `multimodal.mm_processor_kwargs` and a request's own `mm_processor_kwargs` (which win) go to
 every call; a key neither the image nor the video processor takes is refused, naming the
@@ -121,6 +122,10 @@ class MultimodalProcessor:
         return cls(AutoProcessor.from_pretrained(path), **kwargs)
 
     @property
+    def places_items_itself(self) -> bool:
+        return type(self.hf).__name__ in _PLACES_ITEMS_ITSELF
+
+    @property
     def text_only(self) -> bool:
         return text_only(self.limits)
 
@@ -150,14 +155,13 @@ class MultimodalProcessor:
             return cached
         token = self.placeholders[modality]
         media = {"images": frames} if modality == "image" else {"videos": [frames]}
-        places_itself = type(self.hf).__name__ in _PLACES_ITEMS_ITSELF
-        text = "" if places_itself else self.tokenizer.convert_ids_to_tokens(token)
+        text = "" if self.places_items_itself else self.tokenizer.convert_ids_to_tokens(token)
         try:
             out = self.hf(text=[text], return_tensors="pt", **media, **self._call_kwargs(modality, kwargs))
         except Exception as exc:  # a bad kwarg value, a frame count the processor cannot use...
             raise MultimodalInputError(f"{where} could not be processed: {type(exc).__name__}: {exc}") from None
         data = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
-        if places_itself:
+        if self.places_items_itself:
             run = self._own_run(out["input_ids"][0].tolist(), token)
             data["run_token_ids"] = torch.tensor(run)
             num_tokens = len(run)
@@ -218,6 +222,9 @@ class MultimodalProcessor:
         check_counts({m: len(v) for m, v in items_by_modality.items()}, self.limits, self.language_model_only)
         kwargs = self._kwargs_for(mm_processor_kwargs)
 
+        images = len(items_by_modality.get("image", []))
+        if self.places_items_itself and images and self.placeholders["image"] not in token_ids:
+            token_ids = [self.placeholders["image"]] * images + token_ids  # before the text, as HF's processor puts them
         runs = {m: [i for i, t in enumerate(token_ids) if t == tok] for m, tok in self.placeholders.items()}
         for modality, items in items_by_modality.items():
             if len(runs[modality]) != len(items):
