@@ -153,6 +153,8 @@ class FuyuForCausalLM(nn.Module):
                                     for i in range(a.num_layers))
         self.final_layernorm = nn.LayerNorm(a.hidden_size, eps=a.layer_norm_eps)
         self.lm_head = ParallelLMHead(a.vocab_size, a.hidden_size, ctx.tp)
+        if getattr(top, "tie_word_embeddings", False) or getattr(ctx.text_config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.embed_tokens.weight  # Fuyu-8B does not tie; a config may
         self.patch_dim = top.patch_size * top.patch_size * top.num_channels
         # unquantized whatever quantization.method says, replicated on every rank
         self.vision_embed_tokens = (None if ctx.language_model_only(MODALITIES)
@@ -204,9 +206,9 @@ class FuyuForCausalLM(nn.Module):
         return self.lm_head.compute_logits(hidden)
 
     def decoder_shape(self) -> DecoderShape:
-        a = self.args
+        a, tied = self.args, self.lm_head.weight is self.embed_tokens.weight
         return DecoderShape(
             vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
             num_layers=a.num_layers, num_heads=a.num_heads, num_kv_heads=a.num_heads, head_dim=a.head_dim,
-            max_positions=a.max_positions, tie_word_embeddings=False, qkv_bias=True, o_bias=True, mlp_bias=True,
+            max_positions=a.max_positions, tie_word_embeddings=tied, qkv_bias=True, o_bias=True, mlp_bias=True,
             logits_scaling=1.0, embedding_multiplier=1.0)

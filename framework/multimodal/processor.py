@@ -224,7 +224,7 @@ class MultimodalProcessor:
 
         images = len(items_by_modality.get("image", []))
         if self.places_items_itself and images and self.placeholders["image"] not in token_ids:
-            token_ids = [self.placeholders["image"]] * images + token_ids  # before the text, as HF's processor puts them
+            token_ids = [self.placeholders["image"]] * images + token_ids  # where HF's processor puts them
         runs = {m: [i for i, t in enumerate(token_ids) if t == tok] for m, tok in self.placeholders.items()}
         for modality, items in items_by_modality.items():
             if len(runs[modality]) != len(items):
