@@ -189,3 +189,16 @@ def test_bad_image_fails_alone(folder, hf):
     assert outs[0].error is None and outs[-1].outputs[0].token_ids == outs[0].outputs[0].token_ids
     for out, expected in zip(outs[1:3], ["could not be decoded as an image", "limit_mm_per_prompt.image=2"]):
         assert out.error is not None and expected in out.error and "\n" not in out.error, out.error
+
+
+def test_size_kwarg_shrinks_the_canvas(folder, hf):
+    """mm_processor_kwargs.size (the processor's canvas) reaches HF's processor: a 30x60 canvas
+    scales the 45x70 image down to one row of 2 patches."""
+    model, processor = hf
+    size = {"height": 30, "width": 60}
+    inputs = processor(text=["Small?"], images=[IMAGES[0]], return_tensors="pt", size=size)
+    request = {"prompt": "Small?" + BOA, "multi_modal_data": {"image": IMAGES[0]}, "mm_processor_kwargs": {"size": size}}
+    outs, _ = ours(fuyu_config(folder), [request])
+    ids = inputs["input_ids"][0].tolist()
+    assert outs[0].prompt_token_ids == ids and inputs["image_patches"].shape[0] == 2
+    assert outs[0].outputs[0].token_ids == hf_greedy(hf, [(None, ids, inputs["image_patches"])])[0]
