@@ -140,7 +140,7 @@ class LLMEngine:
         if too_big:
             raise MultimodalInputError(f"an {too_big[0].modality} of {too_big[0].num_tokens} tokens exceeds the "
                                        f"encoder cache budget of {self.encoder_cache.budget_tokens} tokens; lower "
-                                       "mm_processor_kwargs.max_pixels")
+                                       "mm_processor_kwargs.max_pixels (Fuyu: mm_processor_kwargs.size)")
         return out
 
     def request_problem(self, token_ids: List[int], params: SamplingParams) -> Optional[str]:

@@ -19,6 +19,7 @@ from framework.multimodal.limits import ModalityLimit, parse_limits
 IMAGE_MAX_PIXELS = 28 * 28 * 1280  # transformers Qwen2VLImageProcessor's default cap
 VIDEO_MAX_PIXELS = 28 * 28 * 768  # ... and Qwen2VLVideoProcessor's, per frame
 VIDEO_MAX_FRAMES = 768  # Qwen2VLVideoProcessor.max_frames
+FUYU_CANVAS = {"height": 1080, "width": 1920}  # FuyuImageProcessor's default size (images are padded to it)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ def vision_weight_elems(v: VisionShape) -> int:
     a 2-layer merger over merge_size^2 patches); other encoders get the same layout with
     LayerNorm and a 2-matrix MLP: an estimate within a few percent for ViT-style towers."""
     h, i = v.hidden_size, v.intermediate_size
+    if v.model_type == "fuyu":  # vision_embed_tokens alone
+        return v.in_channels * v.patch_size ** 2 * h + h
     patch = v.in_channels * v.temporal_patch_size * v.patch_size ** 2 * h
     attn = 3 * h * h + 3 * h + h * h + h
     merged = h * v.merge_size ** 2
@@ -56,6 +59,12 @@ def item_tokens(v: VisionShape, modality: str, kwargs: Mapping[str, Any], max_mo
                 limit: Optional[ModalityLimit] = None) -> int:
     """LLM tokens of the largest item of one modality; `limit`'s width x height (and num_frames)
     in limit_mm_per_prompt's dict form bound the item profiled, as in vLLM."""
+    if v.model_type == "fuyu":  # rows of patches over the padded canvas, a newline a row, then <s>
+        size = kwargs.get("size") or FUYU_CANVAS
+        rows, cols = -(-int(size["height"]) // v.patch_size), -(-int(size["width"]) // v.patch_size)
+        if limit is not None and limit.width and limit.height:
+            rows, cols = min(rows, -(-limit.height // v.patch_size)), min(cols, -(-limit.width // v.patch_size))
+        return max(1, min(rows * (cols + 1) + 1, max_model_len))
     if v.merge_size > 1:  # Qwen2-VL family: dynamic resolution, merge_size^2 patches per token
         side = v.patch_size * v.merge_size
         cap = int(kwargs.get("max_pixels", IMAGE_MAX_PIXELS if modality == "image" else VIDEO_MAX_PIXELS)) // side ** 2
@@ -88,6 +97,8 @@ def encoder_budget(v: VisionShape, limit_mm_per_prompt: Mapping[str, int], kwarg
     # one block: hidden + residual + normed (3h), then the worse of attention (qkv, rotated q/k,
     # output, projection: 7h) and the gated MLP (gate, up, their product: 3i)
     per_patch = 3 * h + max(7 * h, 3 * i)
+    if v.model_type == "fuyu":  # the patch values and their projection
+        per_patch = v.in_channels * v.patch_size ** 2 + h
     activation = patches * per_patch * dtype_bytes
     return EncoderBudget(
         weight_bytes=vision_weight_elems(v) * dtype_bytes,

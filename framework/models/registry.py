@@ -15,6 +15,7 @@ MODELS = {
     "Qwen2_5_VLForConditionalGeneration": "framework.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration",
     "Gemma3ForCausalLM": "framework.models.gemma3:Gemma3ForCausalLM",
     "Gemma3ForConditionalGeneration": "framework.models.gemma3:Gemma3ForConditionalGeneration",
+    "FuyuForCausalLM": "framework.models.fuyu:FuyuForCausalLM",
 }
 # Vision-language models whose decoder runs here but whose vision tower does not yet: they run
 # with every modality limited to 0 (multimodal=text_only), as the decoder alone.

@@ -8,6 +8,12 @@ placeholder tokens it becomes; the prompt's placeholder is then repeated that ma
 is exactly what the HF processor does to the whole prompt (the placeholder is a special token,
 so text around it tokenizes the same), and processing items alone lets the cache hold each one.
 
+Some processors place the image themselves and write it as more than the placeholder repeated
+(Fuyu: `|SPEAKER|` rows each closed by `|NEWLINE|`, then `<s>`, always before the text). Those
+are called with empty text; the item's run is what they wrote for the image, and its token ids
+travel in the item's data as `run_token_ids` (the model embeds the non-placeholder ones as text).
+A prompt with no placeholder gets one per image before its text, where those processors put them.
+
 `multimodal.mm_processor_kwargs` and a request's own `mm_processor_kwargs` (which win) go to
 every call; a key neither the image nor the video processor takes is refused, naming the
 valid ones, instead of transformers' warning-and-ignore.
@@ -34,6 +40,8 @@ _INTERNAL_KWARGS = {"return_tensors", "device", "data_format", "input_data_forma
                     "return_metadata"}
 # (image_processor attribute, modality, processor attribute naming its placeholder token)
 _SUBPROCESSORS = (("image_processor", "image", "image_token"), ("video_processor", "video", "video_token"))
+# processors that put the image before the text themselves (see the module docstring)
+_PLACES_ITEMS_ITSELF = {"FuyuProcessor"}
 
 
 @dataclass
@@ -41,8 +49,13 @@ class ProcessedItem:
     """One image or video after the HF processor: what the encoder needs, shared through the cache."""
     modality: str
     content_hash: str  # pixels + processor kwargs: the cache key, and what prefix-cache block hashes mix in
-    num_tokens: int  # placeholder tokens it fills in the prompt
+    num_tokens: int  # tokens of its run in the prompt
     data: Dict[str, torch.Tensor]  # this item's processor outputs (Qwen2.5-VL: pixel_values, image_grid_thw...)
+
+    def run_token_ids(self, placeholder: int) -> List[int]:
+        """The tokens the item fills the prompt with: its own (Fuyu), or the placeholder repeated."""
+        run = self.data.get("run_token_ids")
+        return run.tolist() if run is not None else [placeholder] * self.num_tokens
 
     @property
     def nbytes(self) -> int:
@@ -109,6 +122,10 @@ class MultimodalProcessor:
         return cls(AutoProcessor.from_pretrained(path), **kwargs)
 
     @property
+    def places_items_itself(self) -> bool:
+        return type(self.hf).__name__ in _PLACES_ITEMS_ITSELF
+
+    @property
     def text_only(self) -> bool:
         return text_only(self.limits)
 
@@ -138,17 +155,32 @@ class MultimodalProcessor:
             return cached
         token = self.placeholders[modality]
         media = {"images": frames} if modality == "image" else {"videos": [frames]}
+        text = "" if self.places_items_itself else self.tokenizer.convert_ids_to_tokens(token)
         try:
-            out = self.hf(text=[self.tokenizer.convert_ids_to_tokens(token)], return_tensors="pt",
-                          **media, **self._call_kwargs(modality, kwargs))
+            out = self.hf(text=[text], return_tensors="pt", **media, **self._call_kwargs(modality, kwargs))
         except Exception as exc:  # a bad kwarg value, a frame count the processor cannot use...
             raise MultimodalInputError(f"{where} could not be processed: {type(exc).__name__}: {exc}") from None
-        num_tokens = int((out["input_ids"][0] == token).sum())
         data = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
+        if self.places_items_itself:
+            run = self._own_run(out["input_ids"][0].tolist(), token)
+            data["run_token_ids"] = torch.tensor(run)
+            num_tokens = len(run)
+        else:
+            num_tokens = int((out["input_ids"][0] == token).sum())
         item = ProcessedItem(modality, key, num_tokens, data)
         if use_cache:
             self.cache.put(key, item)
         return item
+
+    def _own_run(self, ids: List[int], token: int) -> List[int]:
+        """The image part of a self-placing processor's output for empty text: up to its last
+        placeholder or row-closing token, and the `<s>` it writes after the image."""
+        newline = getattr(self.hf, "image_newline_id", None)
+        image = [i for i, t in enumerate(ids) if t in (token, newline)]
+        end = image[-1] + 1
+        if end < len(ids) and ids[end] == self.tokenizer.bos_token_id:
+            end += 1
+        return ids[:end]
 
     def _call_kwargs(self, modality: str, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
         """`min_pixels` / `max_pixels` (vLLM's names for Qwen2-VL) as the processor's `size`
@@ -190,6 +222,9 @@ class MultimodalProcessor:
         check_counts({m: len(v) for m, v in items_by_modality.items()}, self.limits, self.language_model_only)
         kwargs = self._kwargs_for(mm_processor_kwargs)
 
+        images = len(items_by_modality.get("image", []))
+        if self.places_items_itself and images and self.placeholders["image"] not in token_ids:
+            token_ids = [self.placeholders["image"]] * images + token_ids  # where HF's processor puts them
         runs = {m: [i for i, t in enumerate(token_ids) if t == tok] for m, tok in self.placeholders.items()}
         for modality, items in items_by_modality.items():
             if len(runs[modality]) != len(items):
@@ -213,7 +248,7 @@ class MultimodalProcessor:
         for pos, item in found:
             expanded += token_ids[cursor:pos]
             placed.append(PlacedItem(len(expanded), item))
-            expanded += [token_ids[pos]] * item.num_tokens
+            expanded += item.run_token_ids(token_ids[pos])
             cursor = pos + 1
         expanded += token_ids[cursor:]
         return MultimodalPrompt(expanded, placed)
