@@ -1,12 +1,12 @@
 """The multimodal encoder's memory on each rank: its weights, one batch of its activations and
 the cache of its outputs. Zero for a text model, or when every modality's limit is 0.
 
-Our engine runs no vision encoder yet, so this follows vLLM's budget, the one users of these
-knobs know: the encoder runs on at most `max(max_num_batched_tokens, the largest item)` LLM
+It follows vLLM's budget, the one users of these knobs know, which the engine's encoder cache
+uses too (framework/multimodal/budget.py): the encoder runs on at most `max(max_num_batched_tokens, the largest item)` LLM
 tokens at once, and its output cache holds as many. An item's tokens come from the
 processor's pixel cap (`multimodal.mm_processor_kwargs.max_pixels`, else the HF processor's
-default) and can never exceed max_model_len. The encoder is assumed replicated on every rank
-(no TP slicing) and to use memory-efficient attention (no patches^2 scores).
+default) and can never exceed max_model_len. The encoder is replicated on every rank (no TP
+slicing) and is assumed to use memory-efficient attention (no patches^2 scores).
 """
 from __future__ import annotations
 
