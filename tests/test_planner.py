@@ -58,7 +58,8 @@ def rotary_bytes(model) -> int:
     ("llama-3.1-8b", "LlamaForCausalLM", "llama"),
     ("qwen2.5-vl-3b", "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"),
     ("granite-3.1-8b", "GraniteForCausalLM", "granite"),
-    ("gemma-3-27b", "Gemma3ForConditionalGeneration", "gemma3")])
+    ("gemma-3-27b", "Gemma3ForConditionalGeneration", "gemma3"),
+    ("fuyu-8b", "FuyuForCausalLM", "fuyu")])
 def test_shipped_shapes_load_offline(name, arch, model_type):
     raw = json.loads((SHAPES / name / "config.json").read_text())
     assert raw["architectures"] == [arch] and raw["model_type"] == model_type

@@ -192,6 +192,10 @@ def test_server_chat_completions_take_image_parts(folder, tmp_path):
     want = llm.generate([REQUESTS["one_image"]], SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
                                                                 ignore_eos=True))[0].text
     srv = OpenAIServer(llm, cfg.task)  # its loop drives the engine from here on
+    import threading
+    processor, threads = llm.launcher.local_engine().mm_processor, []
+    original = processor.process
+    processor.process = lambda *a, **k: threads.append(threading.current_thread().name) or original(*a, **k)
 
     def post(body):
         host, port = srv.address
@@ -215,6 +219,17 @@ def test_server_chat_completions_take_image_parts(folder, tmp_path):
         three = dict(body, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}] * 3}])
         status, out = post(three)
         assert status == 400 and "limit_mm_per_prompt.image=2" in out["error"]["message"]
+        # text that fits max_model_len (512) alone, but not with the image's 64 tokens: the engine
+        # refuses it at admission, which is the client's 400, not a server error
+        big = tmp_path / "big.png"
+        random_image(600, 600, seed=2).save(big)
+        big_url = "data:image/png;base64," + base64.b64encode(big.read_bytes()).decode()
+        status, out = post(dict(body, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": big_url}}, {"type": "text", "text": "x" * 460}]}]))
+        assert status == 400 and out["error"]["param"] == "messages", out
+        status, out = post(body)  # the server goes on
+        assert status == 200 and out["choices"][0]["message"]["content"] == want
+        assert threads and "engine-loop" not in threads  # images are processed off the engine's thread
     finally:
         srv.shutdown()
         llm.shutdown()

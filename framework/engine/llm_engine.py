@@ -133,12 +133,14 @@ class LLMEngine:
             if data or kwargs:
                 raise MultimodalInputError("this model takes no images or videos (multi_modal_data)")
             return MultimodalPrompt(token_ids)
-        out = self.mm_processor.process(token_ids, data, kwargs)
+        out = prompt.get("processed") if isinstance(prompt, dict) else None
+        if out is None:  # the server processes in its worker threads (and hands the result over)
+            out = self.mm_processor.process(token_ids, data, kwargs)
         too_big = [p.item for p in out.items if p.item.num_tokens > self.encoder_cache.budget_tokens]
         if too_big:
             raise MultimodalInputError(f"an {too_big[0].modality} of {too_big[0].num_tokens} tokens exceeds the "
                                        f"encoder cache budget of {self.encoder_cache.budget_tokens} tokens; lower "
-                                       "mm_processor_kwargs.max_pixels")
+                                       "mm_processor_kwargs.max_pixels (Fuyu: mm_processor_kwargs.size)")
         return out
 
     def request_problem(self, token_ids: List[int], params: SamplingParams) -> Optional[str]:
@@ -182,7 +184,7 @@ class LLMEngine:
             problem = f"could not read the prompt: {type(exc).__name__}: {exc}"
         if problem:
             return RequestOutput(request_id, text, token_ids, [CompletionOutput("", [], "error")],
-                                 error=f"request {request_id}: {problem}")
+                                 error=f"request {request_id}: {problem}", refused=True)
         seq = Sequence(token_ids, params, request_id=request_id, prompt=text)
         if mm.items:
             seq.mm_items = mm.items

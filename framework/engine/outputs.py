@@ -28,6 +28,7 @@ class RequestOutput:
     prompt_token_ids: List[int]
     outputs: List[CompletionOutput] = field(default_factory=list)
     error: Optional[str] = None  # why this request failed; the others are unaffected
+    refused: bool = False  # the error is the request's own (refused at admission), not the engine's
     num_preemptions: int = 0
     time_to_first_token: Optional[float] = None  # seconds from arrival
     latency: Optional[float] = None  # seconds from arrival to the last token

@@ -1,12 +1,12 @@
 """The multimodal encoder's memory on each rank: its weights, one batch of its activations and
 the cache of its outputs. Zero for a text model, or when every modality's limit is 0.
 
-Our engine runs no vision encoder yet, so this follows vLLM's budget, the one users of these
-knobs know: the encoder runs on at most `max(max_num_batched_tokens, the largest item)` LLM
+It follows vLLM's budget, the one users of these knobs know, which the engine's encoder cache
+uses too (framework/multimodal/budget.py): the encoder runs on at most `max(max_num_batched_tokens, the largest item)` LLM
 tokens at once, and its output cache holds as many. An item's tokens come from the
 processor's pixel cap (`multimodal.mm_processor_kwargs.max_pixels`, else the HF processor's
-default) and can never exceed max_model_len. The encoder is assumed replicated on every rank
-(no TP slicing) and to use memory-efficient attention (no patches^2 scores).
+default) and can never exceed max_model_len. The encoder is replicated on every rank (no TP
+slicing) and is assumed to use memory-efficient attention (no patches^2 scores).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ IMAGE_MAX_PIXELS = 28 * 28 * 1280  # transformers Qwen2VLImageProcessor's defaul
 VIDEO_MAX_PIXELS = 28 * 28 * 768  # ... and Qwen2VLVideoProcessor's, per frame
 VIDEO_MAX_FRAMES = 768  # Qwen2VLVideoProcessor.max_frames
 INTERNVL_MAX_TILES = 12  # GotOcr2ImageProcessor.max_patches, and InternVL2's max_dynamic_patch
+FUYU_CANVAS = {"height": 1080, "width": 1920}  # FuyuImageProcessor's default size (images are padded to it)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ def vision_weight_elems(v: VisionShape) -> int:
     a 2-layer merger over merge_size^2 patches); other encoders get the same layout with
     LayerNorm and a 2-matrix MLP: an estimate within a few percent for ViT-style towers."""
     h, i = v.hidden_size, v.intermediate_size
+    if v.model_type == "fuyu":  # vision_embed_tokens alone
+        return v.in_channels * v.patch_size ** 2 * h + h
     patch = v.in_channels * v.temporal_patch_size * v.patch_size ** 2 * h
     attn = 3 * h * h + 3 * h + h * h + h
     merged = round(h * v.merge_size ** 2 / v.downsample_ratio ** 2)  # the projector's input width
@@ -60,6 +63,12 @@ def item_tokens(v: VisionShape, modality: str, kwargs: Mapping[str, Any], max_mo
                 limit: Optional[ModalityLimit] = None) -> int:
     """LLM tokens of the largest item of one modality; `limit`'s width x height (and num_frames)
     in limit_mm_per_prompt's dict form bound the item profiled, as in vLLM."""
+    if v.model_type == "fuyu":  # rows of patches over the padded canvas, a newline a row, then <s>
+        size = kwargs.get("size") or FUYU_CANVAS
+        rows, cols = -(-int(size["height"]) // v.patch_size), -(-int(size["width"]) // v.patch_size)
+        if limit is not None and limit.width and limit.height:
+            rows, cols = min(rows, -(-limit.height // v.patch_size)), min(cols, -(-limit.width // v.patch_size))
+        return max(1, min(rows * (cols + 1) + 1, max_model_len))
     if v.merge_size > 1:  # Qwen2-VL family: dynamic resolution, merge_size^2 patches per token
         side = v.patch_size * v.merge_size
         cap = int(kwargs.get("max_pixels", IMAGE_MAX_PIXELS if modality == "image" else VIDEO_MAX_PIXELS)) // side ** 2
@@ -94,6 +103,8 @@ def encoder_budget(v: VisionShape, limit_mm_per_prompt: Mapping[str, int], kwarg
     # one block: hidden + residual + normed (3h), then the worse of attention (qkv, rotated q/k,
     # output, projection: 7h) and the gated MLP (gate, up, their product: 3i)
     per_patch = 3 * h + max(7 * h, 3 * i)
+    if v.model_type == "fuyu":  # the patch values and their projection
+        per_patch = v.in_channels * v.patch_size ** 2 + h
     activation = patches * per_patch * dtype_bytes
     return EncoderBudget(
         weight_bytes=vision_weight_elems(v) * dtype_bytes,

@@ -69,6 +69,11 @@ def _side(value: Any) -> int:
 
 def vision_shape(hf_config: Any) -> Optional[VisionShape]:
     v = getattr(hf_config, "vision_config", None)
+    if v is None and getattr(hf_config, "model_type", None) == "fuyu":  # no tower: patches -> one linear
+        hidden = int(text_config(hf_config).hidden_size)
+        return VisionShape(model_type="fuyu", depth=0, hidden_size=hidden, intermediate_size=0, num_heads=0,
+                           patch_size=_side(hf_config.patch_size), in_channels=int(hf_config.num_channels),
+                           temporal_patch_size=1, merge_size=1, out_hidden_size=hidden, image_size=None)
     if v is None:
         return None
     # Qwen2-VL names its width embed_dim and uses hidden_size for the decoder's width

@@ -21,7 +21,9 @@ Required:
 Optional (multimodal models; models/qwen2_5_vl.py is the example):
 - `modalities` (("image", "video")) and `vision_modules()` (the tower and projector, [] when the run
   is text-only: then they are never built, and the loader skips their tensors unread)
-- `embed_multimodal([(modality, processor outputs), ...])`: each item's embeddings [tokens, hidden]
+- `embed_multimodal([(modality, processor outputs), ...])`: each item's embeddings [tokens, hidden],
+  one row per token of its run (a run holding other tokens than the placeholder, as Fuyu's
+  newline tokens, carries its ids as `run_token_ids`: their rows are their text embeddings)
 - `dummy_multimodal_input(num_tokens)`: one item of that many tokens, for the memory profile
 - `uses_mrope = True` and `mrope_positions(num_tokens, [(offset, modality, outputs), ...])`: a
   prompt's [3, T] positions and its decode delta; steps give 3-row positions for its prompt tokens

@@ -17,6 +17,7 @@ MODELS = {
     "InternVLChatModel": "framework.models.internvl_chat:InternVLChatModel",  # InternVL2's own layout
     "Gemma3ForCausalLM": "framework.models.gemma3:Gemma3ForCausalLM",
     "Gemma3ForConditionalGeneration": "framework.models.gemma3:Gemma3ForConditionalGeneration",
+    "FuyuForCausalLM": "framework.models.fuyu:FuyuForCausalLM",
 }
 # Vision-language models whose decoder runs here but whose vision tower does not yet: they run
 # with every modality limited to 0 (multimodal=text_only), as the decoder alone.

@@ -10,6 +10,12 @@ prompt's placeholder is replaced by the same. That is exactly what the HF proces
 whole prompt (the placeholder is a special token, so text around it tokenizes the same), and
 processing items alone lets the cache hold each one.
 
+Some processors place the image themselves and write it as more than the placeholder repeated
+(Fuyu: `|SPEAKER|` rows each closed by `|NEWLINE|`, then `<s>`, always before the text). Those
+are called with empty text; the item's run is what they wrote for the image, and its token ids
+travel in the item's data as `run_token_ids` (the model embeds the non-placeholder ones as text).
+A prompt with no placeholder gets one per image before its text, where those processors put them.
+
 `multimodal.mm_processor_kwargs` and a request's own `mm_processor_kwargs` (which win) go to
 every call; a key neither the image nor the video processor takes is refused, naming the
 valid ones, instead of transformers' warning-and-ignore.
@@ -40,6 +46,8 @@ _SUBPROCESSORS = (("image_processor", "image", "image_token"), ("video_processor
 # the target (InternVL's GotOcr2 image processor: max_patches tiles, plus a thumbnail)
 _ALIASES = (("max_dynamic_patch", "max_patches"), ("min_dynamic_patch", "min_patches"))
 _TILE_KEYS = {name for pair in _ALIASES for name in pair}
+# processors that put the image before the text themselves (see the module docstring)
+_PLACES_ITEMS_ITSELF = {"FuyuProcessor"}
 
 
 @dataclass
@@ -47,11 +55,16 @@ class ProcessedItem:
     """One image or video after the HF processor: what the encoder needs, shared through the cache."""
     modality: str
     content_hash: str  # pixels + processor kwargs: the cache key, and what prefix-cache block hashes mix in
-    num_tokens: int  # placeholder tokens it fills in the prompt
+    num_tokens: int  # tokens of its run in the prompt
     data: Dict[str, torch.Tensor]  # this item's processor outputs (Qwen2.5-VL: pixel_values, image_grid_thw...)
     # text tokens the processor writes around the placeholder run (InternVL: <img> ... </img>)
     prefix_ids: List[int] = field(default_factory=list)
     suffix_ids: List[int] = field(default_factory=list)
+
+    def run_token_ids(self, placeholder: int) -> List[int]:
+        """The tokens the item fills the prompt with: its own (Fuyu), or the placeholder repeated."""
+        run = self.data.get("run_token_ids")
+        return run.tolist() if run is not None else [placeholder] * self.num_tokens
 
     @property
     def nbytes(self) -> int:
@@ -121,6 +134,10 @@ class MultimodalProcessor:
         return cls(AutoProcessor.from_pretrained(path), **kwargs)
 
     @property
+    def places_items_itself(self) -> bool:
+        return type(self.hf).__name__ in _PLACES_ITEMS_ITSELF
+
+    @property
     def text_only(self) -> bool:
         return text_only(self.limits)
 
@@ -155,20 +172,37 @@ class MultimodalProcessor:
             return cached
         token = self.placeholders[modality]
         media = {"images": frames} if modality == "image" else {"videos": [frames]}
+        text = "" if self.places_items_itself else self.tokenizer.convert_ids_to_tokens(token)
         try:
-            out = self.hf(text=[self.tokenizer.convert_ids_to_tokens(token)], return_tensors="pt",
-                          add_special_tokens=False, **media, **self._call_kwargs(modality, kwargs))
+            # the item alone, without the BOS a tokenizer may add to a text
+            own = {} if self.places_items_itself else {"add_special_tokens": False}
+            out = self.hf(text=[text], return_tensors="pt", **own, **media, **self._call_kwargs(modality, kwargs))
         except Exception as exc:  # a bad kwarg value, a frame count the processor cannot use...
             raise MultimodalInputError(f"{where} could not be processed: {type(exc).__name__}: {exc}") from None
-        ids = out["input_ids"][0].tolist()
-        runs = [i for i, t in enumerate(ids) if t == token]
-        if not runs or runs[-1] - runs[0] + 1 != len(runs):  # we place one contiguous run of embeddings
-            raise MultimodalInputError(f"{where}: the processor did not write one run of placeholder tokens for it")
         data = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
-        item = ProcessedItem(modality, key, len(runs), data, ids[:runs[0]], ids[runs[-1] + 1:])
+        ids = out["input_ids"][0].tolist()
+        if self.places_items_itself:
+            run = self._own_run(ids, token)
+            data["run_token_ids"] = torch.tensor(run)
+            item = ProcessedItem(modality, key, len(run), data)
+        else:
+            runs = [i for i, t in enumerate(ids) if t == token]
+            if not runs or runs[-1] - runs[0] + 1 != len(runs):  # we place one contiguous run of embeddings
+                raise MultimodalInputError(f"{where}: the processor did not write one run of placeholder tokens for it")
+            item = ProcessedItem(modality, key, len(runs), data, ids[:runs[0]], ids[runs[-1] + 1:])
         if use_cache:
             self.cache.put(key, item)
         return item
+
+    def _own_run(self, ids: List[int], token: int) -> List[int]:
+        """The image part of a self-placing processor's output for empty text: up to its last
+        placeholder or row-closing token, and the `<s>` it writes after the image."""
+        newline = getattr(self.hf, "image_newline_id", None)
+        image = [i for i, t in enumerate(ids) if t in (token, newline)]
+        end = image[-1] + 1
+        if end < len(ids) and ids[end] == self.tokenizer.bos_token_id:
+            end += 1
+        return ids[:end]
 
     def _call_kwargs(self, modality: str, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
         """`min_pixels` / `max_pixels` (vLLM's names for Qwen2-VL) as the processor's `size`
@@ -211,6 +245,9 @@ class MultimodalProcessor:
         check_counts({m: len(v) for m, v in items_by_modality.items()}, self.limits, self.language_model_only)
         kwargs = self._kwargs_for(mm_processor_kwargs)
 
+        images = len(items_by_modality.get("image", []))
+        if self.places_items_itself and images and self.placeholders["image"] not in token_ids:
+            token_ids = [self.placeholders["image"]] * images + token_ids  # where HF's processor puts them
         runs = {m: [i for i, t in enumerate(token_ids) if t == tok] for m, tok in self.placeholders.items()}
         for modality, items in items_by_modality.items():
             if len(runs[modality]) != len(items):
@@ -234,7 +271,7 @@ class MultimodalProcessor:
         for pos, item in found:
             expanded += token_ids[cursor:pos] + item.prefix_ids
             placed.append(PlacedItem(len(expanded), item))
-            expanded += [token_ids[pos]] * item.num_tokens + item.suffix_ids
+            expanded += item.run_token_ids(token_ids[pos]) + item.suffix_ids
             cursor = pos + 1
         expanded += token_ids[cursor:]
         return MultimodalPrompt(expanded, placed)

@@ -191,6 +191,20 @@ def _chat_text(state: ServeState, messages: List[ChatMessage]) -> Tuple[str, Lis
         raise api.RequestError("messages", f"the chat template refused the messages: {exc}") from None
 
 
+def _process_images(state: ServeState, token_ids: List[int], images: List[Any]) -> Any:
+    """The images through the model's processor here, in a worker thread, so the engine's thread
+    never waits on image decoding and resizing; None where the processor lives in rank 0's actor
+    (TP > 1), which then processes them itself."""
+    from framework.multimodal.limits import MultimodalInputError
+    processor = state.loop.engine.mm_processor
+    if not hasattr(processor, "process"):
+        return None
+    try:
+        return processor.process(token_ids, {"image": images})
+    except MultimodalInputError as exc:
+        raise api.RequestError("messages", str(exc)) from None
+
+
 def _refusal(state: ServeState, token_ids: List[int], params: SamplingParams, param: str) -> None:
     problem = state.loop.engine.request_problem(token_ids, params)
     if problem:
@@ -261,10 +275,14 @@ async def _results(state: ServeState, request: Request, submitted: Submitted,
     return outputs  # type: ignore[return-value]
 
 
-def _engine_error(outputs: Sequence[RequestOutput]) -> None:
-    errors = [o.error for o in outputs if o.error]
-    if errors:
-        raise api.RequestError(None, errors[0], 500, "server_error")
+def _engine_error(outputs: Sequence[RequestOutput], param: str) -> None:
+    """A request the engine refused at admission (its images, its length) is the client's 400,
+    naming `param`; a failure inside a step is the server's 500."""
+    failed = [o for o in outputs if o.error]
+    if failed and all(o.refused for o in failed):
+        raise api.RequestError(param, failed[0].error)
+    if failed:
+        raise api.RequestError(None, failed[0].error, 500, "server_error")
 
 
 # --- routes ------------------------------------------------------------------------------
@@ -284,7 +302,7 @@ async def completions(state: ServeState, request: Request) -> Response:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _sse(_stream(state, False, handles, len(params), events, echoes, prompt_tokens, include_usage))
     outputs = await _results(state, request, Submitted(state, handles, len(params)), events)
-    _engine_error(outputs)
+    _engine_error(outputs, "prompt")
     token_text = _token_text(state)
     choices = []
     for index, (output, echo) in enumerate(zip(outputs, echoes)):
@@ -302,15 +320,16 @@ async def chat_completions(state: ServeState, request: Request) -> Response:
     params = api.sampling_params(req, CHAT_MAX_TOKENS)
     text, images = await run_in_threadpool(_chat_text, state, req.messages)
     _, ids = await _encode(state, text)
-    _refusal(state, ids, params[0], "messages")
+    processed = await run_in_threadpool(_process_images, state, ids, images) if images else None
+    _refusal(state, ids if processed is None else processed.token_ids, params[0], "messages")
     events: "asyncio.Queue[Tuple[int, Event]]" = asyncio.Queue()
-    handles = [Handle(ids, text, sp, req.stream, events, j, {"image": images} if images else None)
+    handles = [Handle(ids, text, sp, req.stream, events, j, {"image": images} if images else None, processed)
                for j, sp in enumerate(params)]
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _sse(_stream(state, True, handles, len(handles), events, [""] * len(handles), len(ids), include_usage))
     outputs = await _results(state, request, Submitted(state, handles, len(handles)), events)
-    _engine_error(outputs)
+    _engine_error(outputs, "messages")
     token_text = _token_text(state)
     choices = [api.chat_choice(i, o.text, o.finish_reason,
                                None if o.outputs[0].logprobs is None else

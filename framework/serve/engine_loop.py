@@ -41,9 +41,11 @@ class Handle:
 
     def __init__(self, prompt_token_ids: List[int], prompt: Optional[str], params: SamplingParams, stream: bool,
                  events: "asyncio.Queue[Tuple[int, Event]]", index: int = 0,
-                 multi_modal_data: Optional[Dict[str, Any]] = None):
+                 multi_modal_data: Optional[Dict[str, Any]] = None, processed: Any = None):
         self.prompt = {"prompt_token_ids": prompt_token_ids, "prompt": prompt}
-        if multi_modal_data:  # images: processed by the engine (placeholders expanded there)
+        if processed is not None:  # images processed in the handler's worker thread (placeholders expanded)
+            self.prompt["processed"] = processed
+        elif multi_modal_data:  # images: processed by the engine (rank 0's, at TP > 1)
             self.prompt["multi_modal_data"] = multi_modal_data
         self.params, self.stream, self.events, self.index = params, stream, events, index
         self.event_loop = asyncio.get_running_loop()
