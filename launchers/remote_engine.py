@@ -40,7 +40,7 @@ class MultimodalLimits:
 
 @dataclass
 class StepReport:
-    tokens: Dict[int, Tuple[List[int], List[TokenLogprob]]]  # live seq_id -> output tokens, logprobs so far
+    tokens: Dict[int, Tuple[List[int], List[TokenLogprob]]]  # live seq_id -> output tokens, logprobs new since the last report
     finished: List[Tuple[int, RequestOutput, bool]]  # (seq_id, output without text, text was cut)
     has_work: bool
     gauges: Dict[str, int]
@@ -53,6 +53,7 @@ class EngineHost:
     def __init__(self, engine: Any):
         self.engine = engine
         self.live: Dict[int, Any] = {}
+        self.reported: Dict[int, int] = {}  # seq_id -> output tokens the driver has (each report sends only new ones)
 
     def add(self, prompt: Any, params: List[SamplingParams]) -> List[Union[Tuple[int, int], RequestOutput]]:
         out = []
@@ -61,11 +62,13 @@ class EngineHost:
                 out.append(result)
             else:
                 self.live[result.seq_id] = result
+                self.reported[result.seq_id] = 0
                 out.append((result.seq_id, result.num_prompt_tokens))
         return out
 
     def abort(self, seq_id: int) -> None:
         seq = self.live.pop(seq_id, None)
+        self.reported.pop(seq_id, None)
         if seq is not None:
             self.engine.abort(seq)
 
@@ -73,12 +76,18 @@ class EngineHost:
         finished = self.engine.step() if self.engine.has_work() else []
         done = []
         for seq in finished:
+            self.reported.pop(seq.seq_id, None)
             if self.live.pop(seq.seq_id, None) is not None:
                 done.append((seq.seq_id, self.engine.output(seq, decode=False), seq.text is not None))
         tokens = {}
         for seq_id, seq in self.live.items():
-            logprobs = list(self.engine.logprobs.get(seq_id, [])) if seq.params.logprobs is not None else []
-            tokens[seq_id] = ([t for t in seq.output_token_ids if t >= 0], logprobs)
+            out = seq.output_token_ids
+            count = len(out) - (1 if out and out[-1] < 0 else 0)  # async: a placeholder at the end
+            sent = self.reported[seq_id]
+            if count > sent:
+                logprobs = self.engine.logprobs.get(seq_id, [])[sent:count] if seq.params.logprobs is not None else []
+                tokens[seq_id] = (out[sent:count], list(logprobs))
+                self.reported[seq_id] = count
         return StepReport(tokens, done, self.engine.has_work(), self.engine.gauges())
 
 
@@ -129,8 +138,8 @@ class RemoteEngine:
         for seq_id, (tokens, logprobs) in report.tokens.items():
             mirror = self.mirrors.get(seq_id)
             if mirror is not None:
-                mirror.output_token_ids = tokens
-                self.logprobs[seq_id] = logprobs
+                mirror.output_token_ids.extend(tokens)
+                self.logprobs.setdefault(seq_id, []).extend(logprobs)
         finished = []
         for seq_id, output, cut in report.finished:
             mirror = self.mirrors.pop(seq_id, None)

@@ -371,3 +371,42 @@ def test_metrics(server, client, model):
     assert values["framework_inter_token_latency_seconds_count"] >= 2
     assert 'framework_memory_bytes{part="weights",source="plan"}' in values
     assert 'framework_memory_bytes{part="weights",source="measured"}' in values
+
+
+def test_step_histogram_matches_prometheus_buckets():
+    """The engine loop's batched histogram renders what prometheus_client's own would."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from framework.serve.metrics import StepHistogram
+    values = [0.0005, 0.001, 0.003, 0.02, 0.02, 7.0, 100.0]
+    buckets = (0.001, 0.01, 0.05, 10.0)
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    StepHistogram("lat", "d", buckets, ours).observe_many(values)
+    reference = Histogram("lat", "d", buckets=buckets, registry=theirs)
+    for v in values:
+        reference.observe(v)
+
+    def samples(registry):
+        return sorted(line for line in generate_latest(registry).decode().splitlines()
+                      if line.startswith("lat") and "_created" not in line)
+    assert samples(ours) == samples(theirs)
+
+
+def test_a_handler_behind_sends_one_chunk_per_choice():
+    """Events queued while a stream's handler was busy merge: each choice's latest (it holds every
+    token so far), and a choice's final Event is never replaced."""
+    from framework.engine.outputs import CompletionOutput, RequestOutput
+    from framework.serve.app import _latest
+    from framework.serve.engine_loop import Event
+
+    async def run():
+        queue = asyncio.Queue()
+        final = Event([5, 6], output=RequestOutput("r", None, [1], [CompletionOutput("", [5, 6], "length")]))
+        for item in [(1, Event([7])), (0, Event([5, 6])), (0, final), (1, Event([7, 8]))]:
+            queue.put_nowait(item)
+        merged = _latest((0, Event([5])), queue)
+        assert queue.empty()
+        return merged
+    merged = dict(asyncio.run(run()))
+    assert sorted(merged) == [0, 1]
+    assert merged[0].output is not None and merged[1].token_ids == [7, 8]

@@ -222,20 +222,44 @@ async def _disconnected(request: Request) -> None:
 
 async def _next(state: ServeState, events: "asyncio.Queue[Tuple[int, Event]]",
                 gone: Optional["asyncio.Task[None]"]) -> Tuple[int, Event]:
+    if not events.empty():  # the common case under load: no waiting, no task or timer made
+        return _settled(state, events.get_nowait())
+    while gone is None:  # a stream: Starlette cancels the handler when its client leaves
+        try:
+            return _settled(state, await asyncio.wait_for(events.get(), ALIVE_CHECK_S))
+        except asyncio.TimeoutError:
+            if not state.loop.alive:
+                return 0, Event([], error="the engine loop died")
     while True:
         getter = asyncio.ensure_future(events.get())
         waiting = {getter} if gone is None else {getter, gone}
         done, _ = await asyncio.wait(waiting, timeout=ALIVE_CHECK_S, return_when=asyncio.FIRST_COMPLETED)
         if getter in done:
-            index, event = getter.result()
-            if event.decode_text:  # the engine thread leaves the final decode to us
-                event.output.outputs[0].text = state.tokenizer.decode(event.output.token_ids, skip_special_tokens=True)
-            return index, event
+            return _settled(state, getter.result())
         getter.cancel()
         if gone is not None and gone in done:
             raise ClientGone()
         if not state.loop.alive:
             return 0, Event([], error="the engine loop died")
+
+
+def _settled(state: ServeState, item: Tuple[int, Event]) -> Tuple[int, Event]:
+    index, event = item
+    if event.decode_text:  # the engine thread leaves the final decode to us
+        event.output.outputs[0].text = state.tokenizer.decode(event.output.token_ids, skip_special_tokens=True)
+        event.decode_text = False
+    return index, event
+
+
+def _latest(first: Tuple[int, Event], events: "asyncio.Queue[Tuple[int, Event]]") -> List[Tuple[int, Event]]:
+    """`first` and whatever else is queued, keeping per choice only its latest Event: each one
+    holds every token so far, so a handler that fell behind sends one chunk for several steps."""
+    latest: Dict[int, Event] = {first[0]: first[1]}
+    while not events.empty():
+        index, event = events.get_nowait()
+        if latest.get(index) is None or latest[index].output is None:  # a choice's final Event stays
+            latest[index] = event
+    return list(latest.items())
 
 
 class Submitted:
@@ -350,10 +374,11 @@ def _token_text(state: ServeState) -> Callable[[int], str]:
     return (lambda t: tokenizer.decode([t])) if tokenizer is not None else str
 
 
-def _sse(chunks: AsyncIterator[Dict[str, Any]]) -> StreamingResponse:
+def _sse(batches: AsyncIterator[List[Dict[str, Any]]]) -> StreamingResponse:
+    """Server-sent events, one socket write per batch of chunks."""
     async def frames() -> AsyncIterator[bytes]:
-        async for chunk in chunks:
-            yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        async for batch in batches:
+            yield b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in batch)
         yield b"data: [DONE]\n\n"
     return StreamingResponse(frames(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -361,8 +386,9 @@ def _sse(chunks: AsyncIterator[Dict[str, Any]]) -> StreamingResponse:
 
 async def _stream(state: ServeState, chat: bool, handles: List[Handle], group_size: int,
                   events: "asyncio.Queue[Tuple[int, Event]]", echoes: List[str], prompt_tokens: int,
-                  include_usage: bool) -> AsyncIterator[Dict[str, Any]]:
-    """The chunks of a streamed request, choice by choice as their tokens come. The requests are
+                  include_usage: bool) -> AsyncIterator[List[Dict[str, Any]]]:
+    """The chunks of a streamed request, choice by choice as their tokens come, in batches (what
+    one wake-up of this handler has to send, written to the socket at once). The requests are
     submitted when the response starts (a client gone before then costs nothing); Starlette
     cancels this generator when the client disconnects, and `finally` aborts what is unfinished."""
     head = api.chunk_head(chat, state.model)
@@ -383,31 +409,37 @@ async def _stream(state: ServeState, chat: bool, handles: List[Handle], group_si
         logprobs = api.completion_logprobs(entries, token_text, offsets[index]) if entries else None
         return {**head, "choices": [api.completion_choice(index, text, finish_reason, logprobs)]}
     try:
+        opening = []
         for index, echo in enumerate(echoes):
             if chat:
-                yield {**head, "choices": [api.chat_delta(index, {"role": "assistant", "content": ""}, None)]}
+                opening.append({**head, "choices": [api.chat_delta(index, {"role": "assistant", "content": ""}, None)]})
             elif echo:
-                yield chunk(index, echo, None)
+                opening.append(chunk(index, echo, None))
+        if opening:
+            yield opening
         while not all(submitted.finished):
-            index, event = await _next(state, events, None)
-            if event.error is not None or (event.output is not None and event.output.error):
-                message = event.error or event.output.error
-                yield {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
-                return
-            final = event.output is not None
-            text = event.output.text if final else decoders[index].update(event.token_ids)
-            delta = texts[index].delta(text, final=final)
-            entries = event.logprobs[sent_logprobs[index]:]
-            sent_logprobs[index] = len(event.logprobs)
-            if delta or entries:
-                yield chunk(index, delta, None, entries)
-                offsets[index] += sum(len(token_text(e.token_id)) for e in entries)
-            if final:
-                completion_tokens += len(event.output.token_ids)
-                submitted.finish(index)
-                yield chunk(index, "", event.output.finish_reason)
+            batch = []
+            for index, event in _latest(await _next(state, events, None), events):
+                if event.error is not None or (event.output is not None and event.output.error):
+                    message = event.error or event.output.error
+                    yield batch + [{"error": {"message": message, "type": "server_error", "param": None, "code": None}}]
+                    return
+                final = event.output is not None
+                text = _settled(state, (index, event))[1].output.text if final else decoders[index].update(event.token_ids)
+                delta = texts[index].delta(text, final=final)
+                entries = event.logprobs[sent_logprobs[index]:]
+                sent_logprobs[index] = len(event.logprobs)
+                if delta or entries:
+                    batch.append(chunk(index, delta, None, entries))
+                    offsets[index] += sum(len(token_text(e.token_id)) for e in entries)
+                if final:
+                    completion_tokens += len(event.output.token_ids)
+                    submitted.finish(index)
+                    batch.append(chunk(index, "", event.output.finish_reason))
+            if batch:
+                yield batch
         if include_usage:
-            yield {**head, "choices": [], "usage": api.usage(prompt_tokens, completion_tokens)}
+            yield [{**head, "choices": [], "usage": api.usage(prompt_tokens, completion_tokens)}]
     finally:
         submitted.abort_unfinished()
 

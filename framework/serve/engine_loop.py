@@ -2,8 +2,9 @@
 
 Handlers tokenize on their side, then `submit` token ids with a Handle; the loop admits whatever
 arrived, runs one engine step while there is work, and pushes Events into each handle's asyncio
-queue (through the handler's event loop, thread-safely): the new tokens after each step for a
-streaming request, the RequestOutput when a request ends. A handle that `abort`s (its client
+queue: the tokens so far after each step for a streaming request, the RequestOutput when a
+request ends. A step's Events cross to the handlers' event loop in one call (one wake-up of that
+loop, not one per request: at 256 streams the per-request wake-ups cost more than the step). A handle that `abort`s (its client
 left) is dropped after the step in flight. If the loop itself ever dies, every handle gets an
 error, `dead` holds the cause, and `on_death` runs (the server then exits non-zero).
 """
@@ -21,6 +22,7 @@ from framework.engine.llm_engine import LLMEngine
 from framework.engine.outputs import RequestOutput, TokenLogprob
 from framework.engine.sampling_params import SamplingParams
 from framework.engine.sequence import Sequence
+from framework.serve.metrics import StepFigures
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05  # how long an idle loop sleeps on the inbox before checking for shutdown
@@ -56,10 +58,24 @@ class Handle:
         self.last_token_time = 0.0
 
     def push(self, event: Event) -> None:
+        deliver([(self, event)])
+
+
+def deliver(batch: List[Tuple[Handle, Event]]) -> None:
+    """Put each Event into its handle's queue: one thread-safe call per event loop."""
+    by_loop: Dict[asyncio.AbstractEventLoop, List[Tuple[Handle, Event]]] = {}
+    for handle, event in batch:
+        by_loop.setdefault(handle.event_loop, []).append((handle, event))
+    for event_loop, items in by_loop.items():
         try:
-            self.event_loop.call_soon_threadsafe(self.events.put_nowait, (self.index, event))
-        except RuntimeError:  # the handler's event loop is closed: nobody is listening any more
+            event_loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # that event loop is closed: nobody is listening any more
             pass
+
+
+def _put_all(items: List[Tuple[Handle, Event]]) -> None:
+    for handle, event in items:
+        handle.events.put_nowait((handle.index, event))
 
 
 class EngineLoop:
@@ -148,38 +164,43 @@ class EngineLoop:
     def _after_step(self, finished: List[Sequence]) -> None:
         now = time.perf_counter()
         ended = {seq.seq_id for seq in finished}
+        batch: List[Tuple[Handle, Event]] = []
+        step = StepFigures()
         for seq_id, handle in self.active.items():  # a finished one's text comes with its output (stop strings cut)
-            self._report_tokens(handle, now, push=seq_id not in ended)
+            event = self._new_tokens(handle, now, step, push=seq_id not in ended)
+            if event is not None:
+                batch.append((handle, event))
         for seq in finished:
             handle = self.active.pop(seq.seq_id, None)
             if handle is None:
                 continue
             decode_text = seq.text is None and self.engine.tokenizer is not None
             output = self.engine.output(seq, decode=False)  # detokenized by its handler, off this thread
-            handle.push(Event(list(output.token_ids), list(output.outputs[0].logprobs or []), output=output,
-                              decode_text=decode_text))
-            if self.metrics is not None:
-                self.metrics.requests.labels(output.finish_reason or "unknown").inc()
+            batch.append((handle, Event(list(output.token_ids), list(output.outputs[0].logprobs or []),
+                                        output=output, decode_text=decode_text)))
+            step.finish_reasons.append(output.finish_reason or "unknown")
+        deliver(batch)
+        if self.metrics is not None:
+            self.metrics.record_step(step)
 
-    def _report_tokens(self, handle: Handle, now: float, push: bool) -> None:
+    def _new_tokens(self, handle: Handle, now: float, step: "StepFigures", push: bool) -> Optional[Event]:
+        """The handle's Event for this step (None: nothing new, or not streamed); its figures go to `step`."""
         seq = handle.seq
         tokens = seq.output_token_ids
         count = len(tokens) - (1 if tokens and tokens[-1] < 0 else 0)  # async: a placeholder at the end
         new = count - handle.num_seen
         if new <= 0:
-            return
-        if self.metrics is not None:
-            self.metrics.generation_tokens.inc(new)
-            if handle.num_seen == 0:
-                self.metrics.ttft.observe(now - handle.arrival)
-            else:
-                gap = (now - handle.last_token_time) / new
-                for _ in range(new):
-                    self.metrics.itl.observe(gap)
+            return None
+        step.generation_tokens += new
+        if handle.num_seen == 0:
+            step.ttft.append(now - handle.arrival)
+        else:
+            step.itl.extend([(now - handle.last_token_time) / new] * new)
         handle.num_seen, handle.last_token_time = count, now
-        if handle.stream and push:
-            logprobs = list(self.engine.logprobs.get(seq.seq_id, [])) if seq.params.logprobs is not None else []
-            handle.push(Event(tokens[:count], logprobs))
+        if not (handle.stream and push):
+            return None
+        logprobs = list(self.engine.logprobs.get(seq.seq_id, [])) if seq.params.logprobs is not None else []
+        return Event(tokens[:count], logprobs)
 
     def _fail_inbox(self, exc: BaseException) -> None:
         while True:

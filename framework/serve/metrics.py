@@ -1,6 +1,7 @@
 """`GET /metrics` in Prometheus' text format, and the serving figures of metrics.json.
 
-Counters and histograms are updated by the engine loop as tokens come; the gauges (running and
+Counters and histograms are updated by the engine loop once a step (a StepFigures: a lock and a
+wake-up per token would cost more than the step at hundreds of streams); the gauges (running and
 waiting requests, KV-cache use, preemptions) are read from the engine when Prometheus scrapes,
 as are the plan's memory figures beside the ones measured then (peak allocated and device use
 on a GPU, peak RSS on the CPU). Each server has its own registry, so
@@ -8,10 +9,12 @@ two servers in one process (the tests) do not share numbers.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+import bisect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from framework.engine.llm_engine import LLMEngine
 
@@ -19,6 +22,43 @@ disable_created_metrics()  # no *_created series: a scrape shows the figures, no
 PREFIX = "framework"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                    2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+
+
+@dataclass
+class StepFigures:
+    """What one engine step adds to the counters and histograms."""
+    generation_tokens: int = 0
+    ttft: List[float] = field(default_factory=list)  # seconds, one per request that got its first token
+    itl: List[float] = field(default_factory=list)  # seconds, one per later token
+    finish_reasons: List[str] = field(default_factory=list)
+
+
+class StepHistogram:
+    """A Prometheus histogram fed a step's values at once by one writer (the engine loop): bucket
+    counts in a plain list, read when scraped (a scrape between two additions is off by one step
+    at most, which Prometheus' own counters allow too)."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple, registry: CollectorRegistry):
+        self.name, self.documentation, self.bounds = name, documentation, list(buckets)
+        self.counts = [0] * (len(buckets) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+        registry.register(self)
+
+    def observe_many(self, values: List[float]) -> None:
+        for value in values:
+            self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += sum(values)
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def collect(self):
+        cumulative, buckets = 0, []
+        for bound, count in zip(self.bounds + [float("inf")], list(self.counts)):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
 
 
 class EngineCollector:
@@ -69,11 +109,19 @@ class ServeMetrics:
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated", registry=self.registry)
         self.requests = Counter(f"{PREFIX}_requests_finished", "Requests finished, by reason",
                                 ["finish_reason"], registry=self.registry)
-        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Arrival to first token",
-                              buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.itl = Histogram(f"{PREFIX}_inter_token_latency_seconds", "Between two tokens of one request",
-                             buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = StepHistogram(f"{PREFIX}_time_to_first_token_seconds", "Arrival to first token",
+                                  LATENCY_BUCKETS, self.registry)
+        self.itl = StepHistogram(f"{PREFIX}_inter_token_latency_seconds", "Between two tokens of one request",
+                                 LATENCY_BUCKETS, self.registry)
         self.registry.register(EngineCollector(engine, plan, measured or dict))
+
+    def record_step(self, step: StepFigures) -> None:
+        if step.generation_tokens:
+            self.generation_tokens.inc(step.generation_tokens)
+        self.ttft.observe_many(step.ttft)
+        self.itl.observe_many(step.itl)
+        for reason in step.finish_reasons:
+            self.requests.labels(reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -84,10 +132,9 @@ class ServeMetrics:
             return sum(s.value for m in self.registry.collect() if m.name == name
                        for s in m.samples if s.name in (name + "_total", name))
 
-        def histogram(h: Histogram) -> Dict[str, float]:
-            samples = {s.name: s.value for s in h.collect()[0].samples if not s.labels.get("le")}
-            count, summed = samples.get(h._name + "_count", 0.0), samples.get(h._name + "_sum", 0.0)
-            return {"count": count, "mean_s": summed / count if count else None}
+        def histogram(h: StepHistogram) -> Dict[str, float]:
+            count = h.count
+            return {"count": float(count), "mean_s": h.sum / count if count else None}
         finished = {}
         for metric in self.registry.collect():
             if metric.name == f"{PREFIX}_requests_finished":
