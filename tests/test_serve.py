@@ -410,3 +410,16 @@ def test_a_handler_behind_sends_one_chunk_per_choice():
     merged = dict(asyncio.run(run()))
     assert sorted(merged) == [0, 1]
     assert merged[0].output is not None and merged[1].token_ids == [7, 8]
+
+
+def test_loadgen_over_the_stub_engine(tmp_path):
+    """The serving stack alone (loadgen --stub): every streamed request completes with its tokens,
+    and the figures name the stub's ideal rate."""
+    from framework.serve.loadgen import main, write_word_tokenizer
+    write_word_tokenizer(str(tmp_path / "tok"), 1000)
+    out = tmp_path / "figures.json"
+    assert main(["--stub", "2:0.5", "--stub-tokenizer", str(tmp_path / "tok"), "--concurrency", "8",
+                 "--num-requests", "16", "--input-len", "4", "--output-len", "5", "--out", str(out)]) == 0
+    level = json.loads(out.read_text())["levels"][0]
+    assert level["errors"] == 0 and level["output_tokens"] == 16 * 5
+    assert level["stub_ideal_tok_per_s"] == 8 * 1000 / 2 and level["serving_over_ideal"] > 0

@@ -3,6 +3,9 @@
     python -m framework.serve.loadgen --concurrency 1,16,64 -- cache.cpu_kvcache_space_gib=1
     python -m framework.serve.loadgen --url http://127.0.0.1:8000 --concurrency 256
 
+With --stub it serves a StubEngine instead of a model (serve/stub_engine.py): the serving stack's
+own cost on any machine, as a share of the stub's ideal rate.
+
 Without --url it starts `python -m framework.run task=serve task.port=0 <overrides>` in a child
 process (so client and server do not share one interpreter), and stops it with SIGTERM at the
 end. Each level sends `--num-requests` streamed completions of random token-id prompts (fixed
@@ -125,9 +128,11 @@ def _ms(values: List[float], pct: int) -> Optional[float]:
     return round(statistics.quantiles(values, n=100, method="inclusive")[pct - 1] * 1000, 2)
 
 
-def start_server(overrides: List[str]) -> Tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "framework.run", "task=serve", "task.port=0", *overrides],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start_server(overrides: List[str], stub: Optional[str] = None,
+                 tokenizer: str = "") -> Tuple[subprocess.Popen, str]:
+    command = (["-m", "framework.serve.stub_engine", "--timing", stub, "--tokenizer", tokenizer] if stub else
+               ["-m", "framework.run", "task=serve", "task.port=0", *overrides])
+    proc = subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         found = re.search(r"at (http://[\w.:\[\]]+)/v1", line)
         if found:
@@ -172,13 +177,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     parser.add_argument("--write-tokenizer", metavar="DIR:VOCAB", help="write a made-up word tokenizer and exit "
                         "(then add model.tokenizer=DIR to the overrides)")
+    parser.add_argument("--stub", metavar="DEVICE_MS:HOST_MS", help="serve a StubEngine (serve/stub_engine.py) "
+                        "instead of a model: the serving stack's own cost, against the stub's ideal rate")
+    parser.add_argument("--stub-tokenizer", default="/tmp/wtok", help="the stub's tokenizer folder")
     parser.add_argument("overrides", nargs="*", help="config overrides for the server (and --offline)")
     args = parser.parse_args(argv)
     if args.write_tokenizer:
         folder, vocab = args.write_tokenizer.rsplit(":", 1)
         write_word_tokenizer(folder, int(vocab))
         return 0
-    proc, url = (None, args.url.rstrip("/")) if args.url else start_server(args.overrides)
+    proc, url = ((None, args.url.rstrip("/")) if args.url else
+                 start_server(args.overrides, args.stub, args.stub_tokenizer))
     results: Dict[str, Any] = {"levels": []}
     try:
         card = json.loads(urlopen(url + "/v1/models", timeout=30).read())["data"][0]
@@ -190,13 +199,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             num = args.num_requests or max(16, 4 * concurrency)
             bodies = workload(num, args.input_len, args.output_len, seed=concurrency)
             figures = asyncio.run(level(url, model, bodies, concurrency))
+            if args.stub:  # every running request gets a token each device_ms
+                ideal = min(concurrency, num) * 1000 / float(args.stub.split(":")[0])
+                figures["stub_ideal_tok_per_s"] = round(ideal, 1)
+                figures["serving_over_ideal"] = round(figures["output_tok_per_s"] / ideal, 3)
             results["levels"].append(figures)
             print(json.dumps(figures), flush=True)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
-    if args.offline:
+    if args.offline and not args.stub:
         concurrency = levels[-1]
         bodies = workload(args.num_requests or max(16, 4 * concurrency), args.input_len, args.output_len,
                           seed=concurrency)
