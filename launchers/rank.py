@@ -95,9 +95,6 @@ class RankActor:
                 "gauges": self.engine.gauges(),
                 "mm_limits": None if mm is None else MultimodalLimits(mm.limits, mm.language_model_only)}
 
-    def request_problem(self, token_ids: List[int], params: Any) -> Any:
-        return self.engine.request_problem(token_ids, params)
-
     def serve_add(self, prompt: Any, params: List[Any]) -> List[Any]:
         return self.host.add(prompt, params)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from framework.engine.llm_engine import request_problem
 from framework.engine.outputs import RequestOutput, TokenLogprob
 from framework.engine.sampling_params import SamplingParams
 
@@ -107,7 +108,7 @@ class RemoteEngine:
         self._has_work = False
 
     def request_problem(self, token_ids: List[int], params: SamplingParams) -> Optional[str]:
-        return self._call("request_problem", token_ids, params)
+        return request_problem(token_ids, params, self.max_model_len, self.vocab_size)
 
     def add_request_group(self, prompt: Any, params: List[SamplingParams]) -> List[Union[MirrorSequence, RequestOutput]]:
         out = []

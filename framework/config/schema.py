@@ -126,6 +126,9 @@ class TaskConfig:
     cors_origins: List[str] = field(default_factory=list)  # serve: origins browsers may call from ("*" = any)
     max_body_bytes: int = 4194304  # serve: larger request bodies get 413
     drain_s: float = 30.0  # serve: on SIGTERM, how long in-flight requests may take to finish
+    # serve: the HTTP server in a child process, so its work never holds the interpreter lock the
+    # engine's host loop needs (at hundreds of streams the two in one process slow each other)
+    frontend_process: bool = True
     # save_sharded
     output_dir: Optional[str] = None
 

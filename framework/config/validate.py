@@ -104,6 +104,8 @@ def validate(cfg: FrameworkConfig) -> FrameworkConfig:
         raise ConfigError("task.cors_origins", list(t.cors_origins), "must be a list of origins like "
                           "http://localhost:3000, or [\"*\"]")
     _positive("task.max_body_bytes", t.max_body_bytes)
+    if not isinstance(t.frontend_process, bool):
+        raise ConfigError("task.frontend_process", t.frontend_process, "must be true or false")
     if isinstance(t.drain_s, bool) or not isinstance(t.drain_s, (int, float)) or not 0 <= t.drain_s < float("inf"):
         raise ConfigError("task.drain_s", t.drain_s, "must be a number of seconds >= 0")
     _positive("task.compare_hf_requests", t.compare_hf_requests, allow=(None,))

@@ -46,6 +46,24 @@ class LaunchedStep:
     ready: Optional[torch.cuda.Event] = None
 
 
+def request_problem(token_ids: List[int], params: SamplingParams, max_model_len: int, vocab_size: int) -> Optional[str]:
+    """Why an engine of this context length and vocabulary would refuse the request, or None."""
+    if not token_ids:
+        return "the prompt is empty"
+    if len(token_ids) >= max_model_len:
+        return (f"the prompt has {len(token_ids)} tokens; cache.max_model_len={max_model_len} "
+                "leaves no room to generate")
+    bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+    if bad:
+        return f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})"
+    if not isinstance(params, SamplingParams):
+        return f"sampling params must be a SamplingParams, got {type(params).__name__}"
+    bad = [t for t in params.stop_token_ids if t >= vocab_size]
+    if bad:
+        return f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {vocab_size})"
+    return params.problem()
+
+
 class LLMEngine:
     def __init__(self, cfg: FrameworkConfig, runner: ModelRunner, tokenizer: Any, eos_token_ids: Seq[int],
                  mm_processor: Optional[MultimodalProcessor] = None, encoder_budget: int = 0):
@@ -109,20 +127,7 @@ class LLMEngine:
         return prompt, self.tokenizer.encode(prompt)
 
     def _problem(self, token_ids: List[int], params: SamplingParams) -> Optional[str]:
-        if not token_ids:
-            return "the prompt is empty"
-        if len(token_ids) >= self.max_model_len:
-            return (f"the prompt has {len(token_ids)} tokens; cache.max_model_len={self.max_model_len} "
-                    "leaves no room to generate")
-        bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
-        if bad:
-            return f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
-        if not isinstance(params, SamplingParams):
-            return f"sampling params must be a SamplingParams, got {type(params).__name__}"
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:
-            return f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
-        return params.problem()
+        return request_problem(token_ids, params, self.max_model_len, self.vocab_size)
 
     def _multimodal(self, prompt: Prompt, text: Optional[str], token_ids: List[int]) -> MultimodalPrompt:
         """The prompt's images and videos processed, placeholders expanded (a text-only prompt of a

@@ -46,6 +46,13 @@ class ProcessorCache:
         self._lock = threading.Lock()
         self.stats = CacheStats(self.capacity_bytes)
 
+    def __getstate__(self) -> dict:
+        """A copy for another process (the HTTP front's) starts empty, with the same capacity."""
+        return {"capacity_bytes": self.capacity_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["capacity_bytes"])
+
     @classmethod
     def from_gib(cls, gib: float) -> "ProcessorCache":
         return cls(int(gib * GiB))

@@ -37,6 +37,36 @@ class Event:
     error: Optional[str] = None  # the loop died: no output will come
 
 
+class LoopSink:
+    """Where the Events of handlers on one asyncio event loop go: into their queues, through that
+    loop (thread-safe). One sink per event loop, so a step's Events for it are one call."""
+
+    _by_loop: "Dict[asyncio.AbstractEventLoop, LoopSink]" = {}
+
+    def __init__(self, event_loop: asyncio.AbstractEventLoop):
+        self.event_loop = event_loop
+
+    @classmethod
+    def of(cls, event_loop: asyncio.AbstractEventLoop) -> "LoopSink":
+        sink = cls._by_loop.get(event_loop)
+        if sink is None:
+            for closed in [loop for loop in cls._by_loop if loop.is_closed()]:
+                del cls._by_loop[closed]
+            sink = cls._by_loop[event_loop] = cls(event_loop)
+        return sink
+
+    def send(self, items: List[Tuple["Handle", Event]]) -> None:
+        try:
+            self.event_loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # that event loop is closed: nobody is listening any more
+            pass
+
+
+def _put_all(items: List[Tuple["Handle", Event]]) -> None:
+    for handle, event in items:
+        handle.events.put_nowait((handle.index, event))
+
+
 class Handle:
     """One engine request (one choice of an HTTP request) seen from its handler. Its Events go
     into `events` as (index, Event): the choices of one HTTP request share one queue."""
@@ -50,7 +80,7 @@ class Handle:
         elif multi_modal_data:  # images: processed by the engine (rank 0's, at TP > 1)
             self.prompt["multi_modal_data"] = multi_modal_data
         self.params, self.stream, self.events, self.index = params, stream, events, index
-        self.event_loop = asyncio.get_running_loop()
+        self.sink: Any = LoopSink.of(asyncio.get_running_loop())
         self.arrival = time.perf_counter()
         # the engine thread's side
         self.seq: Optional[Sequence] = None
@@ -61,28 +91,22 @@ class Handle:
         deliver([(self, event)])
 
 
-def deliver(batch: List[Tuple[Handle, Event]]) -> None:
-    """Put each Event into its handle's queue: one thread-safe call per event loop."""
-    by_loop: Dict[asyncio.AbstractEventLoop, List[Tuple[Handle, Event]]] = {}
+def deliver(batch: List[Tuple[Any, Event]]) -> None:
+    """Each Event to its handle's sink: one send per sink."""
+    by_sink: Dict[int, Tuple[Any, List[Tuple[Any, Event]]]] = {}
     for handle, event in batch:
-        by_loop.setdefault(handle.event_loop, []).append((handle, event))
-    for event_loop, items in by_loop.items():
-        try:
-            event_loop.call_soon_threadsafe(_put_all, items)
-        except RuntimeError:  # that event loop is closed: nobody is listening any more
-            pass
-
-
-def _put_all(items: List[Tuple[Handle, Event]]) -> None:
-    for handle, event in items:
-        handle.events.put_nowait((handle.index, event))
+        by_sink.setdefault(id(handle.sink), (handle.sink, []))[1].append((handle, event))
+    for sink, items in by_sink.values():
+        sink.send(items)
 
 
 class EngineLoop:
     def __init__(self, engine: LLMEngine, metrics: Any = None):
+        # metrics: anything with record_step(StepFigures) (ServeMetrics, or the bridge to a front process)
         self.engine, self.metrics = engine, metrics
         self.inbox: "queue.Queue[tuple]" = queue.Queue()
         self.active: Dict[int, Handle] = {}  # seq_id -> handle of every admitted, unfinished request
+        self.figures = StepFigures()  # since the last report to `metrics` (any object with record_step)
         self.stopped = threading.Event()
         self.dead: Optional[BaseException] = None
         self.on_death: Callable[[BaseException], None] = lambda exc: None  # set it before start()
@@ -150,22 +174,21 @@ class EngineLoop:
                 continue
             handle.seq = result
             self.active[result.seq_id] = handle
-        if self.metrics is not None and isinstance(results[0], Sequence):
-            self.metrics.prompt_tokens.inc(results[0].num_prompt_tokens)  # computed once for the group
+        if not isinstance(results[0], RequestOutput):
+            self.figures.prompt_tokens += results[0].num_prompt_tokens  # computed once for the group
 
     def _abort(self, handle: Handle) -> None:
         seq = handle.seq
         if seq is None or self.active.pop(seq.seq_id, None) is None:
             return  # finished already (or never admitted)
         self.engine.abort(seq)
-        if self.metrics is not None:
-            self.metrics.requests.labels("abort").inc()
+        self.figures.finish_reasons.append("abort")
 
     def _after_step(self, finished: List[Sequence]) -> None:
         now = time.perf_counter()
         ended = {seq.seq_id for seq in finished}
         batch: List[Tuple[Handle, Event]] = []
-        step = StepFigures()
+        step = self.figures
         for seq_id, handle in self.active.items():  # a finished one's text comes with its output (stop strings cut)
             event = self._new_tokens(handle, now, step, push=seq_id not in ended)
             if event is not None:
@@ -182,6 +205,7 @@ class EngineLoop:
         deliver(batch)
         if self.metrics is not None:
             self.metrics.record_step(step)
+        self.figures = StepFigures()
 
     def _new_tokens(self, handle: Handle, now: float, step: "StepFigures", push: bool) -> Optional[Event]:
         """The handle's Event for this step (None: nothing new, or not streamed); its figures go to `step`."""

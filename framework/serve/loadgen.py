@@ -130,7 +130,7 @@ def _ms(values: List[float], pct: int) -> Optional[float]:
 
 def start_server(overrides: List[str], stub: Optional[str] = None,
                  tokenizer: str = "") -> Tuple[subprocess.Popen, str]:
-    command = (["-m", "framework.serve.stub_engine", "--timing", stub, "--tokenizer", tokenizer] if stub else
+    command = (["-m", "framework.serve.stub_engine", "--timing", stub, "--tokenizer", tokenizer, *overrides] if stub else
                ["-m", "framework.run", "task=serve", "task.port=0", *overrides])
     proc = subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:

@@ -26,7 +26,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15
 
 @dataclass
 class StepFigures:
-    """What one engine step adds to the counters and histograms."""
+    """What one engine step (and the requests admitted or aborted before it) adds to the counters
+    and histograms."""
+    prompt_tokens: int = 0
     generation_tokens: int = 0
     ttft: List[float] = field(default_factory=list)  # seconds, one per request that got its first token
     itl: List[float] = field(default_factory=list)  # seconds, one per later token
@@ -116,6 +118,8 @@ class ServeMetrics:
         self.registry.register(EngineCollector(engine, plan, measured or dict))
 
     def record_step(self, step: StepFigures) -> None:
+        if step.prompt_tokens:
+            self.prompt_tokens.inc(step.prompt_tokens)
         if step.generation_tokens:
             self.generation_tokens.inc(step.generation_tokens)
         self.ttft.observe_many(step.ttft)

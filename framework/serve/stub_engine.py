@@ -113,17 +113,28 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     from framework.serve.app import ServeState, build_app
     from framework.serve.engine_loop import EngineLoop
+    from framework.serve.front_process import FrontBridge, FrontSpec
     from framework.serve.metrics import ServeMetrics
     from framework.serve.server import LISTEN_BACKLOG
     parser = argparse.ArgumentParser(description="the OpenAI server over a StubEngine")
     parser.add_argument("--timing", type=StubTiming.parse, default=StubTiming(), help="DEVICE_MS:HOST_MS")
     parser.add_argument("--tokenizer", required=True, help="a tokenizer folder (loadgen --write-tokenizer)")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--in-process", action="store_true", help="the HTTP server on a thread of the engine's "
+                        "process (task.frontend_process=false) instead of a child process")
     args = parser.parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     engine = StubEngine(args.timing, tokenizer)
-    metrics = ServeMetrics(engine)
-    loop = EngineLoop(engine, metrics)
+    loop = EngineLoop(engine)
+    if not args.in_process:
+        spec = FrontSpec("127.0.0.1", args.port, LISTEN_BACKLOG, "stub", engine.max_model_len, engine.vocab_size,
+                         tokenizer, None, None)
+        front = loop.metrics = FrontBridge(loop, spec, {})
+        loop.start()
+        print(f"stub engine ({args.timing}) serving at http://{front.address[0]}:{front.address[1]}/v1", flush=True)
+        front.wait(None)
+        return
+    metrics = loop.metrics = ServeMetrics(engine)
     state = ServeState(loop, tokenizer, "stub", engine.max_model_len, metrics)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
