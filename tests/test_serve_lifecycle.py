@@ -4,6 +4,7 @@ metrics.json), the drain deadline cuts what is left, and an engine loop that die
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -62,6 +63,32 @@ def test_sigterm_drains_then_writes_metrics(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["serve"]["generation_tokens"] >= 300
     assert metrics["serve"]["requests_finished"] == {"length": 1.0} and metrics["serve"]["engine_loop_died"] is None
+
+
+def test_ctrl_c_to_the_process_group_still_writes_the_serving_figures(tmp_path):
+    """Ctrl-C reaches the HTTP front's process too (task.frontend_process): the front drains with
+    the engine and still hands over its figures, and leaves no process behind."""
+    proc = subprocess.Popen([sys.executable, "-m", "framework.run", "task=serve", "task.port=0",
+                             "cache.cpu_kvcache_space_gib=0.1", f"hydra.run.dir={tmp_path}/run"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            found = re.search(r"at http://([\d.]+):(\d+)/v1", line)
+            if found:
+                break
+        client = openai.OpenAI(base_url=f"http://{found.group(1)}:{found.group(2)}/v1", api_key="x",
+                               max_retries=0, timeout=120)
+        client.completions.create(model="pydoc-llama", prompt="The", max_tokens=5, extra_body={"ignore_eos": True})
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["serve"]["generation_tokens"] == 5 and metrics["serve"]["requests_finished"] == {"length": 1.0}
+    left = subprocess.run(["ps", "-o", "pid=,args=", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+    assert "spawn_main" not in left, left  # no HTTP front left running (a resource tracker may linger a moment)
 
 
 @pytest.fixture

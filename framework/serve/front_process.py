@@ -257,7 +257,14 @@ class FrontLoop:
 
 def serve_front(conn: Any, spec: FrontSpec) -> None:
     """The child process: bind, build the app, serve until drained or the engine is gone."""
+    import signal
+
     import uvicorn
+    # The engine's process decides when to stop (it forwards SIGTERM as "drain"). A signal sent to
+    # the whole group (Ctrl-C, `timeout`) still makes uvicorn drain, but uvicorn re-raises it once
+    # stopped: ignored here, so the summary below is still sent.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     from framework.serve.app import ServeState, build_app
     from framework.serve.metrics import ServeMetrics
