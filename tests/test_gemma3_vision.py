@@ -163,9 +163,12 @@ def test_a_prefix_hit_may_end_inside_an_image_run(folder, monkeypatch):
 
 
 def test_a_budget_smaller_than_an_image_is_one_line(folder):
-    from framework.config.errors import UserError
-    with pytest.raises(UserError, match=r"cache.max_num_batched_tokens=3: an image's 4 tokens .* >= 4"):
+    from framework.config.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"cache.max_num_batched_tokens=3: must be >= 4: an image's 4 tokens"):
         LLM(vl_config(folder, max_num_batched_tokens=3))
+    cfg = vl_config(folder, max_num_batched_tokens=3, limits={"image": 0})  # text only: no image to hold
+    with LLM(cfg) as llm:
+        assert llm.generate([REQUESTS["text_only"]], SamplingParams(max_tokens=2))[0].error is None
 
 
 def test_preemption_keeps_outputs(folder):

@@ -112,11 +112,10 @@ class ModelRunner:
                            QuantResolver.build(cfg.quantization, hf_config, tp.size), cfg.multimodal)
         self.model = build_model(ctx, self.device)
         run = getattr(self.model, "bidirectional_mm_run_tokens", 0)
-        if run > cfg.cache.max_num_batched_tokens:  # before any weight is read
-            raise UserError(f"cache.max_num_batched_tokens={cfg.cache.max_num_batched_tokens}: an image's "
-                            f"{run} tokens attend to each other both ways and must be computed in one prefill "
-                            f"chunk; set cache.max_num_batched_tokens >= {run}, or run on text with "
-                            "multimodal=text_only")
+        if run > cfg.cache.max_num_batched_tokens:  # the front door says so first (config/validate.py)
+            raise UserError(f"cache.max_num_batched_tokens={cfg.cache.max_num_batched_tokens}: must be >= {run}: "
+                            f"an image's {run} tokens attend to each other both ways and are computed in one "
+                            "prefill chunk (or run on text with multimodal=text_only)")
         self.load_stats: LoadStats = load_weights(self.model, cfg.model, model_path, cfg.quantization.method, tp)
         self.load_seconds = time.perf_counter() - start
 

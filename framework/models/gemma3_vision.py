@@ -70,7 +70,7 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
         super().__init__(ctx, prefix="language_model.model")
         hf = ctx.hf_config
         self.image_token_id = int(getattr(hf, "image_token_id", None) or hf.image_token_index)
-        self.tokens_per_image = int(hf.mm_tokens_per_image)
+        self.tokens_per_image = self.bidirectional_run_tokens(hf)
         self.vision_args = SiglipArgs.from_hf(hf.vision_config)
         self.language_model_only = ctx.language_model_only(MODALITIES)
         # each image's (or crop's) tokens see each other both ways: a run the scheduler never splits
@@ -79,6 +79,11 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
         self.vision_tower = None if self.language_model_only else SiglipVisionTower(self.vision_args)
         self.multi_modal_projector = (None if self.language_model_only else
                                       Gemma3Projector(self.vision_args, self.args.hidden_size, self.tokens_per_image))
+
+    @staticmethod
+    def bidirectional_run_tokens(hf_config) -> int:
+        """The longest run of tokens that attend to each other both ways: one image's (or crop's)."""
+        return int(hf_config.mm_tokens_per_image)
 
     def vision_modules(self) -> list:
         return [] if self.vision_tower is None else [self.vision_tower, self.multi_modal_projector]
