@@ -31,14 +31,12 @@ class LLM:
         from framework.memory.measure import reset_peak_rss
 
         from framework.memory.planner import engine_device_memory
-        from framework.models.registry import check_runnable
 
         reset_peak_rss()  # this engine's peak, not an earlier job's in the same process
         requested = vllm_args.to_config(model, **vllm_kwargs)
         self.model_path = resolve_model_path(requested.model.path)
         self.hf_config = read_model_config(requested, self.model_path)
         check_before_start(requested, self.model_path, self.hf_config)  # before any plan, rank or weight
-        check_runnable(self.hf_config, requested.multimodal.limit_mm_per_prompt)
         # Every `auto` becomes a value here, once; the planner, the launcher and every rank get
         # the resolved config (a CPU-only driver of a GPU cluster resolves for the CPU backend).
         gpu_here = not (requested.model.device == "cuda" and not torch.cuda.is_available())

@@ -47,10 +47,11 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                     block_tables: torch.Tensor, scale: float,
-                    out: torch.Tensor | None = None, sliding_window: int = 0) -> torch.Tensor:
+                    out: torch.Tensor | None = None, sliding_window: int = 0,
+                    causal_limits: torch.Tensor | None = None) -> torch.Tensor:
     fn = _attn.paged_attention if use_triton(q) else _attn.paged_attention_ref
     return fn(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, out=out,
-              sliding_window=sliding_window)
+              sliding_window=sliding_window, causal_limits=causal_limits)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -12,6 +12,14 @@ position p when p - W < n <= p, HF's sliding-window mask). Keys before the first
 are never read, nor are their block-table entries: a window layer's blocks that no window
 reaches any more may be freed. Query head h reads KV head h // (Hq // Hkv).
 
+`causal_limits` [T] (optional; Gemma-3's images): the last key position each new token sees,
+instead of its own position. A token inside a bidirectional run (an image's tokens, which attend
+to each other both ways, as HF does) has the run's last position; every other token its own.
+Key n is then visible from position p when n <= limit (and p - W < n for a window: HF ANDs the
+window onto causal-or-same-image). The run must lie wholly in the step's new tokens (the
+scheduler keeps it in one chunk). Without it (every other model) the kernel is compiled as
+before: the limit is a constexpr branch, not a load.
+
 Kernel shape: one program per (query tile, KV head). A query tile is BLOCK_Q consecutive tokens
 of one sequence times the GROUP query heads of that KV head, flattened into BLOCK_M rows, so a
 KV tile gathered from the paged cache feeds BLOCK_M rows at once (GQA reads KV once per group).
@@ -57,7 +65,7 @@ def _find_seq(cu_seqlens_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _attend_kv_range(
-    acc, l_i, m_i, q, pos,
+    acc, l_i, m_i, q, pos, limit,
     k_cache_ptr, v_cache_ptr, bt_row, kvh,
     lo, hi, kv_start, kv_end, scale_log2,
     stride_kb, stride_ks, stride_kh,
@@ -65,7 +73,7 @@ def _attend_kv_range(
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     MASKED: tl.constexpr,  # False: every key of every tile is visible to every row
-    WINDOW: tl.constexpr,  # > 0: row at position p sees keys p - WINDOW < n <= p
+    WINDOW: tl.constexpr,  # > 0: row at position p sees keys p - WINDOW < n <= limit
 ):
     # Online softmax (flash attention) over key tiles [lo, hi). In log2 units: s = q.k * scale * log2 e.
     d = tl.arange(0, BLOCK_D)
@@ -94,7 +102,7 @@ def _attend_kv_range(
             v = tl.load(v_cache_ptr + v_rows[:, None] + d[None, :])
         s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
         if MASKED:
-            visible = (n[None, :] <= pos[:, None]) & n_ok[None, :]
+            visible = (n[None, :] <= limit[:, None]) & n_ok[None, :]  # limit is pos but in an image
             if WINDOW > 0:
                 visible = visible & (n[None, :] > pos[:, None] - WINDOW)
             s = tl.where(visible, s, float("-inf"))
@@ -116,7 +124,7 @@ def _attend_kv_range(
 @triton.jit(do_not_specialize=["num_seqs"])  # 1 would become a constexpr and break the search
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-    cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr,
+    cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr, limits_ptr,
     scale_log2,
     num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -133,6 +141,7 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WINDOW: tl.constexpr,  # 0: full causal attention
+    HAS_LIMITS: tl.constexpr,  # causal_limits given (a step with bidirectional image runs)
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -159,12 +168,21 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     pos = context + tok  # each row's query position; padding rows only see extra keys
+    kv_end = context + tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len)
+    if HAS_LIMITS:
+        # an image token sees up to its run's end, which lies in this step's tokens: the tile
+        # reads keys up to its real rows' largest limit (padding rows keep their position, past
+        # the sequence: they must not stretch the range)
+        limit = tl.load(limits_ptr + q_rows, mask=row_ok, other=0).to(tl.int32)
+        kv_end = tl.maximum(kv_end, tl.max(limit, axis=0) + 1)
+        limit = tl.where(row_ok, limit, pos)
+    else:
+        limit = pos
 
     # Keys [0, full_end) are visible to every row of the tile (its first token sees up to
     # context + tile * BLOCK_Q): no causal mask there. The causal tiles run after, up to the
-    # last real token's position. Either loop's first tile shows key 0 to every row, so each
-    # row's running max is finite from then on.
-    kv_end = context + tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len)
+    # last real token's position (or limit). Either loop's first tile shows key 0 to every row,
+    # so each row's running max is finite from then on.
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -173,18 +191,18 @@ def _paged_attention_kernel(
         # Every tile masked: from the first key of the tile's first row's window to its last key.
         kv_start = tl.maximum(context + tile * BLOCK_Q - WINDOW + 1, 0)
         acc, l_i, m_i = _attend_kv_range(
-            acc, l_i, m_i, q, pos, k_cache_ptr, v_cache_ptr, bt_row, kvh,
+            acc, l_i, m_i, q, pos, limit, k_cache_ptr, v_cache_ptr, bt_row, kvh,
             kv_start // BLOCK_N * BLOCK_N, kv_end, kv_start, kv_end,
             scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             BLOCK_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, MASKED=True, WINDOW=WINDOW)
     else:
         full_end = (context + tile * BLOCK_Q + 1) // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _attend_kv_range(
-            acc, l_i, m_i, q, pos, k_cache_ptr, v_cache_ptr, bt_row, kvh, 0, full_end, 0, kv_end,
+            acc, l_i, m_i, q, pos, limit, k_cache_ptr, v_cache_ptr, bt_row, kvh, 0, full_end, 0, kv_end,
             scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             BLOCK_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, MASKED=False, WINDOW=0)
         acc, l_i, m_i = _attend_kv_range(
-            acc, l_i, m_i, q, pos, k_cache_ptr, v_cache_ptr, bt_row, kvh, full_end, kv_end, 0, kv_end,
+            acc, l_i, m_i, q, pos, limit, k_cache_ptr, v_cache_ptr, bt_row, kvh, full_end, kv_end, 0, kv_end,
             scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             BLOCK_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, MASKED=True, WINDOW=0)
 
@@ -213,9 +231,11 @@ def paged_attention(
     scale: float,
     out: torch.Tensor | None = None,
     sliding_window: int = 0,
+    causal_limits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton paged causal attention over a mixed batch; returns `[T, Hq, D]` in q's dtype.
     `sliding_window` > 0: each query sees only its last that many keys (itself included).
+    `causal_limits` [T]: each query's last visible key position (see the module docstring).
 
     No host sync: the grid depends only on T, B and Hkv, so it can run under CUDA graphs.
     """
@@ -238,6 +258,7 @@ def paged_attention(
     grid = (num_tokens // block_q + num_seqs, hkv)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables,
+        causal_limits if causal_limits is not None else cu_seqlens_q,  # never read without limits
         scale * 1.4426950408889634,  # exp(x) = exp2(x * log2 e): exp2 is the fast instruction
         num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -247,6 +268,7 @@ def paged_attention(
         GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_M=block_m,
         HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), BLOCK_N=BLOCK_N,
         DOT_PRECISION=dot_precision(q.dtype), WINDOW=int(sliding_window or 0),
+        HAS_LIMITS=causal_limits is not None,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out
@@ -262,6 +284,7 @@ def paged_attention_ref(
     scale: float,
     out: torch.Tensor | None = None,
     sliding_window: int = 0,
+    causal_limits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Torch reference of `paged_attention` (fp32 math), the CPU backend's attention.
 
@@ -305,10 +328,13 @@ def paged_attention_ref(
             qb = q[start + c0:start + c0 + n].float().reshape(n, hkv, group, head_dim)
             qb = qb.permute(1, 2, 0, 3).reshape(hkv, group * n, head_dim)
             first = seq_len - q_len + c0
-            visible = first + n  # keys past the chunk's last query are never attended: leave them out
-            query_pos = torch.arange(first, visible, device=q.device)[:, None]
+            query_pos = torch.arange(first, first + n, device=q.device)[:, None]
+            limit = query_pos
+            if causal_limits is not None:  # image tokens see up to their run's end
+                limit = causal_limits[start + c0:start + c0 + n].to(query_pos)[:, None]
+            visible = int(limit.max()) + 1  # keys past every query's limit are never attended: leave them out
             key_pos = torch.arange(base, visible, device=q.device)[None, :]
-            mask = key_pos <= query_pos
+            mask = key_pos <= limit
             if sliding_window:
                 mask &= key_pos > query_pos - sliding_window
             o = F.scaled_dot_product_attention(qb, k[:, :visible - base], v[:, :visible - base],

@@ -144,6 +144,25 @@ def validate_against_model(cfg: FrameworkConfig, hf_config: Any) -> None:
         raise ConfigError("cache.max_model_len", max_len,
                           f"exceeds the model's max_position_embeddings={limit}; lower it or set "
                           "cache.allow_long_max_model_len=true")
+    _check_bidirectional_runs(cfg, hf_config)
+
+
+def _check_bidirectional_runs(cfg: FrameworkConfig, hf_config: Any) -> None:
+    """A model whose image tokens attend both ways (Gemma-3) computes each image in one prefill
+    chunk: max_num_batched_tokens must hold one, unless images are off."""
+    if getattr(hf_config, "vision_config", None) is None:
+        return
+    from framework.models.registry import model_class
+    from framework.multimodal.limits import parse_limits, text_only
+    cls = model_class(hf_config)
+    run = getattr(cls, "bidirectional_run_tokens", lambda c: 0)(hf_config)
+    mm = cfg.multimodal
+    if not run or text_only(parse_limits(mm.limit_mm_per_prompt, mm.language_model_only, cls.modalities)):
+        return
+    if cfg.cache.max_num_batched_tokens < run:
+        raise ConfigError("cache.max_num_batched_tokens", cfg.cache.max_num_batched_tokens,
+                          f"must be >= {run}: an image's {run} tokens attend to each other both ways and are "
+                          "computed in one prefill chunk (or run on text with multimodal=text_only)")
 
 
 def validate_device_present(cfg: FrameworkConfig) -> None:

@@ -145,7 +145,14 @@ class LLMEngine:
         if too_big:
             raise MultimodalInputError(f"an {too_big[0].modality} of {too_big[0].num_tokens} tokens exceeds the "
                                        f"encoder cache budget of {self.encoder_cache.budget_tokens} tokens; lower "
-                                       "mm_processor_kwargs.max_pixels (Fuyu: mm_processor_kwargs.size)")
+                                       "mm_processor_kwargs.max_pixels (Fuyu: mm_processor_kwargs.size; Gemma-3: "
+                                       "pan_and_scan_max_num_crops) or raise cache.max_num_batched_tokens")
+        if getattr(self.runner.model, "bidirectional_mm_run_tokens", 0):
+            longest = max((b - a for p in out.items for a, b in p.item.runs()), default=0)
+            if longest > self.cfg.cache.max_num_batched_tokens:  # it must be computed in one prefill chunk
+                raise MultimodalInputError(f"an image run of {longest} tokens attends to itself both ways and must "
+                                           "be computed in one prefill chunk; cache.max_num_batched_tokens="
+                                           f"{self.cfg.cache.max_num_batched_tokens} is smaller")
         return out
 
     def request_problem(self, token_ids: List[int], params: SamplingParams) -> Optional[str]:
@@ -193,6 +200,8 @@ class LLMEngine:
         seq = Sequence(token_ids, params, request_id=request_id, prompt=text)
         if mm.items:
             seq.mm_items = mm.items
+            if getattr(self.runner.model, "bidirectional_mm_run_tokens", 0):
+                seq.bidirectional_runs = [(p.offset + a, p.offset + b) for p in mm.items for a, b in p.item.runs()]
             if getattr(self.runner.model, "uses_mrope", False):
                 seq.mrope_positions, seq.mrope_delta = self.runner.model.mrope_positions(
                     len(token_ids), [(p.offset, p.item.modality, p.item.data) for p in mm.items])

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from framework.config.errors import UserError
 from framework.config.schema import CompilationLevel, FrameworkConfig
 from framework.engine.block_manager import split_kv_budget
 from framework.engine.cuda_graphs import CudaGraphRunner, device_memory, measure_graph_memory
@@ -110,6 +111,11 @@ class ModelRunner:
         ctx = ModelContext(hf_config, self.dtype, max_model_len, tp,
                            QuantResolver.build(cfg.quantization, hf_config, tp.size), cfg.multimodal)
         self.model = build_model(ctx, self.device)
+        run = getattr(self.model, "bidirectional_mm_run_tokens", 0)
+        if run > cfg.cache.max_num_batched_tokens:  # the front door says so first (config/validate.py)
+            raise UserError(f"cache.max_num_batched_tokens={cfg.cache.max_num_batched_tokens}: must be >= {run}: "
+                            f"an image's {run} tokens attend to each other both ways and are computed in one "
+                            "prefill chunk (or run on text with multimodal=text_only)")
         self.load_stats: LoadStats = load_weights(self.model, cfg.model, model_path, cfg.quantization.method, tp)
         self.load_seconds = time.perf_counter() - start
 
@@ -371,6 +377,8 @@ class ModelRunner:
                                      max_seq_len=max(step.seq_lens), window_slot_mapping=t.window_slot_mapping,
                                      window_block_tables=t.window_block_tables)
             input_ids = fill_sampled(t.input_ids, self.sampled) if self.async_scheduling else t.input_ids
+            if step.causal_limits:  # a step with a bidirectional image run: its own small copy
+                meta.causal_limits = torch.tensor(step.causal_limits, dtype=torch.int32, device=self.device)
             positions, inputs_embeds = t.positions, self._multimodal_embeds(step, input_ids)
             if step.mrope_positions is not None:
                 positions = torch.tensor(step.mrope_positions, dtype=torch.int64, device=self.device)

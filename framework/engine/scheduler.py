@@ -55,8 +55,9 @@ class Scheduler:
                 break
             if seq.status != Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = self._fit_encoder(seq, min(seq.num_tokens - seq.num_computed_tokens, budget), batch)
-            if n == 0:  # its next item's encoder outputs do not fit this step
+            n = self._fit_runs(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
+            n = self._fit_encoder(seq, n, batch) if n else 0
+            if n == 0:  # its next image run, or its encoder outputs, do not fit this step
                 continue
             while not self.block_manager.can_allocate(seq, n):
                 victim = self.running[-1]
@@ -74,7 +75,8 @@ class Scheduler:
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             self.block_manager.reuse_cached_prefix(seq)
-            n = self._fit_encoder(seq, min(seq.num_tokens - seq.num_computed_tokens, budget), batch)
+            n = self._fit_runs(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
+            n = self._fit_encoder(seq, n, batch) if n else 0
             if n == 0 or not self.block_manager.can_allocate(seq, n):
                 if n == 0:
                     self.block_manager.free_blocks(seq)
@@ -92,6 +94,18 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             budget -= n
         return batch
+
+    @staticmethod
+    def _fit_runs(seq: Sequence, n: int) -> int:
+        """The chunk length `n`, or less so that it does not end inside a bidirectional run
+        (Gemma-3's images: the run's first tokens must see its last ones, so it is computed in
+        one chunk, as vLLM does). 0 when the chunk starts in or at a run that does not fit this
+        step's budget (it waits; a run longer than max_num_batched_tokens is refused at admission)."""
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        for a, b in seq.bidirectional_runs:
+            if a < end < b:
+                return max(0, a - start)
+        return n
 
     def _fit_encoder(self, seq: Sequence, n: int, batch: ScheduledBatch) -> int:
         """The chunk length `n` (or less) whose items' encoder outputs are held or fit the encoder

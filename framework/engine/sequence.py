@@ -5,7 +5,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -49,6 +49,10 @@ class Sequence:
     mm_items: List[Any] = field(default_factory=list)
     mrope_positions: Optional[torch.Tensor] = None
     mrope_delta: int = 0
+    # [start, end) of each run of prompt tokens that attend to each other both ways (Gemma-3's
+    # images): a prefill chunk never ends inside one (scheduler.py), and its tokens' causal limit
+    # is the run's last position (step_input.py)
+    bidirectional_runs: List[Tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

@@ -30,6 +30,9 @@ class StepInput:
     mm_spans: List[Tuple[int, str, int, int]] = field(default_factory=list)
     # ... and encoder outputs no request needs any more (the scheduler's encoder cache evicted them)
     mm_evict: List[str] = field(default_factory=list)
+    # [T] each token's last visible key position, when a chunk in the step holds a bidirectional
+    # run (Gemma-3's images, sequence.bidirectional_runs); empty: causal everywhere
+    causal_limits: List[int] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
@@ -47,6 +50,21 @@ def _positions(seq, start: int, end: int) -> Tuple[List[int], Optional[List[List
     rows = mrope[:, start:prompt_end].tolist()
     tail = flat[prompt_end - start:]
     return flat, [row + tail for row in rows]
+
+
+def _runs_in(seq, start: int, end: int) -> bool:
+    return any(a < end and b > start for a, b in seq.bidirectional_runs)
+
+
+def _causal_limits(seq, start: int, end: int) -> List[int]:
+    """Tokens [start, end): a token inside a bidirectional run sees up to the run's last position,
+    any other its own. The scheduler ends chunks only outside runs (or at a run's end)."""
+    limits = list(range(start, end))
+    for a, b in seq.bidirectional_runs:
+        if a < end and b > start:
+            assert b <= end, f"a prefill chunk [{start}, {end}) ends inside the bidirectional run [{a}, {b})"
+            limits[max(a, start) - start:b - start] = [b - 1] * (b - max(a, start))
+    return limits
 
 
 def build_step_input(batch: ScheduledBatch, block_size: int) -> StepInput:
@@ -82,6 +100,10 @@ def build_step_input(batch: ScheduledBatch, block_size: int) -> StepInput:
             for r in range(3):
                 step.mrope_positions[r] += seq_rows[r] if seq_rows is not None else flat
             lo += n
+    if any(_runs_in(seq, seq.num_computed_tokens, seq.num_computed_tokens + n)
+           for seq, n in zip(batch.seqs, batch.num_new_tokens)):
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            step.causal_limits += _causal_limits(seq, seq.num_computed_tokens, seq.num_computed_tokens + n)
     step.mm_encode = list(batch.mm_encode)
     step.mm_evict = list(batch.mm_evict)
     return step

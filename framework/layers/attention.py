@@ -27,6 +27,9 @@ class AttentionMetadata:
     # slots and block tables; None: every layer uses the ones above.
     window_slot_mapping: Optional[torch.Tensor] = None
     window_block_tables: Optional[torch.Tensor] = None
+    # [T] the last key position each new token sees, when the step holds a bidirectional run
+    # (Gemma-3's image tokens see their whole image); None: causal (every other step and model)
+    causal_limits: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,11 @@ class Attention(nn.Module):
         if window and meta.window_block_tables is not None:  # this layer's KV lives in the window group
             slots, tables = meta.window_slot_mapping, meta.window_block_tables
         q = kernels.rotary_store_kv(q, k, v, rope.index, rope.cos, rope.sin, self.k_cache, self.v_cache, slots)
-        if meta.decode_only:
+        if meta.decode_only:  # a one-token chunk is never inside a longer image run: causal
             out = kernels.paged_decode_attention(q, self.k_cache, self.v_cache, meta.seq_lens, tables, self.scale,
                                                  max_seq_len=meta.max_seq_len, sliding_window=window)
         else:
             out = kernels.paged_attention(q, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.seq_lens,
-                                          tables, self.scale, sliding_window=window)
+                                          tables, self.scale, sliding_window=window,
+                                          causal_limits=meta.causal_limits)
         return out.reshape(-1, self.num_heads * self.head_dim)

@@ -21,6 +21,12 @@ VIDEO_MAX_PIXELS = 28 * 28 * 768  # ... and Qwen2VLVideoProcessor's, per frame
 VIDEO_MAX_FRAMES = 768  # Qwen2VLVideoProcessor.max_frames
 INTERNVL_MAX_TILES = 12  # GotOcr2ImageProcessor.max_patches, and InternVL2's max_dynamic_patch
 FUYU_CANVAS = {"height": 1080, "width": 1920}  # FuyuImageProcessor's default size (images are padded to it)
+GEMMA3_MAX_CROPS = 4  # Gemma3Processor's pan_and_scan_max_num_crops
+# Gemma-3's pan-and-scan item runs from the original image's tokens to the last crop's, with the
+# text the processor writes between them (" and here are some crops to help you see better ",
+# and <end_of_image>, newlines, <start_of_image> around each crop): about 15 tokens, then 5 a crop,
+# with Gemma's tokenizer; these bounds leave room
+GEMMA3_CROP_TEXT_FIRST, GEMMA3_CROP_TEXT_EACH = 24, 8
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,11 @@ def vision_weight_elems(v: VisionShape) -> int:
     h, i = v.hidden_size, v.intermediate_size
     if v.model_type == "fuyu":  # vision_embed_tokens alone
         return v.in_channels * v.patch_size ** 2 * h + h
+    if v.tokens_per_image:  # Gemma-3 (exact): SigLIP (patch conv with bias, positions, LayerNorm blocks,
+        # post-LayerNorm), then the projector's RMSNorm and its bias-free projection
+        block = 4 * h + 4 * h * h + 4 * h + (h * i + i) + (i * h + h)
+        patch = v.in_channels * v.patch_size ** 2 * h + h
+        return patch + (v.image_size // v.patch_size) ** 2 * h + v.depth * block + 2 * h + h + h * v.out_hidden_size
     patch = v.in_channels * v.temporal_patch_size * v.patch_size ** 2 * h
     attn = 3 * h * h + 3 * h + h * h + h
     merged = round(h * v.merge_size ** 2 / v.downsample_ratio ** 2)  # the projector's input width
@@ -69,6 +80,12 @@ def item_tokens(v: VisionShape, modality: str, kwargs: Mapping[str, Any], max_mo
         if limit is not None and limit.width and limit.height:
             rows, cols = min(rows, -(-limit.height // v.patch_size)), min(cols, -(-limit.width // v.patch_size))
         return max(1, min(rows * (cols + 1) + 1, max_model_len))
+    if v.tokens_per_image:  # Gemma-3: a fixed count an image, and as many a pan-and-scan crop
+        crops = int(kwargs.get("pan_and_scan_max_num_crops", GEMMA3_MAX_CROPS)) if kwargs.get("do_pan_and_scan") else 0
+        tokens = v.tokens_per_image * (1 + crops)
+        if crops:
+            tokens += GEMMA3_CROP_TEXT_FIRST + GEMMA3_CROP_TEXT_EACH * (crops - 1)
+        return max(1, min(tokens, max_model_len))
     if v.merge_size > 1:  # Qwen2-VL family: dynamic resolution, merge_size^2 patches per token
         side = v.patch_size * v.merge_size
         cap = int(kwargs.get("max_pixels", IMAGE_MAX_PIXELS if modality == "image" else VIDEO_MAX_PIXELS)) // side ** 2
@@ -99,6 +116,8 @@ def encoder_budget(v: VisionShape, limit_mm_per_prompt: Mapping[str, int], kwarg
     items = {m: item_tokens(v, m, kwargs, max_model_len, limit) for m, limit in enabled.items()}
     tokens = max(max_num_batched_tokens, max(items.values()))
     patches = round(tokens * v.merge_size ** 2 / v.downsample_ratio ** 2)
+    if v.tokens_per_image:  # Gemma-3 pools each image's patch grid to tokens_per_image
+        patches = tokens * (v.image_size // v.patch_size) ** 2 // v.tokens_per_image
     h, i = v.hidden_size, v.intermediate_size
     # one block: hidden + residual + normed (3h), then the worse of attention (qkv, rotated q/k,
     # output, projection: 7h) and the gated MLP (gate, up, their product: 3i)

@@ -45,6 +45,7 @@ class VisionShape:
     out_hidden_size: int  # width of what the encoder hands the decoder
     image_size: Optional[int]  # fixed-resolution encoders (CLIP, SigLIP, InternViT)
     downsample_ratio: float = 1.0  # InternVL's pixel shuffle: a tile's tokens are patches x ratio^2
+    tokens_per_image: Optional[int] = None  # Gemma-3: the patch grid average-pooled to mm_tokens_per_image
 
 
 def architecture(hf_config: Any) -> str:
@@ -91,5 +92,6 @@ def vision_shape(hf_config: Any) -> Optional[VisionShape]:
         merge_size=int(_first(v, "spatial_merge_size", default=1)),
         out_hidden_size=int(out_hidden or text_config(hf_config).hidden_size),
         image_size=_side(v.image_size) if getattr(v, "image_size", None) else None,
-        downsample_ratio=float(getattr(hf_config, "downsample_ratio", None) or 1.0))
+        downsample_ratio=float(getattr(hf_config, "downsample_ratio", None) or 1.0),
+        tokens_per_image=getattr(hf_config, "mm_tokens_per_image", None))
 

@@ -1,4 +1,5 @@
-"""Gemma-3's decoder: `Gemma3ForCausalLM`, and `Gemma3ForConditionalGeneration` run on text alone.
+"""Gemma-3's decoder: `Gemma3ForCausalLM`, and the decoder of `Gemma3ForConditionalGeneration`
+(models/gemma3_vision.py adds its SigLIP tower and projector).
 
 Where it differs from the Llama decoder (facts from HF's modeling_gemma3.py):
 - RMSNorm scales by (1 + weight) (a checkpoint stores the offset from one), and there are four
@@ -240,16 +241,3 @@ class Gemma3ForCausalLM(nn.Module):
             o_bias=a.attention_bias, mlp_bias=False,
             logits_scaling=2.0 if a.final_logit_softcapping else 1.0,  # one more logits-sized tensor
             embedding_multiplier=a.hidden_size ** 0.5)  # one more hidden-sized tensor
-
-
-class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
-    """The multimodal checkpoint's decoder, run on text (every modality limited to 0; the
-    SigLIP tower and projector are neither built nor read). Published checkpoints, and
-    transformers 5 when it saves one, name the decoder language_model.model.*, the tower
-    vision_tower.*, the projector multi_modal_projector.*; the head is tied to the embeddings."""
-
-    def __init__(self, ctx: ModelContext):
-        super().__init__(ctx, prefix="language_model.model")
-
-    def vision_modules(self) -> list:
-        return []  # not built yet

@@ -27,6 +27,10 @@ Optional (multimodal models; models/qwen2_5_vl.py is the example):
 - `dummy_multimodal_input(num_tokens)`: one item of that many tokens, for the memory profile
 - `uses_mrope = True` and `mrope_positions(num_tokens, [(offset, modality, outputs), ...])`: a
   prompt's [3, T] positions and its decode delta; steps give 3-row positions for its prompt tokens
+- `bidirectional_mm_run_tokens: int` (> 0: Gemma-3): each maximal run of an item's embedding tokens
+  attends to itself both ways, and has at most this many tokens. The scheduler keeps such a run in
+  one prefill chunk (max_num_batched_tokens must hold it; checked before weights are read), and
+  the step gives attention each token's causal limit (AttentionMetadata.causal_limits)
 
 Optional (a checkpoint layout other than transformers'): `checkpoint_tensors(name, tensor)` yields
 (transformers' name, tensor) pairs for one checkpoint tensor, renamed or split (models/internvl_chat.py).

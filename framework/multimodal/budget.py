@@ -4,7 +4,8 @@
 The largest item follows the planner's count (memory/encoder.item_tokens) under the pixel cap in
 force: `multimodal.mm_processor_kwargs.max_pixels`, else the model folder's own processor config
 (read as JSON: every rank computes this before any processor is loaded), else the HF default.
-InternVL's tiles likewise: `max_dynamic_patch` / `max_patches`, else the folder's `max_patches`.
+InternVL's tiles likewise: `max_dynamic_patch` / `max_patches`, else the folder's `max_patches`;
+Gemma-3's pan-and-scan crops: `do_pan_and_scan` / `pan_and_scan_max_num_crops`, else the folder's.
 """
 from __future__ import annotations
 
@@ -43,6 +44,18 @@ def folder_max_pixels(folder: Path) -> Optional[int]:
     return None
 
 
+def folder_pan_and_scan(folder: Path) -> dict:
+    """Gemma-3's pan-and-scan settings a model folder's processor config states (do_pan_and_scan,
+    pan_and_scan_max_num_crops), if any."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data = data.get("image_processor", data)
+            return {k: data[k] for k in ("do_pan_and_scan", "pan_and_scan_max_num_crops") if data.get(k) is not None}
+    return {}
+
+
 def encoder_budget_tokens(cfg: FrameworkConfig, folder: Path, hf_config: Any, modalities) -> int:
     from framework.memory.encoder import item_tokens
     from framework.memory.shape import vision_shape
@@ -57,6 +70,8 @@ def encoder_budget_tokens(cfg: FrameworkConfig, folder: Path, hf_config: Any, mo
         tiles = folder_max_tiles(processor_folder)
         if tiles:
             kwargs["max_patches"] = tiles
+    for key, value in folder_pan_and_scan(processor_folder).items():
+        kwargs.setdefault(key, value)
     v = vision_shape(hf_config)
     limits = parse_limits(cfg.multimodal.limit_mm_per_prompt, cfg.multimodal.language_model_only, modalities)
     largest = max([item_tokens(v, m, kwargs, cfg.cache.max_model_len, limits[m])

@@ -16,6 +16,13 @@ are called with empty text; the item's run is what they wrote for the image, and
 travel in the item's data as `run_token_ids` (the model embeds the non-placeholder ones as text).
 A prompt with no placeholder gets one per image before its text, where those processors put them.
 
+Gemma-3's processor takes `<start_of_image>` in the prompt but fills the image with another token
+(`<image_soft_token>`): the run is of that token. With pan-and-scan it writes the image and each
+crop as runs of their own with text between; the item's run then spans them all, and carries its
+token ids (`run_token_ids`) like Fuyu's. Each item records its maximal runs of the filled token
+(`embedding_runs`): a model whose image tokens attend both ways (Gemma-3) keeps each whole in one
+prefill chunk.
+
 `multimodal.mm_processor_kwargs` and a request's own `mm_processor_kwargs` (which win) go to
 every call; a key neither the image nor the video processor takes is refused, naming the
 valid ones, instead of transformers' warning-and-ignore.
@@ -24,7 +31,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
@@ -48,6 +55,11 @@ _ALIASES = (("max_dynamic_patch", "max_patches"), ("min_dynamic_patch", "min_pat
 _TILE_KEYS = {name for pair in _ALIASES for name in pair}
 # processors that put the image before the text themselves (see the module docstring)
 _PLACES_ITEMS_ITSELF = {"FuyuProcessor"}
+# processors that fill an image with another token than the prompt's placeholder: the token's
+# tokenizer attribute (Gemma-3: <start_of_image> in the prompt, <image_soft_token> in the run)
+_RUN_TOKEN_ATTR = {"Gemma3Processor": "image_token_id"}
+# processors that may write one item as several runs with text between (Gemma-3's pan-and-scan crops)
+_SPLIT_RUNS = {"Gemma3Processor"}
 
 
 @dataclass
@@ -60,6 +72,12 @@ class ProcessedItem:
     # text tokens the processor writes around the placeholder run (InternVL: <img> ... </img>)
     prefix_ids: List[int] = field(default_factory=list)
     suffix_ids: List[int] = field(default_factory=list)
+    # [start, end) inside the run of each maximal stretch of embedding tokens (one per image or
+    # crop); empty: the whole run is one
+    embedding_runs: List[Tuple[int, int]] = field(default_factory=list)
+
+    def runs(self) -> List[Tuple[int, int]]:
+        return self.embedding_runs or [(0, self.num_tokens)]
 
     def run_token_ids(self, placeholder: int) -> List[int]:
         """The tokens the item fills the prompt with: its own (Fuyu), or the placeholder repeated."""
@@ -106,13 +124,17 @@ class MultimodalProcessor:
         self.hf = processor
         self.tokenizer = processor.tokenizer
         self.valid_kwargs = valid_processor_kwargs(processor)
-        # placeholder token id of each modality this processor (and so the model) takes
+        # placeholder token id of each modality this processor (and so the model) takes, and the
+        # token its run is filled with (the same but for Gemma-3's images)
         self.placeholders: Dict[str, int] = {}
+        self.run_tokens: Dict[str, int] = {}
         for attr, modality, token_attr in _SUBPROCESSORS:
             token = getattr(processor, token_attr, None)
             if getattr(processor, attr, None) is not None and token is not None and (
                     modalities is None or modality in modalities):
                 self.placeholders[modality] = self.tokenizer.convert_tokens_to_ids(token)
+                own = _RUN_TOKEN_ATTR.get(type(processor).__name__) if modality == "image" else None
+                self.run_tokens[modality] = getattr(self.tokenizer, own) if own else self.placeholders[modality]
         self.language_model_only = language_model_only
         self.limits: Dict[str, ModalityLimit] = parse_limits(limit_mm_per_prompt or {}, language_model_only,
                                                             modalities=list(self.placeholders))
@@ -170,9 +192,9 @@ class MultimodalProcessor:
         cached = self.cache.get(key) if use_cache else None
         if cached is not None:
             return cached
-        token = self.placeholders[modality]
+        token = self.run_tokens[modality]
         media = {"images": frames} if modality == "image" else {"videos": [frames]}
-        text = "" if self.places_items_itself else self.tokenizer.convert_ids_to_tokens(token)
+        text = "" if self.places_items_itself else self.tokenizer.convert_ids_to_tokens(self.placeholders[modality])
         try:
             # the item alone, without the BOS a tokenizer may add to a text
             own = {} if self.places_items_itself else {"add_special_tokens": False}
@@ -187,9 +209,14 @@ class MultimodalProcessor:
             item = ProcessedItem(modality, key, len(run), data)
         else:
             runs = [i for i, t in enumerate(ids) if t == token]
-            if not runs or runs[-1] - runs[0] + 1 != len(runs):  # we place one contiguous run of embeddings
+            first, last = (runs[0], runs[-1] + 1) if runs else (0, 0)
+            split = last - first != len(runs)
+            if not runs or (split and type(self.hf).__name__ not in _SPLIT_RUNS):  # one contiguous run of embeddings
                 raise MultimodalInputError(f"{where}: the processor did not write one run of placeholder tokens for it")
-            item = ProcessedItem(modality, key, len(runs), data, ids[:runs[0]], ids[runs[-1] + 1:])
+            if split:  # pan-and-scan crops: the run holds the text between them
+                data["run_token_ids"] = torch.tensor(ids[first:last])
+            item = ProcessedItem(modality, key, last - first, data, ids[:first], ids[last:],
+                                 embedding_runs=_stretches(ids[first:last], token) if split else [])
         if use_cache:
             self.cache.put(key, item)
         return item
@@ -271,10 +298,23 @@ class MultimodalProcessor:
         for pos, item in found:
             expanded += token_ids[cursor:pos] + item.prefix_ids
             placed.append(PlacedItem(len(expanded), item))
-            expanded += item.run_token_ids(token_ids[pos]) + item.suffix_ids
+            expanded += item.run_token_ids(self.run_tokens[item.modality]) + item.suffix_ids
             cursor = pos + 1
         expanded += token_ids[cursor:]
         return MultimodalPrompt(expanded, placed)
+
+
+def _stretches(ids: List[int], token: int) -> List[Tuple[int, int]]:
+    """[start, end) of each maximal stretch of `token` in ids."""
+    out: List[Tuple[int, int]] = []
+    for i, t in enumerate(ids):
+        if t != token:
+            continue
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
 
 
 def _as_items(modality: str, raw: Any) -> List[Any]:
