@@ -96,6 +96,7 @@ def validate(cfg: FrameworkConfig) -> FrameworkConfig:
     if t.top_k == 0 or t.top_k < -1:
         raise ConfigError("task.top_k", t.top_k, "must be -1 (off) or a positive integer")
     _positive("task.num_requests", t.num_requests)
+    _positive("task.runs", t.runs)
     if not 0 <= t.port <= 65535:
         raise ConfigError("task.port", t.port, "must be in [0, 65535] (0 picks a free port)")
     if t.api_key is not None and (not isinstance(t.api_key, str) or not t.api_key.strip()):

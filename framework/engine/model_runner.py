@@ -134,6 +134,7 @@ class ModelRunner:
         self.forward = self._compile_forward()
         self.graph_sizes = self._graph_sizes()  # [] on CPU and with enforce_eager
         self.graphs: Optional[CudaGraphRunner] = None
+        self.last_graphed = False  # whether the last step replayed a CUDA graph (engine/step_log.py)
         self.gpu_memory: Dict[str, Any] = {}  # the KV budget's terms, the graphs' measured cost
         self.encoder_outputs: Dict[str, torch.Tensor] = {}  # content hash -> embeddings (multimodal models)
 
@@ -361,8 +362,9 @@ class ModelRunner:
 
         A pure-decode step that scores every row replays a CUDA graph when one covers its batch."""
         graphs = self.graphs
-        if (graphs is not None and step.decode_only and step.num_seqs <= graphs.max_batch
-                and len(step.logits_indices) == step.num_seqs):
+        self.last_graphed = (graphs is not None and step.decode_only and step.num_seqs <= graphs.max_batch
+                             and len(step.logits_indices) == step.num_seqs)
+        if self.last_graphed:
             logits = graphs.replay(step)
         else:
             t = self.staging.stage(step)
