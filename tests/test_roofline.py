@@ -92,3 +92,32 @@ def test_kernel_kinds():
     assert kind_of_kernel("_rotary_store_kv_kernel") == "rotary + KV store"
     assert group_kernels({"_rms_norm_kernel": 1.0, "_fused_add_rms_norm": 2.0, "mystery": 0.5}) == \
         {"norms": 3.0, "other": 0.5}
+
+
+def test_staged_step_fields_are_16_byte_aligned():
+    """Triton specializes kernels on each pointer's 16-byte alignment: every field of a staged
+    step must start aligned whatever the token and sequence counts, or the first requests compile."""
+    import torch
+    from framework.engine.step_input import StepInput
+    from framework.engine.step_tensors import HostStaging
+    staging = HostStaging(torch.device("cpu"))
+    for t, b in ((7, 3), (16, 2), (5, 5), (1, 1)):
+        lens = [t - (b - 1)] + [1] * (b - 1)
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        step = StepInput(input_ids=list(range(t)), positions=list(range(100, 100 + t)),
+                         slot_mapping=list(range(200, 200 + t)), cu_seqlens_q=cu, seq_lens=[n + 3 for n in lens],
+                         block_tables=[[i, i + 1, i + 2][:1 + i % 3] for i in range(b)],
+                         logits_indices=[c - 1 for c in cu[1:]], decode_only=False,
+                         window_slot_mapping=list(range(300, 300 + t)), window_block_tables=[[9]] * b)
+        out = staging.stage(step)
+        for tensor in out:
+            assert tensor.data_ptr() % 16 == 0
+        assert out.input_ids.tolist() == step.input_ids and out.positions.tolist() == step.positions
+        assert out.slot_mapping.tolist() == step.slot_mapping
+        assert out.window_slot_mapping.tolist() == step.window_slot_mapping
+        assert out.logits_indices.tolist() == step.logits_indices
+        assert out.cu_seqlens_q.tolist() == cu and out.seq_lens.tolist() == step.seq_lens
+        assert [row[:len(bt)] for row, bt in zip(out.block_tables.tolist(), step.block_tables)] == step.block_tables
+        assert out.window_block_tables.tolist() == [[9]] * b
