@@ -62,7 +62,7 @@ def validate(cfg: FrameworkConfig) -> FrameworkConfig:
         raise ConfigError("cache.block_size", c.block_size, "must be a power of two up to 256")
     _positive("cache.max_model_len", c.max_model_len, allow=(None, "auto"))
     _positive("cache.max_num_seqs", c.max_num_seqs, allow=("auto",))
-    _positive("cache.max_num_batched_tokens", c.max_num_batched_tokens)
+    _positive("cache.max_num_batched_tokens", c.max_num_batched_tokens, allow=(None,))
     if not 0 < c.gpu_memory_utilization <= 1:
         raise ConfigError("cache.gpu_memory_utilization", c.gpu_memory_utilization, "must be in (0, 1]")
     _choice("cache.kv_cache_dtype", c.kv_cache_dtype, KV_CACHE_DTYPES)
