@@ -222,18 +222,21 @@ class ModelRunner:
     def _warm_up_small_batches(self) -> None:
         """An eager decode step of each batch size up to 8, then mixed steps (a prompt chunk beside
         decodes) of an odd and of a 16-multiple token count: Triton compiles variants by shape (the
-        GEMVs at one row, quant_matmul's row tile, decode attention's split count, the row counts
-        of norms and rotary: 1, multiples of 16, others), and it should do so now, not inside the
-        first requests (profile_run has run the largest step)."""
+        GEMVs at one row, quant_matmul's row tile, decode attention's split count, integer
+        arguments that are 1, multiples of 16 or neither), and it should do so now, not inside the
+        first requests (profile_run has run the largest step). On a fresh machine (empty Triton
+        cache) a first 256-request run missing one such variant ran at 90% of the warm run's speed."""
         for b in range(1, 9):
             step = StepInput(input_ids=[0] * b, positions=[0] * b, slot_mapping=[-1] * b,
                              cu_seqlens_q=list(range(b + 1)), seq_lens=[1] * b, block_tables=[[0]] * b,
                              logits_indices=list(range(b)), decode_only=True)
             self.execute(step, keep_on_device=True)
+        # Block tables 3 wide: Triton also specializes on the table's row stride (1, a multiple of
+        # 16, or neither), and a real mixed step's width is usually neither.
         for chunk in (6, 15):  # + one decode row: 7 and 16 tokens
             n = chunk + 1
             step = StepInput(input_ids=[0] * n, positions=list(range(chunk)) + [0], slot_mapping=[-1] * n,
-                             cu_seqlens_q=[0, chunk, n], seq_lens=[chunk, 1], block_tables=[[0], [0]],
+                             cu_seqlens_q=[0, chunk, n], seq_lens=[chunk, 1], block_tables=[[0, 0, 0], [0]],
                              logits_indices=[chunk - 1, chunk], decode_only=False)
             self.execute(step, keep_on_device=True)
 
