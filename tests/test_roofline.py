@@ -11,7 +11,7 @@ from framework.engine.sequence import Sequence
 from framework.engine.step_log import StepLog, StepRecord, attended_pairs, record_of
 from framework.llm import LLM
 from framework.tasks.profile import group_kernels, kind_of_kernel
-from framework.tasks.roofline import ModelCosts, engine_costs, schedule_roofline, step_floor
+from framework.tasks.roofline import ModelCosts, engine_costs, schedule_roofline, serial_floor, step_floor
 from helpers import TINY, small_config
 
 
@@ -44,8 +44,18 @@ def test_schedule_roofline_by_hand():
     assert step_floor(decode, costs, 1.0, 2.0) == (1320.0, True)
     # 1000 bytes/s and 1 FLOP/s: decode 1.32 s vs 400 s (FLOPs)
     assert step_floor(decode, costs, 1000.0, 1.0) == (400.0, False)
+    # serial: decode max(1000/1000, (200+80)/1) + max(320/1000, 120/1) = 280 + 120 = 400;
+    # prefill max(1, 800 + 40) + max(0.16, 144) = 984
+    assert serial_floor(decode, costs, 1000.0, 1.0) == pytest.approx(400.0)
+    assert serial_floor(decode, costs, 1.0, 1e9) == pytest.approx(1000 + 320)
+    # linears compute-bound while attention is bytes-bound: the serial reading adds, the step's overlaps
+    light = ModelCosts(weight_bytes=10, kv_bytes_per_token=10, linear_params=50, lm_head_params=20,
+                       attn_flops_per_pair=4)
+    assert step_floor(decode, light, 1.0, 1.0) == (400.0, False)  # max(10 + 320, 280 + 120)
+    assert serial_floor(decode, light, 1.0, 1.0) == pytest.approx(280 + 320)
     out = schedule_roofline([decode, prefill, decode], costs, 1000.0, 1.0, [500.0, 1000.0, 400.0])
     assert out["steps"] == 3 and out["floor_seconds"] == pytest.approx(400 + 984 + 400)
+    assert out["serial_floor_seconds"] == pytest.approx(400 + 984 + 400)
     assert out["bytes"] == 1320 * 2 + 1160 and out["flops"] == 400 * 2 + 984
     graph, mixed = out["kinds"]["decode (graph)"], out["kinds"]["prefill (+ decode)"]
     assert (graph["steps"], graph["tokens"], graph["seconds"], graph["floor_seconds"]) == (2, 4, 900.0, 800.0)

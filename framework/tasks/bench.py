@@ -210,6 +210,9 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
         print(f"    sum of the steps' floors {floor:.2f} s -> {work.output_tokens / floor:,.0f} tok/s; the engine took "
               f"{ours:.2f} s: {100 * floor / ours:.0f}% of the schedule roofline (device time of the steps "
               f"{device_s:.2f} s)")
+        serial = roofline["serial_floor_seconds"]
+        print(f"    linears and attention each at their own bound, in turn: {serial:.2f} s -> the engine at "
+              f"{100 * serial / ours:.0f}% of that")
         print("\n".join(format_kinds(roofline["kinds"])))
         result["schedule_roofline"] = {**roofline, "copy_Bps": copy_bps, "matmul_flops": peak_flops,
                                        "share": floor / ours}
