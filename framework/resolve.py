@@ -5,6 +5,7 @@
   folder's manifest, else the checkpoint's quantization_config, for `auto`), with its group size;
 - `cache.max_model_len` and `cache.max_num_seqs` are numbers (null = the model's limit; `auto` =
   the largest that fits, searched by the memory planner);
+- `cache.max_num_batched_tokens` is a number (null = by the device: default_max_num_batched_tokens);
 - `compilation.cudagraph_capture_sizes` is the list of decode sizes that will be captured.
 The engine, the ranks and metrics.json all receive this resolved config and never resolve again.
 
@@ -23,6 +24,12 @@ from framework.layers.quantization import resolve_quantization
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_DEFAULT_CAPTURE_SIZE = 256
+# cache.max_num_batched_tokens=null: tokens a step by the device. A GPU of this much memory or more
+# (H100, H200) gets the larger budget, as in vLLM: fewer, fuller prefill steps, each reading the
+# weights once for more tokens, and the batch reaches max_num_seqs sooner (BENCHMARKS.md, H200).
+LARGE_GPU_BYTES = 70 << 30
+BATCHED_TOKENS_LARGE_GPU = 8192
+BATCHED_TOKENS_DEFAULT = 2048
 
 
 def pick_device(name: str) -> torch.device:
@@ -50,6 +57,13 @@ def model_max_len(hf_config: Any) -> int:
     if window and getattr(text, "use_sliding_window", True) and not runs_window:
         limit = min(limit, window)  # a window our model does not apply: stay inside one window
     return limit
+
+
+def default_max_num_batched_tokens(device_memory_bytes: Optional[int]) -> int:
+    """What cache.max_num_batched_tokens=null means on this device (None: the CPU backend)."""
+    if device_memory_bytes is not None and device_memory_bytes >= LARGE_GPU_BYTES:
+        return BATCHED_TOKENS_LARGE_GPU
+    return BATCHED_TOKENS_DEFAULT
 
 
 def default_capture_sizes(max_num_seqs: int) -> List[int]:
@@ -83,7 +97,8 @@ def load_time_method(cfg: FrameworkConfig) -> Optional[str]:
 
 def is_resolved(cfg: FrameworkConfig) -> bool:
     return (cfg.quantization.method != "auto" and isinstance(cfg.cache.max_model_len, int)
-            and isinstance(cfg.cache.max_num_seqs, int) and cfg.compilation.cudagraph_capture_sizes is not None)
+            and isinstance(cfg.cache.max_num_seqs, int) and isinstance(cfg.cache.max_num_batched_tokens, int)
+            and cfg.compilation.cudagraph_capture_sizes is not None)
 
 
 def resolve_config(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optional[int]) -> FrameworkConfig:
@@ -101,11 +116,15 @@ def resolve_config(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Op
     length, seqs = cfg.cache.max_model_len, cfg.cache.max_num_seqs
     if length is None:
         length = model_max_len(hf_config)
-    out.cache = dataclasses.replace(cfg.cache, max_model_len=length)
+    tokens = cfg.cache.max_num_batched_tokens
+    if tokens is None:
+        tokens = default_max_num_batched_tokens(device_memory_bytes)
+    out.cache = dataclasses.replace(cfg.cache, max_model_len=length, max_num_batched_tokens=tokens)
     if "auto" in (length, seqs):
         from framework.memory.planner import resolve_auto_limits  # the planner resolves configs too
         length, seqs = resolve_auto_limits(out, hf_config, device_memory_bytes)
-    out.cache = dataclasses.replace(cfg.cache, max_model_len=int(length), max_num_seqs=int(seqs))
+    out.cache = dataclasses.replace(cfg.cache, max_model_len=int(length), max_num_seqs=int(seqs),
+                                    max_num_batched_tokens=int(tokens))
     out.compilation = dataclasses.replace(
         cfg.compilation, cudagraph_capture_sizes=capture_sizes(cfg.compilation.cudagraph_capture_sizes, int(seqs)))
     return out
@@ -115,6 +134,8 @@ def auto_notes(requested: FrameworkConfig, resolved: FrameworkConfig) -> List[st
     """One line per value that `auto` chose, for the plan and the log."""
     notes = [f"cache.{key}=auto -> {getattr(resolved.cache, key)}, the largest that fits"
              for key in ("max_model_len", "max_num_seqs") if getattr(requested.cache, key) == "auto"]
+    if requested.cache.max_num_batched_tokens is None:
+        notes.append(f"cache.max_num_batched_tokens=null -> {resolved.cache.max_num_batched_tokens} for this device")
     if requested.quantization.method == "auto":
         notes.append(f"quantization.method=auto -> {resolved.quantization.method}"
                      + (f" (group_size {resolved.quantization.group_size})"

@@ -232,10 +232,15 @@ def paged_attention(
     out: torch.Tensor | None = None,
     sliding_window: int = 0,
     causal_limits: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Triton paged causal attention over a mixed batch; returns `[T, Hq, D]` in q's dtype.
     `sliding_window` > 0: each query sees only its last that many keys (itself included).
     `causal_limits` [T]: each query's last visible key position (see the module docstring).
+    `block_m`, `block_n`, `num_warps`, `num_stages` override the tile config (kernels/bench_attention.py).
 
     No host sync: the grid depends only on T, B and Hkv, so it can run under CUDA graphs.
     """
@@ -253,7 +258,7 @@ def paged_attention(
         return out
     group = hq // hkv
     block_g = next_pow2(group)
-    block_m = max(BLOCK_M, 16 * block_g)  # at least 16 rows for tl.dot
+    block_m = max(block_m or BLOCK_M, 16 * block_g)  # at least 16 rows for tl.dot
     block_q = block_m // block_g
     grid = (num_tokens // block_q + num_seqs, hkv)
     _paged_attention_kernel[grid](
@@ -266,10 +271,10 @@ def paged_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), BLOCK_SIZE=block_size,
         GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_M=block_m,
-        HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), BLOCK_N=BLOCK_N,
+        HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), BLOCK_N=block_n or BLOCK_N,
         DOT_PRECISION=dot_precision(q.dtype), WINDOW=int(sliding_window or 0),
         HAS_LIMITS=causal_limits is not None,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
     )
     return out
 

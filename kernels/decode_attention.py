@@ -180,8 +180,12 @@ def paged_decode_attention(
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
     sliding_window: int = 0,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Triton split-K decode attention: q `[B, Hq, D]` -> `[B, Hq, D]` (q's dtype).
+    `block_n`, `num_warps`, `num_stages` override the tile config (kernels/bench_attention.py sweeps them).
 
     Each sequence attends to its keys 0..seq_lens[b]-1 (its new token's K/V already stored).
     `num_splits` defaults to a choice from the shapes and `max_seq_len` (a Python int upper
@@ -201,8 +205,9 @@ def paged_decode_attention(
         return out
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * block_size
+    block_n = block_n or BLOCK_N
     if sliding_window:  # a window reads at most W keys (plus the tile they start in)
-        max_seq_len = min(max_seq_len, sliding_window + BLOCK_N)
+        max_seq_len = min(max_seq_len, sliding_window + block_n)
     if num_splits is None:
         num_splits = pick_num_splits(batch, hkv, max_seq_len, q.device)
     group = hq // hkv
@@ -220,9 +225,9 @@ def paged_decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), BLOCK_SIZE=block_size,
         NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=max(16, next_pow2(group)),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype), WINDOW=int(sliding_window or 0),
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
     )
     if num_splits > 1:
         _decode_merge_kernel[(batch * hq,)](

@@ -385,3 +385,24 @@ def test_fixes_skip_tp_sizes_the_heads_do_not_allow(tiny_model):
     assert not base.fits
     fixes = suggest_fixes(cfg, hf, 2 * GiB, base)
     assert all("tensor_parallel_size=8" not in " ".join(f.overrides) for f in fixes)
+
+
+def test_batched_tokens_default_by_device(tiny_model):
+    """cache.max_num_batched_tokens=null: 8192 on GPUs of 70 GiB or more (H100, H200), else 2048;
+    the plan's activation term follows the resolved value."""
+    from framework.config.validate import read_model_config
+    from framework.memory.planner import plan_memory
+    from framework.resolve import resolve_config
+    cfg = FrameworkConfig()
+    cfg.model.path = str(tiny_model("llama"))
+    hf = read_model_config(cfg, tiny_model("llama"))
+    assert cfg.cache.max_num_batched_tokens is None
+    assert resolve_config(cfg, hf, None).cache.max_num_batched_tokens == 2048
+    assert resolve_config(cfg, hf, 48 * GiB).cache.max_num_batched_tokens == 2048
+    assert resolve_config(cfg, hf, 141 * GiB).cache.max_num_batched_tokens == 8192
+    cfg.cache.max_num_batched_tokens = 1024
+    assert resolve_config(cfg, hf, 141 * GiB).cache.max_num_batched_tokens == 1024
+    cfg.cache.max_num_batched_tokens = None
+    big, small = plan_memory(cfg, hf, 141 * GiB), plan_memory(cfg, hf, 48 * GiB)
+    assert (big.max_num_batched_tokens, small.max_num_batched_tokens) == (8192, 2048)
+    assert big.activation_bytes > small.activation_bytes

@@ -53,7 +53,9 @@ class CacheConfig:
     max_model_len: Optional[Any] = None
     allow_long_max_model_len: bool = False  # permit max_model_len above config.json's limit
     max_num_seqs: Optional[Any] = 256  # concurrent sequences per step; "auto" = the most that fit
-    max_num_batched_tokens: int = 2048  # tokens per step; prompts longer than this prefill in chunks
+    # Tokens per step; prompts longer than this prefill in chunks. null = by the device: 8192 on GPUs
+    # of 70 GiB or more, else 2048 (framework/resolve.py).
+    max_num_batched_tokens: Optional[int] = None
     gpu_memory_utilization: float = 0.9  # share of GPU memory this engine may use in all
     kv_cache_dtype: str = "auto"  # auto (model dtype) | fp8 (half the KV bytes of bf16)
     cpu_kvcache_space_gib: float = 4.0  # CPU backend KV cache size (vLLM: VLLM_CPU_KVCACHE_SPACE)
@@ -119,6 +121,8 @@ class TaskConfig:
     compare_hf: bool = True  # bench: also time HF transformers generate on the same requests
     compare_hf_requests: Optional[int] = None  # bench: HF runs only the first N requests (null = all)
     decode_batch1_tokens: int = 256  # bench on GPU: one greedy request of N tokens vs the copy roofline; 0 = skip
+    runs: int = 1  # bench: the workload this many times in one process (the first run is the cold one)
+    profile: bool = False  # bench on GPU: one more run under torch.profiler, device time by kind of kernel
     # serve: an OpenAI-compatible HTTP server
     host: str = "127.0.0.1"
     port: int = 8000  # 0 picks a free port

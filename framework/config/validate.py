@@ -62,7 +62,7 @@ def validate(cfg: FrameworkConfig) -> FrameworkConfig:
         raise ConfigError("cache.block_size", c.block_size, "must be a power of two up to 256")
     _positive("cache.max_model_len", c.max_model_len, allow=(None, "auto"))
     _positive("cache.max_num_seqs", c.max_num_seqs, allow=("auto",))
-    _positive("cache.max_num_batched_tokens", c.max_num_batched_tokens)
+    _positive("cache.max_num_batched_tokens", c.max_num_batched_tokens, allow=(None,))
     if not 0 < c.gpu_memory_utilization <= 1:
         raise ConfigError("cache.gpu_memory_utilization", c.gpu_memory_utilization, "must be in (0, 1]")
     _choice("cache.kv_cache_dtype", c.kv_cache_dtype, KV_CACHE_DTYPES)
@@ -96,6 +96,7 @@ def validate(cfg: FrameworkConfig) -> FrameworkConfig:
     if t.top_k == 0 or t.top_k < -1:
         raise ConfigError("task.top_k", t.top_k, "must be -1 (off) or a positive integer")
     _positive("task.num_requests", t.num_requests)
+    _positive("task.runs", t.runs)
     if not 0 <= t.port <= 65535:
         raise ConfigError("task.port", t.port, "must be in [0, 65535] (0 picks a free port)")
     if t.api_key is not None and (not isinstance(t.api_key, str) or not t.api_key.strip()):
@@ -159,7 +160,9 @@ def _check_bidirectional_runs(cfg: FrameworkConfig, hf_config: Any) -> None:
     mm = cfg.multimodal
     if not run or text_only(parse_limits(mm.limit_mm_per_prompt, mm.language_model_only, cls.modalities)):
         return
-    if cfg.cache.max_num_batched_tokens < run:
+    # null resolves by the device, to at least BATCHED_TOKENS_DEFAULT (2048); a run larger than what it
+    # resolves to fails its own request (the encoder budget check), so only a number is checked here
+    if cfg.cache.max_num_batched_tokens is not None and cfg.cache.max_num_batched_tokens < run:
         raise ConfigError("cache.max_num_batched_tokens", cfg.cache.max_num_batched_tokens,
                           f"must be >= {run}: an image's {run} tokens attend to each other both ways and are "
                           "computed in one prefill chunk (or run on text with multimodal=text_only)")

@@ -27,6 +27,7 @@ from framework.engine.sampling_params import SamplingParams
 from framework.engine.scheduler import ScheduledBatch, Scheduler
 from framework.engine.sequence import Sequence, Status
 from framework.engine.step_input import build_step_input
+from framework.engine.step_log import StepLog, record_of
 from framework.multimodal.encoder_cache import EncoderCache
 from framework.multimodal.limits import MultimodalInputError
 from framework.multimodal.processor import MultimodalProcessor, MultimodalPrompt
@@ -112,6 +113,7 @@ class LLMEngine:
         self._stop_decoders: Dict[int, IncrementalDecoder] = {}  # seq_id -> its text so far, for stop strings
         self.forks: Dict[int, List[Sequence]] = {}  # seq_id -> samples of its prompt waiting for its KV
         self.pending: Optional[LaunchedStep] = None  # async scheduling: launched, not yet resolved
+        self.step_log: Optional[StepLog] = None  # task=bench sets it: what each step computed (step_log.py)
         pin = runner.device.type == "cuda"
         self._host_tokens = [torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._flip = 0
@@ -280,6 +282,7 @@ class LLMEngine:
         sampling = [seq for seq, n in zip(batch.seqs, batch.num_new_tokens)
                     if seq.num_computed_tokens + n == seq.num_tokens]  # reached the newest token
         if not (self.runner.async_scheduling and all(s.params.plain_greedy for s in sampling)):
+            self._log_step(batch, len(sampling))
             return LaunchedStep(batch, sampling, logits=logits)
         tokens = self.runner.sampled[:len(sampling)]
         torch.argmax(logits, dim=-1, out=tokens)
@@ -289,7 +292,12 @@ class LLMEngine:
         ready = torch.cuda.Event() if tokens.is_cuda else None
         if ready is not None:
             ready.record()
+        self._log_step(batch, len(sampling))
         return LaunchedStep(batch, sampling, tokens_host=host, ready=ready)
+
+    def _log_step(self, batch: ScheduledBatch, logits_rows: int) -> None:
+        if self.step_log is not None:
+            self.step_log.add(record_of(batch, logits_rows, self.runner.last_graphed))
 
     def _commit(self, launched: LaunchedStep) -> None:
         batch = launched.batch

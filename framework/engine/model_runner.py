@@ -140,6 +140,7 @@ class ModelRunner:
         self.forward = self._compile_forward()
         self.graph_sizes = self._graph_sizes()  # [] on CPU and with enforce_eager
         self.graphs: Optional[CudaGraphRunner] = None
+        self.last_graphed = False  # whether the last step replayed a CUDA graph (engine/step_log.py)
         self.gpu_memory: Dict[str, Any] = {}  # the KV budget's terms, the graphs' measured cost
         self.encoder_outputs: Dict[str, torch.Tensor] = {}  # content hash -> embeddings (multimodal models)
 
@@ -225,13 +226,24 @@ class ModelRunner:
         return self.model.embed_multimodal([self.model.dummy_multimodal_input(self.encoder_budget_tokens)])
 
     def _warm_up_small_batches(self) -> None:
-        """An eager decode step of each batch size up to 8: Triton compiles variants by shape (the
-        GEMVs at one row, quant_matmul's row tile, decode attention's split count), and it should
-        do so now, not inside the first requests."""
+        """An eager decode step of each batch size up to 8, then mixed steps (a prompt chunk beside
+        decodes) of an odd and of a 16-multiple token count: Triton compiles variants by shape (the
+        GEMVs at one row, quant_matmul's row tile, decode attention's split count, integer
+        arguments that are 1, multiples of 16 or neither), and it should do so now, not inside the
+        first requests (profile_run has run the largest step). On a fresh machine (empty Triton
+        cache) a first 256-request run missing one such variant ran at 90% of the warm run's speed."""
         for b in range(1, 9):
             step = StepInput(input_ids=[0] * b, positions=[0] * b, slot_mapping=[-1] * b,
                              cu_seqlens_q=list(range(b + 1)), seq_lens=[1] * b, block_tables=[[0]] * b,
                              logits_indices=list(range(b)), decode_only=True)
+            self.execute(step, keep_on_device=True)
+        # Block tables 3 wide: Triton also specializes on the table's row stride (1, a multiple of
+        # 16, or neither), and a real mixed step's width is usually neither.
+        for chunk in (6, 15):  # + one decode row: 7 and 16 tokens
+            n = chunk + 1
+            step = StepInput(input_ids=[0] * n, positions=list(range(chunk)) + [0], slot_mapping=[-1] * n,
+                             cu_seqlens_q=[0, chunk, n], seq_lens=[chunk, 1], block_tables=[[0, 0, 0], [0]],
+                             logits_indices=[chunk - 1, chunk], decode_only=False)
             self.execute(step, keep_on_device=True)
 
     def allocate_kv_cache(self, num_blocks: Optional[int], num_window_blocks: Optional[int] = None) -> None:
@@ -367,8 +379,9 @@ class ModelRunner:
 
         A pure-decode step that scores every row replays a CUDA graph when one covers its batch."""
         graphs = self.graphs
-        if (graphs is not None and step.decode_only and step.num_seqs <= graphs.max_batch
-                and len(step.logits_indices) == step.num_seqs):
+        self.last_graphed = (graphs is not None and step.decode_only and step.num_seqs <= graphs.max_batch
+                             and len(step.logits_indices) == step.num_seqs)
+        if self.last_graphed:
             logits = graphs.replay(step)
         else:
             t = self.staging.stage(step)

@@ -95,35 +95,46 @@ class HostStaging:
         return dst
 
     def stage(self, step: StepInput) -> StepTensors:
-        """Any step (prefill, mixed, decode) as fresh device tensors, block tables width = the longest."""
+        """Any step (prefill, mixed, decode) as fresh device tensors, block tables width = the longest.
+
+        Every field starts on a 16-byte boundary: Triton specializes a kernel on whether each
+        pointer argument is 16-byte aligned, so packed fields would compile a new variant of the
+        attention and rotary kernels for each parity of T and B, inside the first requests."""
         t, b, n_logits = len(step.input_ids), step.num_seqs, len(step.logits_indices)
         w = max(1, max(len(x) for x in step.block_tables))
         windowed = bool(step.window_block_tables)
         ww = max(1, max(len(x) for x in step.window_block_tables)) if windowed else 0
-        nt = 4 * t if windowed else 3 * t
-        n64, n32 = nt + n_logits, (b + 1) + b + b * w + b * ww
+        t2 = _round(t, 2)  # int64 fields, in elements of 8 bytes
+        nt = (4 if windowed else 3) * t2
+        n64 = nt + _round(n_logits, 2)
+        b1, b4, tw = _round(b + 1, 4), _round(b, 4), _round(b * w, 4)  # int32 fields, 4 bytes each
+        n32 = b1 + b4 + tw + b * ww
         nbytes = 8 * n64 + 4 * n32
         self._wait(nbytes)
         a64, a32 = self._views(n64, n32)
         a64[:t] = step.input_ids
-        a64[t:2 * t] = step.positions
-        a64[2 * t:3 * t] = step.slot_mapping
+        a64[t2:t2 + t] = step.positions
+        a64[2 * t2:2 * t2 + t] = step.slot_mapping
         if windowed:
-            a64[3 * t:4 * t] = step.window_slot_mapping
-        a64[nt:] = step.logits_indices
+            a64[3 * t2:3 * t2 + t] = step.window_slot_mapping
+        a64[nt:nt + n_logits] = step.logits_indices
         a32[:b + 1] = step.cu_seqlens_q
-        a32[b + 1:2 * b + 1] = step.seq_lens
-        tables_end = 2 * b + 1 + b * w
-        fill_block_tables(a32[2 * b + 1:tables_end].reshape(b, w), step.block_tables)
+        a32[b1:b1 + b] = step.seq_lens
+        tables, window = b1 + b4, b1 + b4 + tw
+        fill_block_tables(a32[tables:tables + b * w].reshape(b, w), step.block_tables)
         if windowed:
-            fill_window_tables(a32[tables_end:].reshape(b, ww), step.window_block_tables)
+            fill_window_tables(a32[window:window + b * ww].reshape(b, ww), step.window_block_tables)
         dev = self._send(nbytes)
         d64 = dev[:8 * n64].view(torch.int64)
         d32 = dev[8 * n64:].view(torch.int32)
-        return StepTensors(d64[:t], d64[t:2 * t], d64[2 * t:3 * t], d64[nt:],
-                           d32[:b + 1], d32[b + 1:2 * b + 1], d32[2 * b + 1:tables_end].view(b, w),
-                           d64[3 * t:4 * t] if windowed else None,
-                           d32[tables_end:].view(b, ww) if windowed else None)
+        return StepTensors(d64[:t], d64[t2:t2 + t], d64[2 * t2:2 * t2 + t], d64[nt:nt + n_logits],
+                           d32[:b + 1], d32[b1:b1 + b], d32[tables:tables + b * w].view(b, w),
+                           d64[3 * t2:3 * t2 + t] if windowed else None,
+                           d32[window:window + b * ww].view(b, ww) if windowed else None)
+
+
+def _round(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 class DecodeLayout:

@@ -128,7 +128,7 @@ def _candidates(cfg: FrameworkConfig, hf_config: Any, plan: MemoryPlan) -> List[
                 "multimodal.mm_processor_kwargs": {"max_pixels": 589824}}), "multimodal"))
         out += _multimodal_knobs(cfg, v)
     for key, floor in (("max_num_batched_tokens", 256), ("max_num_seqs", 1)):
-        value = getattr(cfg.cache, key)
+        value = getattr(cfg.cache, key) or getattr(plan, key)  # null: what the plan resolved it to
         smaller = [value // 2 ** k for k in range(1, 8) if value // 2 ** k >= floor]
         for n in smaller:
             out.append(Candidate([f"cache.{key}={n}"], _set(**{f"cache.{key}": n}), key))

@@ -26,7 +26,8 @@ from framework.memory.activation import Step, forward_peak, graph_pool_bytes
 from framework.memory.encoder import encoder_budget
 from framework.memory.model_count import count_model
 from framework.memory.shape import architecture, vision_shape
-from framework.resolve import auto_notes, capture_sizes, model_max_len, pick_device, pick_dtype, resolve_config
+from framework.resolve import (auto_notes, capture_sizes, default_max_num_batched_tokens, model_max_len, pick_device,
+                               pick_dtype, resolve_config)
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -172,6 +173,9 @@ def resolve_auto_limits(cfg: FrameworkConfig, hf_config: Any, device_memory_byte
     KV cache holds at once (full concurrency, so no preemption), at most
     min(MAX_AUTO_SEQS, max_num_batched_tokens). Both searches are binary: every cost grows with
     either value."""
+    if cfg.cache.max_num_batched_tokens is None:  # called on a config not yet resolved
+        tokens = default_max_num_batched_tokens(device_memory_bytes)
+        cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, max_num_batched_tokens=tokens))
     length, seqs = cfg.cache.max_model_len, cfg.cache.max_num_seqs
     limit = model_max_len(hf_config)
     if length is None:

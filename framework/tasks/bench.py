@@ -25,6 +25,9 @@ from framework.llm import LLM
 from framework.memory.compare import compare_rows, format_comparison
 from framework.tasks.generate import summarize
 from framework.tasks.metrics import write_metrics
+from framework.tasks.profile import format_profile, profile_run
+from framework.tasks.roofline import engine_costs, format_kinds, matmul_peak, schedule_roofline
+from framework.engine.step_log import StepLog
 
 HF_BATCH = 64  # HF pads a batch to its longest request; larger batches waste more
 
@@ -47,9 +50,13 @@ def make_workload(cfg: FrameworkConfig, vocab_size: int) -> Workload:
     return Workload(prompts, [rng.randint(*t.output_len_range) for _ in range(t.num_requests)])
 
 
+def warm_up(llm: LLM, work: Workload) -> None:
+    """One short request, as any server's first: the run after it is a process's first run."""
+    llm.generate([{"prompt_token_ids": work.prompts[0][:8]}], SamplingParams(max_tokens=4, ignore_eos=True))
+
+
 def bench_ours(llm: LLM, work: Workload) -> Tuple[float, List[RequestOutput]]:
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in work.output_lens]
-    llm.generate([{"prompt_token_ids": work.prompts[0][:8]}], SamplingParams(max_tokens=4, ignore_eos=True))
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in work.prompts], params)
     seconds = time.perf_counter() - start
@@ -139,20 +146,41 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
     t = cfg.task
     device = pick_device(cfg.model.device)
     on_gpu = device.type == "cuda"
-    copy_bps = copy_bandwidth(device) if on_gpu and t.decode_batch1_tokens else None
+    # both ceilings of the schedule roofline, and the batch-1 roofline, measured in this process
+    copy_bps = copy_bandwidth(device) if on_gpu else None
+    peak_flops = matmul_peak(device) if on_gpu else None
     start = time.perf_counter()
     with LLM(cfg) as llm:
         startup = time.perf_counter() - start
         work = make_workload(cfg, llm.hf_config.vocab_size)
-        ours, outputs = bench_ours(llm, work)
+        engine = llm.launcher.local_engine()
+        steps = StepLog(device) if engine is not None else None
+        warm_up(llm, work)
+        runs: List[float] = []
+        for _ in range(t.runs):  # the step log keeps the last run's steps
+            if steps is not None:
+                steps.begin()
+                engine.step_log = steps
+            seconds, outputs = bench_ours(llm, work)
+            runs.append(seconds)
+        if engine is not None:
+            engine.step_log = None
+        roofline = None
+        if steps is not None and on_gpu:
+            roofline = schedule_roofline(steps.records, engine_costs(engine), copy_bps, peak_flops,
+                                         steps.step_seconds())
+        prof = None
+        if t.profile and on_gpu:
+            prof = profile_run(lambda: bench_ours(llm, work)[0], run_dir)
         decode = bench_decode_batch1(llm, t.decode_batch1_tokens, llm.hf_config.vocab_size) \
-            if copy_bps else None
+            if on_gpu and t.decode_batch1_tokens else None
         stats = llm.stats()
         plan = llm.plan.to_dict() if llm.plan else None
         model_path, hf_config = llm.model_path, llm.hf_config
     gc.collect()
     if on_gpu:
         torch.cuda.empty_cache()
+    ours = runs[-1]
     ours_tps = work.output_tokens / ours
     rank0 = stats["ranks"][0]
     print(f"bench: {t.num_requests} requests, prompts {t.input_len_range[0]}-{t.input_len_range[1]} tokens, "
@@ -161,14 +189,38 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
           + (f", memory profile {rank0['profile_seconds']:.1f} s" if "profile_seconds" in rank0 else "")
           + (f", CUDA graphs {rank0['cudagraph_capture_seconds']:.1f} s" if "cudagraph_capture_seconds" in rank0
              else "") + f"; compilation level {rank0.get('compilation_level', 'n/a')})")
-    print(f"  ours: {work.output_tokens} output tokens in {ours:.2f} s = {ours_tps:,.1f} tok/s")
+    print(f"  ours: {work.output_tokens} output tokens in {ours:.2f} s = {ours_tps:,.1f} tok/s"
+          + (f" (the last of {len(runs)} runs)" if len(runs) > 1 else ""))
+    if len(runs) > 1:
+        print(f"    runs in this process (s): {', '.join(f'{r:.2f}' for r in runs)}; the first (cold) at "
+              f"{100 * min(runs) / runs[0]:.0f}% of the best one's speed")
     latency = summarize(outputs, ours)  # every request arrives at once: latency includes queueing
     print(f"  latency per request (s): p50 {latency['latency_s']['p50']}, p90 {latency['latency_s']['p90']}, "
           f"p99 {latency['latency_s']['p99']}; time to first token p50 {latency['ttft_s']['p50']}, "
           f"p99 {latency['ttft_s']['p99']}")
     result: Dict[str, Any] = {"output_tokens": work.output_tokens, "seconds": round(ours, 4),
                               "output_tokens_per_s": round(ours_tps, 2), "startup_seconds": round(startup, 2),
+                              "runs_seconds": [round(r, 4) for r in runs],
                               "requests": len(outputs), "latency_s": latency["latency_s"], "ttft_s": latency["ttft_s"]}
+    if roofline is not None:
+        floor, device_s = roofline["floor_seconds"], sum(k["seconds"] for k in roofline["kinds"].values())
+        print(f"  schedule roofline: {roofline['steps']} steps moving {roofline['bytes'] / 1e12:.2f} TB and "
+              f"computing {roofline['flops'] / 1e15:.2f} PFLOP; ceilings measured now: copy "
+              f"{copy_bps / 1e12:.2f} TB/s, bf16 matmul {peak_flops / 1e12:.0f} TFLOP/s")
+        print(f"    sum of the steps' floors {floor:.2f} s -> {work.output_tokens / floor:,.0f} tok/s; the engine took "
+              f"{ours:.2f} s: {100 * floor / ours:.0f}% of the schedule roofline (device time of the steps "
+              f"{device_s:.2f} s)")
+        serial = roofline["serial_floor_seconds"]
+        print(f"    linears and attention each at their own bound, in turn: {serial:.2f} s -> the engine at "
+              f"{100 * serial / ours:.0f}% of that")
+        print("\n".join(format_kinds(roofline["kinds"])))
+        result["schedule_roofline"] = {**roofline, "copy_Bps": copy_bps, "matmul_flops": peak_flops,
+                                       "share": floor / ours}
+    if prof is not None:
+        print(f"  profile of one more run ({prof['wall_seconds']:.2f} s under torch.profiler; every kernel in "
+              f"{run_dir / 'profile.txt'}):")
+        print("\n".join(format_profile(prof)))
+        result["profile"] = prof
     if decode is not None:
         weights = rank0["weight_bytes"]
         step_bytes = weights - embedding_bytes(rank0, hf_config)

@@ -92,7 +92,7 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
         else:
             ids = default_text(llm.tokenizer)
             source = f"pydoc_data.topics of Python {platform.python_version()}, every {EVERY_NTH}th topic"
-        window = min(WINDOW, llm.config.cache.max_model_len, cfg.cache.max_num_batched_tokens)
+        window = min(WINDOW, llm.config.cache.max_model_len, llm.config.cache.max_num_batched_tokens)
         result = perplexity(llm, ids, window, source)
         stats = llm.stats()
     record = {"quantization": cfg.quantization.method, "kv_cache_dtype": cfg.cache.kv_cache_dtype,
