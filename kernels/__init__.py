@@ -63,14 +63,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
               num_splits=num_splits, max_seq_len=max_seq_len, out=out, sliding_window=sliding_window)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return (_norm.rms_norm if use_triton(x) else _norm.rms_norm_ref)(x, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, round_normed: bool = True) -> torch.Tensor:
+    return (_norm.rms_norm if use_triton(x) else _norm.rms_norm_ref)(x, weight, eps, round_normed)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       eps: float, round_normed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     fn = _norm.fused_add_rms_norm if use_triton(x) else _norm.fused_add_rms_norm_ref
-    return fn(x, residual, weight, eps)
+    return fn(x, residual, weight, eps, round_normed)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,

@@ -3,7 +3,8 @@
 HF computes `weight * (h.float() * rsqrt(mean(h^2) + eps)).to(dtype)`: the normalised value is
 rounded to the activation dtype *before* the weight multiply. The kernel rounds at the same two
 points (and the fused variant rounds `x + residual` to the dtype first, as HF's `residual +
-hidden` in bf16 does), so greedy decoding matches HF token for token.
+hidden` in bf16 does), so greedy decoding matches HF token for token. Gemma's norm multiplies in
+float32 and rounds once, at the end: `round_normed=False`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def _rms_norm_kernel(
     n_cols,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    ROUND_NORMED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # One program per row: a hidden size up to ~16k fits one block, so one pass over HBM.
@@ -38,13 +40,15 @@ def _rms_norm_kernel(
         tl.store(new_res_ptr + row * n_cols + cols, x, mask=mask)
     h = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(h * h, axis=0) / n_cols + eps)
-    normed = (h * rstd).to(x.dtype).to(tl.float32)
+    normed = h * rstd
+    if ROUND_NORMED:
+        normed = normed.to(x.dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * n_cols + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-            eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+            eps: float, round_normed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     n = x.shape[-1]
     assert weight.shape == (n,), "weight must be [hidden]"
     x2 = x.reshape(-1, n)
@@ -66,34 +70,36 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     _rms_norm_kernel[(rows,)](
         x2, r2, weight, y, new_res if new_res is not None else y,
         x2.stride(0), r2.stride(0), n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block,
+        HAS_RESIDUAL=residual is not None, ROUND_NORMED=round_normed, BLOCK=block,
         num_warps=min(16, max(1, block // 512)),  # ~16 elements per thread
     )
     return y, new_res
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, round_normed: bool = True) -> torch.Tensor:
     """Triton: RMSNorm over the last dim of `x [..., hidden]`; returns a new tensor in x.dtype."""
-    return _launch(x, None, weight, eps)[0]
+    return _launch(x, None, weight, eps, round_normed)[0]
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       eps: float, round_normed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton: `new_residual = x + residual; y = rms_norm(new_residual)`; returns (y, new_residual)."""
-    y, new_res = _launch(x, residual, weight, eps)
+    y, new_res = _launch(x, residual, weight, eps, round_normed)
     assert new_res is not None
     return y, new_res
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Torch reference of `rms_norm` (HF LlamaRMSNorm, output in x.dtype)."""
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, round_normed: bool = True) -> torch.Tensor:
+    """Torch reference of `rms_norm` (HF LlamaRMSNorm, output in x.dtype; Gemma's without rounding)."""
     h = x.float()
-    normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if round_normed:
+        normed = normed.to(x.dtype)
     return (weight * normed).to(x.dtype)
 
 
 def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                           eps: float, round_normed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference of `fused_add_rms_norm`."""
     new_residual = x + residual
-    return rms_norm_ref(new_residual, weight, eps), new_residual
+    return rms_norm_ref(new_residual, weight, eps, round_normed), new_residual

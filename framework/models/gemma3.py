@@ -106,7 +106,8 @@ class Gemma3Args:
 
 class GemmaRMSNorm(RMSNorm):
     """RMSNorm scaling by (1 + weight). The checkpoint's offset is kept as loaded and the one is
-    added per call in float32: stored as 1 + w in bf16 it would lose the low bits HF keeps."""
+    added per call in float32: stored as 1 + w in bf16 it would lose the low bits HF keeps. As in
+    HF's Gemma3RMSNorm the scale multiplies the float32 normalised value, rounded once at the end."""
 
     def __init__(self, hidden: int, eps: float):
         super().__init__(hidden, eps)
@@ -115,8 +116,8 @@ class GemmaRMSNorm(RMSNorm):
     def forward(self, x, residual=None):
         scale = self.weight.float() + 1.0
         if residual is None:
-            return kernels.rms_norm(x, scale, self.eps)
-        return kernels.fused_add_rms_norm(x, residual, scale, self.eps)
+            return kernels.rms_norm(x, scale, self.eps, round_normed=False)
+        return kernels.fused_add_rms_norm(x, residual, scale, self.eps, round_normed=False)
 
 
 class Gemma3Attention(nn.Module):

@@ -48,6 +48,34 @@ def test_triton_matches_reference(shape, dtype, device):
     torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemma_norm_rounds_once_like_hf(dtype):
+    """GemmaRMSNorm equals HF's Gemma3RMSNorm bit for bit: (1 + w) times the float32 normalised
+    value, rounded once (the Llama rounding would differ in the low bits in half precision)."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    from framework.models.gemma3 import GemmaRMSNorm
+    x, _, _ = _inputs((64, 96), dtype, "cpu")
+    hf, ours = Gemma3RMSNorm(96, eps=EPS), GemmaRMSNorm(96, EPS)
+    torch.nn.init.normal_(hf.weight, std=0.5)
+    ours.weight.data.copy_(hf.weight.data.to(dtype))
+    hf = hf.to(dtype)
+    with torch.no_grad():
+        assert torch.equal(ours(x), hf(x))
+        assert not torch.equal(rms_norm_ref(x, ours.weight.float() + 1, EPS), hf(x))  # the Llama rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_unrounded_matches_reference(dtype, device):
+    x, residual, weight = _inputs((7, 48), dtype, device)
+    tol = 1e-5 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(rms_norm(x, weight, EPS, round_normed=False),
+                               rms_norm_ref(x, weight, EPS, round_normed=False), atol=tol, rtol=tol)
+    y, _ = fused_add_rms_norm(x, residual, weight, EPS, round_normed=False)
+    torch.testing.assert_close(y, fused_add_rms_norm_ref(x, residual, weight, EPS, round_normed=False)[0],
+                               atol=tol, rtol=tol)
+
+
 def test_triton_strided_rows(device):
     # Rows with a stride (a column slice of a wider buffer) must not be read as contiguous.
     x, residual, weight = _inputs((6, 80), torch.float32, device)
