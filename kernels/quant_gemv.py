@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import next_pow2, tl, triton
+from kernels.int4_layout import block_columns
 
 GEMV_MAX_ROWS = 8  # the kernels' limit: their row loop is unrolled
 # Rows the dispatch (int4_linear, scaled_linear) sends here; more go to quant_matmul (tensor cores)
@@ -62,38 +63,76 @@ def _as_float(u, offset: tl.constexpr):
 
 @triton.jit
 def _int4_gemv_kernel(
-    x_ptr, codes_ptr, scale_ptr, y_ptr,
-    N, K, stride_xm, stride_cn, stride_sn,
-    GROUP: tl.constexpr, ROWS: tl.constexpr, ROWS_P2: tl.constexpr,
-    BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPAN: tl.constexpr,
+    x_ptr, words_ptr, scale_ptr, y_ptr,
+    M, N, K, k_per_split, stride_xm, stride_wn, stride_sn, stride_ys,
+    GROUP: tl.constexpr, ROWS_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
+    WPB: tl.constexpr,
 ):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # A tile is [BLOCK_N weight rows, BLOCKS layout blocks, WPB words]: word j of block b holds
+    # columns b*PB + i*WPB + j (kernels/int4_layout.py), so slot i of every word meets x at
+    # k0 + b*PB + i*WPB + j, a contiguous run per block.
+    PB: tl.constexpr = 8 * WPB
+    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    code_rows = codes_ptr + cols.to(tl.int64)[:, None, None] * stride_cn
+    blk = tl.arange(0, BLOCKS)
+    j = tl.arange(0, WPB)
+    rows = tl.arange(0, ROWS_P2)
+    row_ok = rows < M
+    word_ptrs = (words_ptr + cols.to(tl.int64)[:, None, None] * stride_wn
+                 + (blk * WPB)[None, :, None] + j[None, None, :])
+    x_ptrs = x_ptr + rows[:, None, None] * stride_xm + (blk * PB)[None, :, None] + j[None, None, :]
     scale_rows = scale_ptr + cols.to(tl.int64)[:, None] * stride_sn
-    span_cols = tl.arange(0, SPAN)
-    span_bytes = tl.arange(0, SPAN // 2)
-    rows = tl.arange(0, ROWS_P2)  # Triton shapes are powers of two; rows >= ROWS are never stored
-    # acc[n, m] (output column, x row): laid out like a tile's row sums, transposed at the store
-    acc = tl.zeros((BLOCK_N, ROWS_P2), dtype=tl.float32)
-    for k0 in range(0, K, SUB * SPAN):
-        first = k0 + tl.arange(0, SUB) * SPAN  # first column of each span; K is a multiple of SPAN
-        span_ok = first < K
-        byte = tl.load(code_rows + (first // 2)[None, :, None] + span_bytes[None, None, :],
-                       mask=col_ok[:, None, None] & span_ok[None, :, None], other=0).to(tl.int32)
-        # nibbles back in column order (low = column 2j, high = 2j + 1), so x is read contiguously
-        # with vector loads rather than as two stride-2 halves
-        q = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, SUB, SPAN))
-        w = _as_float(q, 8.0)  # code - 8, exact; masked bytes give -8, met by x = 0
-        s = tl.load(scale_rows + (first // GROUP)[None, :], mask=col_ok[:, None] & span_ok[None, :],
-                    other=0.0).to(tl.float32)
-        for m in tl.static_range(ROWS):
-            x = tl.load(x_ptr + m * stride_xm + first[:, None] + span_cols[None, :],
-                        mask=span_ok[:, None], other=0.0).to(tl.float32)
-            part = tl.sum(tl.sum(w * x[None, :, :], axis=2) * s, axis=1)
-            acc += tl.where(rows[None, :] == m, part[:, None], 0.0)
-    out = y_ptr + rows[None, :] * N + cols[:, None]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=col_ok[:, None] & (rows < ROWS)[None, :])
+    # acc[m, n, b, j]: one running sum per word position, reduced once after the K loop
+    acc = tl.zeros((ROWS_P2, BLOCK_N, BLOCKS, WPB), dtype=tl.float32)
+    k_begin = pid_s * k_per_split
+    for k0 in range(k_begin, k_begin + k_per_split, BLOCKS * PB):
+        first = k0 + blk * PB  # first column of each block
+        blk_ok = first < K
+        # masked words are 0 (every code reads as 0 - 8) and meet x = 0
+        wt = tl.load(word_ptrs + k0 // 8, mask=col_ok[:, None, None] & blk_ok[None, :, None], other=0)
+        part = tl.zeros((ROWS_P2, BLOCK_N, BLOCKS, WPB), dtype=tl.float32)
+        corr = tl.zeros((ROWS_P2, 1, BLOCKS, WPB), dtype=tl.float32)
+        for i in tl.static_range(8):
+            # Nibble i (bits 4i..4i+3) is moved to mantissa bit 15 (even i) or 19 (odd i) of the
+            # float 1.0: one shift serves two nibbles, and the mask and the OR are one LOP3. The
+            # float is w = 1 + c * 2^-8 (or 2^-4) for the code c in [0, 15], so w * (x * 2^8) is
+            # x * 2^8 + c * x: `corr` (the x * 2^8 terms and the zero point 8 * x, shared by every
+            # weight row) is subtracted once per group. No int-to-float conversion, no offset
+            # subtraction: a shift (per two codes), a LOP3 and an FMA per code.
+            if i // 2 == 0:
+                sh = wt << 15
+            elif i // 2 == 1:
+                sh = wt << 7
+            elif i // 2 == 2:
+                sh = wt >> 1
+            else:
+                sh = wt >> 9
+            if i % 2 == 0:
+                w = ((sh & 0x78000) | 0x3F800000).to(tl.float32, bitcast=True)
+                mul = 256.0
+            else:
+                w = ((sh & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                mul = 16.0
+            x = tl.load(x_ptrs + k0 + i * WPB, mask=row_ok[:, None, None] & blk_ok[None, :, None],
+                        other=0.0).to(tl.float32)
+            part += w[None, :, :, :] * (x * mul)[:, None, :, :]
+            corr += x[:, None, :, :] * (mul + 8.0)
+            # one scale a block when G is a multiple of the block (G = 128: every case that
+            # matters); else a scale per slot (WPB divides G, so a slot lies in one group)
+            if GROUP % PB != 0 or i == 7:
+                if GROUP % PB == 0:
+                    g = first // GROUP
+                else:
+                    g = (first + i * WPB) // GROUP
+                s = tl.load(scale_rows + g[None, :], mask=col_ok[:, None] & blk_ok[None, :],
+                            other=0.0).to(tl.float32)
+                acc += (part - corr) * s[None, :, :, None]
+                part = tl.zeros((ROWS_P2, BLOCK_N, BLOCKS, WPB), dtype=tl.float32)
+                corr = tl.zeros((ROWS_P2, 1, BLOCKS, WPB), dtype=tl.float32)
+    y = tl.sum(tl.sum(acc, axis=3), axis=2)  # [ROWS_P2, BLOCK_N]
+    out = y_ptr + pid_s * stride_ys + rows[:, None] * N + cols[None, :]
+    tl.store(out, y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -133,28 +172,35 @@ def _check_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def int4_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-              block_n: int = INT4_BLOCK_N, block_k: int = INT4_BLOCK_K) -> torch.Tensor:
+              block_n: int = INT4_BLOCK_N, block_k: int = INT4_BLOCK_K, split: int = 1,
+              num_warps: int = NUM_WARPS) -> torch.Tensor:
     """Triton: x [M, K] (M <= GEMV_MAX_ROWS) times the int4 weight [N, K] transposed -> [M, N] in
-    x.dtype. The group size G = K / scale.shape[1] must be even (the dispatch asks for a multiple
-    of 16). `block_n` / `block_k` (tests, bench) override the tile; block_k is a power of two."""
+    x.dtype; codes in the layout of kernels/int4_layout.py. The group size G = K / scale.shape[1]
+    must be a multiple of 16 (so K too). `block_n` / `block_k` (columns a step; a power of two,
+    rounded up to one layout block) / `split` (programs the K loop is cut into; partial sums are
+    added in a fixed order) / `num_warps` (tests, bench) override the defaults."""
     x = _check_rows(x)
     m, k = x.shape
     n = codes.shape[0]
     assert codes.dtype == torch.uint8 and codes.shape[1] * 2 == k, "codes must be uint8 [N, K/2]"
     group = k // scale.shape[1]
-    assert scale.shape[0] == n and group * scale.shape[1] == k and group % 2 == 0, "bad group size"
+    assert scale.shape[0] == n and group * scale.shape[1] == k and group % 16 == 0, "group size must be a multiple of 16"
     codes, scale = codes.contiguous(), scale.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    block_k = min(block_k, next_pow2(k))  # no wider than K: a tile past K only loads masked lanes
-    span = min(group & -group, block_k)  # the largest power of two dividing G: one scale a span
-    _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, codes, scale, y, n, k, x.stride(0), codes.stride(0), scale.stride(0),
-        GROUP=group, ROWS=m, ROWS_P2=next_pow2(m), BLOCK_N=block_n, SUB=block_k // span, SPAN=span,
-        num_warps=NUM_WARPS,
+    pb = block_columns(k)  # >= 16, as 16 divides G and so K
+    blocks = max(1, min(block_k, next_pow2(k)) // pb)
+    step = blocks * pb
+    k_per_split = triton.cdiv(triton.cdiv(k, split), step) * step
+    split = triton.cdiv(k, k_per_split)
+    out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    _int4_gemv_kernel[(triton.cdiv(n, block_n), split)](
+        x, codes.view(torch.int32), scale, out, m, n, k, k_per_split, x.stride(0), codes.stride(0) // 4,
+        scale.stride(0), out.stride(0) if split > 1 else 0,
+        GROUP=group, ROWS_P2=next_pow2(m), BLOCK_N=block_n, BLOCKS=blocks, WPB=pb // 8, num_warps=num_warps,
     )
-    return y
+    return y if split == 1 else out.sum(0).to(x.dtype)
 
 
 def rowscaled_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
