@@ -95,11 +95,12 @@ def _int4_gemv_kernel(
         corr = tl.zeros((ROWS_P2, 1, BLOCKS, WPB), dtype=tl.float32)
         for i in tl.static_range(8):
             # Nibble i (bits 4i..4i+3) is moved to mantissa bit 15 (even i) or 19 (odd i) of the
-            # float 1.0: one shift serves two nibbles, and the mask and the OR are one LOP3. The
-            # float is w = 1 + c * 2^-8 (or 2^-4) for the code c in [0, 15], so w * (x * 2^8) is
-            # x * 2^8 + c * x: `corr` (the x * 2^8 terms and the zero point 8 * x, shared by every
+            # float 256 (or 16): one shift serves two nibbles, and the mask and the OR are one
+            # LOP3. The float is w = 256 + c (16 + c) for the code c in [0, 15], so w * x is
+            # 256 x + c x, and `corr` (the 256 x terms and the zero point 8 x, shared by every
             # weight row) is subtracted once per group. No int-to-float conversion, no offset
-            # subtraction: a shift (per two codes), a LOP3 and an FMA per code.
+            # subtraction: a shift (per two codes), a LOP3 and an FMA per code. The bias 256 x
+            # costs precision: the running sums carry about 2^-16 of |x| of rounding a product.
             if i // 2 == 0:
                 sh = wt << 15
             elif i // 2 == 1:
@@ -109,15 +110,15 @@ def _int4_gemv_kernel(
             else:
                 sh = wt >> 9
             if i % 2 == 0:
-                w = ((sh & 0x78000) | 0x3F800000).to(tl.float32, bitcast=True)
-                mul = 256.0
+                w = ((sh & 0x78000) | 0x43800000).to(tl.float32, bitcast=True)  # 256 + c
+                bias = 264.0  # 256 + the zero point 8
             else:
-                w = ((sh & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-                mul = 16.0
+                w = ((sh & 0x780000) | 0x41800000).to(tl.float32, bitcast=True)  # 16 + c
+                bias = 24.0
             x = tl.load(x_ptrs + k0 + i * WPB, mask=row_ok[:, None, None] & blk_ok[None, :, None],
                         other=0.0).to(tl.float32)
-            part += w[None, :, :, :] * (x * mul)[:, None, :, :]
-            corr += x[:, None, :, :] * (mul + 8.0)
+            part += w[None, :, :, :] * x[:, None, :, :]
+            corr += x[:, None, :, :] * bias
             # one scale a block when G is a multiple of the block (G = 128: every case that
             # matters); else a scale per slot (WPB divides G, so a slot lies in one group)
             if GROUP % PB != 0 or i == 7:

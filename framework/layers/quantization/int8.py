@@ -1,4 +1,4 @@
-"""int8: symmetric per-output-channel weights; activations stay in the model dtype.
+"""int8: symmetric per-output-channel weights; W8A8 past decode sizes on CUDA (Int8Method).
 
 Each row keeps its own float32 scale (absmax / 127), so a row's error is at most half a step
 of *its* range. The matmul runs on the integer codes cast to the activation dtype (exact: every
@@ -18,6 +18,10 @@ from framework.layers.quantization.base import LoadTimeQuant, Spec
 from kernels import quant_gemv as qg, quant_matmul as qmm
 
 QMAX = 127  # -128 unused: a symmetric grid keeps zero exact and the range balanced
+# Up to this many rows (tokens) a call stays weight-only (the GEMV, then quant_matmul), as fp8
+# does (fp8.WEIGHT_ONLY_MAX_ROWS: cuBLAS's 8-bit GEMMs have a floor of 15-41 µs a call on the
+# 8B shapes whatever the rows); more rows run W8A8 on int8 tensor cores.
+WEIGHT_ONLY_MAX_ROWS = 32
 
 
 def quantize_int8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +72,28 @@ class RowScaledMethod(LoadTimeQuant):
         return scaled_linear(x, layer.weight, layer.weight_scale, bias)
 
 
+def uses_w8a8(x2: torch.Tensor, codes: torch.Tensor) -> bool:
+    """Whether a call over the rows x2 [M, K] runs W8A8 (kernels/int8_linear.py): more than
+    WEIGHT_ONLY_MAX_ROWS rows, bf16/fp16 on CUDA."""
+    return x2.shape[0] > WEIGHT_ONLY_MAX_ROWS and kernels.int8_linear_supported(x2, codes)
+
+
 class Int8Method(RowScaledMethod):
+    """`quantize_activations`: steps of more than WEIGHT_ONLY_MAX_ROWS tokens on CUDA quantize x
+    per token to int8 and multiply on int8 tensor cores (W8A8); fewer rows, the CPU and float32
+    models stay weight-only. False (a compressed-tensors checkpoint that quantizes only its
+    weights, or its activations some other way) always runs weight-only."""
+
     name = "int8"
     code_dtype = torch.int8
     quantize_rows = staticmethod(quantize_int8)
+
+    def __init__(self, quantize_activations: bool = True):
+        self.quantize_activations = quantize_activations
+
+    def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.quantize_activations and uses_w8a8(x2, layer.weight):
+            y = kernels.int8_linear(x2, layer.weight, layer.weight_scale, bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        return scaled_linear(x, layer.weight, layer.weight_scale, bias)
