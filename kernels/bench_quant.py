@@ -28,8 +28,8 @@ from kernels.quant_matmul import quant_matmul
 
 DTYPE = torch.bfloat16
 # (block_n, block_k, split, num_warps) of the int4 GEMV
-INT4_GEMV_CONFIGS = [(8, 1024, 1, 4), (16, 1024, 1, 4), (16, 512, 1, 4), (4, 1024, 1, 4), (16, 1024, 1, 8),
-                     (32, 512, 1, 8), (8, 512, 1, 4), (16, 1024, 2, 4)]
+INT4_GEMV_CONFIGS = [(8, 1024, 1, 4), (16, 1024, 1, 4), (16, 2048, 1, 4), (8, 2048, 1, 4), (32, 1024, 1, 8),
+                     (4, 2048, 1, 4)]
 FP8_GEMV_TILES = [(2, 2048), (4, 2048), (8, 2048), (8, 1024)]
 INT4_ROWS = [2, 4, 8, 16, 64]
 MANY_ROWS = [256, 2048]
@@ -60,7 +60,7 @@ def _time(fn, weights) -> float:
         return float("nan")
 
 
-def gemv_table(roof: float) -> None:
+def gemv_table(roof: float, fp8_tiles: list) -> None:
     print("\none row, µs a call; GB/s of the weight bytes, % of the copy rate")
     totals = {"bf16": 0.0, "int4": 0.0, "fp8": 0.0}
     for name, (n, k) in LINEAR_SHAPES.items():
@@ -77,8 +77,8 @@ def gemv_table(roof: float) -> None:
             print(f"  int4 gemv {cfg}: {t:.1f} µs ({gbps:.0f} GB/s, {100 * gbps / roof:.0f}%)")
             best4 = min(best4, (t, cfg), key=lambda p: p[0] if p[0] == p[0] else math.inf)
         fp8 = _copies(_fp8, n, k, n * k)
-        best8 = (math.inf, None)
-        for tile in FP8_GEMV_TILES:
+        best8 = (math.nan, None)
+        for tile in fp8_tiles:
             t = _time(lambda cs, tile=tile: rowscaled_gemv(x, *cs, *tile), fp8)
             print(f"  fp8 gemv {tile}: {t:.1f} µs ({n * k / t / 1e3:.0f} GB/s, {100 * n * k / t / 1e3 / roof:.0f}%)")
             best8 = min(best8, (t, tile), key=lambda p: p[0] if p[0] == p[0] else math.inf)
@@ -91,13 +91,13 @@ def gemv_table(roof: float) -> None:
           f"({totals['bf16'] / totals['int4']:.2f}x), fp8 {totals['fp8']:.1f} ({totals['bf16'] / totals['fp8']:.2f}x)")
 
 
-def int4_rows_table() -> None:
+def int4_rows_table(rows_list: list) -> None:
     print("\nint4 at few rows, µs a call: bf16 cuBLAS | int4 GEMV (default tile; <= 8 rows) | quant_matmul "
           "block_n 64")
     for name, (n, k) in LINEAR_SHAPES.items():
         bf16 = _copies(lambda n, k: torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02, n, k, 2 * n * k)
         int4 = _copies(_int4, n, k, n * k // 2)
-        for rows in INT4_ROWS:
+        for rows in rows_list:
             x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
             t_bf16 = _time(lambda w: torch.nn.functional.linear(x, w), bf16)
             t_gemv = _time(lambda cs: int4_gemv(x, *cs), int4) if rows <= 8 else float("nan")
@@ -107,12 +107,12 @@ def int4_rows_table() -> None:
                   f"best {t_bf16 / best:.2f}x bf16")
 
 
-def many_rows_table() -> None:
+def many_rows_table(rows_list: list) -> None:
     print("\nmany rows, µs a call: bf16 cuBLAS | fp8 W8A8 | int8 W8A8 | int4 as dispatched | int4 quant_matmul")
     for name, (n, k) in LINEAR_SHAPES.items():
         bf16 = _copies(lambda n, k: torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02, n, k, 2 * n * k)
         fp8, int8, int4 = _copies(_fp8, n, k, n * k), _copies(_int8, n, k, n * k), _copies(_int4, n, k, n * k // 2)
-        for rows in MANY_ROWS:
+        for rows in rows_list:
             x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
             t = [_time(lambda w: torch.nn.functional.linear(x, w), bf16),
                  _time(lambda cs: fp8_linear(x, *cs), fp8),
@@ -126,6 +126,7 @@ def many_rows_table() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gemv", action="store_true", help="one row only")
+    parser.add_argument("--quick", action="store_true", help="int4 only, fewer row counts")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA device"
     torch.manual_seed(0)
@@ -133,10 +134,10 @@ def main() -> None:
     roof = copy_gbps()
     print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}; "
           f"device copy {roof:.0f} GB/s")
-    gemv_table(roof)
+    gemv_table(roof, [] if args.quick else FP8_GEMV_TILES)
     if not args.gemv:
-        int4_rows_table()
-        many_rows_table()
+        int4_rows_table([16, 64] if args.quick else INT4_ROWS)
+        many_rows_table([256] if args.quick else MANY_ROWS)
 
 
 if __name__ == "__main__":

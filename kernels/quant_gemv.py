@@ -64,35 +64,32 @@ def _as_float(u, offset: tl.constexpr):
 @triton.jit
 def _int4_gemv_kernel(
     x_ptr, words_ptr, scale_ptr, y_ptr,
-    M, N, K, k_per_split, stride_xm, stride_wn, stride_sn, stride_ys,
-    GROUP: tl.constexpr, ROWS_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
-    WPB: tl.constexpr,
+    N, K, k_per_split, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, WPB: tl.constexpr,
 ):
-    # A tile is [BLOCK_N weight rows, BLOCKS layout blocks, WPB words]: word j of block b holds
-    # columns b*PB + i*WPB + j (kernels/int4_layout.py), so slot i of every word meets x at
-    # k0 + b*PB + i*WPB + j, a contiguous run per block.
+    # One row of x a program (program_id(2)). A tile is [BLOCK_N weight rows, WORDS int32 words];
+    # word w of a step lies in layout block w // WPB, and its nibble i holds column
+    # (w // WPB) * PB + i * WPB + w % WPB (kernels/int4_layout.py): slot i of all the words meets
+    # one vector of x, contiguous within each block. Plain 2-D tiles, as in the fp8 GEMV below:
+    # the x vectors broadcast over the weight rows without layout conversions.
     PB: tl.constexpr = 8 * WPB
-    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+    pid_n, pid_s, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    blk = tl.arange(0, BLOCKS)
-    j = tl.arange(0, WPB)
-    rows = tl.arange(0, ROWS_P2)
-    row_ok = rows < M
-    word_ptrs = (words_ptr + cols.to(tl.int64)[:, None, None] * stride_wn
-                 + (blk * WPB)[None, :, None] + j[None, None, :])
-    x_ptrs = x_ptr + rows[:, None, None] * stride_xm + (blk * PB)[None, :, None] + j[None, None, :]
+    word = tl.arange(0, WORDS)
+    xcol = (word // WPB) * PB + word % WPB  # column of slot 0 of each word, from the step's start
+    word_ptrs = words_ptr + cols.to(tl.int64)[:, None] * stride_wn + word[None, :]
+    x_row = x_ptr + m * stride_xm
     scale_rows = scale_ptr + cols.to(tl.int64)[:, None] * stride_sn
-    # acc[m, n, b, j]: one running sum per word position, reduced once after the K loop
-    acc = tl.zeros((ROWS_P2, BLOCK_N, BLOCKS, WPB), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)  # a running sum per word, reduced at the end
     k_begin = pid_s * k_per_split
-    for k0 in range(k_begin, k_begin + k_per_split, BLOCKS * PB):
-        first = k0 + blk * PB  # first column of each block
-        blk_ok = first < K
+    for k0 in range(k_begin, k_begin + k_per_split, 8 * WORDS):
+        ok = k0 + xcol < K  # whole blocks: PB divides K
         # masked words are 0 (every code reads as 0 - 8) and meet x = 0
-        wt = tl.load(word_ptrs + k0 // 8, mask=col_ok[:, None, None] & blk_ok[None, :, None], other=0)
-        part = tl.zeros((ROWS_P2, BLOCK_N, BLOCKS, WPB), dtype=tl.float32)
-        corr = tl.zeros((ROWS_P2, 1, BLOCKS, WPB), dtype=tl.float32)
+        wt = tl.load(word_ptrs + k0 // 8, mask=col_ok[:, None] & ok[None, :], other=0,
+                     eviction_policy="evict_first")
+        part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        corr = tl.zeros((WORDS,), dtype=tl.float32)
         for i in tl.static_range(8):
             # Nibble i (bits 4i..4i+3) is moved to mantissa bit 15 (even i) or 19 (odd i) of the
             # float 256 (or 16): one shift serves two nibbles, and the mask and the OR are one
@@ -115,25 +112,22 @@ def _int4_gemv_kernel(
             else:
                 w = ((sh & 0x780000) | 0x41800000).to(tl.float32, bitcast=True)  # 16 + c
                 bias = 24.0
-            x = tl.load(x_ptrs + k0 + i * WPB, mask=row_ok[:, None, None] & blk_ok[None, :, None],
-                        other=0.0).to(tl.float32)
-            part += w[None, :, :, :] * x[:, None, :, :]
-            corr += x[:, None, :, :] * bias
+            x = tl.load(x_row + k0 + xcol + i * WPB, mask=ok, other=0.0).to(tl.float32)
+            part += w * x[None, :]
+            corr += x * bias
             # one scale a block when G is a multiple of the block (G = 128: every case that
             # matters); else a scale per slot (WPB divides G, so a slot lies in one group)
             if GROUP % PB != 0 or i == 7:
                 if GROUP % PB == 0:
-                    g = first // GROUP
+                    g = (k0 + xcol) // GROUP
                 else:
-                    g = (first + i * WPB) // GROUP
-                s = tl.load(scale_rows + g[None, :], mask=col_ok[:, None] & blk_ok[None, :],
-                            other=0.0).to(tl.float32)
-                acc += (part - corr) * s[None, :, :, None]
-                part = tl.zeros((ROWS_P2, BLOCK_N, BLOCKS, WPB), dtype=tl.float32)
-                corr = tl.zeros((ROWS_P2, 1, BLOCKS, WPB), dtype=tl.float32)
-    y = tl.sum(tl.sum(acc, axis=3), axis=2)  # [ROWS_P2, BLOCK_N]
-    out = y_ptr + pid_s * stride_ys + rows[:, None] * N + cols[None, :]
-    tl.store(out, y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+                    g = (k0 + xcol + i * WPB) // GROUP
+                s = tl.load(scale_rows + g[None, :], mask=col_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
+                acc += (part - corr[None, :]) * s
+                part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+                corr = tl.zeros((WORDS,), dtype=tl.float32)
+    y = tl.sum(acc, axis=1)
+    tl.store(y_ptr + pid_s * stride_ys + m * stride_ym + cols, y.to(y_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
@@ -191,15 +185,15 @@ def int4_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     if m == 0:
         return y
     pb = block_columns(k)  # >= 16, as 16 divides G and so K
-    blocks = max(1, min(block_k, next_pow2(k)) // pb)
-    step = blocks * pb
+    words = max(1, min(block_k, next_pow2(k)) // pb) * pb // 8  # whole layout blocks a step
+    step = 8 * words
     k_per_split = triton.cdiv(triton.cdiv(k, split), step) * step
     split = triton.cdiv(k, k_per_split)
     out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    _int4_gemv_kernel[(triton.cdiv(n, block_n), split)](
-        x, codes.view(torch.int32), scale, out, m, n, k, k_per_split, x.stride(0), codes.stride(0) // 4,
-        scale.stride(0), out.stride(0) if split > 1 else 0,
-        GROUP=group, ROWS_P2=next_pow2(m), BLOCK_N=block_n, BLOCKS=blocks, WPB=pb // 8, num_warps=num_warps,
+    _int4_gemv_kernel[(triton.cdiv(n, block_n), split, m)](
+        x, codes.view(torch.int32), scale, out, n, k, k_per_split, x.stride(0), codes.stride(0) // 4,
+        scale.stride(0), out.stride(0) if split > 1 else 0, out.stride(-2),
+        GROUP=group, BLOCK_N=block_n, WORDS=words, WPB=pb // 8, num_warps=num_warps,
     )
     return y if split == 1 else out.sum(0).to(x.dtype)
 

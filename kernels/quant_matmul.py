@@ -18,8 +18,8 @@ int4 (`_int4_matmul_kernel`): the product is computed transposed, acc[n, m] = W[
 so the weight tile is the dot's first operand. Hopper's wgmma takes 64 rows per warpgroup from
 that operand (int4_linear sends x 2-64 rows) and reads it from registers, where it is
 dequantized; x goes through shared memory. A K tile is one block of kernels/int4_layout.py
-(gcd(K, 128) columns), read as [BLOCK_N, block/8] int32 words (each byte read once) and unpacked
-in place; x is gathered in the permuted column order the words hold, so no register shuffle
+(gcd(K, 128) columns), read as one contiguous byte load (each byte read once); its low and high
+nibbles meet x gathered in the two column orders they hold (two dots), so no register shuffle
 interleaves the nibbles. A nibble becomes code - 8 in the activation dtype by OR-ing it into the
 mantissa of a power of two and subtracting (no int-to-float conversion), then one multiply by the
 group scale rounds it exactly as the reference does. G a multiple of the block: one scale per
@@ -73,42 +73,47 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _int4_matmul_kernel(
-    x_ptr, words_ptr, scale_ptr, out_ptr,
+    x_ptr, codes_ptr, scale_ptr, out_ptr,
     M, N, K, k_per_split,
-    stride_xm, stride_wn, stride_sn, stride_os, stride_om,
+    stride_xm, stride_cn, stride_sn, stride_os, stride_om,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WPB: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    # A K tile is one layout block of PB = 8 * WPB columns (kernels/int4_layout.py): word j's
-    # nibble i holds column i * WPB + j. The words are unpacked in place, [BLOCK_N, WPB, 8] viewed
-    # as [BLOCK_N, PB] (tile position 8j + i), and x is read in that same permuted column order:
-    # a gather from a tile that the previous tiles' loads brought into L1 / L2 anyway.
+    # A K tile is one layout block of PB = 8 * WPB columns (kernels/int4_layout.py), read as one
+    # contiguous [BLOCK_N, PB/2] byte load. Byte t of a block is byte t % 4 of word t // 4: its
+    # low nibble is slot 2 (t % 4), column 2 (t % 4) WPB + t // 4, its high nibble the column WPB
+    # further. So acc += W_low @ x_low.T + W_high @ x_high.T, x_low / x_high gathered in those
+    # column orders (x is small and read from L1 / L2; no register shuffle of the weights).
     PB: tl.constexpr = 8 * WPB
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
-    word_ptrs = words_ptr + cols.to(tl.int64)[:, None] * stride_wn + tl.arange(0, WPB)[None, :]
-    pos = tl.arange(0, PB)
-    col_of_pos = (pos % 8) * WPB + pos // 8  # the column tile position 8j + i holds
-    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + col_of_pos[None, :]
+    t = tl.arange(0, PB // 2)
+    col_low = 2 * (t % 4) * WPB + t // 4
+    code_ptrs = codes_ptr + cols.to(tl.int64)[:, None] * stride_cn + t[None, :]
     scale_ptrs = scale_ptr + cols.to(tl.int64) * stride_sn
-    shifts = 4 * tl.arange(0, 8)
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + col_low[None, :]
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: [weight row, x row]
     k_begin = pid_s * k_per_split
     for k0 in range(k_begin, k_begin + k_per_split, PB):  # PB divides K: no tile ends past it
-        wt = tl.load(word_ptrs + k0 // 8, mask=col_ok[:, None], other=0)
-        nib = tl.reshape((wt[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, PB))
+        byte = tl.load(code_ptrs + k0 // 2, mask=col_ok[:, None], other=0)
         if GROUP % PB == 0:  # the tile lies in one group
-            s = tl.load(scale_ptrs + k0 // GROUP, mask=col_ok, other=0.0)[:, None]
+            s_low = tl.load(scale_ptrs + k0 // GROUP, mask=col_ok, other=0.0)[:, None].to(dtype)
+            s_high = s_low
         else:  # each column's own group
-            s = tl.load(scale_ptrs[:, None] + ((k0 + col_of_pos) // GROUP)[None, :], mask=col_ok[:, None],
-                        other=0.0)
-        x = tl.load(x_ptrs + k0, mask=row_ok[:, None], other=0.0)
-        # masked words give -8 times a masked scale of 0: no NaN, and those rows are never stored
-        w = _code_minus_8(nib, dtype) * s.to(dtype)  # rounded to dtype, as the reference rounds W
-        acc = _dot(w, tl.trans(x), acc, IEEE)
+            s_low = tl.load(scale_ptrs[:, None] + ((k0 + col_low) // GROUP)[None, :], mask=col_ok[:, None],
+                            other=0.0).to(dtype)
+            s_high = tl.load(scale_ptrs[:, None] + ((k0 + col_low + WPB) // GROUP)[None, :],
+                             mask=col_ok[:, None], other=0.0).to(dtype)
+        x_low = tl.load(x_ptrs + k0, mask=row_ok[:, None], other=0.0)
+        x_high = tl.load(x_ptrs + k0 + WPB, mask=row_ok[:, None], other=0.0)
+        # masked bytes give -8 times a masked scale of 0: no NaN, and those rows are never stored
+        w_low = _code_minus_8(byte & 0xF, dtype) * s_low  # rounded to dtype, as the reference rounds W
+        w_high = _code_minus_8(byte >> 4, dtype) * s_high
+        acc = _dot(w_low, tl.trans(x_low), acc, IEEE)
+        acc = _dot(w_high, tl.trans(x_high), acc, IEEE)
     out = out_ptr + pid_s * stride_os + rows.to(tl.int64)[None, :] * stride_om + cols[:, None]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
 
@@ -143,17 +148,20 @@ def _rowscaled_matmul_kernel(
 
 @triton.jit
 def _dequantize_int4_kernel(codes_ptr, scale_ptr, w_ptr, K, stride_cn, stride_sn, stride_wn,
-                            GROUP: tl.constexpr, PB: tl.constexpr):
-    # One program per (row, layout block of PB columns): stored position p (byte p // 2, nibble
-    # p % 2) holds column (p % 8) * PB/8 + p // 8 of the block; scales are gathered per column.
+                            GROUP: tl.constexpr, PB: tl.constexpr, BLOCKS: tl.constexpr):
+    # One program per (row, BLOCKS layout blocks). Slot i of word j of a block is column
+    # i * WPB + j: each slot's WPB codes land on contiguous columns, so the stores coalesce.
+    WPB: tl.constexpr = PB // 8
     n = tl.program_id(0).to(tl.int64)
-    k0 = tl.program_id(1) * PB
-    p = tl.arange(0, PB)
-    k = k0 + (p % 8) * (PB // 8) + p // 8
-    byte = tl.load(codes_ptr + n * stride_cn + (k0 + p) // 2)
-    q = ((byte >> ((p % 2) * 4).to(tl.uint8)) & 0xF).to(tl.float32) - 8.0
-    s = tl.load(scale_ptr + n * stride_sn + k // GROUP).to(tl.float32)
-    tl.store(w_ptr + n * stride_wn + k, (q * s).to(w_ptr.dtype.element_ty))
+    word = tl.program_id(1) * BLOCKS * WPB + tl.arange(0, BLOCKS * WPB)
+    k_ok = word * 8 < K
+    wt = tl.load(codes_ptr + n * stride_cn + word, mask=k_ok, other=0)
+    col0 = (word // WPB) * PB + word % WPB
+    for i in tl.static_range(8):
+        k = col0 + i * WPB
+        q = ((wt >> (4 * i)) & 0xF).to(tl.float32) - 8.0
+        s = tl.load(scale_ptr + n * stride_sn + k // GROUP, mask=k_ok, other=0.0).to(tl.float32)
+        tl.store(w_ptr + n * stride_wn + k, (q * s).to(w_ptr.dtype.element_ty), mask=k_ok)
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,9 +230,8 @@ def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, spli
     out_strides = (out.stride(0) if split > 1 else 0, out.stride(-2))
     ieee = x.dtype == torch.float32
     if bits == 4:
-        common = (m, n, k, k_per_split, x.stride(0), codes.stride(0) // 4)
         _int4_matmul_kernel[grid](
-            x, codes.view(torch.int32), scale, out, *common, scale.stride(0), *out_strides,
+            x, codes, scale, out, *common, scale.stride(0), *out_strides,
             GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, WPB=block_k // 8, IEEE=ieee,
             num_warps=4 if block_n <= 128 else 8, num_stages=4,
         )
@@ -244,8 +251,10 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     codes, scale = codes.contiguous(), scale.contiguous()
     w = torch.empty((n, k), dtype=dtype, device=codes.device)
     pb = block_columns(k)
-    _dequantize_int4_kernel[(n, k // pb)](codes, scale, w, k, codes.stride(0), scale.stride(0), w.stride(0),
-                                          GROUP=group, PB=pb, num_warps=2)
+    blocks = max(1, 1024 // pb)  # 1024 columns (512 bytes) a program
+    _dequantize_int4_kernel[(n, triton.cdiv(k, blocks * pb))](
+        codes.view(torch.int32), scale, w, k, codes.stride(0) // 4, scale.stride(0), w.stride(0),
+        GROUP=group, PB=pb, BLOCKS=blocks, num_warps=4)
     return w
 
 

@@ -37,10 +37,12 @@ WEIGHT_ONLY_MAX_ROWS = 32
 
 
 def gemv_tile(n: int) -> Tuple[int, int]:
-    """(block_n, block_k) of the one-row fp8 GEMV for N output rows. H200, 2026-11-30, µs a call
-    against the default 4 x 1024: qkv 9.7 vs 10.0, o 7.1 vs 8.0, down 19.0 vs 21.4 at 2 x 2048
-    (more programs for narrow N); gate_up (N = 28672) 33.3 vs 37.5 at 8 x 1024."""
-    return (2, 2048) if n <= 8192 else (8, 1024)
+    """(block_n, block_k) of the one-row fp8 GEMV for N output rows. H200, 2026-12-01 (kernels/
+    bench_quant.py, graph replay, µs a call; 2x2048 / 4x2048 / 8x2048 / 8x1024): qkv (N = 6144)
+    9.7 / 9.8 / 9.2 / 9.8, o 7.2 / 7.2 / 7.5 / 8.1, gate_up (N = 28672) 35.7 / 34.6 / 32.9 / 34.3,
+    down (N = 4096, K = 14336) 19.1 / 18.2 / 19.0 / 21.6: 67.6 µs a layer against 70.3 for the
+    tiles before (2x2048 up to N = 8192, else 8x1024)."""
+    return (4, 2048) if n <= 4096 else (8, 2048)
 
 
 def quantize_fp8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
