@@ -254,7 +254,7 @@ def test_group_size_must_divide_every_layer(peaked_model):
         LLM(make_config(peaked_model, "int4", group_size=48))
 
 
-def test_eval_task_writes_perplexity(peaked_model, tmp_path, monkeypatch):
+def test_eval_task_writes_perplexity(peaked_model, tmp_path, monkeypatch, capsys):
     """task=eval on the default text (pydoc_data) needs a tokenizer: train a tiny one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -276,6 +276,18 @@ def test_eval_task_writes_perplexity(peaked_model, tmp_path, monkeypatch):
     assert record["quantization"] == "int8" and record["scored_tokens"] == 1024 - 4  # 4 windows of 256
     assert 1 < record["perplexity"] < float("inf") and record["weight_bytes"] > 0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval"]["perplexity"] == record["perplexity"]
+
+    # task.quantizations: every method in one run, one table
+    monkeypatch.setattr(eval_task, "MAX_TOKENS", 512)
+    monkeypatch.setattr(eval_task, "DECODE_TOKENS", 8)
+    cfg = make_config(model_dir, "none")
+    cfg.task.quantizations = ["none", "int8"]
+    assert eval_task.run(cfg, tmp_path / "table") == 0
+    runs = json.loads((tmp_path / "table" / "eval.json").read_text())["runs"]
+    assert [r["quantization"] for r in runs] == ["none", "int8"]
+    assert runs[1]["weight_bytes"] < runs[0]["weight_bytes"] and all(r["decode_tok_s"] > 0 for r in runs)
+    assert abs(runs[1]["perplexity"] / runs[0]["perplexity"] - 1) < 0.01
+    assert "| int8 |" in capsys.readouterr().out
 
 
 BUNDLED = Path(__file__).resolve().parents[1] / "framework" / "assets" / "pydoc-llama"

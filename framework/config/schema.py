@@ -119,6 +119,8 @@ class TaskConfig:
     compare_hf: bool = True  # bench: also time HF transformers generate on the same requests
     compare_hf_requests: Optional[int] = None  # bench: HF runs only the first N requests (null = all)
     decode_batch1_tokens: int = 256  # bench on GPU: one greedy request of N tokens vs the copy roofline; 0 = skip
+    # eval: score each of these quantization.method values in turn, one table (empty: quantization.method alone)
+    quantizations: List[str] = field(default_factory=list)
     # serve: an OpenAI-compatible HTTP server
     host: str = "127.0.0.1"
     port: int = 8000  # 0 picks a free port
