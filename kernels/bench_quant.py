@@ -4,7 +4,7 @@ from a CUDA graph (what a graph-captured decode step pays), weights cycled past 
     python -m kernels.bench_quant            # every table
     python -m kernels.bench_quant --gemv     # one row only: int4 / fp8 GEMV tiles against bf16
 
-Tables: (1) one row: the int4 GEMV at several (block_n, block_k, split, warps) and the fp8 GEMV
+Tables: (1) one row: the int4 GEMV at several (block_n, block_k) tiles and the fp8 GEMV
 at several tiles, against bf16 as the engine runs it (kernels.linear: its GEMV); GB/s counts the
 weight bytes read. (2) int4 at 2-64 rows: the GEMV and quant_matmul against bf16 cuBLAS. (3)
 many rows: bf16 cuBLAS, fp8 W8A8, int8 W8A8, int4 (as int4_linear dispatches). The copy
@@ -27,9 +27,8 @@ from kernels.quant_gemv import int4_gemv, rowscaled_gemv
 from kernels.quant_matmul import quant_matmul
 
 DTYPE = torch.bfloat16
-# (block_n, block_k, split, num_warps) of the int4 GEMV
-INT4_GEMV_CONFIGS = [(8, 1024, 1, 4), (16, 1024, 1, 4), (16, 2048, 1, 4), (8, 2048, 1, 4), (32, 1024, 1, 8),
-                     (4, 2048, 1, 4)]
+# (block_n, block_k) of the int4 GEMV
+INT4_GEMV_CONFIGS = [(8, 1024), (16, 1024), (16, 512), (4, 1024), (8, 2048), (4, 2048)]
 FP8_GEMV_TILES = [(2, 2048), (4, 2048), (8, 2048), (8, 1024)]
 INT4_ROWS = [2, 4, 8, 16, 64]
 MANY_ROWS = [256, 2048]

@@ -31,7 +31,6 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import next_pow2, tl, triton
-from kernels.int4_layout import block_columns
 
 GEMV_MAX_ROWS = 8  # the kernels' limit: their row loop is unrolled
 # Rows the dispatch (int4_linear, scaled_linear) sends here; more go to quant_matmul (tensor cores)
@@ -63,71 +62,38 @@ def _as_float(u, offset: tl.constexpr):
 
 @triton.jit
 def _int4_gemv_kernel(
-    x_ptr, words_ptr, scale_ptr, y_ptr,
-    N, K, k_per_split, stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, WPB: tl.constexpr,
+    x_ptr, codes_ptr, scale_ptr, y_ptr,
+    N, K, stride_xm, stride_cn, stride_sn,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, ROWS_P2: tl.constexpr,
+    BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPAN: tl.constexpr,
 ):
-    # One row of x a program (program_id(2)). A tile is [BLOCK_N weight rows, WORDS int32 words];
-    # word w of a step lies in layout block w // WPB, and its nibble i holds column
-    # (w // WPB) * PB + i * WPB + w % WPB (kernels/int4_layout.py): slot i of all the words meets
-    # one vector of x, contiguous within each block. Plain 2-D tiles, as in the fp8 GEMV below:
-    # the x vectors broadcast over the weight rows without layout conversions.
-    PB: tl.constexpr = 8 * WPB
-    pid_n, pid_s, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    word = tl.arange(0, WORDS)
-    xcol = (word // WPB) * PB + word % WPB  # column of slot 0 of each word, from the step's start
-    word_ptrs = words_ptr + cols.to(tl.int64)[:, None] * stride_wn + word[None, :]
-    x_row = x_ptr + m * stride_xm
+    code_rows = codes_ptr + cols.to(tl.int64)[:, None, None] * stride_cn
     scale_rows = scale_ptr + cols.to(tl.int64)[:, None] * stride_sn
-    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)  # a running sum per word, reduced at the end
-    k_begin = pid_s * k_per_split
-    for k0 in range(k_begin, k_begin + k_per_split, 8 * WORDS):
-        ok = k0 + xcol < K  # whole blocks: PB divides K
-        # masked words are 0 (every code reads as 0 - 8) and meet x = 0
-        wt = tl.load(word_ptrs + k0 // 8, mask=col_ok[:, None] & ok[None, :], other=0,
-                     eviction_policy="evict_first")
-        part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-        corr = tl.zeros((WORDS,), dtype=tl.float32)
-        for i in tl.static_range(8):
-            # Nibble i (bits 4i..4i+3) is moved to mantissa bit 15 (even i) or 19 (odd i) of the
-            # float 256 (or 16): one shift serves two nibbles, and the mask and the OR are one
-            # LOP3. The float is w = 256 + c (16 + c) for the code c in [0, 15], so w * x is
-            # 256 x + c x, and `corr` (the 256 x terms and the zero point 8 x, shared by every
-            # weight row) is subtracted once per group. No int-to-float conversion, no offset
-            # subtraction: a shift (per two codes), a LOP3 and an FMA per code. The bias 256 x
-            # costs precision: the running sums carry about 2^-16 of |x| of rounding a product.
-            if i // 2 == 0:
-                sh = wt << 15
-            elif i // 2 == 1:
-                sh = wt << 7
-            elif i // 2 == 2:
-                sh = wt >> 1
-            else:
-                sh = wt >> 9
-            if i % 2 == 0:
-                w = ((sh & 0x78000) | 0x43800000).to(tl.float32, bitcast=True)  # 256 + c
-                bias = 264.0  # 256 + the zero point 8
-            else:
-                w = ((sh & 0x780000) | 0x41800000).to(tl.float32, bitcast=True)  # 16 + c
-                bias = 24.0
-            x = tl.load(x_row + k0 + xcol + i * WPB, mask=ok, other=0.0).to(tl.float32)
-            part += w * x[None, :]
-            corr += x * bias
-            # one scale a block when G is a multiple of the block (G = 128: every case that
-            # matters); else a scale per slot (WPB divides G, so a slot lies in one group)
-            if GROUP % PB != 0 or i == 7:
-                if GROUP % PB == 0:
-                    g = (k0 + xcol) // GROUP
-                else:
-                    g = (k0 + xcol + i * WPB) // GROUP
-                s = tl.load(scale_rows + g[None, :], mask=col_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
-                acc += (part - corr[None, :]) * s
-                part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-                corr = tl.zeros((WORDS,), dtype=tl.float32)
-    y = tl.sum(acc, axis=1)
-    tl.store(y_ptr + pid_s * stride_ys + m * stride_ym + cols, y.to(y_ptr.dtype.element_ty), mask=col_ok)
+    span_cols = tl.arange(0, SPAN)
+    span_bytes = tl.arange(0, SPAN // 2)
+    rows = tl.arange(0, ROWS_P2)  # Triton shapes are powers of two; rows >= ROWS are never stored
+    # acc[n, m] (output column, x row): laid out like a tile's row sums, transposed at the store
+    acc = tl.zeros((BLOCK_N, ROWS_P2), dtype=tl.float32)
+    for k0 in range(0, K, SUB * SPAN):
+        first = k0 + tl.arange(0, SUB) * SPAN  # first column of each span; K is a multiple of SPAN
+        span_ok = first < K
+        byte = tl.load(code_rows + (first // 2)[None, :, None] + span_bytes[None, None, :],
+                       mask=col_ok[:, None, None] & span_ok[None, :, None], other=0).to(tl.int32)
+        # nibbles back in column order (low = column 2j, high = 2j + 1), so x is read contiguously
+        # with vector loads rather than as two stride-2 halves
+        q = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, SUB, SPAN))
+        w = _as_float(q, 8.0)  # code - 8, exact; masked bytes give -8, met by x = 0
+        s = tl.load(scale_rows + (first // GROUP)[None, :], mask=col_ok[:, None] & span_ok[None, :],
+                    other=0.0).to(tl.float32)
+        for m in tl.static_range(ROWS):
+            x = tl.load(x_ptr + m * stride_xm + first[:, None] + span_cols[None, :],
+                        mask=span_ok[:, None], other=0.0).to(tl.float32)
+            part = tl.sum(tl.sum(w * x[None, :, :], axis=2) * s, axis=1)
+            acc += tl.where(rows[None, :] == m, part[:, None], 0.0)
+    out = y_ptr + rows[None, :] * N + cols[:, None]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=col_ok[:, None] & (rows < ROWS)[None, :])
 
 
 @triton.jit
@@ -167,35 +133,28 @@ def _check_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def int4_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-              block_n: int = INT4_BLOCK_N, block_k: int = INT4_BLOCK_K, split: int = 1,
-              num_warps: int = NUM_WARPS) -> torch.Tensor:
+              block_n: int = INT4_BLOCK_N, block_k: int = INT4_BLOCK_K) -> torch.Tensor:
     """Triton: x [M, K] (M <= GEMV_MAX_ROWS) times the int4 weight [N, K] transposed -> [M, N] in
-    x.dtype; codes in the layout of kernels/int4_layout.py. The group size G = K / scale.shape[1]
-    must be a multiple of 16 (so K too). `block_n` / `block_k` (columns a step; a power of two,
-    rounded up to one layout block) / `split` (programs the K loop is cut into; partial sums are
-    added in a fixed order) / `num_warps` (tests, bench) override the defaults."""
+    x.dtype. The group size G = K / scale.shape[1] must be even (the dispatch asks for a multiple
+    of 16). `block_n` / `block_k` (tests, bench) override the tile; block_k is a power of two."""
     x = _check_rows(x)
     m, k = x.shape
     n = codes.shape[0]
     assert codes.dtype == torch.uint8 and codes.shape[1] * 2 == k, "codes must be uint8 [N, K/2]"
     group = k // scale.shape[1]
-    assert scale.shape[0] == n and group * scale.shape[1] == k and group % 16 == 0, "group size must be a multiple of 16"
+    assert scale.shape[0] == n and group * scale.shape[1] == k and group % 2 == 0, "bad group size"
     codes, scale = codes.contiguous(), scale.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    pb = block_columns(k)  # >= 16, as 16 divides G and so K
-    words = max(1, min(block_k, next_pow2(k)) // pb) * pb // 8  # whole layout blocks a step
-    step = 8 * words
-    k_per_split = triton.cdiv(triton.cdiv(k, split), step) * step
-    split = triton.cdiv(k, k_per_split)
-    out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    _int4_gemv_kernel[(triton.cdiv(n, block_n), split, m)](
-        x, codes.view(torch.int32), scale, out, n, k, k_per_split, x.stride(0), codes.stride(0) // 4,
-        scale.stride(0), out.stride(0) if split > 1 else 0, out.stride(-2),
-        GROUP=group, BLOCK_N=block_n, WORDS=words, WPB=pb // 8, num_warps=num_warps,
+    block_k = min(block_k, next_pow2(k))  # no wider than K: a tile past K only loads masked lanes
+    span = min(group & -group, block_k)  # the largest power of two dividing G: one scale a span
+    _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, codes, scale, y, n, k, x.stride(0), codes.stride(0), scale.stride(0),
+        GROUP=group, ROWS=m, ROWS_P2=next_pow2(m), BLOCK_N=block_n, SUB=block_k // span, SPAN=span,
+        num_warps=NUM_WARPS,
     )
-    return y if split == 1 else out.sum(0).to(x.dtype)
+    return y
 
 
 def rowscaled_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,

@@ -1,8 +1,8 @@
 """y = x @ W.T with W stored quantized (weight-only: x and y stay in the activation dtype).
 
 Formats (framework/layers/quantization defines them):
-- bits=4: `codes` uint8 [N, K/2] in the layout of kernels/int4_layout.py (eight codes an int32
-  word, each holding q + 8); `scale` [N, K/G] in the activation dtype.
+- bits=4: `codes` uint8 [N, K/2], input column 2j in the low nibble of byte j and 2j+1 in the
+  high one, each holding q + 8; `scale` [N, K/G] in the activation dtype.
   W[n, k] = (code - 8) * scale[n, k // G], the product rounded to the activation dtype.
 - bits=8: `codes` int8 or float8_e4m3fn [N, K]; `scale` float32 [N], one per output row.
   y = (x @ codes.T) * scale: the scale multiplies the output, the codes convert exactly.
@@ -17,13 +17,14 @@ compute-bound, and `dequantize` (one pass) followed by cuBLAS wins.
 int4 (`_int4_matmul_kernel`): the product is computed transposed, acc[n, m] = W[n, :] . x[m, :],
 so the weight tile is the dot's first operand. Hopper's wgmma takes 64 rows per warpgroup from
 that operand (int4_linear sends x 2-64 rows) and reads it from registers, where it is
-dequantized; x goes through shared memory. A K tile is one block of kernels/int4_layout.py
-(gcd(K, 128) columns), read as one contiguous byte load (each byte read once); its low and high
-nibbles meet x gathered in the two column orders they hold (two dots), so no register shuffle
-interleaves the nibbles. A nibble becomes code - 8 in the activation dtype by OR-ing it into the
-mantissa of a power of two and subtracting (no int-to-float conversion), then one multiply by the
-group scale rounds it exactly as the reference does. G a multiple of the block: one scale per
-weight row a tile; else (G = 16, 48, ...) scales gathered per column.
+dequantized; x goes through shared memory. A tile's codes are one contiguous [BLOCK_N, BLOCK_K/2] byte load
+(each byte read once). Rather than interleaving the nibbles back into column order, x's tile is
+split into its even and odd columns: acc += W_low @ x_even.T + W_high @ x_odd.T (two dots of
+BLOCK_K/2). A nibble becomes code - 8 in the activation dtype by OR-ing it into the mantissa of
+a power of two and subtracting (no int-to-float conversion), then one multiply by the group
+scale rounds it exactly as the reference does. G a multiple of 32: BLOCK_K divides G, so a tile
+needs one scale per weight row. G = 16 (mod 32): 32-column tiles (each dot needs K >= 16) that
+may straddle groups and end past K, so scales are gathered per byte and K is masked.
 
 int8/fp8 (`_rowscaled_matmul_kernel`): the codes convert exactly, the row scale multiplies the
 output. With few output tiles the K loop is split over programs (both kernels; deterministic:
@@ -36,9 +37,7 @@ import functools
 
 import torch
 
-from kernels import int4_layout
 from kernels._triton import tl, triton
-from kernels.int4_layout import block_columns
 
 SMALL_M = 64  # up to this many rows the fused kernel beats dequantize + cuBLAS
 
@@ -76,44 +75,37 @@ def _int4_matmul_kernel(
     x_ptr, codes_ptr, scale_ptr, out_ptr,
     M, N, K, k_per_split,
     stride_xm, stride_cn, stride_sn, stride_os, stride_om,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WPB: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    # A K tile is one layout block of PB = 8 * WPB columns (kernels/int4_layout.py), read as one
-    # contiguous [BLOCK_N, PB/2] byte load. Byte t of a block is byte t % 4 of word t // 4: its
-    # low nibble is slot 2 (t % 4), column 2 (t % 4) WPB + t // 4, its high nibble the column WPB
-    # further. So acc += W_low @ x_low.T + W_high @ x_high.T, x_low / x_high gathered in those
-    # column orders (x is small and read from L1 / L2; no register shuffle of the weights).
-    PB: tl.constexpr = 8 * WPB
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
-    t = tl.arange(0, PB // 2)
-    col_low = 2 * (t % 4) * WPB + t // 4
-    code_ptrs = codes_ptr + cols.to(tl.int64)[:, None] * stride_cn + t[None, :]
+    pair = tl.arange(0, BLOCK_K // 2)  # byte j of a tile holds its columns 2j (low) and 2j + 1 (high)
+    code_ptrs = codes_ptr + cols.to(tl.int64)[:, None] * stride_cn + pair[None, :]
     scale_ptrs = scale_ptr + cols.to(tl.int64) * stride_sn
-    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + col_low[None, :]
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: [weight row, x row]
     k_begin = pid_s * k_per_split
-    for k0 in range(k_begin, k_begin + k_per_split, PB):  # PB divides K: no tile ends past it
-        byte = tl.load(code_ptrs + k0 // 2, mask=col_ok[:, None], other=0)
-        if GROUP % PB == 0:  # the tile lies in one group
-            s_low = tl.load(scale_ptrs + k0 // GROUP, mask=col_ok, other=0.0)[:, None].to(dtype)
-            s_high = s_low
-        else:  # each column's own group
-            s_low = tl.load(scale_ptrs[:, None] + ((k0 + col_low) // GROUP)[None, :], mask=col_ok[:, None],
-                            other=0.0).to(dtype)
-            s_high = tl.load(scale_ptrs[:, None] + ((k0 + col_low + WPB) // GROUP)[None, :],
-                             mask=col_ok[:, None], other=0.0).to(dtype)
-        x_low = tl.load(x_ptrs + k0, mask=row_ok[:, None], other=0.0)
-        x_high = tl.load(x_ptrs + k0 + WPB, mask=row_ok[:, None], other=0.0)
-        # masked bytes give -8 times a masked scale of 0: no NaN, and those rows are never stored
-        w_low = _code_minus_8(byte & 0xF, dtype) * s_low  # rounded to dtype, as the reference rounds W
-        w_high = _code_minus_8(byte >> 4, dtype) * s_high
-        acc = _dot(w_low, tl.trans(x_low), acc, IEEE)
-        acc = _dot(w_high, tl.trans(x_high), acc, IEEE)
+    for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
+        if GROUP % BLOCK_K == 0:  # the tile lies in one group and inside K
+            byte = tl.load(code_ptrs + k0 // 2, mask=col_ok[:, None], other=0)
+            s = tl.load(scale_ptrs + k0 // GROUP, mask=col_ok, other=0.0)[:, None]
+            x = tl.load(x_ptrs + k0, mask=row_ok[:, None], other=0.0)
+        else:  # G = 16 (mod 32): each byte's own group; the last tile may end past K
+            pair_ok = col_ok[:, None] & (k0 + 2 * pair < K)[None, :]
+            byte = tl.load(code_ptrs + k0 // 2, mask=pair_ok, other=0)
+            s = tl.load(scale_ptrs[:, None] + ((k0 + 2 * pair) // GROUP)[None, :], mask=pair_ok, other=0.0)
+            x = tl.load(x_ptrs + k0, mask=row_ok[:, None] & (k0 + tl.arange(0, BLOCK_K) < K)[None, :], other=0.0)
+        # masked bytes give -8 times a masked scale of 0: no NaN, and x is 0 there anyway
+        s = s.to(dtype)
+        w_low = _code_minus_8(byte & 0xF, dtype) * s  # rounded to dtype, as the reference rounds W
+        w_high = _code_minus_8(byte >> 4, dtype) * s
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+        acc = _dot(w_low, tl.trans(x_even), acc, IEEE)
+        acc = _dot(w_high, tl.trans(x_odd), acc, IEEE)
     out = out_ptr + pid_s * stride_os + rows.to(tl.int64)[None, :] * stride_om + cols[:, None]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
 
@@ -148,20 +140,15 @@ def _rowscaled_matmul_kernel(
 
 @triton.jit
 def _dequantize_int4_kernel(codes_ptr, scale_ptr, w_ptr, K, stride_cn, stride_sn, stride_wn,
-                            GROUP: tl.constexpr, PB: tl.constexpr, BLOCKS: tl.constexpr):
-    # One program per (row, BLOCKS layout blocks). Slot i of word j of a block is column
-    # i * WPB + j: each slot's WPB codes land on contiguous columns, so the stores coalesce.
-    WPB: tl.constexpr = PB // 8
+                            GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One program per (row, BLOCK_K columns); BLOCK_K divides GROUP: one scale per program.
     n = tl.program_id(0).to(tl.int64)
-    word = tl.program_id(1) * BLOCKS * WPB + tl.arange(0, BLOCKS * WPB)
-    k_ok = word * 8 < K
-    wt = tl.load(codes_ptr + n * stride_cn + word, mask=k_ok, other=0)
-    col0 = (word // WPB) * PB + word % WPB
-    for i in tl.static_range(8):
-        k = col0 + i * WPB
-        q = ((wt >> (4 * i)) & 0xF).to(tl.float32) - 8.0
-        s = tl.load(scale_ptr + n * stride_sn + k // GROUP, mask=k_ok, other=0.0).to(tl.float32)
-        tl.store(w_ptr + n * stride_wn + k, (q * s).to(w_ptr.dtype.element_ty), mask=k_ok)
+    k0 = tl.program_id(1) * BLOCK_K
+    k = k0 + tl.arange(0, BLOCK_K)
+    byte = tl.load(codes_ptr + n * stride_cn + k // 2)
+    q = ((byte >> ((k % 2) * 4).to(tl.uint8)) & 0xF).to(tl.float32) - 8.0
+    s = tl.load(scale_ptr + n * stride_sn + k0 // GROUP).to(tl.float32)
+    tl.store(w_ptr + n * stride_wn + k, (q * s).to(w_ptr.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=None)
@@ -213,7 +200,9 @@ def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, spli
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     if bits == 4:
         group = k // scale.shape[1]
-        block_k = block_columns(k)  # one layout block a tile (>= 16 columns: 16 divides G, so K)
+        # one group per tile where G allows; G = 16 (mod 32) takes 32 columns, as each of the two
+        # dots (even, odd columns) needs K >= 16
+        block_k = _block_k(group) if group % 32 == 0 else 32
         # 64 weight rows: one warpgroup's wgmma rows. Wider tiles re-read x less (4 M / BLOCK_N bytes
         # of x per byte of codes), but on an H100 at 64 rows (8B shapes, in CUDA graphs) 64 beat 128
         # and 256 on all four shapes: more programs in flight outweigh the extra x reads.
@@ -223,7 +212,7 @@ def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, spli
     if split is None:
         split = _split(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), k, block_k, x.device)
     assert split == 1 or k % (split * block_k) == 0, "split must leave whole K tiles per program"
-    k_per_split = triton.cdiv(k, split * block_k) * block_k
+    k_per_split = triton.cdiv(k, split * block_k) * block_k  # past K only for int4 G = 16 (mod 32)
     out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
     common = (m, n, k, k_per_split, x.stride(0), codes.stride(0))
@@ -232,7 +221,7 @@ def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, spli
     if bits == 4:
         _int4_matmul_kernel[grid](
             x, codes, scale, out, *common, scale.stride(0), *out_strides,
-            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, WPB=block_k // 8, IEEE=ieee,
+            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee,
             num_warps=4 if block_n <= 128 else 8, num_stages=4,
         )
     else:
@@ -250,11 +239,9 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     group = k // scale.shape[1]
     codes, scale = codes.contiguous(), scale.contiguous()
     w = torch.empty((n, k), dtype=dtype, device=codes.device)
-    pb = block_columns(k)
-    blocks = max(1, 1024 // pb)  # 1024 columns (512 bytes) a program
-    _dequantize_int4_kernel[(n, triton.cdiv(k, blocks * pb))](
-        codes.view(torch.int32), scale, w, k, codes.stride(0) // 4, scale.stride(0), w.stride(0),
-        GROUP=group, PB=pb, BLOCKS=blocks, num_warps=4)
+    block_k = _block_k(group)
+    _dequantize_int4_kernel[(n, k // block_k)](codes, scale, w, k, codes.stride(0), scale.stride(0), w.stride(0),
+                                               GROUP=group, BLOCK_K=block_k, num_warps=2)
     return w
 
 
@@ -262,7 +249,7 @@ def dequantize_ref(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype)
     """Torch reference of the weight `quant_matmul` multiplies by (for int8/fp8: before the scale)."""
     if _bits(codes) == 8:
         return codes.to(dtype)
-    q = int4_layout.unpack(codes)
+    q = torch.stack((codes & 0xF, codes >> 4), dim=-1).view(codes.shape[0], -1).to(torch.int8) - 8
     n, k = q.shape
     return (q.view(n, scale.shape[1], -1).to(dtype) * scale.to(dtype)[..., None]).view(n, k)
 

@@ -40,7 +40,6 @@ from framework.layers.quantization.base import QuantMethod, materialize
 from framework.layers.quantization.fp8 import Fp8Method
 from framework.layers.quantization.int4 import Int4Method
 from framework.layers.quantization.int8 import Int8Method
-from kernels import int4_layout
 
 log = logging.getLogger(__name__)
 SUPPORTED = ("int8 (int-quantized, channel or tensor scales), fp8 e4m3 (float-quantized, channel or "
@@ -142,12 +141,11 @@ def load_codes(layer: nn.Module, param: nn.Parameter, loaded, shard_id=None) -> 
 
 
 def load_packed_int4(layer: nn.Module, param: nn.Parameter, loaded, shard_id=None) -> None:
-    """int32 words of eight codes in column order -> the kernels' layout. Little-endian, word j's
-    bytes are bytes 4j..4j+3 of the natural byte order (columns 2i, 2i+1 in byte i's low, high
-    nibble), which int4_layout.from_natural permutes within each block of this rank's columns."""
+    """int32 words of eight codes -> our bytes of two. Little-endian, word j's bytes are exactly
+    bytes 4j..4j+3 of our layout (columns 2i, 2i+1 in byte i's low, high nibble)."""
     offset, size, block = _rows(layer, loaded, shard_id)
     words = materialize(layer.input_cols(block, per=8)).contiguous()
-    param.data.narrow(0, offset, size).copy_(int4_layout.from_natural(words.view(torch.uint8)))
+    param.data.narrow(0, offset, size).copy_(words.view(torch.uint8))
 
 
 def load_scale(layer: nn.Module, param: nn.Parameter, loaded, shard_id=None, group_size: Optional[int] = None

@@ -29,19 +29,21 @@ import torch.nn.functional as F
 import kernels
 from framework.config.errors import ConfigError
 from framework.layers.quantization.base import LoadTimeQuant, Spec
-from kernels import int4_layout, quant_gemv as qg, quant_matmul as qmm
+from kernels import quant_gemv as qg, quant_matmul as qmm
 
 QMAX = 7
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int codes in [-8, 7], [n, k] with k even -> uint8 [n, k/2] in the kernels' layout."""
-    return int4_layout.pack(q)
+    """int codes in [-8, 7], [n, k] with k even -> uint8 [n, k/2]."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
 
 
 def unpack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 [n, k/2] in the kernels' layout -> int8 codes in [-8, 7], [n, k]."""
-    return int4_layout.unpack(codes)
+    """uint8 [n, k/2] -> int8 codes in [-8, 7], [n, k]."""
+    pairs = torch.stack((codes & 0xF, codes >> 4), dim=-1)
+    return pairs.view(codes.shape[0], -1).to(torch.int8) - 8
 
 
 def quantize_int4(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.float32
