@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 
 import kernels
-from framework.layers.quantization.int8 import RowScaledMethod, scaled_linear
+from framework.layers.quantization.int8 import RowScaledMethod, gemv_tile, scaled_linear
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -34,15 +34,6 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 # weight-only vs 128 W8A8, 8 rows 83.9 vs 113, 32 rows 105 vs 115, 64 rows 167 vs 115 (cuBLAS's
 # fp8 GEMM has a floor of about 15 µs for N = K = 4096 and 41 µs for down, whatever the rows).
 WEIGHT_ONLY_MAX_ROWS = 32
-
-
-def gemv_tile(n: int) -> Tuple[int, int]:
-    """(block_n, block_k) of the one-row fp8 GEMV for N output rows. H200, 2026-12-01 (kernels/
-    bench_quant.py, graph replay, µs a call; 2x2048 / 4x2048 / 8x2048 / 8x1024): qkv (N = 6144)
-    9.7 / 9.8 / 9.2 / 9.8, o 7.2 / 7.2 / 7.5 / 8.1, gate_up (N = 28672) 35.7 / 34.6 / 32.9 / 34.3,
-    down (N = 4096, K = 14336) 19.1 / 18.2 / 19.0 / 21.6: 67.6 µs a layer against 70.3 for the
-    tiles before (2x2048 up to N = 8192, else 8x1024)."""
-    return (4, 2048) if n <= 4096 else (8, 2048)
 
 
 def quantize_fp8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

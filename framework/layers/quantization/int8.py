@@ -36,6 +36,16 @@ def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return (codes.float() * scale.float()[:, None]).to(dtype)
 
 
+def gemv_tile(n: int) -> Tuple[int, int]:
+    """(block_n, block_k) of the one-row int8 / fp8 GEMV for N output rows (int8 reads the same bytes;
+    its tiles were not timed separately). H200, 2026-12-01 (kernels/
+    bench_quant.py, graph replay, µs a call; 2x2048 / 4x2048 / 8x2048 / 8x1024): qkv (N = 6144)
+    9.7 / 9.8 / 9.2 / 9.8, o 7.2 / 7.2 / 7.5 / 8.1, gate_up (N = 28672) 35.7 / 34.6 / 32.9 / 34.3,
+    down (N = 4096, K = 14336) 19.1 / 18.2 / 19.0 / 21.6: 67.6 µs a layer against 70.3 for the
+    tiles before (2x2048 up to N = 8192, else 8x1024)."""
+    return (4, 2048) if n <= 4096 else (8, 2048)
+
+
 def scaled_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                   bias: Optional[torch.Tensor], gemv_tile: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """x @ (scale * codes).T + bias, with the per-row scale applied to the output. On GPU, decode
@@ -69,7 +79,7 @@ class RowScaledMethod(LoadTimeQuant):
         return {"weight": codes, "weight_scale": scale}
 
     def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return scaled_linear(x, layer.weight, layer.weight_scale, bias)
+        return scaled_linear(x, layer.weight, layer.weight_scale, bias, gemv_tile(layer.weight.shape[0]))
 
 
 def uses_w8a8(x2: torch.Tensor, codes: torch.Tensor) -> bool:
@@ -96,4 +106,4 @@ class Int8Method(RowScaledMethod):
         if self.quantize_activations and uses_w8a8(x2, layer.weight):
             y = kernels.int8_linear(x2, layer.weight, layer.weight_scale, bias)
             return y.view(*x.shape[:-1], y.shape[-1])
-        return scaled_linear(x, layer.weight, layer.weight_scale, bias)
+        return scaled_linear(x, layer.weight, layer.weight_scale, bias, gemv_tile(layer.weight.shape[0]))
