@@ -4,7 +4,10 @@ Each row keeps its own float32 scale (absmax / 127), so a row's error is at most
 of *its* range. The matmul runs on the integer codes cast to the activation dtype (exact: every
 int8 is representable in bf16/fp16) and the scale multiplies the output columns, which avoids
 materializing a scaled copy of the weight; on GPU, decode-sized batches use fused kernels that
-read the codes directly (kernels/quant_gemv.py, kernels/quant_matmul.py).
+read the codes directly (kernels/quant_gemv.py, kernels/quant_matmul.py). Past WEIGHT_ONLY_MAX_ROWS
+rows on CUDA, Int8Method quantizes x per token too and multiplies on int8 tensor cores
+(kernels/int8_linear.py): on an H200 1.02-1.10x bf16 at prefill sizes, 0.72-0.92x at 256 rows,
+and 3-5x faster than the weight-only path there, which dequantizes (BENCHMARKS.md, 2026-12-01).
 """
 from __future__ import annotations
 
@@ -37,9 +40,9 @@ def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 
 
 def gemv_tile(n: int) -> Tuple[int, int]:
-    """(block_n, block_k) of the one-row int8 / fp8 GEMV for N output rows (int8 reads the same bytes;
-    its tiles were not timed separately). H200, 2026-12-01 (kernels/
-    bench_quant.py, graph replay, µs a call; 2x2048 / 4x2048 / 8x2048 / 8x1024): qkv (N = 6144)
+    """(block_n, block_k) of the one-row int8 / fp8 GEMV for N output rows (int8 reads the same
+    bytes; its tiles were not timed separately). fp8 on an H200, 2026-12-01 (kernels/bench_quant.py,
+    graph replay, µs a call; 2x2048 / 4x2048 / 8x2048 / 8x1024): qkv (N = 6144)
     9.7 / 9.8 / 9.2 / 9.8, o 7.2 / 7.2 / 7.5 / 8.1, gate_up (N = 28672) 35.7 / 34.6 / 32.9 / 34.3,
     down (N = 4096, K = 14336) 19.1 / 18.2 / 19.0 / 21.6: 67.6 µs a layer against 70.3 for the
     tiles before (2x2048 up to N = 8192, else 8x1024)."""
