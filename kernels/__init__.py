@@ -5,7 +5,8 @@ tensor argument is on CUDA, or when Triton's CPU interpreter is on (`TRITON_INTE
 `KERNELS_FORCE_TRITON=1` asks for it (tests); otherwise run the torch reference. CPU code thus
 calls the same names as GPU code. Both variables are read at call time. One exception:
 `fp8_linear` needs fp8 tensor cores, so it runs its kernels only where `fp8_linear_supported`
-(CUDA, compute capability >= 8.9), and its torch reference elsewhere.
+(CUDA, compute capability >= 8.9), and its torch reference elsewhere; `int8_linear` likewise
+(`int8_linear_supported`: CUDA, enough rows for torch._int_mm).
 
 The per-file names (`kernels.rms_norm.rms_norm`, `..._ref`) are the two implementations;
 the names exported here are the dispatching ops the engine calls.
@@ -25,6 +26,7 @@ _attn = import_module("kernels.attention")
 _decode = import_module("kernels.decode_attention")
 _fp8 = import_module("kernels.fp8_linear")
 _gemv = import_module("kernels.gemv")
+_int8 = import_module("kernels.int8_linear")
 _kv = import_module("kernels.kv_cache")
 _norm = import_module("kernels.rms_norm")
 _rope = import_module("kernels.rotary")
@@ -118,12 +120,29 @@ def fp8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     return fn(x, codes, scale, bias)
 
 
+def int8_linear_supported(x: torch.Tensor, codes: torch.Tensor) -> bool:
+    """Whether `int8_linear` runs on int8 tensor cores for x [M, K] and codes [N, K]
+    (kernels/int8_linear.py: bf16/fp16 on CUDA, at least MIN_ROWS rows, K and N multiples of 8)."""
+    return _int8.supported(x, codes)
+
+
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8: x [M, K] quantized per token to int8, times the int8 weight [N, K] with row scales
+    [N], plus bias -> [M, N] in x.dtype. Triton quantization + torch._int_mm where
+    `int8_linear_supported`, else the torch reference (same function, float32 matmul)."""
+    fn = _int8.int8_linear if _int8.supported(x, codes) else _int8.int8_linear_ref
+    return fn(x, codes, scale, bias)
+
+
 __all__ = [
     "GEMV_MAX_ROWS",
     "apply_rotary",
     "fp8_linear",
     "fp8_linear_supported",
     "fused_add_rms_norm",
+    "int8_linear",
+    "int8_linear_supported",
     "linear",
     "paged_attention",
     "paged_decode_attention",

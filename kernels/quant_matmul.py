@@ -40,6 +40,7 @@ import torch
 from kernels._triton import tl, triton
 
 SMALL_M = 64  # up to this many rows the fused kernel beats dequantize + cuBLAS
+DEQUANT_BLOCK_N, DEQUANT_BLOCK_K = 16, 256  # the tile of dequantize_int4
 
 
 # Power-of-two bit patterns whose mantissa step is 1: OR-ing a nibble n into one gives 2^e + n.
@@ -139,16 +140,24 @@ def _rowscaled_matmul_kernel(
 
 
 @triton.jit
-def _dequantize_int4_kernel(codes_ptr, scale_ptr, w_ptr, K, stride_cn, stride_sn, stride_wn,
-                            GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    # One program per (row, BLOCK_K columns); BLOCK_K divides GROUP: one scale per program.
-    n = tl.program_id(0).to(tl.int64)
-    k0 = tl.program_id(1) * BLOCK_K
-    k = k0 + tl.arange(0, BLOCK_K)
-    byte = tl.load(codes_ptr + n * stride_cn + k // 2)
-    q = ((byte >> ((k % 2) * 4).to(tl.uint8)) & 0xF).to(tl.float32) - 8.0
-    s = tl.load(scale_ptr + n * stride_sn + k0 // GROUP).to(tl.float32)
-    tl.store(w_ptr + n * stride_wn + k, (q * s).to(w_ptr.dtype.element_ty))
+def _dequantize_int4_kernel(codes_ptr, scale_ptr, w_ptr, N, K, stride_cn, stride_sn, stride_wn,
+                            GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One program per [BLOCK_N rows, BLOCK_K columns]: a contiguous byte load per row, the two
+    # nibbles joined back into column order in registers (the joined pair is thread-local), so
+    # each thread stores a contiguous run of columns. A byte's two columns share a group (G is
+    # even): its scale is gathered per byte, from L1 after the first row touches it.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pair = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    ok = (rows < N)[:, None] & (2 * pair < K)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    byte = tl.load(codes_ptr + rows64 * stride_cn + pair[None, :], mask=ok, other=0)
+    s = tl.load(scale_ptr + rows64 * stride_sn + (2 * pair // GROUP)[None, :], mask=ok, other=0.0).to(tl.float32)
+    low = ((byte & 0xF).to(tl.float32) - 8.0) * s  # exact in float32, rounded once by the store
+    high = ((byte >> 4).to(tl.float32) - 8.0) * s
+    w = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + rows64 * stride_wn + cols[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=(rows < N)[:, None] & (cols < K)[None, :])
 
 
 @functools.lru_cache(maxsize=None)
@@ -239,9 +248,13 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     group = k // scale.shape[1]
     codes, scale = codes.contiguous(), scale.contiguous()
     w = torch.empty((n, k), dtype=dtype, device=codes.device)
-    block_k = _block_k(group)
-    _dequantize_int4_kernel[(n, k // block_k)](codes, scale, w, k, codes.stride(0), scale.stride(0), w.stride(0),
-                                               GROUP=group, BLOCK_K=block_k, num_warps=2)
+    # 16 x 256 = 4096 weights a program (32 a thread): the previous one-row, 128-column programs
+    # (a 64-thread CTA for every 128 weights) ran at about 0.5 TB/s of output on an H200
+    # (kernels/bench_quant.py, 2026-12-01: dequantize + cuBLAS at 256 rows took 144 µs for qkv
+    # against cuBLAS's 24); this tile is not yet timed on the card.
+    _dequantize_int4_kernel[(triton.cdiv(n, DEQUANT_BLOCK_N), triton.cdiv(k, DEQUANT_BLOCK_K))](
+        codes, scale, w, n, k, codes.stride(0), scale.stride(0), w.stride(0),
+        GROUP=group, BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=DEQUANT_BLOCK_K, num_warps=4)
     return w
 
 

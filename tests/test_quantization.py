@@ -237,7 +237,7 @@ def test_group_size_must_divide_every_layer(peaked_model):
         LLM(make_config(peaked_model, "int4", group_size=48))
 
 
-def test_eval_task_writes_perplexity(peaked_model, tmp_path, monkeypatch):
+def test_eval_task_writes_perplexity(peaked_model, tmp_path, monkeypatch, capsys):
     """task=eval on the default text (pydoc_data) needs a tokenizer: train a tiny one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -259,6 +259,18 @@ def test_eval_task_writes_perplexity(peaked_model, tmp_path, monkeypatch):
     assert record["quantization"] == "int8" and record["scored_tokens"] == 1024 - 4  # 4 windows of 256
     assert 1 < record["perplexity"] < float("inf") and record["weight_bytes"] > 0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["eval"]["perplexity"] == record["perplexity"]
+
+    # task.quantizations: every method in one run, one table
+    monkeypatch.setattr(eval_task, "MAX_TOKENS", 512)
+    monkeypatch.setattr(eval_task, "DECODE_TOKENS", 8)
+    cfg = make_config(model_dir, "none")
+    cfg.task.quantizations = ["none", "int8"]
+    assert eval_task.run(cfg, tmp_path / "table") == 0
+    runs = json.loads((tmp_path / "table" / "eval.json").read_text())["runs"]
+    assert [r["quantization"] for r in runs] == ["none", "int8"]
+    assert runs[1]["weight_bytes"] < runs[0]["weight_bytes"] and all(r["decode_tok_s"] > 0 for r in runs)
+    assert abs(runs[1]["perplexity"] / runs[0]["perplexity"] - 1) < 0.01
+    assert "| int8 |" in capsys.readouterr().out
 
 
 BUNDLED = Path(__file__).resolve().parents[1] / "framework" / "assets" / "pydoc-llama"
@@ -430,3 +442,46 @@ def test_fp8_w8a8_end_to_end_on_gpu(sampled, monkeypatch):
     assert all(len(t) == 6 for t in tokens)
     print(f"perplexity bf16 {bf16_ppl:.4f}, fp8 W8A8 {fp8_ppl:.4f}")
     assert abs(fp8_ppl / bf16_ppl - 1) < 0.1, (fp8_ppl, bf16_ppl)
+
+
+DYNAMIC_INT8_TOKENS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
+                       "group_size": None, "actorder": None}
+
+
+@pytest.mark.parametrize("acts,w8a8", [(None, False), (DYNAMIC_INT8_TOKENS, True),
+                                       ({**DYNAMIC_INT8_TOKENS, "strategy": "tensor", "dynamic": False}, False),
+                                       ({**DYNAMIC_INT8_TOKENS, "symmetric": False}, False)])
+def test_compressed_tensors_int8_runs_its_activation_scheme(acts, w8a8):
+    """llm-compressor's W8A8 int8 (dynamic per-token int8 activations) runs W8A8 like quantization=int8;
+    static or asymmetric activations run weight-only."""
+    qc = compressed_tensors_config("int-quantized", 8, "int", "channel", input_activations=acts)
+    method = get_quant_method(QuantizationConfig(method="auto"), type("Cfg", (), {"quantization_config": qc})())
+    assert method.name == "compressed-tensors int8" and method.quantize_activations is w8a8
+
+
+def test_quantization_int8_quantizes_activations():
+    assert get_quant_method(QuantizationConfig(method="int8"), object()).quantize_activations
+
+
+@pytest.mark.gpu
+def test_int8_w8a8_end_to_end_on_gpu(sampled, monkeypatch):
+    """quantization=int8 in bf16 on CUDA: prefill steps run W8A8 on int8 tensor cores, and the
+    perplexity stays within 10% of bf16's own on the text the model sampled."""
+    import kernels
+    model_dir, text, _ = sampled
+    calls = []
+    real = kernels.int8_linear
+    monkeypatch.setattr(kernels, "int8_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+
+    def gpu(method):
+        cfg = make_config(model_dir, method)
+        cfg.model.device, cfg.model.dtype = "cuda", "bfloat16"
+        cfg.cache.max_model_len, cfg.cache.max_num_seqs, cfg.cache.gpu_memory_utilization = 256, 8, 0.3
+        return cfg
+
+    _, _, bf16_ppl = run_engine(gpu("none"), text)
+    tokens, _, int8_ppl = run_engine(gpu("int8"), text)
+    assert calls and min(calls) > WEIGHT_ONLY_MAX_ROWS
+    assert all(len(t) == 6 for t in tokens)
+    print(f"perplexity bf16 {bf16_ppl:.4f}, int8 W8A8 {int8_ppl:.4f}")
+    assert abs(int8_ppl / bf16_ppl - 1) < 0.1, (int8_ppl, bf16_ppl)

@@ -123,6 +123,8 @@ class TaskConfig:
     decode_batch1_tokens: int = 256  # bench on GPU: one greedy request of N tokens vs the copy roofline; 0 = skip
     runs: int = 1  # bench: the workload this many times in one process (the first run is the cold one)
     profile: bool = False  # bench on GPU: one more run under torch.profiler, device time by kind of kernel
+    # eval: score each of these quantization.method values in turn, one table (empty: quantization.method alone)
+    quantizations: List[str] = field(default_factory=list)
     # serve: an OpenAI-compatible HTTP server
     host: str = "127.0.0.1"
     port: int = 8000  # 0 picks a free port

@@ -56,6 +56,8 @@ def validate(cfg: FrameworkConfig) -> FrameworkConfig:
     _positive("parallelism.tensor_parallel_size", cfg.parallelism.tensor_parallel_size)
     _choice("quantization.method", cfg.quantization.method, QUANT_METHODS)
     _positive("quantization.group_size", cfg.quantization.group_size)
+    for method in t.quantizations:
+        _choice("task.quantizations", method, QUANT_METHODS)
 
     _positive("cache.block_size", c.block_size)
     if c.block_size & (c.block_size - 1) or c.block_size > 256:

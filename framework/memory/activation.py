@@ -23,7 +23,8 @@ query/KV width per rank, i = intermediate per rank; widths in elements of the mo
   one; int4 unpacks to a full-precision copy. On GPU, a matmul over few rows (decode) runs the
   fused kernel of kernels/quant_matmul.py instead, which makes no copy. fp8 on a card with fp8
   tensor cores (bf16/fp16 model) runs W8A8 above 32 rows (kernels/fp8_linear.py): no weight
-  copy, no unscaled output, only x's fp8 codes and row scales (T x (K + 4) bytes).
+  copy, no unscaled output, only x's fp8 codes and row scales (T x (K + 4) bytes); int8 on any
+  CUDA card likewise (kernels/int8_linear.py), plus its int32 sums (T x N x 4 bytes).
 
 Checked against the engine's own profile (ModelRunner.profile_run, which scores min(tokens,
 max_num_seqs) rows as we do) on an H100: Llama-3.1-8B measured 0.260 / 0.908 GiB at 2048 / 8192
@@ -88,16 +89,19 @@ def fused_quant_rows() -> int:
 
 def w8a8_fp8(quant: str, reference: bool, a: int) -> bool:
     """quantization=fp8 runs W8A8 (layers/quantization/fp8.py): on this machine's GPU if it has
-    fp8 tensor cores (compute capability >= 8.9) and the model is bf16/fp16. Planning on a machine
-    without that GPU counts the weight-only path, which needs more."""
-    if quant != "fp8" or reference or a != 2:
+    fp8 tensor cores (compute capability >= 8.9) and the model is bf16/fp16; quantization=int8
+    (int8.py) on any CUDA GPU. Planning on a machine without that GPU counts the weight-only
+    path, which needs more. (The name stayed when int8 joined.)"""
+    if quant not in ("fp8", "int8") or reference or a != 2 or not torch.cuda.is_available():
         return False
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+    return quant == "int8" or torch.cuda.get_device_capability() >= (8, 9)
 
 
 def weight_only_rows() -> int:
-    """Up to how many rows fp8 stays weight-only on an fp8 card (layers/quantization/fp8.py)."""
+    """Up to how many rows fp8 and int8 stay weight-only on a card where they run W8A8."""
     from framework.layers.quantization.fp8 import WEIGHT_ONLY_MAX_ROWS
+    from framework.layers.quantization.int8 import WEIGHT_ONLY_MAX_ROWS as INT8_ROWS
+    assert INT8_ROWS == WEIGHT_ONLY_MAX_ROWS, "the planner counts one threshold for both"
     return WEIGHT_ONLY_MAX_ROWS
 
 
@@ -105,9 +109,11 @@ def dequantized_bytes(s: DecoderShape, tp: int, a: int, quant: str, reference: b
     """The full-precision copy of each linear weight that one quantized matmul over `rows` rows
     makes: fp8/int8 cast their codes to the model dtype (scaled_linear); int4 unpacks, in one
     Triton pass on GPU or through int8 codes on the reference backend. None on GPU for few rows.
-    W8A8 fp8 copies x instead, to its fp8 codes and float32 row scales."""
+    W8A8 copies x instead, to its 8-bit codes and float32 row scales; int8's also holds the int32
+    sums (rows x out x 4 bytes) until its epilogue has written the output."""
     if rows > weight_only_rows() and w8a8_fp8(quant, reference, a):
-        return {name: rows * (inp + 4) for name, out, inp in decoder_linears(s, tp)}
+        sums = 4 if quant == "int8" else 0
+        return {name: rows * (inp + 4 + sums * out) for name, out, inp in decoder_linears(s, tp)}
     if quant not in ("fp8", "int8", "int4") or (not reference and rows <= fused_quant_rows()):
         per = 0
     elif quant == "int4":

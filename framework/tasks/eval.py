@@ -16,6 +16,12 @@ The token stream is cut into non-overlapping windows of WINDOW tokens (fewer if
 cache.max_model_len or cache.max_num_batched_tokens is smaller), at most MAX_TOKENS tokens in
 all. Each window is one fresh sequence prefilled in one step; every token but its first is
 scored, so the first tokens of a window see little context (the same for every run compared).
+
+`task.quantizations=[none,int8,fp8,int4]` scores each method in turn, in one process, and prints
+one table: perplexity (and its change against the first), weight bytes, scoring speed (tokens
+a second of the windows' prefill), decode speed (one greedy request of DECODE_TOKENS tokens)
+and, on a GPU, the peak memory torch allocated. Speeds here are of this text on this machine:
+the GPU figures that matter come from task=bench (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, List
 
@@ -37,6 +43,7 @@ from framework.tasks.metrics import write_metrics
 WINDOW = 256  # the bundled model's training window
 MAX_TOKENS = 8192
 EVERY_NTH = 8  # of pydoc_data's topics in sorted order: 10 of 79 topics, the first being "assert"
+DECODE_PROMPT, DECODE_TOKENS = 32, 128  # the decode-speed request: its prompt, then tokens generated
 
 
 @dataclass
@@ -83,7 +90,29 @@ def perplexity(llm: LLM, ids: List[int], window: int, source: str = "") -> EvalR
                       seconds=time.perf_counter() - start)
 
 
-def run(cfg: FrameworkConfig, run_dir: Path) -> int:
+@dataclass
+class MethodRow:
+    """One line of the comparison table: a quantization method's quality, speed and memory."""
+    quantization: str
+    perplexity: float
+    weight_bytes: int
+    score_tok_s: float  # scored tokens a second (prefill of whole windows)
+    decode_tok_s: float  # one greedy request, DECODE_TOKENS tokens after its prompt
+    device_peak_bytes: int  # peak allocated by torch on rank 0 (0 on the CPU)
+
+
+def decode_speed(llm: LLM, ids: List[int]) -> float:
+    """Tokens a second of one greedy request decoding DECODE_TOKENS tokens (a warm-up first)."""
+    from framework.engine.sampling_params import SamplingParams
+    prompt = [{"prompt_token_ids": ids[:DECODE_PROMPT]}]
+    llm.generate(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    start = time.perf_counter()
+    llm.generate(prompt, SamplingParams(max_tokens=DECODE_TOKENS, temperature=0, ignore_eos=True))
+    return DECODE_TOKENS / (time.perf_counter() - start)
+
+
+def evaluate(cfg: FrameworkConfig) -> tuple:
+    """(EvalResult, MethodRow, stats) of one configuration."""
     with LLM(cfg) as llm:
         if llm.tokenizer is None:
             raise UserError(f"task=eval needs a tokenizer; {cfg.model.path} has none (set model.tokenizer)")
@@ -93,15 +122,56 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
             ids = default_text(llm.tokenizer)
             source = f"pydoc_data.topics of Python {platform.python_version()}, every {EVERY_NTH}th topic"
         window = min(WINDOW, llm.config.cache.max_model_len, llm.config.cache.max_num_batched_tokens)
+        llm.score([ids[:window]])  # warm-up: the first forward's one-time costs stay out of the scoring speed
         result = perplexity(llm, ids, window, source)
+        decode = decode_speed(llm, ids) if len(ids) > 1 and DECODE_PROMPT + DECODE_TOKENS <= window else 0.0
         stats = llm.stats()
-    record = {"quantization": cfg.quantization.method, "kv_cache_dtype": cfg.cache.kv_cache_dtype,
-              **asdict(result), "weight_bytes": stats["ranks"][0]["weight_bytes"]}
+    rank0 = stats["ranks"][0]
+    row = MethodRow(quantization=llm.config.quantization.method, perplexity=result.perplexity,
+                    weight_bytes=rank0["weight_bytes"], score_tok_s=result.scored_tokens / result.seconds,
+                    decode_tok_s=decode, device_peak_bytes=rank0.get("peak_allocated_bytes", 0) or 0)
+    return result, row, stats
+
+
+def format_table(rows: List[MethodRow]) -> str:
+    """Markdown: each method against the first row (perplexity change, speeds as ratios)."""
+    base = rows[0]
+    lines = ["| `quantization=` | weight bytes | perplexity | change | scoring tok/s | decode tok/s | peak memory |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        change = "—" if r is base else f"{100 * (r.perplexity / base.perplexity - 1):+.2f}%"
+        ratio = "" if r is base or not base.decode_tok_s else f" ({r.decode_tok_s / base.decode_tok_s:.2f}×)"
+        peak = f"{r.device_peak_bytes / 2**30:.2f} GiB" if r.device_peak_bytes else "—"
+        lines.append(f"| {r.quantization} | {r.weight_bytes / 2**20:.2f} MiB | {r.perplexity:.4f} | {change} | "
+                     f"{r.score_tok_s:,.0f} | {r.decode_tok_s:,.1f}{ratio} | {peak} |")
+    return "\n".join(lines)
+
+
+def run(cfg: FrameworkConfig, run_dir: Path) -> int:
+    methods = cfg.task.quantizations or [cfg.quantization.method]
+    records, rows, all_stats = [], [], []
+    for method in methods:
+        one = replace(cfg, quantization=replace(cfg.quantization, method=method))
+        result, row, stats = evaluate(one)
+        record = {"quantization": row.quantization, "kv_cache_dtype": cfg.cache.kv_cache_dtype, **asdict(result),
+                  "weight_bytes": row.weight_bytes, "score_tok_s": row.score_tok_s,
+                  "decode_tok_s": row.decode_tok_s, "device_peak_bytes": row.device_peak_bytes}
+        print(f"perplexity {result.perplexity:.4f} ({result.scored_tokens} tokens in {result.windows} windows of "
+              f"{result.window}, text {result.tokens_sha256}; quantization={row.quantization}, "
+              f"kv_cache_dtype={cfg.cache.kv_cache_dtype}, weights {row.weight_bytes / 2**20:.2f} MiB; "
+              f"decode {row.decode_tok_s:.1f} tok/s)")
+        records.append(record)
+        rows.append(row)
+        all_stats.append(stats)
+    # one method: its record at the top level, as before; several: the first's, plus every run
+    out = dict(records[0], **({"runs": records} if len(records) > 1 else {}))
     path = Path(run_dir) / "eval.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"perplexity {result.perplexity:.4f} ({result.scored_tokens} tokens in {result.windows} windows of "
-          f"{window}, text {result.tokens_sha256}; quantization={cfg.quantization.method}, "
-          f"kv_cache_dtype={cfg.cache.kv_cache_dtype}, weights {record['weight_bytes'] / 2**20:.2f} MiB); {path}")
-    write_metrics(run_dir, {"eval": record, "measured": stats})
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    if len(rows) > 1:
+        if len({r["tokens_sha256"] for r in records}) > 1:
+            raise UserError("task.quantizations: the methods scored different token streams (tokenizer differs?)")
+        print(format_table(rows))
+    print(f"eval: {path}")
+    write_metrics(run_dir, {"eval": out, "measured": all_stats[0] if len(all_stats) == 1 else all_stats})
     return 0

@@ -115,9 +115,11 @@ def test_gpu_bf16_int4_small_groups(group, k):
                                    atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("group", [16, 48, 128])
-def test_dequantize_int4_is_exact(group, device):
-    codes, scale, _ = _weights("int4", 12, 384, group, torch.float16)
+# Tiles of 16 rows x 256 columns: fewer rows than a tile, a partial last row tile (N = 37), and
+# K ending a half (384, 640) or most (144) of a column tile short.
+@pytest.mark.parametrize("group,n,k", [(16, 12, 384), (48, 37, 144), (128, 40, 640)])
+def test_dequantize_int4_is_exact(group, n, k, device):
+    codes, scale, _ = _weights("int4", n, k, group, torch.float16)
     got = dequantize_int4(codes.to(device), scale.to(device), torch.float16).cpu()
     assert torch.equal(got, dequantize_ref(codes, scale, torch.float16))
 

@@ -16,10 +16,13 @@ The weight is (q - zero_point) * scale; only symmetric schemes (no zero point) a
 These map onto our own int8, fp8 and int4 storage, loaded as stored (nothing is re-quantized).
 Activations (`input_activations`): fp8 weights with dynamic per-token fp8 activations
 ({num_bits: 8, type: float, strategy: token, dynamic: true, symmetric: true}) run W8A8 like
-quantization=fp8 (fp8.py: fp8 tensor cores where the card has them). An fp8 checkpoint without
-input_activations runs weight-only, as its author quantized it. Other activation schemes (static
-per-tensor `input_scale`, int8 activations) run weight-only too, activations in the model dtype
-(at least as accurate), and say so in the log; their `input_scale` tensors are not read.
+quantization=fp8 (fp8.py: fp8 tensor cores where the card has them), and int8 weights with
+dynamic per-token int8 activations ({num_bits: 8, type: int, strategy: token, dynamic: true,
+symmetric: true}: llm-compressor's W8A8 int8 scheme) like quantization=int8 (int8.py: int8 tensor
+cores on CUDA past decode sizes). A checkpoint without input_activations runs weight-only, as its
+author quantized it. Other activation schemes (static per-tensor `input_scale`, asymmetric)
+run weight-only too, activations in the model dtype (at least as accurate), and say so in the
+log; their `input_scale` tensors are not read.
 """
 from __future__ import annotations
 
@@ -92,11 +95,19 @@ def dynamic_fp8_tokens(act: Optional[Dict[str, Any]]) -> bool:
         and act.get("strategy") == "token" and act.get("dynamic") is True and act.get("symmetric", True)
 
 
+def dynamic_int8_tokens(act: Optional[Dict[str, Any]]) -> bool:
+    """An input_activations scheme that is int8, symmetric, one scale per token, computed at run
+    time: what our W8A8 int8 path does (int8.py)."""
+    return bool(act) and act.get("num_bits") == 8 and act.get("type", "int") == "int" \
+        and act.get("strategy") == "token" and act.get("dynamic") is True and act.get("symmetric", True)
+
+
 def from_config(qc: Dict[str, Any], hf_config: Any) -> QuantMethod:
     s = parse(qc)
     acts = [g.get("input_activations") for g in qc["config_groups"].values()]
     w8a8_fp8 = s.type == "float" and all(dynamic_fp8_tokens(a) for a in acts)
-    if any(acts) and not w8a8_fp8:
+    w8a8_int8 = s.type == "int" and s.num_bits == 8 and all(dynamic_int8_tokens(a) for a in acts)
+    if any(acts) and not (w8a8_fp8 or w8a8_int8):
         log.info("compressed-tensors checkpoint quantizes activations as %s; running it weight-only "
                  "(activations stay in the model dtype)", acts[0])
     if s.actorder not in (None, "static"):  # "group"/"weight" reorder columns through weight_g_idx
@@ -104,7 +115,7 @@ def from_config(qc: Dict[str, Any], hf_config: Any) -> QuantMethod:
                         f"supported: {SUPPORTED}")
     if s.symmetric and s.strategy in ("channel", "tensor") and s.num_bits == 8:
         if s.type == "int" and s.format in ("int-quantized", "naive-quantized"):
-            return CheckpointInt8()
+            return CheckpointInt8(quantize_activations=w8a8_int8)
         if s.type == "float" and s.format in ("float-quantized", "naive-quantized"):
             return CheckpointFp8(quantize_activations=w8a8_fp8)
     if s.symmetric and s.strategy in ("group", "channel") and s.num_bits == 4 and s.type == "int" \

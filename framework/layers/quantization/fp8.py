@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 
 import kernels
-from framework.layers.quantization.int8 import RowScaledMethod, scaled_linear
+from framework.layers.quantization.int8 import RowScaledMethod, gemv_tile, scaled_linear
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -34,13 +34,6 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 # weight-only vs 128 W8A8, 8 rows 83.9 vs 113, 32 rows 105 vs 115, 64 rows 167 vs 115 (cuBLAS's
 # fp8 GEMM has a floor of about 15 µs for N = K = 4096 and 41 µs for down, whatever the rows).
 WEIGHT_ONLY_MAX_ROWS = 32
-
-
-def gemv_tile(n: int) -> Tuple[int, int]:
-    """(block_n, block_k) of the one-row fp8 GEMV for N output rows. H200, 2026-11-30, µs a call
-    against the default 4 x 1024: qkv 9.7 vs 10.0, o 7.1 vs 8.0, down 19.0 vs 21.4 at 2 x 2048
-    (more programs for narrow N); gate_up (N = 28672) 33.3 vs 37.5 at 8 x 1024."""
-    return (2, 2048) if n <= 8192 else (8, 1024)
 
 
 def quantize_fp8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,13 @@
-"""int8: symmetric per-output-channel weights; activations stay in the model dtype.
+"""int8: symmetric per-output-channel weights; W8A8 past decode sizes on CUDA (Int8Method).
 
 Each row keeps its own float32 scale (absmax / 127), so a row's error is at most half a step
 of *its* range. The matmul runs on the integer codes cast to the activation dtype (exact: every
 int8 is representable in bf16/fp16) and the scale multiplies the output columns, which avoids
 materializing a scaled copy of the weight; on GPU, decode-sized batches use fused kernels that
-read the codes directly (kernels/quant_gemv.py, kernels/quant_matmul.py).
+read the codes directly (kernels/quant_gemv.py, kernels/quant_matmul.py). Past WEIGHT_ONLY_MAX_ROWS
+rows on CUDA, Int8Method quantizes x per token too and multiplies on int8 tensor cores
+(kernels/int8_linear.py): on an H200 1.02-1.10x bf16 at prefill sizes, 0.72-0.92x at 256 rows,
+and 3-5x faster than the weight-only path there, which dequantizes (BENCHMARKS.md, 2026-12-01).
 """
 from __future__ import annotations
 
@@ -18,6 +21,10 @@ from framework.layers.quantization.base import LoadTimeQuant, Spec
 from kernels import quant_gemv as qg, quant_matmul as qmm
 
 QMAX = 127  # -128 unused: a symmetric grid keeps zero exact and the range balanced
+# Up to this many rows (tokens) a call stays weight-only (the GEMV, then quant_matmul), as fp8
+# does (fp8.WEIGHT_ONLY_MAX_ROWS: cuBLAS's 8-bit GEMMs have a floor of 15-41 µs a call on the
+# 8B shapes whatever the rows); more rows run W8A8 on int8 tensor cores.
+WEIGHT_ONLY_MAX_ROWS = 32
 
 
 def quantize_int8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -30,6 +37,16 @@ def quantize_int8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (codes.float() * scale.float()[:, None]).to(dtype)
+
+
+def gemv_tile(n: int) -> Tuple[int, int]:
+    """(block_n, block_k) of the one-row int8 / fp8 GEMV for N output rows (int8 reads the same
+    bytes; its tiles were not timed separately). fp8 on an H200, 2026-12-01 (kernels/bench_quant.py,
+    graph replay, µs a call; 2x2048 / 4x2048 / 8x2048 / 8x1024): qkv (N = 6144)
+    9.7 / 9.8 / 9.2 / 9.8, o 7.2 / 7.2 / 7.5 / 8.1, gate_up (N = 28672) 35.7 / 34.6 / 32.9 / 34.3,
+    down (N = 4096, K = 14336) 19.1 / 18.2 / 19.0 / 21.6: 67.6 µs a layer against 70.3 for the
+    tiles before (2x2048 up to N = 8192, else 8x1024)."""
+    return (4, 2048) if n <= 4096 else (8, 2048)
 
 
 def scaled_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
@@ -65,10 +82,31 @@ class RowScaledMethod(LoadTimeQuant):
         return {"weight": codes, "weight_scale": scale}
 
     def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return scaled_linear(x, layer.weight, layer.weight_scale, bias)
+        return scaled_linear(x, layer.weight, layer.weight_scale, bias, gemv_tile(layer.weight.shape[0]))
+
+
+def uses_w8a8(x2: torch.Tensor, codes: torch.Tensor) -> bool:
+    """Whether a call over the rows x2 [M, K] runs W8A8 (kernels/int8_linear.py): more than
+    WEIGHT_ONLY_MAX_ROWS rows, bf16/fp16 on CUDA."""
+    return x2.shape[0] > WEIGHT_ONLY_MAX_ROWS and kernels.int8_linear_supported(x2, codes)
 
 
 class Int8Method(RowScaledMethod):
+    """`quantize_activations`: steps of more than WEIGHT_ONLY_MAX_ROWS tokens on CUDA quantize x
+    per token to int8 and multiply on int8 tensor cores (W8A8); fewer rows, the CPU and float32
+    models stay weight-only. False (a compressed-tensors checkpoint that quantizes only its
+    weights, or its activations some other way) always runs weight-only."""
+
     name = "int8"
     code_dtype = torch.int8
     quantize_rows = staticmethod(quantize_int8)
+
+    def __init__(self, quantize_activations: bool = True):
+        self.quantize_activations = quantize_activations
+
+    def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.quantize_activations and uses_w8a8(x2, layer.weight):
+            y = kernels.int8_linear(x2, layer.weight, layer.weight_scale, bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        return scaled_linear(x, layer.weight, layer.weight_scale, bias, gemv_tile(layer.weight.shape[0]))
