@@ -22,12 +22,17 @@ CHAT_TEMPLATE = (
     "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 
-def build_tokenizer():
+def build_tokenizer(merge_newlines: bool = False):
+    """merge_newlines: also "\\n\\n" and "\\n\\n\\n" as tokens of their own, as Gemma's tokenizer has."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
-    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}  # 256 byte tokens, no merges
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}  # 256 byte tokens
+    merges = []
+    if merge_newlines:  # "\n" is the byte-level symbol "Ċ"
+        vocab.update({"ĊĊ": len(vocab), "ĊĊĊ": len(vocab) + 1})
+        merges = [("Ċ", "Ċ"), ("ĊĊ", "Ċ")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
@@ -36,11 +41,11 @@ def build_tokenizer():
     return fast
 
 
-def build_processor(path: Path) -> Path:
+def build_processor(path: Path, merge_newlines: bool = False) -> Path:
     """Writes a Gemma-3 processor (tokenizer, image processor, chat template) to `path`."""
     from transformers import Gemma3ImageProcessor, Gemma3Processor
     processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
-                                tokenizer=build_tokenizer(), image_seq_length=TOKENS_PER_IMAGE,
+                                tokenizer=build_tokenizer(merge_newlines), image_seq_length=TOKENS_PER_IMAGE,
                                 chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(path)
     return path

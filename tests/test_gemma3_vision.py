@@ -316,3 +316,27 @@ def test_gemma3_images_through_the_triton_kernels(folder, monkeypatch):
     assert [o.outputs[0].token_ids for o in outs] == want
     for out, hf_first in zip(outs, first):
         assert_first_logprobs(out, hf_first)
+
+
+def test_prompt_ids_equal_hf_where_written_text_merges_with_the_prompt(tmp_path):
+    """Gemma-3's processor writes "\\n\\n" around an image and tokenizes the whole prompt: with a
+    tokenizer that merges newlines (as Gemma's does) the template's "user\\n" and the written "\\n\\n"
+    become one token. Our prompt ids equal the HF processor's, one image or two side by side."""
+    from transformers import AutoProcessor
+
+    from framework.multimodal.processor import MultimodalProcessor
+    from tests.gemma3_helpers import build_processor
+    folder = build_processor(tmp_path, merge_newlines=True)
+    hf = AutoProcessor.from_pretrained(folder)
+    ours = MultimodalProcessor(hf, limit_mm_per_prompt={"image": 2})
+    triple = hf.tokenizer.convert_tokens_to_ids("ĊĊĊ")
+    for parts, images in [("<start_of_image>", [blocky_image(28, 28, seed=1)]),
+                          ("<start_of_image><start_of_image>", [blocky_image(28, 28, seed=1), blocky_image(30, 20, seed=2)]),
+                          ("Look.\n<start_of_image>\nThen", [blocky_image(28, 28, seed=3)])]:
+        prompt = chat_text(parts)
+        want = hf(text=[prompt], images=images, return_tensors="pt")["input_ids"][0].tolist()
+        got = ours.process(ours.tokenize(prompt), {"image": images})
+        assert got.token_ids == want, parts
+        assert triple in want  # the merge happened, so the case tests something
+        soft = hf.tokenizer.convert_tokens_to_ids("<image_soft_token>")
+        assert all(got.token_ids[p.offset:p.end] == [soft] * p.item.num_tokens for p in got.items)

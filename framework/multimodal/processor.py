@@ -16,6 +16,10 @@ are called with empty text; the item's run is what they wrote for the image, and
 travel in the item's data as `run_token_ids` (the model embeds the non-placeholder ones as text).
 A prompt with no placeholder gets one per image before its text, where those processors put them.
 
+Gemma-3's processor also writes plain text around an image (`\n\n`), which its tokenizer may merge
+with the prompt's text beside it when the whole prompt is tokenized: each stretch of ordinary
+tokens that holds such written text is decoded and tokenized again as one (`_joined`).
+
 Gemma-3's processor takes `<start_of_image>` in the prompt but fills the image with another token
 (`<image_soft_token>`): the run is of that token. With pan-and-scan it writes the image and each
 crop as runs of their own with text between; the item's run then spans them all, and carries its
@@ -123,6 +127,7 @@ class MultimodalProcessor:
         """modalities: those the model takes (None: every one the processor has a token for)."""
         self.hf = processor
         self.tokenizer = processor.tokenizer
+        self.added_tokens = set(self.tokenizer.added_tokens_decoder)  # the tokenizer splits text at these
         self.valid_kwargs = valid_processor_kwargs(processor)
         # placeholder token id of each modality this processor (and so the model) takes, and the
         # token its run is filled with (the same but for Gemma-3's images)
@@ -294,14 +299,59 @@ class MultimodalProcessor:
                 found.append((pos, self.process_item(modality, raw, kwargs, f"multi_modal_data.{modality}[{n}]")))
         found.sort(key=lambda pair: pair[0])
 
-        expanded, placed, cursor = [], [], 0
+        # the prompt as pieces: text of the prompt, text the processor writes around an item, an
+        # item's run (never re-tokenized); then each stretch of text that holds written text is
+        # tokenized as one, as the HF processor tokenizes the whole prompt
+        pieces: List[Tuple[str, List[int], Optional[ProcessedItem]]] = []
+        cursor = 0
         for pos, item in found:
-            expanded += token_ids[cursor:pos] + item.prefix_ids
-            placed.append(PlacedItem(len(expanded), item))
-            expanded += item.run_token_ids(self.run_tokens[item.modality]) + item.suffix_ids
+            pieces += [("prompt", token_ids[cursor:pos], None), ("written", item.prefix_ids, None),
+                       ("run", item.run_token_ids(self.run_tokens[item.modality]), item),
+                       ("written", item.suffix_ids, None)]
             cursor = pos + 1
-        expanded += token_ids[cursor:]
-        return MultimodalPrompt(expanded, placed)
+        pieces.append(("prompt", token_ids[cursor:], None))
+        return self._joined(pieces)
+
+    def _joined(self, pieces: List[Tuple[str, List[int], Optional["ProcessedItem"]]]) -> MultimodalPrompt:
+        """Gemma-3's processor writes plain text around an image ("\\n\\n<start_of_image>...<end_of_image>\\n\\n")
+        and tokenizes the whole prompt, so that text can merge with the prompt's text beside it
+        (a template's "user\\n" + "\\n\\n" is one "\\n\\n\\n" token with Gemma's tokenizer). A stretch of
+        ordinary tokens between two added tokens (which the tokenizer never merges across) that
+        holds written text is decoded and tokenized again as one; other stretches stay as given."""
+        boundaries = self.added_tokens
+        out: List[int] = []
+        placed: List[PlacedItem] = []
+        if all(t in boundaries for kind, ids, _ in pieces if kind == "written" for t in ids):
+            for kind, ids, item in pieces:  # nothing to join (Qwen2.5-VL, InternVL: added tokens only)
+                if kind == "run":
+                    placed.append(PlacedItem(len(out), item))
+                out.extend(ids)
+            return MultimodalPrompt(out, placed)
+        stretch: List[int] = []  # ordinary tokens since the last boundary
+        written = False  # the stretch holds text the processor wrote
+
+        def flush() -> None:
+            nonlocal stretch, written
+            if written and stretch:
+                text = self.tokenizer.decode(stretch, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                stretch = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            out.extend(stretch)
+            stretch, written = [], False
+        for kind, ids, item in pieces:
+            if kind == "run":
+                flush()
+                placed.append(PlacedItem(len(out), item))
+                out.extend(ids)
+                continue
+            for t in ids:
+                if t in boundaries:
+                    flush()
+                    out.append(t)
+                else:
+                    stretch.append(t)
+                    written = written or kind == "written"
+        flush()
+        return MultimodalPrompt(out, placed)
 
 
 def _stretches(ids: List[int], token: int) -> List[Tuple[int, int]]:
