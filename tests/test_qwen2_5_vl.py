@@ -235,6 +235,8 @@ def test_server_chat_completions_take_image_parts(folder, tmp_path):
     finally:
         srv.shutdown()
         llm.shutdown()
+    cache = srv.summary()["serve"]["mm_processor_cache"]  # the front's: the same image twice is one hit
+    assert cache["hits"] >= 1 and cache["misses"] >= 1
 
 
 def test_tasks_take_image_paths(folder, tmp_path):

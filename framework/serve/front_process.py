@@ -298,5 +298,9 @@ def serve_front(conn: Any, spec: FrontSpec) -> None:
         try:
             await server.serve(sockets=[sock])
         finally:
-            conn.send(("summary", metrics.summary()))
+            summary = metrics.summary()
+            cache = getattr(spec.mm_processor, "cache", None)  # served images are processed (and cached) here
+            if cache is not None:
+                summary["mm_processor_cache"] = cache.stats.as_dict()
+            conn.send(("summary", summary))
     asyncio.run(main())
