@@ -21,19 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.config.errors import UserError
-
-_ACTIVATIONS = {"gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-                "silu": F.silu, "relu": F.relu}
-
+from framework.layers.vision import VisionMLP, activation
 
 def _pair(value: Any) -> Tuple[int, int]:
     return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
-
-
-def _activation(name: str, key: str):
-    if name not in _ACTIVATIONS:
-        raise UserError(f"{key}={name!r} is not supported; supported: {', '.join(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
 
 
 @dataclass(frozen=True)
@@ -76,8 +67,8 @@ class InternVisionArgs:
                 qkv_bias=bool(getattr(v, "attention_bias", False)), qk_norm=bool(getattr(v, "use_qk_norm", False)),
                 final_norm=not getattr(v, "use_mean_pooling", True), hidden_act=v.hidden_act, downsample_ratio=ratio,
                 projector_act=getattr(config, "projector_hidden_act", "gelu"))
-        _activation(a.hidden_act, "vision_config.hidden_act")
-        _activation(a.projector_act, "projector_hidden_act")
+        activation(a.hidden_act, "vision_config.hidden_act")
+        activation(a.projector_act, "projector_hidden_act")
         return a
 
     @property
@@ -156,22 +147,11 @@ class VisionAttention(nn.Module):
         return self.projection_layer(out.transpose(1, 2).reshape(tiles, length, width))
 
 
-class VisionMLP(nn.Module):
-    def __init__(self, a: InternVisionArgs):
-        super().__init__()
-        self.fc1 = nn.Linear(a.hidden_size, a.intermediate_size)
-        self.fc2 = nn.Linear(a.intermediate_size, a.hidden_size)
-        self.act = _ACTIVATIONS[a.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class VisionLayer(nn.Module):
     def __init__(self, a: InternVisionArgs):
         super().__init__()
         self.attention = VisionAttention(a)
-        self.mlp = VisionMLP(a)
+        self.mlp = VisionMLP(a.hidden_size, a.intermediate_size, a.hidden_act)
         self.layernorm_before = _norm(a, a.hidden_size)
         self.layernorm_after = _norm(a, a.hidden_size)
         self.lambda_1 = nn.Parameter(torch.ones(a.hidden_size))  # per-channel branch scales
@@ -212,7 +192,7 @@ class MultiModalProjector(nn.Module):
         self.layer_norm = nn.LayerNorm(width)
         self.linear_1 = nn.Linear(width, text_hidden)
         self.linear_2 = nn.Linear(text_hidden, text_hidden)
-        self.act = _ACTIVATIONS[a.projector_act]
+        self.act = activation(a.projector_act, "projector_hidden_act")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))

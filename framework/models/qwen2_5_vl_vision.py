@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from framework.layers.vision import activation
+
 
 @dataclass(frozen=True)
 class VisionArgs:
@@ -60,10 +62,6 @@ class VisionArgs:
     @property
     def patch_dim(self) -> int:
         return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
-
-
-_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-                "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
 
 
 class VisionRMSNorm(nn.Module):
@@ -160,13 +158,10 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, a: VisionArgs):
         super().__init__()
-        if a.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"vision_config.hidden_act={a.hidden_act!r} is not supported; "
-                             f"supported: {', '.join(_ACTIVATIONS)}")
         self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=True)
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=True)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=True)
-        self.act = _ACTIVATIONS[a.hidden_act]
+        self.act = activation(a.hidden_act, "vision_config.hidden_act")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

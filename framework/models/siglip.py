@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.config.errors import UserError
+from framework.layers.vision import VisionMLP, activation
 
-_ACTIVATIONS = {"gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
 
 
 def _side(value: Any) -> int:
@@ -48,8 +48,7 @@ class SiglipArgs:
     @classmethod
     def from_hf(cls, v: Any) -> "SiglipArgs":
         act = getattr(v, "hidden_act", "gelu_pytorch_tanh")
-        if act not in _ACTIVATIONS:
-            raise UserError(f"vision_config.hidden_act={act!r} is not supported; supported: {', '.join(_ACTIVATIONS)}")
+        activation(act, "vision_config.hidden_act")  # an unsupported one is refused here, before any weight
         return cls(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_layers=v.num_hidden_layers,
                    num_heads=v.num_attention_heads, image_size=_side(v.image_size), patch_size=_side(v.patch_size),
                    num_channels=getattr(v, "num_channels", 3), eps=getattr(v, "layer_norm_eps", 1e-6), hidden_act=act)
@@ -89,24 +88,13 @@ class SiglipAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(images, length, width))
 
 
-class SiglipMLP(nn.Module):
-    def __init__(self, a: SiglipArgs):
-        super().__init__()
-        self.fc1 = nn.Linear(a.hidden_size, a.intermediate_size)
-        self.fc2 = nn.Linear(a.intermediate_size, a.hidden_size)
-        self.act = _ACTIVATIONS[a.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class SiglipEncoderLayer(nn.Module):
     def __init__(self, a: SiglipArgs):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(a.hidden_size, eps=a.eps)
         self.self_attn = SiglipAttention(a)
         self.layer_norm2 = nn.LayerNorm(a.hidden_size, eps=a.eps)
-        self.mlp = SiglipMLP(a)
+        self.mlp = VisionMLP(a.hidden_size, a.intermediate_size, a.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
