@@ -62,7 +62,7 @@ def test_sigterm_drains_then_writes_metrics(tmp_path):
             proc.kill()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["serve"]["generation_tokens"] >= 300
-    assert metrics["serve"]["requests_finished"] == {"length": 1.0} and metrics["serve"]["engine_loop_died"] is None
+    assert metrics["serve"]["requests_finished"] == {"length": 1.0} and metrics["serve"]["failed"] is None
 
 
 def test_ctrl_c_to_the_process_group_still_writes_the_serving_figures(tmp_path):
@@ -121,6 +121,18 @@ def test_the_drain_deadline_cuts_what_is_left(served):
     srv.shutdown()
 
 
+def test_a_front_process_that_dies_stops_the_server_as_failed(served):
+    """The HTTP front's process killed: the server stops and says why (task=serve then exits
+    non-zero, so a supervisor restarts it); the engine loop is left to be shut down."""
+    llm, cfg = served
+    srv = OpenAIServer(llm, cfg.task)
+    srv.front.process.kill()
+    assert srv.wait(timeout=30)
+    assert srv.failed is not None and "HTTP front" in str(srv.failed)
+    srv.shutdown()
+    assert srv.summary()["serve"]["failed"] is not None  # what metrics.json would say
+
+
 def test_an_engine_loop_that_dies_is_503_then_stops(served, monkeypatch):
     llm, cfg = served
 
@@ -146,7 +158,7 @@ def test_task_serve_exits_non_zero_when_the_engine_loop_dies(tmp_path, monkeypat
     cfg = compose(["cache.cpu_kvcache_space_gib=0.1", "task=serve", "task.port=0"])
     assert serve.run(cfg, tmp_path) == serve.ENGINE_DIED
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert "bug in the loop" in metrics["serve"]["engine_loop_died"]
+    assert "bug in the loop" in metrics["serve"]["failed"]
 
 
 @pytest.mark.parametrize("override,key", [("task.drain_s=-1", "task.drain_s"), ("task.api_key=''", "task.api_key"),

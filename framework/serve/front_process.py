@@ -85,7 +85,7 @@ class FrontBridge:
         child_conn.close()
         self.send_lock = threading.Lock()  # the engine thread and the reader both send
         self.handles: Dict[int, RemoteHandle] = {}
-        self.summary: Dict[str, Any] = {}
+        self.summary: Optional[Dict[str, Any]] = None  # sent by the front as it stops in order
         self.address = self._wait_ready()
         self._send(("measured", measured))
         self.reader = threading.Thread(target=self._read, name="front-bridge", daemon=True)
@@ -157,6 +157,11 @@ class FrontBridge:
             return False
         self.reader.join(5)  # its last message (the summary) read
         return True
+
+    @property
+    def crashed(self) -> bool:
+        """The front's process ended without stopping in order (killed, out of memory, a bug)."""
+        return self.process.exitcode is not None and self.summary is None
 
     def stop(self) -> None:
         if self.process.is_alive():

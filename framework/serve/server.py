@@ -73,7 +73,10 @@ class OpenAIServer:
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Until the HTTP server has stopped (drain, or the engine loop died); False on timeout."""
         if self.front is not None:
-            return self.front.wait(timeout)
+            stopped = self.front.wait(timeout)
+            if stopped and self.front.crashed and self.failed is None:  # so that task=serve exits non-zero
+                self.failed = RuntimeError(f"the HTTP front process exited with code {self.front.process.exitcode}")
+            return stopped
         self.thread.join(timeout)
         return not self.thread.is_alive()
 
@@ -105,6 +108,6 @@ class OpenAIServer:
 
     def summary(self) -> Dict[str, Any]:
         """The serving figures for metrics.json (the front's, sent as it stopped)."""
-        figures = self.front.summary if self.front is not None else self.metrics.summary()
-        return {"serve": {**figures, "engine_loop_died": None if self.failed is None else
+        figures = (self.front.summary or {}) if self.front is not None else self.metrics.summary()
+        return {"serve": {**figures, "failed": None if self.failed is None else
                           f"{type(self.failed).__name__}: {self.failed}"}}

@@ -1,8 +1,8 @@
 """task=serve: an OpenAI-compatible HTTP server over the engine, until SIGTERM or Ctrl-C.
 
 Either signal drains: new requests are refused, in-flight ones get task.drain_s seconds to
-finish, then metrics.json gets the serving figures. If the engine loop dies, the server stops
-and the run exits non-zero, so a supervisor restarts it.
+finish, then metrics.json gets the serving figures. If the engine loop dies, or the HTTP front's
+process does, the server stops and the run exits non-zero, so a supervisor restarts it.
 """
 from __future__ import annotations
 
@@ -39,6 +39,6 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
             server.shutdown()
             write_metrics(run_dir, {**server.summary(), "stats": llm.stats()})
         if server.failed is not None:
-            log.error("the engine loop died: %s", server.failed)
+            log.error("the server failed: %s", server.failed)
             return ENGINE_DIED
     return 0
