@@ -32,7 +32,7 @@ from kernels import linear as bf16_linear  # the engine's unquantized path: GEMV
 from kernels.kv_cache import store_kv_cache, store_kv_cache_ref
 from kernels.quant_gemv import GEMV_MAX_ROWS, int4_gemv, rowscaled_gemv
 from kernels.quant_matmul import quant_matmul
-from framework.layers.quantization.fp8 import gemv_tile
+from framework.layers.quantization.int8 import gemv_tile
 from framework.layers.quantization.int8 import scaled_linear  # the weight-only fp8 path, as dispatched
 from kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from kernels.rotary import apply_rotary, apply_rotary_ref

@@ -251,12 +251,13 @@ def _settled(state: ServeState, item: Tuple[int, Event]) -> Tuple[int, Event]:
     return index, event
 
 
-def _latest(first: Tuple[int, Event], events: "asyncio.Queue[Tuple[int, Event]]") -> List[Tuple[int, Event]]:
-    """`first` and whatever else is queued, keeping per choice only its latest Event: each one
-    holds every token so far, so a handler that fell behind sends one chunk for several steps."""
+def _latest(state: ServeState, first: Tuple[int, Event],
+            events: "asyncio.Queue[Tuple[int, Event]]") -> List[Tuple[int, Event]]:
+    """`first` and whatever else is queued (settled), keeping per choice only its latest Event: each
+    one holds every token so far, so a handler that fell behind sends one chunk for several steps."""
     latest: Dict[int, Event] = {first[0]: first[1]}
     while not events.empty():
-        index, event = events.get_nowait()
+        index, event = _settled(state, events.get_nowait())
         if latest.get(index) is None or latest[index].output is None:  # a choice's final Event stays
             latest[index] = event
     return list(latest.items())
@@ -419,13 +420,13 @@ async def _stream(state: ServeState, chat: bool, handles: List[Handle], group_si
             yield opening
         while not all(submitted.finished):
             batch = []
-            for index, event in _latest(await _next(state, events, None), events):
+            for index, event in _latest(state, await _next(state, events, None), events):
                 if event.error is not None or (event.output is not None and event.output.error):
                     message = event.error or event.output.error
                     yield batch + [{"error": {"message": message, "type": "server_error", "param": None, "code": None}}]
                     return
                 final = event.output is not None
-                text = _settled(state, (index, event))[1].output.text if final else decoders[index].update(event.token_ids)
+                text = event.output.text if final else decoders[index].update(event.token_ids)
                 delta = texts[index].delta(text, final=final)
                 entries = event.logprobs[sent_logprobs[index]:]
                 sent_logprobs[index] = len(event.logprobs)

@@ -4,8 +4,8 @@ Handlers tokenize on their side, then `submit` token ids with a Handle; the loop
 arrived, runs one engine step while there is work, and pushes Events into each handle's asyncio
 queue: the tokens so far after each step for a streaming request, the RequestOutput when a
 request ends. A step's Events cross to the handlers' event loop in one call (one wake-up of that
-loop, not one per request: at 256 streams the per-request wake-ups cost more than the step). A handle that `abort`s (its client
-left) is dropped after the step in flight. If the loop itself ever dies, every handle gets an
+loop, not one per request: at 256 streams the per-request wake-ups cost more than the step). A
+handle that `abort`s (its client left) is dropped after the step in flight. If the loop itself ever dies, every handle gets an
 error, `dead` holds the cause, and `on_death` runs (the server then exits non-zero).
 """
 from __future__ import annotations
@@ -39,21 +39,16 @@ class Event:
 
 class LoopSink:
     """Where the Events of handlers on one asyncio event loop go: into their queues, through that
-    loop (thread-safe). One sink per event loop, so a step's Events for it are one call."""
-
-    _by_loop: "Dict[asyncio.AbstractEventLoop, LoopSink]" = {}
+    loop (thread-safe). Sinks of one event loop are equal, so a step's Events for it are one call."""
 
     def __init__(self, event_loop: asyncio.AbstractEventLoop):
         self.event_loop = event_loop
 
-    @classmethod
-    def of(cls, event_loop: asyncio.AbstractEventLoop) -> "LoopSink":
-        sink = cls._by_loop.get(event_loop)
-        if sink is None:
-            for closed in [loop for loop in cls._by_loop if loop.is_closed()]:
-                del cls._by_loop[closed]
-            sink = cls._by_loop[event_loop] = cls(event_loop)
-        return sink
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LoopSink) and other.event_loop is self.event_loop
+
+    def __hash__(self) -> int:
+        return id(self.event_loop)
 
     def send(self, items: List[Tuple["Handle", Event]]) -> None:
         try:
@@ -80,7 +75,7 @@ class Handle:
         elif multi_modal_data:  # images: processed by the engine (rank 0's, at TP > 1)
             self.prompt["multi_modal_data"] = multi_modal_data
         self.params, self.stream, self.events, self.index = params, stream, events, index
-        self.sink: Any = LoopSink.of(asyncio.get_running_loop())
+        self.sink: Any = LoopSink(asyncio.get_running_loop())
         self.arrival = time.perf_counter()
         # the engine thread's side
         self.seq: Optional[Sequence] = None
@@ -93,10 +88,10 @@ class Handle:
 
 def deliver(batch: List[Tuple[Any, Event]]) -> None:
     """Each Event to its handle's sink: one send per sink."""
-    by_sink: Dict[int, Tuple[Any, List[Tuple[Any, Event]]]] = {}
+    by_sink: Dict[Any, List[Tuple[Any, Event]]] = {}
     for handle, event in batch:
-        by_sink.setdefault(id(handle.sink), (handle.sink, []))[1].append((handle, event))
-    for sink, items in by_sink.values():
+        by_sink.setdefault(handle.sink, []).append((handle, event))
+    for sink, items in by_sink.items():
         sink.send(items)
 
 

@@ -60,7 +60,7 @@ class RemoteHandle:
 
     def __init__(self, key: int, prompt: Dict[str, Any], params: SamplingParams, stream: bool, sink: "FrontBridge"):
         self.key, self.prompt, self.params, self.stream, self.sink = key, prompt, params, stream, sink
-        self.arrival = sink.clock()
+        self.arrival = time.perf_counter()
         self.seq: Any = None
         self.num_seen = 0
         self.last_token_time = 0.0
@@ -76,7 +76,6 @@ class FrontBridge:
     Events and its metrics object (`record_step`)."""
 
     def __init__(self, loop: EngineLoop, spec: FrontSpec, measured: Dict[str, float]):
-        self.clock = time.perf_counter
         self.loop = loop
         context = multiprocessing.get_context("spawn")  # never fork a process that holds a GPU context
         self.conn, child_conn = context.Pipe()

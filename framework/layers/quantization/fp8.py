@@ -19,12 +19,11 @@ always runs weight-only.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
-import kernels
-from framework.layers.quantization.int8 import RowScaledMethod, gemv_tile, scaled_linear
+from framework.layers.quantization.int8 import RowScaledMethod
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -49,22 +48,9 @@ def dequantize_fp8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
     return (codes.float() * scale.float()[:, None]).to(dtype)
 
 
-def uses_w8a8(x2: torch.Tensor, codes: torch.Tensor) -> bool:
-    """Whether a call over the rows x2 [M, K] runs W8A8 (see the module docstring)."""
-    return x2.shape[0] > WEIGHT_ONLY_MAX_ROWS and kernels.fp8_linear_supported(x2, codes)
-
-
 class Fp8Method(RowScaledMethod):
     name = "fp8"
     code_dtype = FP8
     quantize_rows = staticmethod(quantize_fp8)
-
-    def __init__(self, quantize_activations: bool = True):
-        self.quantize_activations = quantize_activations
-
-    def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        if self.quantize_activations and uses_w8a8(x2, layer.weight):
-            y = kernels.fp8_linear(x2, layer.weight, layer.weight_scale, bias)
-            return y.view(*x.shape[:-1], y.shape[-1])
-        return scaled_linear(x, layer.weight, layer.weight_scale, bias, gemv_tile(layer.weight.shape[0]))
+    w8a8 = "fp8"  # kernels/fp8_linear.py, on cards of compute capability 8.9 or newer
+    weight_only_max_rows = WEIGHT_ONLY_MAX_ROWS

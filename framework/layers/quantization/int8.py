@@ -81,14 +81,27 @@ class RowScaledMethod(LoadTimeQuant):
         codes, scale = self.quantize_rows(w)
         return {"weight": codes, "weight_scale": scale}
 
+    # W8A8: past `weight_only_max_rows` rows, where `kernels.<w8a8>_linear_supported`, x is quantized
+    # per token too and `kernels.<w8a8>_linear` multiplies on 8-bit tensor cores (looked up by name
+    # at each call, so the kernels module stays the one place to swap them)
+    w8a8: str
+    weight_only_max_rows: int
+
+    def __init__(self, quantize_activations: bool = True):
+        self.quantize_activations = quantize_activations
+
     def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.quantize_activations and self.uses_w8a8(x2, layer.weight):
+            y = getattr(kernels, f"{self.w8a8}_linear")(x2, layer.weight, layer.weight_scale, bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
         return scaled_linear(x, layer.weight, layer.weight_scale, bias, gemv_tile(layer.weight.shape[0]))
 
-
-def uses_w8a8(x2: torch.Tensor, codes: torch.Tensor) -> bool:
-    """Whether a call over the rows x2 [M, K] runs W8A8 (kernels/int8_linear.py): more than
-    WEIGHT_ONLY_MAX_ROWS rows, bf16/fp16 on CUDA."""
-    return x2.shape[0] > WEIGHT_ONLY_MAX_ROWS and kernels.int8_linear_supported(x2, codes)
+    def uses_w8a8(self, x2: torch.Tensor, codes: torch.Tensor) -> bool:
+        """Whether a call over the rows x2 [M, K] runs W8A8 (more than weight_only_max_rows rows, a
+        card and dtypes the kernel takes)."""
+        return (x2.shape[0] > self.weight_only_max_rows
+                and getattr(kernels, f"{self.w8a8}_linear_supported")(x2, codes))
 
 
 class Int8Method(RowScaledMethod):
@@ -100,13 +113,5 @@ class Int8Method(RowScaledMethod):
     name = "int8"
     code_dtype = torch.int8
     quantize_rows = staticmethod(quantize_int8)
-
-    def __init__(self, quantize_activations: bool = True):
-        self.quantize_activations = quantize_activations
-
-    def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        if self.quantize_activations and uses_w8a8(x2, layer.weight):
-            y = kernels.int8_linear(x2, layer.weight, layer.weight_scale, bias)
-            return y.view(*x.shape[:-1], y.shape[-1])
-        return scaled_linear(x, layer.weight, layer.weight_scale, bias, gemv_tile(layer.weight.shape[0]))
+    w8a8 = "int8"  # kernels/int8_linear.py
+    weight_only_max_rows = WEIGHT_ONLY_MAX_ROWS
