@@ -102,7 +102,9 @@ class ModelRunner:
                 # Segments that grow in place: the differently sized prefill steps otherwise leave split
                 # segments the allocator cannot give back (an H100 run of 256 requests ended 0.96 GiB
                 # over its gpu_memory_utilization budget; with this, 0.12 GiB).
-                torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+                set_allocator = getattr(torch._C, "_accelerator_setAllocatorSettings", None) \
+                    or torch.cuda.memory._set_allocator_settings  # torch < 2.10; deprecated after
+                set_allocator("expandable_segments:True")
         torch.manual_seed(cfg.model.seed)
 
         start = time.perf_counter()
