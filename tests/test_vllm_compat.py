@@ -158,12 +158,26 @@ def test_hub_id_resolves_offline_from_the_hf_cache(tiny_model, tmp_path, monkeyp
     import huggingface_hub.constants as hub
     from framework.config.errors import UserError
     from framework.loader.resolve import resolve_model_path
-    cache = fake_hub_cache(tmp_path / "hub", {"org/tiny-llama": tiny_model("llama")})
+    from framework.loader.resolve import load_hf_config
+    from framework.resolve import resolve_config
+    from helpers import small_config
+    with_tokenizer = Path(shutil.copytree(tiny_model("llama"), tmp_path / "tok"))
+    write_tokenizer(with_tokenizer)
+    cache = fake_hub_cache(tmp_path / "hub", {"org/tiny-llama": with_tokenizer, "org/no-tokenizer": tiny_model("llama")})
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))  # what HF_HUB_CACHE sets at import
     assert (resolve_model_path("org/tiny-llama") / "config.json").is_file()
     assert Path(to_config("m", tokenizer="org/tiny-llama").model.tokenizer) == resolve_model_path("org/tiny-llama")
-    with pytest.raises(ConfigError, match=r"^tokenizer='org/absent': no such folder, and not in the HF hub cache"):
+    with pytest.raises(ConfigError, match=r"^tokenizer='org/absent': no tokenizer found: no such folder, and not in "
+                                          r"the HF hub cache"):
         to_config("m", tokenizer="org/absent")
+    # The YAML key resolves the same way, once, in resolve_config; set and absent is never ignored.
+    cfg, hf = small_config(tiny_model("llama")), load_hf_config(tiny_model("llama"))
+    cfg.model.tokenizer = "org/tiny-llama"
+    assert Path(resolve_config(cfg, hf, None).model.tokenizer) == resolve_model_path("org/tiny-llama")
+    for absent in ("org/no-tokenizer", str(tmp_path)):
+        cfg.model.tokenizer = absent
+        with pytest.raises(ConfigError, match=rf"^model.tokenizer='{absent}': no tokenizer found"):
+            resolve_config(cfg, hf, None)
     with pytest.raises(UserError, match=r"^model.path='org/absent': no config.json found; .*HF hub cache"):
         resolve_model_path("org/absent")
 

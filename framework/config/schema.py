@@ -17,7 +17,7 @@ class ModelConfig:
     # A local HF folder, the name of a bundled model (framework/assets/NAME) or a hub id
     # already present in the local HF cache (nothing is ever downloaded).
     path: str = "pydoc-llama"
-    tokenizer: Optional[str] = None  # defaults to `path`
+    tokenizer: Optional[str] = None  # defaults to `path`; a folder, or a hub id in the local HF cache
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto = float32 on CPU, checkpoint dtype on GPU
     load_format: str = "auto"  # auto (safetensors) | dummy (random weights) | sharded (task=save_sharded output)
     device: str = "auto"  # auto | cpu | cuda

@@ -218,16 +218,8 @@ def _mm_dict(keyword: str, value: Any) -> Dict[str, Any]:
 
 def tokenizer_folder(value: Any) -> str:
     """A tokenizer folder, or a hub id resolved from the local HF cache (never downloaded)."""
-    path = os.path.expanduser(os.fspath(value))
-    if os.path.isdir(path) or "/" not in path or os.path.isabs(path):
-        return path  # a missing folder is reported where the tokenizer is loaded
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(path, local_files_only=True)
-    except Exception:
-        from huggingface_hub.constants import HF_HUB_CACHE
-        raise ConfigError("tokenizer", value, f"no such folder, and not in the HF hub cache {HF_HUB_CACHE} "
-                          "(never downloaded: no network at run time)") from None
+    from framework.loader.resolve import resolve_tokenizer_path
+    return str(resolve_tokenizer_path(os.fspath(value), key="tokenizer"))
 
 
 def unknown_keyword(keyword: str, value: Any) -> ConfigError:
