@@ -134,9 +134,10 @@ class ModelRunner:
         async_scheduling = cfg.cache.async_scheduling
         if async_scheduling is None:
             async_scheduling = self.device.type == "cuda"
-        # Only rank 0 samples, so with TP the other ranks could not fill placeholders: TP steps stay in lockstep.
-        self.async_scheduling = bool(async_scheduling) and tp.size == 1
+        self.async_scheduling = bool(async_scheduling)
         # The previous step's greedy tokens, on the device, in its logits-row order (async scheduling).
+        # Every rank holds the full logits (the LM head gathers them), so every rank takes the same
+        # argmax into its own buffer and fills the next step's placeholders without rank 0's help.
         self.sampled = torch.zeros(max_num_seqs, dtype=torch.int64, device=self.device)
         self.compilation_level = compilation_level(cfg.compilation.level)
         self.forward = self._compile_forward()
@@ -402,6 +403,8 @@ class ModelRunner:
             else:
                 hidden = self.forward(input_ids, positions, meta, inputs_embeds=inputs_embeds)
             logits = self.model.compute_logits(hidden.index_select(0, t.logits_indices))
+        if step.greedy_rows:
+            torch.argmax(logits, dim=-1, out=self.sampled[:step.greedy_rows])
         if self.tp.rank != 0:
             return None
         return logits.float() if keep_on_device else logits.float().cpu()
