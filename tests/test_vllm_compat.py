@@ -63,6 +63,7 @@ def test_every_seed_example_is_a_recipe_with_the_same_effect():
     ("kv_cache_dtype", "fp8", "cache.kv_cache_dtype", "fp8"),
     ("enable_prefix_caching", True, "cache.enable_prefix_caching", True),
     ("num_gpu_blocks_override", 64, "cache.num_gpu_blocks_override", 64),
+    ("kv_cache_memory_bytes", 3 << 29, "cache.kv_cache_memory_gib", 1.5),
     ("enforce_eager", True, "compilation.enforce_eager", True),
     ("limit_mm_per_prompt", {"image": 2, "video": 0}, "multimodal.limit_mm_per_prompt", {"image": 2, "video": 0}),
     ("limit_mm_per_prompt", {"image": {"count": 3, "width": 512}}, "multimodal.limit_mm_per_prompt", {"image": 3}),
@@ -123,6 +124,8 @@ def test_compilation_config_forms():
     (dict(distributed_executor_backend="mp"), "distributed_executor_backend='mp': must be None, 'ray' or 'uni'"),
     (dict(enforce_eager="yes"), "enforce_eager='yes': must be True or False"),
     (dict(gpu_memory_utilization="0.5"), "gpu_memory_utilization='0.5': must be a number"),
+    (dict(kv_cache_memory_bytes="4GiB"), "kv_cache_memory_bytes='4GiB': must be a number"),
+    (dict(kv_cache_memory_bytes=0), "kv_cache_memory_bytes=0: must be a number of bytes > 0"),
 ])
 def test_bad_keyword_is_one_line_naming_it(kwargs, start):
     with pytest.raises(ConfigError) as err:

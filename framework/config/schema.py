@@ -59,6 +59,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9  # share of GPU memory this engine may use in all
     kv_cache_dtype: str = "auto"  # auto (model dtype) | fp8 (half the KV bytes of bf16)
     cpu_kvcache_space_gib: float = 4.0  # CPU backend KV cache size (vLLM: VLLM_CPU_KVCACHE_SPACE)
+    # The KV cache's size per rank, exactly, on any device (vLLM: kv_cache_memory_bytes); set, it
+    # replaces gpu_memory_utilization's share on a GPU and cpu_kvcache_space_gib on the CPU.
+    kv_cache_memory_gib: Optional[float] = None
     enable_prefix_caching: bool = False  # share KV blocks of identical prompt prefixes
     num_gpu_blocks_override: Optional[int] = None  # force the number of KV blocks (tests, debugging)
     # Schedule step N+1 while step N runs (greedy steps, TP=1); null = on for CUDA, off on CPU,

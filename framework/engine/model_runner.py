@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from framework.config.errors import UserError
+from framework.config.errors import ConfigError, UserError
 from framework.config.schema import CompilationLevel, FrameworkConfig
 from framework.engine.block_manager import split_kv_budget
 from framework.engine.cuda_graphs import CudaGraphRunner, device_memory, measure_graph_memory
@@ -153,7 +153,8 @@ class ModelRunner:
         if self.cfg.cache.num_gpu_blocks_override:  # both groups get that many
             self.num_window_blocks = self.cfg.cache.num_gpu_blocks_override if self.kv_spec.num_window_layers else 0
             return self.cfg.cache.num_gpu_blocks_override
-        budget = self.cfg.cache.cpu_kvcache_space_gib * GiB
+        requested = self.cfg.cache.kv_cache_memory_gib
+        budget = (self.cfg.cache.cpu_kvcache_space_gib if requested is None else requested) * GiB
         if self.device.type == "cuda":
             budget = self._gpu_kv_budget()
         if self.kv_spec.num_window_layers:
@@ -187,18 +188,29 @@ class ModelRunner:
         mem = device_memory()
         total = torch.cuda.mem_get_info()[1]
         util = self.cfg.cache.gpu_memory_utilization
-        budget = total * util - weights - activation - graphs["bytes"] - mem["non_torch"]
+        taken = weights + activation + graphs["bytes"] + mem["non_torch"]
+        budget = total * util - taken
+        requested = self.cfg.cache.kv_cache_memory_gib
+        if requested is not None:  # an exact size instead of a share of the device
+            if requested * GiB > total - taken:
+                raise ConfigError("cache.kv_cache_memory_gib", requested,
+                                  f"this GPU has {(total - taken) / GiB:.2f} GiB left after weights, activations, "
+                                  "CUDA graphs and the CUDA context; lower it (task=plan shows the terms)")
+            budget = requested * GiB
         self.gpu_memory = {
-            "total_bytes": total, "gpu_memory_utilization": util, "model_bytes": weights,
+            "total_bytes": total, "gpu_memory_utilization": util, "kv_cache_memory_gib": requested,
+            "model_bytes": weights,
             "model_buffer_bytes": weights - params,
             "activation_peak_bytes": activation, "cudagraph_estimate_bytes": graphs["bytes"],
             "non_torch_bytes": mem["non_torch"], "kv_budget_bytes": int(max(0.0, budget)),
             "profile_seconds": round(time.perf_counter() - start, 3),
         }
-        log.info("GPU memory: %.2f GiB x %.2f = %.2f GiB; weights %.2f (+ buffers %.2f), activation peak %.2f, "
-                 "CUDA graphs %.2f, non-torch %.2f; left for the KV cache %.2f GiB", total / GiB, util,
-                 total * util / GiB, params / GiB, (weights - params) / GiB, activation / GiB,
-                 graphs["bytes"] / GiB, mem["non_torch"] / GiB, budget / GiB)
+        log.info("GPU memory: %.2f GiB%s; weights %.2f (+ buffers %.2f), activation peak %.2f, CUDA graphs %.2f, "
+                 "non-torch %.2f; %s %.2f GiB", total / GiB,
+                 "" if requested else f" x {util:.2f} = {total * util / GiB:.2f} GiB", params / GiB,
+                 (weights - params) / GiB, activation / GiB, graphs["bytes"] / GiB, mem["non_torch"] / GiB,
+                 "the KV cache (cache.kv_cache_memory_gib)" if requested else "left for the KV cache",
+                 budget / GiB)
         return max(0.0, budget)
 
     def profile_run(self) -> None:
@@ -353,6 +365,8 @@ class ModelRunner:
         fixes = []
         if c.num_gpu_blocks_override:
             fixes.append(f"cache.num_gpu_blocks_override={-(-max_model_len // bs)}")
+        elif c.kv_cache_memory_gib is not None:
+            fixes.append(f"cache.kv_cache_memory_gib={math.ceil((c.kv_cache_memory_gib + missing / GiB) * 100) / 100}")
         elif self.device.type == "cuda":
             total = torch.cuda.mem_get_info(self.device)[1]
             util = math.ceil((c.gpu_memory_utilization + missing / total) * 100) / 100
