@@ -41,8 +41,8 @@ def _decode_split_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr,
     scale_log2,
     stride_qb, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
     stride_bt,
     BLOCK_SIZE: tl.constexpr,  # cache block size; constexpr so // and % become shifts
     NUM_SPLITS: tl.constexpr,
@@ -90,16 +90,17 @@ def _decode_split_kernel(
         blk = tl.load(bt_row + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
         off = (n % BLOCK_SIZE).to(tl.int64)
         kv_mask = n_ok[None, :] & d_ok[:, None]
-        kt = tl.load(k_cache_ptr + blk[None, :] * stride_kb + off[None, :] * stride_ks
-                     + kvh * stride_kh + d[:, None], mask=kv_mask, other=0.0)  # [D, N]
+        # This head's keys of one block are one contiguous [BLOCK_SIZE, D] run (kernels/kv_cache.py).
+        kt = tl.load(k_cache_ptr + blk[None, :] * stride_kb + kvh * stride_kh
+                     + off[None, :] * stride_ks + d[:, None], mask=kv_mask, other=0.0)  # [D, N]
         s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vs
-                    + kvh * stride_vh + d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + kvh * stride_vh
+                    + off[:, None] * stride_vs + d[None, :], mask=n_ok[:, None] & d_ok[None, :],
                     other=0.0)  # [N, D]
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
                                             input_precision=DOT_PRECISION)
@@ -163,9 +164,9 @@ def pick_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: tor
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
            block_tables: torch.Tensor) -> None:
     assert q.dim() == 3, "q must be [B, Hq, D]"
-    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "cache [blocks, bs, Hkv, D]"
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "cache [blocks, Hkv, bs, D]"
     assert q.shape[2] == k_cache.shape[3], "head_dim mismatch"
-    assert q.shape[1] % k_cache.shape[2] == 0, "Hq must be a multiple of Hkv"
+    assert q.shape[1] % k_cache.shape[1] == 0, "Hq must be a multiple of Hkv"
     assert seq_lens.shape == (q.shape[0],) and block_tables.shape[0] == q.shape[0]
 
 
@@ -194,7 +195,7 @@ def paged_decode_attention(
     """
     _check(q, k_cache, v_cache, seq_lens, block_tables)
     batch, hq, head_dim = q.shape
-    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    hkv, block_size = k_cache.shape[1], k_cache.shape[2]
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache head_dim must be contiguous"
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -247,21 +248,25 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.T
     used as indices and stale or NaN slots can't leak into SDPA (a masked score of NaN would
     still poison the softmax).
     """
-    block_size = cache.shape[1]
+    num_kv_heads, block_size = cache.shape[1], cache.shape[2]
     batch, nblk = block_tables.shape[0], -(-max_len // block_size)
     lens = seq_lens.long()[:, None]
     lo = torch.zeros_like(lens) if starts is None else starts.long()[:, None]
     bt = block_tables[:, :nblk].long()
     blk_start = torch.arange(nblk, device=bt.device) * block_size
     bt = torch.where((blk_start < lens) & (blk_start + block_size > lo), bt, 0)
-    # One index_select of whole blocks, rows flattened to [B, L, Hkv * D] so the padding rows
-    # can be zeroed by index: several times faster on CPU than a broadcast masked_fill.
-    dense = cache.index_select(0, bt.flatten()).view(batch, nblk * block_size, -1)
+    # One index_select of whole blocks along the block dim of a head-major view: the copy comes
+    # out [Hkv, B * nblk, bs, D], so each head's rows of a sequence are already in order and
+    # no second (transposing) copy is needed. Padding rows are zeroed by index: several times
+    # faster on CPU than a broadcast masked_fill.
+    dense = cache.transpose(0, 1).index_select(1, bt.flatten())
     if dense.element_size() == 1:  # an fp8 cache: CPU indexing writes have no fp8 kernel
         dense = dense.float()
-    row = torch.arange(dense.shape[1], device=bt.device)
-    dense[((row >= lens) | (row < lo)).nonzero(as_tuple=True)] = 0
-    return dense.view(batch, nblk * block_size, *cache.shape[2:])[:, :max_len].transpose(1, 2)
+    dense = dense.reshape(num_kv_heads, batch, nblk * block_size, cache.shape[3])
+    row = torch.arange(nblk * block_size, device=bt.device)
+    seq, pad = ((row >= lens) | (row < lo)).nonzero(as_tuple=True)
+    dense[:, seq, pad] = 0
+    return dense[:, :, :max_len].transpose(0, 1)
 
 
 def paged_decode_attention_ref(
@@ -283,7 +288,7 @@ def paged_decode_attention_ref(
     """
     _check(q, k_cache, v_cache, seq_lens, block_tables)
     batch, hq, head_dim = q.shape
-    hkv = k_cache.shape[2]
+    hkv = k_cache.shape[1]
     if out is None:
         out = torch.empty((batch, hq, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
