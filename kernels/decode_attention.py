@@ -27,12 +27,17 @@ from kernels._triton import next_pow2, tl, triton
 
 # Keys per inner-loop tile (>= 16: it is the K dim of the P @ V dot). Independent of the cache's
 # block_size: keys are gathered per token through the block table, so any block_size works.
-BLOCK_N = 128  # beat 64 by up to 12% on H100 at batch 1-8 (kernels/bench.py, 2026-11-25)
+# Two tile configs, by regime (picked from num_splits, a Python int, so graphs stay valid):
+# - one program per sequence and KV head (a large batch already fills the SMs): the kernel streams
+#   K/V; 64 keys, 4 warps, 2 stages ran 237 us against 244 for 128/4/3 on H200 at 256 decodes of
+#   the 8B shape with the head-major cache (bench_attention, BENCHMARKS.md issue 16, 2026-12-01);
+# - sequences split into chunks (small batches): few tiles per program, so larger ones; 128 beat 64
+#   by up to 12% on H100 at batch 1-8 (kernels/bench.py, 2026-11-25, the old cache layout).
+BLOCK_N, NUM_WARPS, NUM_STAGES = 64, 4, 2
+SPLIT_BLOCK_N, SPLIT_NUM_STAGES = 128, 3
 # A split shorter than this costs more in the merge than it wins in parallelism.
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
-NUM_WARPS = 4
-NUM_STAGES = 3
 
 
 @triton.jit
@@ -206,11 +211,12 @@ def paged_decode_attention(
         return out
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * block_size
-    block_n = block_n or BLOCK_N
-    if sliding_window:  # a window reads at most W keys (plus the tile they start in)
-        max_seq_len = min(max_seq_len, sliding_window + block_n)
     if num_splits is None:
+        if sliding_window:  # a window reads at most W keys (plus the tile they start in)
+            max_seq_len = min(max_seq_len, sliding_window + max(block_n or 0, BLOCK_N, SPLIT_BLOCK_N))
         num_splits = pick_num_splits(batch, hkv, max_seq_len, q.device)
+    block_n = block_n or (SPLIT_BLOCK_N if num_splits > 1 else BLOCK_N)
+    num_stages = num_stages or (SPLIT_NUM_STAGES if num_splits > 1 else NUM_STAGES)
     group = hq // hkv
     block_d = max(16, next_pow2(head_dim))
     if num_splits > 1:
@@ -228,7 +234,7 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=max(16, next_pow2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype), WINDOW=int(sliding_window or 0),
-        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
+        num_warps=num_warps or NUM_WARPS, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_merge_kernel[(batch * hq,)](

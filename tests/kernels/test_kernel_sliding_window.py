@@ -23,6 +23,7 @@ def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attention, "BLOCK_M", 16)
     monkeypatch.setattr(attention, "BLOCK_N", 16)
     monkeypatch.setattr(decode_attention, "BLOCK_N", 16)
+    monkeypatch.setattr(decode_attention, "SPLIT_BLOCK_N", 16)
 
 
 def free_blocks_before_window(batch, window: int) -> None:
