@@ -277,7 +277,7 @@ class ModelRunner:
         for layer in self.attn_layers:
             windowed = s.num_window_layers and layer.spec.sliding_window
             n = num_window_blocks if windowed and num_window_blocks is not None else num_blocks
-            shape = (n, s.block_size, s.num_kv_heads, s.head_dim)
+            shape = (n, s.num_kv_heads, s.block_size, s.head_dim)  # the layout of kernels/kv_cache.py
             layer.k_cache = torch.zeros(shape, dtype=s.dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=s.dtype, device=self.device)
 
