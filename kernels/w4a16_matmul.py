@@ -1,0 +1,128 @@
+"""y = x @ W.T for many rows of x with W in int4 (W4A16): the prefill and large decode batches.
+
+Format as in kernels/quant_matmul.py: codes uint8 [N, K/2] (column 2j in the low nibble of byte
+j, 2j + 1 in the high one, each q + 8), scale [N, K/G] in the activation dtype, W[n, k] =
+(code - 8) * scale[n, k // G] rounded to the activation dtype.
+
+Why not dequantize + cuBLAS: past a few dozen rows the matmul is bound by tensor-core work, and
+writing a bf16 copy of the weight then reading it back costs 2.5 bytes a weight on top (on an
+H200 that path ran at 0.17-0.6x bf16 cuBLAS per linear). Here a program owns a [BLOCK_N weight
+rows, BLOCK_M x rows] output tile, walks K in BLOCK_K steps, loads the tile's code bytes once,
+turns each nibble into code - 8 in registers (an OR into a float's mantissa and a subtract, no
+int-to-float conversion), joins the two nibbles of a byte back into column order (thread-local:
+a byte's two columns stay with the thread that loaded it), multiplies by the group scale
+(BLOCK_K divides G: one scale per weight row and step) and feeds `tl.dot`. x tiles load
+contiguously, so Triton's pipeliner stages them in shared memory ahead of use.
+
+W_FIRST computes the tile transposed (acc[n, m] = W[n, :] . x[m, :]): Hopper's wgmma reads its
+first operand from registers, where the weight was just dequantized, and only x goes through
+shared memory; otherwise the dequantized weight is written to shared memory as the second
+operand. Programs are ordered in groups of GROUP_M row tiles, so the weight tiles a wave reads
+are re-read from L2 by its neighbours.
+
+The reference is kernels.quant_matmul.quant_matmul_ref.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels._triton import tl, triton
+from kernels.quant_matmul import _code_minus_8
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_m: int  # x rows a program computes
+    block_n: int  # weight rows (output columns) a program computes
+    block_k: int  # columns a K step covers; must divide the group size
+    w_first: bool  # transposed product: the dequantized weight is the dot's first operand
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+DEFAULT_TILE = Tile(128, 128, 64, True, 8, 3)
+
+
+@triton.jit
+def _w4a16_kernel(
+    x_ptr, codes_ptr, scale_ptr, y_ptr,
+    M, N, K, stride_xm, stride_cn, stride_sn, stride_ym,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, W_FIRST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # loads wrap past the edge (rows % M) instead of masking, so they stay unmasked vector loads;
+    # the wrapped rows and columns are never stored
+    rows_in, cols_in = (rows % M).to(tl.int64), (cols % N).to(tl.int64)
+    code_ptrs = codes_ptr + cols_in[:, None] * stride_cn + tl.arange(0, BLOCK_K // 2)[None, :]
+    scale_ptrs = scale_ptr + cols_in * stride_sn
+    x_ptrs = x_ptr + rows_in[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
+    dtype = x_ptr.dtype.element_ty
+    if W_FIRST:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        byte = tl.load(code_ptrs + k0 // 2)
+        s = tl.load(scale_ptrs + k0 // GROUP).to(dtype)
+        x = tl.load(x_ptrs + k0)
+        low = _code_minus_8(byte & 0xF, dtype)
+        high = _code_minus_8(byte >> 4, dtype)
+        w = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K)) * s[:, None]  # rounded as the reference
+        if W_FIRST:
+            if IEEE:
+                acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            if IEEE:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+    if W_FIRST:
+        out = y_ptr + rows.to(tl.int64)[None, :] * stride_ym + cols[:, None]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(cols < N)[:, None] & (rows < M)[None, :])
+    else:
+        out = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+def supported(codes: torch.Tensor, scale: torch.Tensor, block_k: int = DEFAULT_TILE.block_k) -> bool:
+    """The group size must be a multiple of the tile's K step."""
+    k = codes.shape[1] * 2
+    return k % scale.shape[1] == 0 and (k // scale.shape[1]) % block_k == 0
+
+
+def w4a16_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, tile: Tile = DEFAULT_TILE
+                 ) -> torch.Tensor:
+    """Triton: x [M, K] times the int4 weight [N, K] transposed -> [M, N] in x.dtype."""
+    m, k = x.shape
+    n = codes.shape[0]
+    assert codes.dtype == torch.uint8 and codes.shape[1] * 2 == k, "codes must be uint8 [N, K/2]"
+    assert supported(codes, scale, tile.block_k), f"the group size must be a multiple of {tile.block_k}"
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    codes, scale = codes.contiguous(), scale.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    grid = (triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n),)
+    _w4a16_kernel[grid](
+        x, codes, scale, y, m, n, k, x.stride(0), codes.stride(0), scale.stride(0), y.stride(0),
+        GROUP=k // scale.shape[1], BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        GROUP_M=tile.group_m, W_FIRST=tile.w_first, IEEE=x.dtype == torch.float32,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    return y
