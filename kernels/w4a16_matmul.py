@@ -45,6 +45,19 @@ class Tile:
 
 
 DEFAULT_TILE = Tile(128, 128, 64, True, 8, 3)
+# Chosen on an H200 (2026-12-01, kernels/bench_int4.py, bf16, 8B shapes, µs a call at 256 / 2048 rows):
+# 128x128x128 was best at 256 rows on qkv / o / down (43.4 / 43.4 / 145.5), 256x128x64 at 2048 on
+# all four (206.6 / 136.6 / 963.0 / 496.8) and on gate_up at 256 (154.8). Both transposed, 8 warps.
+MID_TILE = Tile(128, 128, 128, True, 8, 3)
+LARGE_TILE = Tile(256, 128, 64, True, 8, 3)
+LARGE_ROWS = 1024  # from here LARGE_TILE (not timed between 256 and 2048)
+
+
+def tile_for(rows: int, group: int) -> Tile | None:
+    """The tile for a call of `rows` rows, or None where the group size fits no tile."""
+    if rows < LARGE_ROWS and group % MID_TILE.block_k == 0:
+        return MID_TILE
+    return LARGE_TILE if group % LARGE_TILE.block_k == 0 else None
 
 
 @triton.jit

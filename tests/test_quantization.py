@@ -485,3 +485,25 @@ def test_int8_w8a8_end_to_end_on_gpu(sampled, monkeypatch):
     assert all(len(t) == 6 for t in tokens)
     print(f"perplexity bf16 {bf16_ppl:.4f}, int8 W8A8 {int8_ppl:.4f}")
     assert abs(int8_ppl / bf16_ppl - 1) < 0.1, (int8_ppl, bf16_ppl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 4, 5, 64, 65, 300, 1100])
+def test_int4_dispatch_on_gpu_matches_the_format(rows):
+    """Every path int4_linear takes on the card (tinygemm on its repacked copy, the GEMV,
+    quant_matmul, w4a16_matmul at both tiles) against the format's own dequantization, bf16."""
+    from framework.layers.linear import ReplicatedLinear
+    from framework.layers.quantization.int4 import Int4Method
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            layer = ReplicatedLinear(512, 264, bias=False, quant=Int4Method(128))
+    finally:
+        torch.set_default_dtype(previous)
+    assert layer.weight_int4pack.dtype == torch.int32  # CUDA and bf16: the tinygemm copy exists
+    layer.weight.fill_dummy(torch.Generator(device="cuda").manual_seed(rows))
+    x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
+    expected = x.float() @ dequantize_int4(layer.weight, layer.weight_scale.float()).T
+    torch.testing.assert_close(layer(x).float(), expected, atol=3e-2, rtol=3e-2)

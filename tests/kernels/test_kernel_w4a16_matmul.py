@@ -37,6 +37,6 @@ def test_bf16_on_gpu(m):
     gen = torch.Generator().manual_seed(m)
     codes, scale = quantize_int4(torch.randn(384, 512, generator=gen) * 0.05, 128, torch.bfloat16)
     x = torch.randn(m, 512, generator=gen).to(torch.bfloat16)
-    expected = (x.float() @ quant_matmul_ref(torch.eye(512), codes, scale.float()).T.float())  # exact W
+    expected = x.float() @ quant_matmul_ref(torch.eye(512), codes, scale.float())  # W.T in float32
     got = w4a16_matmul(x.cuda(), codes.cuda(), scale.cuda()).float().cpu()
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
