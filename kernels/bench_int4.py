@@ -3,6 +3,7 @@ call replayed from a CUDA graph, weights cycled past L2; bf16 as the engine runs
 
     python -m kernels.bench_int4             # check tinygemm's format, rows table, tile sweep
     python -m kernels.bench_int4 --rows      # the rows table only
+    python -m kernels.bench_int4 --pick F    # tile sweep only; the best tile per row count into F (json)
 
 Tables: (1) tinygemm (`aten._weight_int4pack_mm`) against our reference, both nibble orders
 (the packing convention, checked on the card). (2) rows 1-256: bf16 (the engine's GEMV at one
@@ -12,6 +13,8 @@ w4a16_matmul at its default tile. (3) w4a16_matmul's tiles at many rows against 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 
 import torch
@@ -28,8 +31,11 @@ DTYPE = torch.bfloat16
 GROUP = 128
 ROWS = [1, 4, 16, 64, 256]
 SWEEP_ROWS = [256, 2048]
-TILES = [Tile(64, 128, 64, True, 4, 4), Tile(128, 128, 64, True, 8, 3), Tile(128, 128, 128, True, 8, 3),
-         Tile(256, 128, 64, True, 8, 3), Tile(128, 128, 64, False, 8, 3), Tile(128, 256, 64, False, 8, 3)]
+# the two best of the first sweep (nibbles joined), then x split into even / odd columns
+TILES = [Tile(128, 128, 128, True, 8, 3), Tile(256, 128, 64, True, 8, 3),
+         Tile(128, 128, 128, True, 8, 3, split_x=True), Tile(256, 128, 128, True, 8, 3, split_x=True),
+         Tile(128, 128, 64, True, 8, 4, split_x=True), Tile(64, 128, 128, True, 4, 4, split_x=True),
+         Tile(128, 64, 128, True, 4, 3, split_x=True)]
 
 
 def _time(fn, weights) -> float:
@@ -90,8 +96,10 @@ def rows_table(rows_list: list) -> None:
                   + f"  -> {best[1]} {t['bf16'] / best[0]:.2f}x")
 
 
-def tile_sweep(rows_list: list) -> None:
-    print("\nw4a16_matmul tiles, µs a call (x bf16 cuBLAS)")
+def tile_sweep(rows_list: list) -> dict:
+    """µs of each tile summed over the four shapes, per row count: {rows: [total per tile]}."""
+    print("\nw4a16_matmul tiles, µs a call (x bf16 cuBLAS); K split to fill the SMs where tiles are few")
+    totals = {m: [0.0] * len(TILES) for m in rows_list}
     for name, (n, k) in LINEAR_SHAPES.items():
         bf16 = _copies(lambda n, k: torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02, n, k, 2 * n * k)
         int4 = _copies(_weights, n, k, n * k // 2)
@@ -99,22 +107,35 @@ def tile_sweep(rows_list: list) -> None:
             x = torch.randn(m, k, device="cuda", dtype=DTYPE)
             base = _time(lambda w: F.linear(x, w), bf16)
             cells = []
-            for tile in TILES:
+            for i, tile in enumerate(TILES):
                 v = _time(lambda w, tile=tile: w4a16_matmul(x, w["codes"], w["scale"], tile), int4)
+                totals[m][i] += v if v == v else math.inf
                 cells.append(f"{v:6.1f} ({base / v:.2f})")
             print(f"{name:<8} M={m:<5} bf16 {base:6.1f} | " + " | ".join(cells))
-    print("tiles: " + "; ".join(f"{i}: {t.block_m}x{t.block_n}x{t.block_k} w_first={t.w_first} "
+    print("tiles: " + "; ".join(f"{i}: {t.block_m}x{t.block_n}x{t.block_k} w_first={t.w_first} split_x={t.split_x} "
                                 f"warps={t.num_warps} stages={t.num_stages}" for i, t in enumerate(TILES)))
+    for m, row in totals.items():
+        print(f"M={m}: a layer's four linears per tile: " + " ".join(f"{v:.1f}" for v in row))
+    return totals
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", action="store_true", help="the rows table only")
+    parser.add_argument("--pick", help="tile sweep only, and write the best tile per row count to this json file")
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}; "
           f"device copy {copy_gbps():.0f} GB/s; default w4a16 tile {DEFAULT_TILE}")
+    if args.pick:
+        totals = tile_sweep(SWEEP_ROWS)
+        best = {str(m): dataclasses.asdict(TILES[min(range(len(TILES)), key=row.__getitem__)])
+                for m, row in totals.items()}
+        print(f"picked: {best}")
+        with open(args.pick, "w") as f:
+            json.dump(best, f)
+        return
     if not args.rows:
         check_tinygemm()
     rows_table(ROWS)

@@ -10,7 +10,8 @@ H200 that path ran at 0.17-0.6x bf16 cuBLAS per linear). Here a program owns a [
 rows, BLOCK_M x rows] output tile, walks K in BLOCK_K steps, loads the tile's code bytes once,
 turns each nibble into code - 8 in registers (an OR into a float's mantissa and a subtract, no
 int-to-float conversion), joins the two nibbles of a byte back into column order (thread-local:
-a byte's two columns stay with the thread that loaded it), multiplies by the group scale
+a byte's two columns stay with the thread that loaded it; `split_x` instead splits x's tile into
+its even and odd columns for two dots, as quant_matmul does), multiplies by the group scale
 (BLOCK_K divides G: one scale per weight row and step) and feeds `tl.dot`. x tiles load
 contiguously, so Triton's pipeliner stages them in shared memory ahead of use.
 
@@ -18,13 +19,15 @@ W_FIRST computes the tile transposed (acc[n, m] = W[n, :] . x[m, :]): Hopper's w
 first operand from registers, where the weight was just dequantized, and only x goes through
 shared memory; otherwise the dequantized weight is written to shared memory as the second
 operand. Programs are ordered in groups of GROUP_M row tiles, so the weight tiles a wave reads
-are re-read from L2 by its neighbours.
+are re-read from L2 by its neighbours. Where the output has fewer tiles than the card has SMs,
+the K loop is split over programs (float32 partial sums, added in a fixed order afterwards).
 
 The reference is kernels.quant_matmul.quant_matmul_ref.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +45,8 @@ class Tile:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    split_x: bool = False  # two dots on x's even / odd columns instead of joining the nibbles
+    split: int = 0  # programs the K loop is split over; 0: enough to fill the card once (split_for)
 
 
 DEFAULT_TILE = Tile(128, 128, 64, True, 8, 3)
@@ -61,11 +66,27 @@ def tile_for(rows: int, group: int) -> Tile | None:
 
 
 @triton.jit
+def _mma(w, x, acc, W_FIRST: tl.constexpr, IEEE: tl.constexpr):
+    """acc += w @ x.T (W_FIRST, acc [n, m]) or x @ w.T (acc [m, n]); float32 inputs exactly."""
+    if W_FIRST:
+        if IEEE:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, tl.trans(x), acc)
+    else:
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
 def _w4a16_kernel(
     x_ptr, codes_ptr, scale_ptr, y_ptr,
-    M, N, K, stride_xm, stride_cn, stride_sn, stride_ym,
+    M, N, K, k_per_split, stride_xm, stride_cn, stride_sn, stride_ys, stride_ym,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, W_FIRST: tl.constexpr, IEEE: tl.constexpr,
+    GROUP_M: tl.constexpr, W_FIRST: tl.constexpr, SPLIT_X: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -88,29 +109,41 @@ def _w4a16_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_begin = tl.program_id(1) * k_per_split
+    for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
         byte = tl.load(code_ptrs + k0 // 2)
         s = tl.load(scale_ptrs + k0 // GROUP).to(dtype)
         x = tl.load(x_ptrs + k0)
-        low = _code_minus_8(byte & 0xF, dtype)
-        high = _code_minus_8(byte >> 4, dtype)
-        w = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K)) * s[:, None]  # rounded as the reference
-        if W_FIRST:
-            if IEEE:
-                acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w, tl.trans(x), acc)
-        else:
-            if IEEE:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
+        low = _code_minus_8(byte & 0xF, dtype) * s[:, None]  # rounded as the reference rounds W
+        high = _code_minus_8(byte >> 4, dtype) * s[:, None]
+        if SPLIT_X:  # x's even and odd columns meet the low and high nibbles: two dots of BLOCK_K / 2
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+            acc = _mma(low, x_even, acc, W_FIRST, IEEE)
+            acc = _mma(high, x_odd, acc, W_FIRST, IEEE)
+        else:  # the nibbles joined back into column order: one dot
+            acc = _mma(tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K)), x, acc, W_FIRST, IEEE)
+    y_ptr += tl.program_id(1) * stride_ys
     if W_FIRST:
         out = y_ptr + rows.to(tl.int64)[None, :] * stride_ym + cols[:, None]
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(cols < N)[:, None] & (rows < M)[None, :])
     else:
         out = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def split_for(tiles: int, k: int, block_k: int, sms: int) -> int:
+    """Split the K loop over programs until the output tiles times the split fill every SM once
+    (at most 8, whole K steps each): with 256 rows the 8B's o and down projections have 64
+    output tiles of 128 x 128 for 132 SMs. Partial sums cost an fp32 [split, M, N] round trip."""
+    split = 1
+    while tiles * split < sms and split < 8 and k % (2 * split * block_k) == 0:
+        split *= 2
+    return split
 
 
 def supported(codes: torch.Tensor, scale: torch.Tensor, block_k: int = DEFAULT_TILE.block_k) -> bool:
@@ -131,11 +164,15 @@ def w4a16_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, tile
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    grid = (triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n),)
-    _w4a16_kernel[grid](
-        x, codes, scale, y, m, n, k, x.stride(0), codes.stride(0), scale.stride(0), y.stride(0),
+    tiles = triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n)
+    split = tile.split or split_for(tiles, k, tile.block_k, _num_sms(x.device))
+    assert k % (split * tile.block_k) == 0, "a split must hold whole K steps"
+    out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    _w4a16_kernel[(tiles, split)](
+        x, codes, scale, out, m, n, k, k // split, x.stride(0), codes.stride(0), scale.stride(0),
+        out.stride(0) if split > 1 else 0, out.stride(-2),
         GROUP=k // scale.shape[1], BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        GROUP_M=tile.group_m, W_FIRST=tile.w_first, IEEE=x.dtype == torch.float32,
+        GROUP_M=tile.group_m, W_FIRST=tile.w_first, SPLIT_X=tile.split_x, IEEE=x.dtype == torch.float32,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
-    return y
+    return y if split == 1 else out.sum(0).to(x.dtype)

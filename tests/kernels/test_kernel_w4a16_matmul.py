@@ -7,14 +7,15 @@ import torch
 
 from framework.layers.quantization.int4 import quantize_int4
 from kernels.quant_matmul import quant_matmul_ref
-from kernels.w4a16_matmul import Tile, supported, w4a16_matmul
+from kernels.w4a16_matmul import Tile, split_for, supported, w4a16_matmul
 
 # small tiles: the interpreter is slow. M and N are no multiples of the tiles (the edge wraps).
-TILES = [Tile(16, 32, 32, True, 4, 2, group_m=2), Tile(32, 16, 32, False, 4, 2, group_m=1)]
+TILES = [Tile(16, 32, 32, True, 4, 2, group_m=2, split=1), Tile(32, 16, 32, False, 4, 2, group_m=1, split=2),
+         Tile(16, 16, 32, True, 4, 2, split_x=True, split=1)]
 CASES = [(37, 40, 128, 32), (20, 72, 256, 64)]
 
 
-@pytest.mark.parametrize("tile", TILES, ids=["w_first", "x_first"])
+@pytest.mark.parametrize("tile", TILES, ids=["w_first", "x_first_split", "split_x"])
 @pytest.mark.parametrize("m,n,k,group", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_matches_reference(tile, m, n, k, group, dtype, device):
@@ -24,6 +25,12 @@ def test_matches_reference(tile, m, n, k, group, dtype, device):
     got = w4a16_matmul(x.to(device), codes.to(device), scale.to(device), tile).cpu()
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(got, quant_matmul_ref(x, codes, scale), atol=tol, rtol=tol)
+
+
+def test_split_fills_the_card_once_with_whole_steps():
+    assert split_for(tiles=64, k=14336, block_k=128, sms=132) == 4  # the 8B's down projection, 256 rows
+    assert split_for(tiles=448, k=4096, block_k=128, sms=132) == 1
+    assert split_for(tiles=8, k=384, block_k=64, sms=132) == 2  # 384 = 3 x 128: no split of 4
 
 
 def test_group_must_hold_whole_steps():
