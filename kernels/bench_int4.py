@@ -8,7 +8,7 @@ call replayed from a CUDA graph, weights cycled past L2; bf16 as the engine runs
 Tables: (1) tinygemm (`aten._weight_int4pack_mm`) against our reference, both nibble orders
 (the packing convention, checked on the card). (2) rows 1-256: bf16 (the engine's GEMV at one
 row, else cuBLAS), our GEMV (1 row), quant_matmul (2-64), tinygemm at inner k-tiles 2/4/8,
-w4a16_matmul at its default tile. (3) w4a16_matmul's tiles at many rows against bf16 cuBLAS.
+w4a16_matmul at its default tile. (3) w4a16_matmul's tiles at many rows against bf16 cuBLAS and the one-pass unpack + cuBLAS.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import kernels
 from kernels import int4_tinygemm as tg
 from kernels.bench import L2_DEFEAT_BYTES, LINEAR_SHAPES, _cycled, _graph_ms, copy_gbps
 from kernels.quant_gemv import int4_gemv
-from kernels.quant_matmul import quant_matmul, quant_matmul_ref
+from kernels.quant_matmul import dequantize_int4, quant_matmul, quant_matmul_ref
 from kernels.w4a16_matmul import DEFAULT_TILE, Tile, w4a16_matmul
 
 DTYPE = torch.bfloat16
@@ -106,7 +106,8 @@ def tile_sweep(rows_list: list) -> dict:
         for m in rows_list:
             x = torch.randn(m, k, device="cuda", dtype=DTYPE)
             base = _time(lambda w: F.linear(x, w), bf16)
-            cells = []
+            unpack = _time(lambda w: F.linear(x, dequantize_int4(w["codes"], w["scale"], DTYPE)), int4)
+            cells = [f"unpack+cuBLAS {unpack:6.1f} ({base / unpack:.2f})"]
             for i, tile in enumerate(TILES):
                 v = _time(lambda w, tile=tile: w4a16_matmul(x, w["codes"], w["scale"], tile), int4)
                 totals[m][i] += v if v == v else math.inf

@@ -137,11 +137,14 @@ def _num_sms(device: torch.device) -> int:
 
 
 def split_for(tiles: int, k: int, block_k: int, sms: int) -> int:
-    """Split the K loop over programs until the output tiles times the split fill every SM once
-    (at most 8, whole K steps each): with 256 rows the 8B's o and down projections have 64
-    output tiles of 128 x 128 for 132 SMs. Partial sums cost an fp32 [split, M, N] round trip."""
+    """Programs to split the K loop over (1, 2, 4 or 8; whole K steps each): the largest split
+    whose programs still run in one wave (tiles * split <= SMs). A second wave costs as much as
+    the split saves, and the partial sums cost on top: on an H200 at 256 rows (2026-12-01,
+    kernels/bench_int4.py, 128 x 128 tiles) qkv's 96 output tiles ran 43.4 µs unsplit and 58.9
+    split 2 ways; the o and down projections' 64 tiles ran 43.4 -> 38.6 and 145.5 -> 95.0 split
+    4 ways (two waves). This rule splits those 2 ways (one wave): not yet timed."""
     split = 1
-    while tiles * split < sms and split < 8 and k % (2 * split * block_k) == 0:
+    while split < 8 and tiles * split * 2 <= sms and k % (split * 2 * block_k) == 0:
         split *= 2
     return split
 

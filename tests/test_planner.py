@@ -126,16 +126,23 @@ def test_qwen2_5_vl_weights_equal_hf_model():
 
 
 def test_quantized_weights_equal_meta_model():
-    """fp8/int8 (1 byte + a float32 scale per row) and int4 (half a byte + a bf16 scale per group),
-    counted as measure.weight_bytes counts them: parameters plus the scales (persistent buffers)."""
+    """fp8/int8 (1 byte + a float32 scale per row) and int4 (half a byte + a bf16 scale per group,
+    and on CUDA its tinygemm copy unless int4_tinygemm=false), counted as measure.weight_bytes
+    counts them: parameters plus the scales (persistent buffers). A GPU plan counts the model
+    built for CUDA."""
     from framework.layers.quantization import QuantResolver
     from framework.memory.measure import weight_bytes
     hf = shape_config("llama-3.1-8b")
-    for method in ("fp8", "int8", "int4"):
+    planned = {}
+    for method, tinygemm in (("fp8", True), ("int8", True), ("int4", True), ("int4", False)):
         cfg = plan_config("llama-3.1-8b", max_model_len=8192)
-        cfg.quantization.method = method
-        model = meta_model(hf, quant=QuantResolver.build(cfg.quantization, hf))
-        assert weight_bytes(model) == plan_memory(cfg, hf, 80 * GiB).weight_bytes, method
+        cfg.quantization.method, cfg.quantization.int4_tinygemm = method, tinygemm
+        model = meta_model(hf, quant=QuantResolver.build(cfg.quantization, hf, cuda=True))
+        planned[method, tinygemm] = plan_memory(cfg, hf, 80 * GiB).weight_bytes
+        assert weight_bytes(model) == planned[method, tinygemm], method
+    # the copy: half a byte a weight of the 32 layers' linears, and a bf16 (scale, zero) per group
+    linear_weights = 32 * 4096 * (6144 + 4096 + 2 * 14336) + 32 * 14336 * 4096
+    assert planned["int4", True] - planned["int4", False] == linear_weights // 2 + linear_weights // 128 * 4
 
 
 # --- KV cache ------------------------------------------------------------------------------
@@ -243,18 +250,18 @@ def test_fixes_are_valid_hydra_overrides_that_fit():
         assert plan_memory(fixed, hf, 16 * GiB).fits, fix.overrides
 
 
-@pytest.mark.parametrize("override", ["quantization=int4", "quantization=fp8", "compilation=eager",
-                                      "multimodal=text_only", "multimodal=images_only"])
+@pytest.mark.parametrize("override", ["quantization=int4 quantization.int4_tinygemm=false", "quantization=fp8",
+                                      "compilation=eager", "multimodal=text_only", "multimodal=images_only"])
 def test_fix_candidates_match_their_yaml(override):
     """A group choice suggested as a fix does to the config what its YAML does."""
     from framework.memory.fixes import _candidates
     cfg = compose(["model=qwen2_5_vl_3b_shape", "cache.max_model_len=8192"])
     hf = shape_config("qwen2.5-vl-3b")
     plan = plan_memory(cfg, hf, 16 * GiB)
-    (candidate,) = [c for c in _candidates(cfg, hf, plan) if c.overrides == [override]]
+    (candidate,) = [c for c in _candidates(cfg, hf, plan) if c.overrides == override.split()]
     applied = copy.deepcopy(cfg)
     candidate.apply(applied)
-    assert applied == compose(["model=qwen2_5_vl_3b_shape", "cache.max_model_len=8192", override])
+    assert applied == compose(["model=qwen2_5_vl_3b_shape", "cache.max_model_len=8192", *override.split()])
 
 
 def test_auto_limits_are_the_largest_that_fit():

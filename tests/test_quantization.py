@@ -499,7 +499,7 @@ def test_int4_dispatch_on_gpu_matches_the_format(rows):
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            layer = ReplicatedLinear(512, 264, bias=False, quant=Int4Method(128))
+            layer = ReplicatedLinear(512, 264, bias=False, quant=Int4Method(128, tinygemm=True))
     finally:
         torch.set_default_dtype(previous)
     assert layer.weight_int4pack.dtype == torch.int32  # CUDA and bf16: the tinygemm copy exists

@@ -111,7 +111,8 @@ class ModelRunner:
         # the linear layers' storage (quantization.method, per layer) is built, and checked, before
         # any weight is read
         ctx = ModelContext(hf_config, self.dtype, max_model_len, tp,
-                           QuantResolver.build(cfg.quantization, hf_config, tp.size), cfg.multimodal)
+                           QuantResolver.build(cfg.quantization, hf_config, tp.size, self.device.type == "cuda"),
+                           cfg.multimodal)
         self.model = build_model(ctx, self.device)
         run = getattr(self.model, "bidirectional_mm_run_tokens", 0)
         if run > cfg.cache.max_num_batched_tokens:  # the front door says so first (config/validate.py)

@@ -246,7 +246,7 @@ def _costs(cfg: FrameworkConfig, hf_config: Any, cuda: bool, max_model_len: int,
     kv_bytes = 1 if c.kv_cache_dtype == "fp8" else a
     method = cfg.quantization.method
     # the largest rank (ranks differ only where a split is uneven)
-    m = max(count_model(hf_config, dtype, tp, cfg.quantization, cfg.multimodal), key=lambda r: r.weight_bytes)
+    m = max(count_model(hf_config, dtype, tp, cfg.quantization, cfg.multimodal, cuda), key=lambda r: r.weight_bytes)
     s = m.decoder
     out = _Costs(dtype, method, m.kv_bytes_per_token(kv_bytes))
 

@@ -27,10 +27,12 @@ def test_matches_reference(tile, m, n, k, group, dtype, device):
     torch.testing.assert_close(got, quant_matmul_ref(x, codes, scale), atol=tol, rtol=tol)
 
 
-def test_split_fills_the_card_once_with_whole_steps():
-    assert split_for(tiles=64, k=14336, block_k=128, sms=132) == 4  # the 8B's down projection, 256 rows
+def test_split_keeps_one_wave_with_whole_steps():
+    assert split_for(tiles=64, k=14336, block_k=128, sms=132) == 2  # the 8B's down projection, 256 rows
+    assert split_for(tiles=96, k=4096, block_k=128, sms=132) == 1  # qkv: a second wave costs what the split saves
     assert split_for(tiles=448, k=4096, block_k=128, sms=132) == 1
     assert split_for(tiles=8, k=384, block_k=64, sms=132) == 2  # 384 = 3 x 128: no split of 4
+    assert split_for(tiles=8, k=4096, block_k=64, sms=132) == 8
 
 
 def test_group_must_hold_whole_steps():

@@ -205,6 +205,5 @@ class CheckpointInt4(_FromCheckpoint, Int4Method):
     def __init__(self, group_size: Optional[int]):
         if sys.byteorder != "little":
             raise UserError("pack-quantized int4 checkpoints are read on little-endian hosts only")
-        # no tinygemm copy: create_weights above registers only what the checkpoint holds
-        super().__init__(group_size, tinygemm=False)
+        super().__init__(group_size)  # no tinygemm copy: create_weights registers what the checkpoint holds
         self.scale_group_size = group_size

@@ -134,13 +134,11 @@ class Int4Method(LoadTimeQuant):
     name = "int4"
     codes_name = "weight"  # the compressed-tensors variant stores them as `weight_packed`
 
-    def __init__(self, group_size: Optional[int], hf_config: Any = None, tp_size: int = 1,
-                 tinygemm: Optional[bool] = None):
+    def __init__(self, group_size: Optional[int], hf_config: Any = None, tp_size: int = 1, tinygemm: bool = False):
         self.group_size = group_size  # None: one group per row (per-channel)
-        # tinygemm: keep a copy in its layout for decode-sized calls. None: where CUDA is present
-        # (the planner asks on the same machine, so it counts the same storage); each layer also
-        # needs bf16 and shapes tinygemm takes (storage)
-        self.tinygemm = torch.cuda.is_available() if tinygemm is None else tinygemm
+        # keep a copy in tinygemm's layout for decode-sized calls (QuantResolver.build: on CUDA,
+        # where quantization.int4_tinygemm asks); each layer also needs bf16 and shapes it takes
+        self.tinygemm = tinygemm
         text = getattr(hf_config, "text_config", None) or hf_config
         if group_size and getattr(text, "hidden_size", None) and getattr(text, "num_attention_heads", None):
             # every size at once, in one message (storage() checks each layer again as it is built)
