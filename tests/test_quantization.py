@@ -507,3 +507,25 @@ def test_int4_dispatch_on_gpu_matches_the_format(rows):
     x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
     expected = x.float() @ dequantize_int4(layer.weight, layer.weight_scale.float()).T
     torch.testing.assert_close(layer(x).float(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_int4_tinygemm_copy_is_counted_but_never_saved():
+    """With int4_tinygemm on a CUDA model, layers of bf16 shapes tinygemm takes carry the copy
+    (the planner counts it: test_planner), a sharded checkpoint leaves it out (the loading run
+    remakes it), and on the CPU it stays unmade."""
+    from framework.layers.linear import ReplicatedLinear
+    from framework.layers.quantization.int4 import Int4Method
+    from framework.loader.sharded import held_tensors
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = torch.nn.Sequential(ReplicatedLinear(256, 24, bias=False, quant=Int4Method(128, tinygemm=True)),
+                                    ReplicatedLinear(256, 20, bias=False, quant=Int4Method(128, tinygemm=True)))
+    finally:
+        torch.set_default_dtype(previous)
+    assert model[0].weight_int4pack.shape == (3, 2, 32, 4) and model[0].weight_scale_zeros.shape == (2, 24, 2)
+    assert not hasattr(model[1], "weight_int4pack")  # 20 rows: tinygemm packs 8 at a time
+    assert sorted(held_tensors(model)) == ["0.weight", "0.weight_scale", "1.weight", "1.weight_scale"]
+    model[0].weight.fill_dummy(torch.Generator().manual_seed(0))
+    assert not model[0].weight_int4pack.any()

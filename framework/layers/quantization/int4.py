@@ -159,12 +159,21 @@ class Int4Method(LoadTimeQuant):
         return {self.codes_name: codes, "weight_scale": scale}
 
     def store(self, layer, offset: int, w: torch.Tensor) -> None:
-        """Codes and scales for rows [offset, offset + n), then (on CUDA) their tinygemm copy:
-        it packs eight rows together, so a block of rows starting on a multiple of 8 packs alone."""
+        """Codes and scales for rows [offset, offset + n), then their tinygemm copy."""
         super().store(layer, offset, w)
-        if not (hasattr(layer, "weight_int4pack") and w.is_cuda):
-            return  # on the CPU the copy stays unused (tinygemm's CPU layout differs)
-        rows = w.shape[0]
+        self.repack(layer, offset, w.shape[0])
+
+    derived = ("weight_int4pack", "weight_scale_zeros")
+
+    def rebuild(self, layer) -> None:
+        self.repack(layer, 0, layer.weight_scale.shape[0])
+
+    def repack(self, layer, offset: int, rows: int) -> None:
+        """The tinygemm copy of rows [offset, offset + rows), on CUDA (tinygemm's CPU layout
+        differs: there the copy is never made). It packs eight rows together, so a block of rows
+        starting on a multiple of 8 packs alone (the loader quantizes one shard at a time)."""
+        if not (hasattr(layer, "weight_int4pack") and layer.weight_int4pack.is_cuda):
+            return
         assert offset % 8 == 0 and rows % 8 == 0, f"tinygemm packs 8 rows together: rows {offset}+{rows}"
         codes = getattr(layer, self.codes_name).narrow(0, offset, rows)
         layer.weight_int4pack.narrow(0, offset // 8, rows // 8).copy_(tg.pack(codes))
