@@ -19,11 +19,14 @@ On GPU (group sizes that are multiples of 16), by rows (tokens) of a call:
 - up to SMALL_M rows: kernels/quant_matmul.py (a tile of codes unpacked in registers, tensor cores);
 - more: kernels/w4a16_matmul.py (the same idea with tiles for many rows), where the group size
   is a multiple of 64, else a one-pass unpack before cuBLAS.
-All read each code byte once. The tinygemm copy costs another half byte a weight, counted by
-the planner (it is in `storage`). Timings on an H200 (BENCHMARKS.md, 2026-12-01, issue 17): at
-one row tinygemm takes 68.0 µs a layer's four linears against the GEMV's 86.0 and bf16's 111.9;
-at 16 rows it is 2-3x slower than quant_matmul, hence the threshold. w4a16_matmul at 256 rows:
-0.38-0.67x bf16 cuBLAS, 2-4x faster than the unpack + cuBLAS it replaces.
+All read each code byte once. The tinygemm copy costs another half byte a weight: it is kept
+for a model on CUDA where `quantization.int4_tinygemm` asks (QuantResolver.build), is in
+`storage` (so the planner counts it), and is derived (a sharded checkpoint leaves it out; `rebuild`
+remakes it). On an H200 (BENCHMARKS.md, 2026-12-01, issue 17, 8B shapes): at one row tinygemm
+takes 68.0 µs a layer's four linears against the GEMV's 86.0 and bf16's 111.9, and at 16 rows it
+is 2-3x slower than quant_matmul, hence the threshold; w4a16_matmul at 256 rows runs at 0.4-0.6x
+bf16 cuBLAS, 2.5-4x faster than the unpack + cuBLAS it replaces. Through the engine: batch-1
+decode 1.42x bf16, 256 requests 0.70x.
 """
 from __future__ import annotations
 
