@@ -19,8 +19,8 @@ W_FIRST computes the tile transposed (acc[n, m] = W[n, :] . x[m, :]): Hopper's w
 first operand from registers, where the weight was just dequantized, and only x goes through
 shared memory; otherwise the dequantized weight is written to shared memory as the second
 operand. Programs are ordered in groups of GROUP_M row tiles, so the weight tiles a wave reads
-are re-read from L2 by its neighbours. Where the output has fewer tiles than the card has SMs,
-the K loop is split over programs (float32 partial sums, added in a fixed order afterwards).
+are re-read from L2 by its neighbours. Where the output has too few tiles to fill the card, the
+K loop is split over programs (split_for; float32 partial sums, added in a fixed order after).
 
 The reference is kernels.quant_matmul.quant_matmul_ref.
 """
@@ -46,7 +46,7 @@ class Tile:
     num_stages: int
     group_m: int = 8
     split_x: bool = False  # two dots on x's even / odd columns instead of joining the nibbles
-    split: int = 0  # programs the K loop is split over; 0: enough to fill the card once (split_for)
+    split: int = 0  # programs the K loop is split over; 0: split_for's choice
 
 
 DEFAULT_TILE = Tile(128, 128, 64, True, 8, 3)

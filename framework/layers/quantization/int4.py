@@ -88,14 +88,13 @@ def int4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias:
         return F.linear(x, dequantize_int4(codes, scale, x.dtype), bias)
     x2 = x.reshape(-1, x.shape[-1])
     rows, group = x2.shape[0], x2.shape[1] // scale.shape[1]
-    tile = w4.tile_for(rows, group)
     if tinygemm is not None and rows <= TINYGEMM_MAX_ROWS and x.is_cuda and x.dtype == torch.bfloat16:
         y = tg.int4pack_mm(x2, *tinygemm, group)
     elif rows <= qg.DISPATCH_MAX_ROWS:
         y = qg.int4_gemv(x2, codes, scale)
     elif rows <= qmm.SMALL_M:
         y = qmm.quant_matmul(x2, codes, scale)
-    elif tile is not None:
+    elif (tile := w4.tile_for(rows, group)) is not None:
         y = w4.w4a16_matmul(x2, codes, scale, tile)
     else:
         return F.linear(x, qmm.dequantize_int4(codes, scale, x.dtype), bias)
