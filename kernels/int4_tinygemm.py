@@ -32,6 +32,11 @@ def packed_shape(n: int, k: int, inner: int = INNER_K_TILES) -> Tuple[int, int, 
     return (n // 8, k // (16 * inner), 32, inner // 2)
 
 
+def can_pack(t: torch.Tensor) -> bool:
+    """`pack` runs where `t` is (the CPU's int4pack layout is another one)."""
+    return t.is_cuda
+
+
 def pack(codes: torch.Tensor, inner: int = INNER_K_TILES) -> torch.Tensor:
     """Our uint8 codes [N, K/2] (CUDA) -> tinygemm's int32 layout."""
     swapped = ((codes & 0xF) << 4) | (codes >> 4)

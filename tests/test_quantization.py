@@ -529,3 +529,32 @@ def test_int4_tinygemm_copy_is_counted_but_never_saved():
     assert sorted(held_tensors(model)) == ["0.weight", "0.weight_scale", "1.weight", "1.weight_scale"]
     model[0].weight.fill_dummy(torch.Generator().manual_seed(0))
     assert not model[0].weight_int4pack.any()
+
+
+def test_int4_tinygemm_copy_of_shards_ending_mid_eight(monkeypatch):
+    """tinygemm packs eight rows together: QKV shards of 24 / 4 / 4 rows (head_dim 4, 6 query
+    heads, 1 KV head) share rows 24-31 between k and v, which each repacks whole as it arrives, so
+    the copy ends as one pack of the whole weight. (`pack` here is a stand-in with the real one's
+    row blocks: eight rows -> one [K/128, 32, 4] block of int32.)"""
+    from framework.layers.linear import QKVParallelLinear
+    from framework.layers.quantization.int4 import Int4Method
+    from kernels import int4_tinygemm as tg
+
+    def fake_pack(codes: torch.Tensor) -> torch.Tensor:
+        return codes.contiguous().view(torch.int32).reshape(codes.shape[0] // 8, -1, 32, 4)
+
+    monkeypatch.setattr(tg, "can_pack", lambda t: True)
+    monkeypatch.setattr(tg, "pack", fake_pack)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        layer = QKVParallelLinear(256, 4, 6, 1, bias=False, quant=Int4Method(128, tinygemm=True))
+    finally:
+        torch.set_default_dtype(previous)
+    assert layer.weight_int4pack.shape == (4, 2, 32, 4)
+    gen = torch.Generator().manual_seed(0)
+    for shard in ("v", "q", "k"):  # any order
+        offset, size, _ = layer.output_rows(shard)
+        layer.quant.store(layer, offset, torch.randn(size, 256, generator=gen) * 0.05)
+    assert torch.equal(layer.weight_int4pack, fake_pack(layer.weight))
+    assert torch.equal(layer.weight_scale_zeros[..., 0], layer.weight_scale.T)

@@ -135,6 +135,7 @@ def decoder_in_features(c: Any, tp: int) -> List[int]:
 class Int4Method(LoadTimeQuant):
     name = "int4"
     codes_name = "weight"  # the compressed-tensors variant stores them as `weight_packed`
+    derived = ("weight_int4pack", "weight_scale_zeros")  # the tinygemm copy, where a layer has one
 
     def __init__(self, group_size: Optional[int], hf_config: Any = None, tp_size: int = 1, tinygemm: bool = False):
         self.group_size = group_size  # None: one group per row (per-channel)
@@ -165,21 +166,20 @@ class Int4Method(LoadTimeQuant):
         super().store(layer, offset, w)
         self.repack(layer, offset, w.shape[0])
 
-    derived = ("weight_int4pack", "weight_scale_zeros")
-
     def rebuild(self, layer) -> None:
         self.repack(layer, 0, layer.weight_scale.shape[0])
 
     def repack(self, layer, offset: int, rows: int) -> None:
         """The tinygemm copy of rows [offset, offset + rows), on CUDA (tinygemm's CPU layout
-        differs: there the copy is never made). It packs eight rows together, so a block of rows
-        starting on a multiple of 8 packs alone (the loader quantizes one shard at a time)."""
-        if not (hasattr(layer, "weight_int4pack") and layer.weight_int4pack.is_cuda):
+        differs: there the copy is never made). It packs eight rows together, so the block is
+        widened to whole eights: a shard ending mid-eight repacks it again with its neighbour's
+        rows once those are loaded, and the last one loaded leaves it right."""
+        if not (hasattr(layer, "weight_int4pack") and tg.can_pack(layer.weight_int4pack)):
             return
-        assert offset % 8 == 0 and rows % 8 == 0, f"tinygemm packs 8 rows together: rows {offset}+{rows}"
-        codes = getattr(layer, self.codes_name).narrow(0, offset, rows)
-        layer.weight_int4pack.narrow(0, offset // 8, rows // 8).copy_(tg.pack(codes))
-        layer.weight_scale_zeros.narrow(1, offset, rows).copy_(tg.scale_zeros(layer.weight_scale.narrow(0, offset, rows)))
+        start, end = offset // 8 * 8, -(-(offset + rows) // 8) * 8  # N is a multiple of 8 (storage)
+        codes = getattr(layer, self.codes_name)[start:end]
+        layer.weight_int4pack[start // 8:end // 8].copy_(tg.pack(codes))
+        layer.weight_scale_zeros[:, start:end].copy_(tg.scale_zeros(layer.weight_scale[start:end]))
 
     def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         tinygemm = (layer.weight_int4pack, layer.weight_scale_zeros) if hasattr(layer, "weight_int4pack") else None
