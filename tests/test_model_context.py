@@ -79,7 +79,7 @@ def test_mrope_rotates_each_section_by_its_own_position_row():
     q = torch.randn(6, 2, head_dim)
     rope = rotary(positions)
     k = torch.randn(6, 1, head_dim)
-    cache = torch.zeros(1, 8, 1, head_dim)
+    cache = torch.zeros(1, 1, 8, head_dim)  # [blocks, kv_heads, block_size, head_dim]
     ours = kernels.rotary_store_kv(q, k, k.clone(), rope.index, rope.cos, rope.sin, cache, cache.clone(),
                                    torch.full((6,), -1))
     freqs = positions[..., None].float() / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
