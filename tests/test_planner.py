@@ -250,7 +250,7 @@ def test_fixes_are_valid_hydra_overrides_that_fit():
         assert plan_memory(fixed, hf, 16 * GiB).fits, fix.overrides
 
 
-@pytest.mark.parametrize("override", ["quantization=int4 quantization.int4_tinygemm=false", "quantization=fp8",
+@pytest.mark.parametrize("override", ["quantization=int4", "quantization=fp8",
                                       "compilation=eager", "multimodal=text_only", "multimodal=images_only"])
 def test_fix_candidates_match_their_yaml(override):
     """A group choice suggested as a fix does to the config what its YAML does."""

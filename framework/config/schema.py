@@ -37,8 +37,9 @@ class QuantizationConfig:
     group_size: int = 128  # int4: weights per scale along the input dimension
     # int4 on CUDA with bf16: keep a second copy of the codes in PyTorch's tinygemm layout for
     # decode steps of up to 4 tokens (batch-1 decode ~1.4x bf16 against ~1.2x without; BENCHMARKS.md).
-    # Costs another half byte a weight (3.45 GiB on an 8B); false keeps int4 at its smallest.
-    int4_tinygemm: bool = True
+    # Off by default: it costs another half byte a weight (3.45 GiB on an 8B), a third of what
+    # int4 is chosen to save; true trades that memory for batch-1 speed.
+    int4_tinygemm: bool = False
 
 
 class CompilationLevel(IntEnum):

@@ -67,10 +67,11 @@ def _quantization(method: str) -> Apply:  # conf/quantization/<method>.yaml (int
     return _set(**changes)
 
 
-def _quantization_overrides(method: str) -> List[str]:
-    # int4 as a memory fix is int4 at its smallest: the tinygemm copy (faster batch-1 decode on
-    # CUDA) would take back a third of what int4 saves
-    return [f"quantization={method}"] + (["quantization.int4_tinygemm=false"] if method == "int4" else [])
+def _quantization_overrides(method: str, cfg: FrameworkConfig) -> List[str]:
+    # int4 as a memory fix is int4 at its smallest: a tinygemm copy asked for on the command line
+    # (faster batch-1 decode on CUDA) would take back a third of what int4 saves
+    tinygemm = method == "int4" and cfg.quantization.int4_tinygemm
+    return [f"quantization={method}"] + (["quantization.int4_tinygemm=false"] if tinygemm else [])
 
 
 def _multimodal_knobs(cfg: FrameworkConfig, v: Any) -> List[Candidate]:
@@ -110,7 +111,7 @@ def _candidates(cfg: FrameworkConfig, hf_config: Any, plan: MemoryPlan) -> List[
     if plan.quantization in ("none", "fp8", "int8"):
         methods = ["int4"] if plan.quantization != "none" else ["fp8", "int8", "int4"]  # gentlest first
         for m in methods:  # (an int4 group size the layers do not allow fails its re-plan)
-            out.append(Candidate(_quantization_overrides(m), _quantization(m), "quantization"))
+            out.append(Candidate(_quantization_overrides(m, cfg), _quantization(m), "quantization"))
     if cfg.cache.kv_cache_dtype != "fp8":
         out.append(Candidate(["cache.kv_cache_dtype=fp8"], _set(**{"cache.kv_cache_dtype": "fp8"}), "kv"))
     if cuda:  # CPU ranks share one host's RAM: more of them does not help
