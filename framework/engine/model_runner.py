@@ -32,6 +32,7 @@ from framework.multimodal.budget import encoder_budget_tokens
 from framework.models.interface import attention_layers, build_model
 from framework.parallel import ParallelInfo, step_group
 from framework.resolve import is_resolved, pick_device, pick_dtype
+from kernels.precompile import KernelPrecompiler, precompiler_for
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
@@ -104,6 +105,12 @@ class ModelRunner:
                 # over its gpu_memory_utilization budget; with this, 0.12 GiB).
                 torch.cuda.memory._set_allocator_settings("expandable_segments:True")
         torch.manual_seed(cfg.model.seed)
+        # Triton's compile workers start now, so that their imports overlap building the model
+        self.precompiler: Optional[KernelPrecompiler] = precompiler_for(self.device.type,
+                                                                        cfg.compilation.compile_workers)
+        if self.precompiler is not None:
+            self.precompiler.start()
+        self.precompile_stats: Dict[str, Any] = {}
 
         start = time.perf_counter()
         # the linear layers' storage (quantization.method, per layer) is built, and checked, before
@@ -147,6 +154,7 @@ class ModelRunner:
     # --- KV cache -------------------------------------------------------------------
     def num_blocks_that_fit(self) -> int:
         """With TP every rank calls this (a collective): all agree on the smallest rank's count."""
+        self._precompile_kernels()
         if self.cfg.cache.num_gpu_blocks_override:  # both groups get that many
             self.num_window_blocks = self.cfg.cache.num_gpu_blocks_override if self.kv_spec.num_window_layers else 0
             return self.cfg.cache.num_gpu_blocks_override
@@ -246,6 +254,35 @@ class ModelRunner:
                              logits_indices=[chunk - 1, chunk], decode_only=False)
             self.execute(step, keep_on_device=True)
 
+    def _precompile_kernels(self) -> None:
+        """Start-up's steps (the memory profile, the small-batch warm-up, one eager step of every
+        graph size) launch each Triton variant the engine needs, and the first launch of each
+        compiles it, one after another. Run those steps once with Triton's launches skipped, only
+        noting the variants, and compile them all at once in worker processes
+        (kernels/precompile.py); start-up then runs as before, with every variant on disk."""
+        precompiler, self.precompiler = self.precompiler, None
+        if precompiler is None:
+            return
+        start = time.perf_counter()
+        with precompiler.record():
+            self.profile_run()
+            if self.graph_sizes:
+                self._allocate_kv_cache(1)
+                graphs = self._new_graphs()
+                graphs.run_eagerly()
+                graphs.release()
+                self._free_kv_cache()
+        recorded = time.perf_counter() - start
+        report = precompiler.compile()
+        self.precompile_stats = {"precompile_seconds": round(time.perf_counter() - start, 3),
+                                 "precompile_record_seconds": round(recorded, 3),
+                                 "precompile_variants": report.variants, "precompile_workers": report.workers,
+                                 "precompile_failed": len(report.failed)}
+        log.info("Triton: %d kernel variants compiled by %d processes in %.2f s (noting them took %.2f s)",
+                 report.variants, report.workers, report.seconds, recorded)
+        for failure in report.failed:
+            log.warning("Triton variant not precompiled (it compiles at its first launch): %s", failure)
+
     def allocate_kv_cache(self, num_blocks: Optional[int], num_window_blocks: Optional[int] = None) -> None:
         """With TP every rank calls this (a collective): rank 0's counts, after the engine's caps,
         are broadcast, so other ranks pass None and hold exactly the blocks rank 0 schedules."""
@@ -327,7 +364,7 @@ class ModelRunner:
         if self.device.type != "cuda":
             return {}
         stats: Dict[str, Any] = {"compilation_level": self.compilation_level.name,
-                                 "cudagraph_sizes": self.graph_sizes, **self.gpu_memory}
+                                 "cudagraph_sizes": self.graph_sizes, **self.precompile_stats, **self.gpu_memory}
         if "kv_budget_bytes" in self.gpu_memory:
             m = self.gpu_memory
             per_token = self.kv_spec.bytes_per_block / self.kv_spec.block_size

@@ -28,6 +28,7 @@ from framework.tasks.metrics import write_metrics
 from framework.tasks.profile import format_profile, profile_run
 from framework.tasks.roofline import engine_costs, format_kinds, matmul_peak, schedule_roofline
 from framework.engine.step_log import StepLog
+from kernels.precompile import count_compiles
 
 HF_BATCH = 64  # HF pads a batch to its longest request; larger batches waste more
 
@@ -155,14 +156,18 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
         work = make_workload(cfg, llm.hf_config.vocab_size)
         engine = llm.launcher.local_engine()
         steps = StepLog(device) if engine is not None else None
-        warm_up(llm, work)
+        with count_compiles() as warm_compiled:
+            warm_up(llm, work)
         runs: List[float] = []
+        compiled: List[List[str]] = []  # Triton variants compiled inside each run: start-up missed them
         for _ in range(t.runs):  # the step log keeps the last run's steps
             if steps is not None:
                 steps.begin()
                 engine.step_log = steps
-            seconds, outputs = bench_ours(llm, work)
+            with count_compiles() as names:
+                seconds, outputs = bench_ours(llm, work)
             runs.append(seconds)
+            compiled.append(names)
         if engine is not None:
             engine.step_log = None
         roofline = None
@@ -189,11 +194,21 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
           + (f", memory profile {rank0['profile_seconds']:.1f} s" if "profile_seconds" in rank0 else "")
           + (f", CUDA graphs {rank0['cudagraph_capture_seconds']:.1f} s" if "cudagraph_capture_seconds" in rank0
              else "") + f"; compilation level {rank0.get('compilation_level', 'n/a')})")
+    if "precompile_seconds" in rank0:
+        print(f"    of which Triton precompilation {rank0['precompile_seconds']:.1f} s: "
+              f"{rank0['precompile_variants']} kernel variants noted in {rank0['precompile_record_seconds']:.1f} s, "
+              f"compiled by {rank0['precompile_workers']} processes"
+              + (f" ({rank0['precompile_failed']} failed there, compiled at launch)" if rank0["precompile_failed"] else ""))
     print(f"  ours: {work.output_tokens} output tokens in {ours:.2f} s = {ours_tps:,.1f} tok/s"
           + (f" (the last of {len(runs)} runs)" if len(runs) > 1 else ""))
     if len(runs) > 1:
         print(f"    runs in this process (s): {', '.join(f'{r:.2f}' for r in runs)}; the first (cold) at "
               f"{100 * min(runs) / runs[0]:.0f}% of the best one's speed")
+    if engine is not None:
+        late = warm_compiled + compiled[0]
+        print(f"    Triton kernel variants compiled after start-up: {len(warm_compiled)} in the warm-up request, "
+              f"{', '.join(str(len(c)) for c in compiled)} in the runs"
+              + (f" (first ones: {'; '.join(late[:6])})" if late else ""))
     latency = summarize(outputs, ours)  # every request arrives at once: latency includes queueing
     print(f"  latency per request (s): p50 {latency['latency_s']['p50']}, p90 {latency['latency_s']['p90']}, "
           f"p99 {latency['latency_s']['p99']}; time to first token p50 {latency['ttft_s']['p50']}, "
@@ -201,6 +216,7 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
     result: Dict[str, Any] = {"output_tokens": work.output_tokens, "seconds": round(ours, 4),
                               "output_tokens_per_s": round(ours_tps, 2), "startup_seconds": round(startup, 2),
                               "runs_seconds": [round(r, 4) for r in runs],
+                              "triton_compiles_per_run": [len(c) for c in compiled],
                               "requests": len(outputs), "latency_s": latency["latency_s"], "ttft_s": latency["ttft_s"]}
     if roofline is not None:
         floor, device_s = roofline["floor_seconds"], sum(k["seconds"] for k in roofline["kinds"].values())

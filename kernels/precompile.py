@@ -1,0 +1,209 @@
+"""Compile the Triton kernel variants a block of code launches, all at once, in worker processes.
+
+Triton compiles a kernel variant (one per dtype, constexpr values, and integer and pointer
+specializations: 1, a multiple of 16, 16-byte alignment) at its first launch, on the launching
+thread, one after another. On a fresh machine (empty Triton cache) the engine's start-up spent about
+12 of its 25 s that way. Threads do not help: most of a compile holds the GIL (the AST walk and the
+MLIR passes; two threads compiled four decode-attention variants no faster than one). Processes do.
+
+`record()` runs a block with Triton's `jit_cache_hook` set: each variant that is not compiled yet is
+noted and its launch skipped (the hook answering True tells Triton it was handled), so the block's
+kernels write nothing and its outputs are garbage the caller throws away. `compile()` then has a pool
+of spawned processes compile every noted variant into the shared on-disk cache, for the parent's
+target, without touching the GPU. The block, run again for real, finds each variant on disk. A variant
+a worker failed on is simply compiled at its launch, as before: the pool only saves time.
+
+On Triton versions whose launch stubs are C modules built per signature (3.6 builds each with the C
+compiler), the workers build those into the cache too.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import os
+import time
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional
+
+from kernels._triton import HAS_TRITON
+
+log = logging.getLogger(__name__)
+MAX_WORKERS = 16  # past this, the longest single compile bounds the time anyway
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compilation of one kernel: where the @triton.jit function lives, and Triton's own
+    description of the variant (the JSON that `JITFunction.preload` reads)."""
+    module: str
+    name: str
+    specialization: str
+
+
+@dataclass
+class CompileReport:
+    variants: int = 0
+    workers: int = 0
+    seconds: float = 0.0  # from submitting the first variant to the last one finished
+    failed: List[str] = field(default_factory=list)  # "module.name: error", compiled at launch instead
+
+
+def default_workers() -> int:
+    """One per CPU this process may use, at most MAX_WORKERS."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(MAX_WORKERS, cpus)
+
+
+class _OfflineDriver:
+    """What `JITFunction.preload` and `triton.compile` ask of Triton's driver, answered for a fixed
+    target, so that a worker compiles for the parent's GPU without initializing CUDA itself."""
+
+    def __init__(self, target: Any):
+        self.target = target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_target(self) -> Any:
+        return self.target
+
+
+def _init_worker() -> None:
+    """Once per worker, while the parent does other work: import Triton and the kernels."""
+    import kernels  # noqa: F401  (every kernel module: the JIT functions the variants name)
+
+
+def _build_launcher(kernel: Any, target: Any) -> None:
+    """Triton 3.6 builds a C launch stub per kernel signature, at the kernel's first launch; build it
+    here so the parent finds it in the cache. Later versions launch through one generic stub (their
+    CudaLauncher reads the active driver, which has none here: nothing to do)."""
+    if getattr(target, "backend", None) != "cuda":
+        return
+    try:
+        from triton.backends.nvidia.driver import CudaLauncher
+        CudaLauncher(kernel.src, kernel.metadata)
+    except Exception as exc:  # the parent builds it at launch, as it always did
+        log.debug("no launch stub built for %s: %s", getattr(kernel, "name", "?"), exc)
+
+
+def compile_variant(variant: Variant, target: Any) -> float:
+    """Compile one variant into Triton's on-disk cache for `target`; returns the seconds it took.
+    Runs in a worker process: it makes the offline driver the active one for good."""
+    from triton.runtime.driver import driver
+    start = time.perf_counter()
+    driver.set_active(_OfflineDriver(target))
+    jit = getattr(importlib.import_module(variant.module), variant.name)
+    kernel = jit.preload(variant.specialization)
+    _build_launcher(kernel, target)
+    return time.perf_counter() - start
+
+
+class KernelPrecompiler:
+    """Notes the Triton variants a block launches (`record`), then compiles them in parallel
+    (`compile`). `start` spawns the workers early, so their imports overlap the caller's work."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.variants: Dict[str, Variant] = {}
+        self._pool: Optional[ProcessPoolExecutor] = None
+        self._warming: List[Future] = []
+
+    def start(self) -> None:
+        if self._pool is not None or self.workers < 1:
+            return
+        # spawn, not fork: the parent may hold a CUDA context, which a forked child must not touch
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_init_worker)
+        # one trivial task per worker: the pool spawns a process per waiting task, so all of them
+        # start now and import while the caller goes on
+        self._warming = [self._pool.submit(os.getpid) for _ in range(self.workers)]
+
+    @contextmanager
+    def record(self) -> Iterator[Dict[str, Variant]]:
+        """Inside the block, Triton launches of uncompiled variants are skipped and noted."""
+        from triton import knobs
+
+        def note(*, key: Any, fn: Any, compile: Dict[str, Any], **_: Any) -> bool:
+            module, name = fn.module, fn.name
+            if "<" in name:  # defined inside a function: a worker could not import it
+                return False  # compiled here, at launch, as without the pool
+            self.variants.setdefault(f"{module}.{name}:{key}", Variant(module, name, compile["specialization_data"]))
+            return True  # handled: Triton skips the compile and the launch
+
+        previous = knobs.runtime.jit_cache_hook
+        knobs.runtime.jit_cache_hook = note
+        try:
+            yield self.variants
+        finally:
+            knobs.runtime.jit_cache_hook = previous
+
+    def compile(self) -> CompileReport:
+        """Compile every noted variant in the pool (in this process without one), then stop the pool."""
+        from triton.runtime.driver import driver
+        report = CompileReport(variants=len(self.variants), workers=self.workers)
+        if not self.variants:
+            self.close()
+            return report
+        target = driver.active.get_current_target()
+        start = time.perf_counter()
+        if self._pool is None and self.workers >= 1:
+            self.start()
+        if self._pool is None:
+            return report  # no workers: every variant compiles at its launch, as before
+        futures = {self._pool.submit(compile_variant, v, target): v for v in self.variants.values()}
+        wait(futures)
+        for future, variant in futures.items():
+            if future.exception() is not None:
+                report.failed.append(f"{variant.module}.{variant.name}: {future.exception()}")
+        report.seconds = time.perf_counter() - start
+        self.close()
+        return report
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def precompiler_for(device_type: str, workers: Optional[int]) -> Optional[KernelPrecompiler]:
+    """A precompiler for a CUDA engine with Triton (`workers` None: default_workers()), or None."""
+    if device_type != "cuda" or not HAS_TRITON:
+        return None
+    n = default_workers() if workers is None else workers
+    return KernelPrecompiler(n) if n >= 1 else None
+
+
+def describe(jit: Any, compile: Dict[str, Any]) -> str:
+    """A variant in a line: the kernel, its constexpr values (integers specialized to 1 among them)
+    and the arguments specialized as 16-divisible (pointers aligned, integers multiples of 16)."""
+    names = jit.arg_names
+    consts = ", ".join(f"{names[path[0]]}={value}" for path, value in compile["constants"].items() if len(path) == 1)
+    attrs = compile["configs"][0] if compile.get("configs") else {}
+    divisible = ", ".join(names[path[0]] for path, spec in attrs.items() if len(path) == 1 and spec)
+    return f"{jit.__name__}({consts}; 16-divisible: {divisible or '-'})"
+
+
+@contextmanager
+def count_compiles() -> Iterator[List[str]]:
+    """The Triton variants compiled in this process inside the block (one name each; a disk-cache
+    hit counts too): every one is a variant start-up did not prepare."""
+    if not HAS_TRITON:
+        yield []
+        return
+    from triton import knobs
+    names: List[str] = []
+    previous = knobs.runtime.jit_post_compile_hook
+
+    def note(*, fn: Any, compile: Dict[str, Any], **kwargs: Any) -> None:
+        names.append(describe(fn.jit_function, compile))
+        if previous is not None:
+            previous(fn=fn, compile=compile, **kwargs)
+
+    knobs.runtime.jit_post_compile_hook = note
+    try:
+        yield names
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous
