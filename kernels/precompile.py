@@ -10,8 +10,9 @@ MLIR passes; two threads compiled four decode-attention variants no faster than 
 noted and its launch skipped (the hook answering True tells Triton it was handled), so the block's
 kernels write nothing and its outputs are garbage the caller throws away. `compile()` then has a pool
 of spawned processes compile every noted variant into the shared on-disk cache, for the parent's
-target, without touching the GPU. The block, run again for real, finds each variant on disk. A variant
-a worker failed on is simply compiled at its launch, as before: the pool only saves time.
+target, without touching the GPU, and this process loads each from there (`JITFunction.preload`, the
+cache's own reader: a variant a worker failed on is compiled here, as before; the pool only saves
+time). The block, run again for real, finds every variant loaded.
 
 On Triton versions whose launch stubs are C modules built per signature (3.6 builds each with the C
 compiler), the workers build those into the cache too.
@@ -47,8 +48,9 @@ class Variant:
 class CompileReport:
     variants: int = 0
     workers: int = 0
-    seconds: float = 0.0  # from submitting the first variant to the last one finished
-    failed: List[str] = field(default_factory=list)  # "module.name: error", compiled at launch instead
+    seconds: float = 0.0  # from submitting the first variant to the last one loaded here
+    failed: List[str] = field(default_factory=list)  # "module.name: error" from a worker
+    compiled_here: int = 0  # variants this process did not find on disk after the workers (failed ones)
 
 
 def default_workers() -> int:
@@ -155,12 +157,26 @@ class KernelPrecompiler:
             return report  # no workers: every variant compiles at its launch, as before
         futures = {self._pool.submit(compile_variant, v, target): v for v in self.variants.values()}
         wait(futures)
+        self.close()
         for future, variant in futures.items():
             if future.exception() is not None:
                 report.failed.append(f"{variant.module}.{variant.name}: {future.exception()}")
+        report.compiled_here = self._load()
         report.seconds = time.perf_counter() - start
-        self.close()
         return report
+
+    def _load(self) -> int:
+        """Load every variant into its kernel's in-memory cache; returns how many were not on disk."""
+        from triton import knobs
+        misses: List[bool] = []
+        previous = knobs.compilation.listener
+        knobs.compilation.listener = lambda **kw: misses.append(not kw.get("cache_hit", False))
+        try:
+            for v in self.variants.values():
+                getattr(importlib.import_module(v.module), v.name).preload(v.specialization)
+        finally:
+            knobs.compilation.listener = previous
+        return sum(misses)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -47,8 +47,10 @@ assert len(noted) == 2, noted
 print("recorded", len(noted))
 
 report = pre.compile()
-assert report.variants == 2 and not report.failed, report
+assert report.variants == 2 and not report.failed and report.compiled_here == 0, report
 print("compiled", report.variants, "in", round(report.seconds, 2), "s")
+for jit_cache in norm._rms_norm_kernel.device_caches.values():
+    jit_cache[0].clear()  # forget what compile() loaded: the launch below must go to the disk
 
 hits = []
 knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
@@ -68,3 +70,34 @@ def test_recorded_variants_compile_in_a_worker_into_the_disk_cache(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ok _rms_norm_kernel(" in done.stdout
+
+
+@pytest.mark.gpu
+def test_engine_start_up_leaves_no_variant_for_the_requests(tiny_model):
+    """On a GPU the runner precompiles start-up's variants; a batch of prompts of several lengths
+    (prefill, mixed and graph-replayed decode steps) then compiles no Triton variant of its own."""
+    from framework import FrameworkConfig, SamplingParams
+    from framework.llm import LLM
+    from helpers import PROMPTS
+    from kernels.precompile import count_compiles
+
+    import kernels
+    for module in [m for name, m in sys.modules.items() if name.startswith("kernels.")]:
+        for jit in vars(module).values():  # forget variants earlier tests compiled in this process
+            if hasattr(jit, "device_caches"):
+                jit.device_caches.clear()
+    assert kernels.GEMV_MAX_ROWS >= 1
+    cfg = FrameworkConfig()
+    cfg.model.path, cfg.model.device, cfg.model.dtype = str(tiny_model("llama")), "cuda", "bfloat16"
+    cfg.cache.block_size, cfg.cache.max_model_len, cfg.cache.max_num_seqs = 8, 256, 8
+    cfg.cache.max_num_batched_tokens, cfg.cache.gpu_memory_utilization = 256, 0.5
+    cfg.compilation.compile_workers = 2
+    with LLM(cfg) as llm:
+        rank0 = llm.stats()["ranks"][0]
+        assert rank0["precompile_variants"] > 0 and rank0["precompile_workers"] == 2
+        assert rank0["precompile_failed"] == 0 and rank0["precompile_compiled_here"] == 0
+        with count_compiles() as late:
+            outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                                   SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert all(len(o.token_ids) == 12 for o in outputs)
+    assert late == [], late

@@ -277,9 +277,11 @@ class ModelRunner:
         self.precompile_stats = {"precompile_seconds": round(time.perf_counter() - start, 3),
                                  "precompile_record_seconds": round(recorded, 3),
                                  "precompile_variants": report.variants, "precompile_workers": report.workers,
-                                 "precompile_failed": len(report.failed)}
-        log.info("Triton: %d kernel variants compiled by %d processes in %.2f s (noting them took %.2f s)",
-                 report.variants, report.workers, report.seconds, recorded)
+                                 "precompile_failed": len(report.failed),
+                                 "precompile_compiled_here": report.compiled_here}
+        log.info("Triton: %d kernel variants compiled by %d processes in %.2f s (noting them took %.2f s; "
+                 "%d not found on disk after them, compiled here)", report.variants, report.workers,
+                 report.seconds, recorded, report.compiled_here)
         for failure in report.failed:
             log.warning("Triton variant not precompiled (it compiles at its first launch): %s", failure)
 

@@ -120,18 +120,31 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 20)
     return 2 * nbytes / statistics.median(times)
 
 
-def bench_decode_batch1(llm: LLM, tokens: int, vocab_size: int) -> Dict[str, float]:
+PROFILED_BATCH1_TOKENS = 64  # enough steps to average, few enough kernels to read back quickly
+
+
+def bench_decode_batch1(llm: LLM, tokens: int, vocab_size: int, run_dir: Path) -> Dict[str, Any]:
     """One greedy request (128 prompt tokens, `tokens` out) alone: decode tok/s after the first
-    token, through the whole engine (scheduler, step building, graph replay, sampling)."""
+    token, through the whole engine (scheduler, step building, graph replay, sampling). Then one
+    shorter request under torch.profiler: each decode step's device time by kind of kernel, and
+    the device's idle time between them (profile_batch1.txt has every kernel)."""
     rng = random.Random(1)
     prompt = {"prompt_token_ids": [rng.randrange(vocab_size) for _ in range(128)]}
     llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))  # warm
     out = llm.generate([prompt], SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))[0]
-    result = {"tokens": tokens, "engine_tok_s": (tokens - 1) / (out.latency - out.time_to_first_token)}
+    result: Dict[str, Any] = {"tokens": tokens, "engine_tok_s": (tokens - 1) / (out.latency - out.time_to_first_token)}
     engine = llm.launcher.local_engine()
     graphs = engine.runner.graphs if engine is not None else None
     if graphs is not None and 1 in graphs.graphs:
         result["graph_replay_tok_s"] = 1.0 / graphs.time_replay(1)
+    if engine is not None:
+        params = SamplingParams(max_tokens=PROFILED_BATCH1_TOKENS, temperature=0, ignore_eos=True)
+
+        def one_request() -> float:
+            begin = time.perf_counter()
+            llm.generate([prompt], params)
+            return time.perf_counter() - begin
+        result["profile"] = profile_run(one_request, run_dir, "profile_batch1.txt")
     return result
 
 
@@ -177,7 +190,7 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
         prof = None
         if t.profile and on_gpu:
             prof = profile_run(lambda: bench_ours(llm, work)[0], run_dir)
-        decode = bench_decode_batch1(llm, t.decode_batch1_tokens, llm.hf_config.vocab_size) \
+        decode = bench_decode_batch1(llm, t.decode_batch1_tokens, llm.hf_config.vocab_size, run_dir) \
             if on_gpu and t.decode_batch1_tokens else None
         stats = llm.stats()
         plan = llm.plan.to_dict() if llm.plan else None
@@ -198,7 +211,8 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
         print(f"    of which Triton precompilation {rank0['precompile_seconds']:.1f} s: "
               f"{rank0['precompile_variants']} kernel variants noted in {rank0['precompile_record_seconds']:.1f} s, "
               f"compiled by {rank0['precompile_workers']} processes"
-              + (f" ({rank0['precompile_failed']} failed there, compiled at launch)" if rank0["precompile_failed"] else ""))
+              + f", {rank0['precompile_compiled_here']} of them compiled again here ({rank0['precompile_failed']} "
+              f"failed in a worker)")
     print(f"  ours: {work.output_tokens} output tokens in {ours:.2f} s = {ours_tps:,.1f} tok/s"
           + (f" (the last of {len(runs)} runs)" if len(runs) > 1 else ""))
     if len(runs) > 1:
@@ -252,6 +266,16 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
         print(f"    bytes a step really reads (weights less the embedding table): {step_bytes / 1e9:.2f} GB -> "
               f"{step_bytes * decode['engine_tok_s'] / 1e12:.2f} TB/s = "
               f"{100 * step_bytes * decode['engine_tok_s'] / copy_bps:.0f}% of the copy")
+        if "profile" in decode:
+            prof = decode.pop("profile")
+            per_step = 1e3 / PROFILED_BATCH1_TOKENS  # ms per step (the prefill step is in there too)
+            print(f"    one request of {PROFILED_BATCH1_TOKENS} tokens under torch.profiler: wall "
+                  f"{prof['wall_seconds'] * per_step:.3f} ms a token, kernels {prof['kernel_seconds'] * per_step:.3f} ms, "
+                  f"device idle {prof['idle_seconds'] * per_step:.3f} ms (the prompt's step included; every kernel "
+                  f"in {run_dir / 'profile_batch1.txt'}):")
+            print("\n".join(f"      {kind:<26}{s * per_step:>7.3f} ms a token" for kind, s in
+                            sorted(prof["kinds"].items(), key=lambda kv: -kv[1])))
+            result["decode_batch1_profile"] = prof
         result["decode_batch1"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in decode.items()}
     if on_gpu:
         print(f"  device memory in use at the end: {rank0['device_used_bytes'] / 2**30:.2f} GiB; "
