@@ -23,8 +23,9 @@ import importlib
 import logging
 import multiprocessing
 import os
+import sys
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional
@@ -111,7 +112,6 @@ class KernelPrecompiler:
         self.workers = workers
         self.variants: Dict[str, Variant] = {}
         self._pool: Optional[ProcessPoolExecutor] = None
-        self._warming: List[Future] = []
 
     def start(self) -> None:
         if self._pool is not None or self.workers < 1:
@@ -121,7 +121,8 @@ class KernelPrecompiler:
                                          initializer=_init_worker)
         # one trivial task per worker: the pool spawns a process per waiting task, so all of them
         # start now and import while the caller goes on
-        self._warming = [self._pool.submit(os.getpid) for _ in range(self.workers)]
+        for _ in range(self.workers):
+            self._pool.submit(os.getpid)
 
     @contextmanager
     def record(self) -> Iterator[Dict[str, Variant]]:
@@ -130,8 +131,8 @@ class KernelPrecompiler:
 
         def note(*, key: Any, fn: Any, compile: Dict[str, Any], **_: Any) -> bool:
             module, name = fn.module, fn.name
-            if "<" in name:  # defined inside a function: a worker could not import it
-                return False  # compiled here, at launch, as without the pool
+            if getattr(sys.modules.get(module), name, None) is not fn.jit_function:
+                return False  # not reachable by its name (defined in a function): launched and compiled here
             self.variants.setdefault(f"{module}.{name}:{key}", Variant(module, name, compile["specialization_data"]))
             return True  # handled: Triton skips the compile and the launch
 
@@ -143,7 +144,8 @@ class KernelPrecompiler:
             knobs.runtime.jit_cache_hook = previous
 
     def compile(self) -> CompileReport:
-        """Compile every noted variant in the pool (in this process without one), then stop the pool."""
+        """Compile every noted variant in the pool and load each here as it is done; stop the pool.
+        Without workers nothing happens: each variant compiles at its first launch."""
         from triton.runtime.driver import driver
         report = CompileReport(variants=len(self.variants), workers=self.workers)
         if not self.variants:
@@ -156,27 +158,32 @@ class KernelPrecompiler:
         if self._pool is None:
             return report  # no workers: every variant compiles at its launch, as before
         futures = {self._pool.submit(compile_variant, v, target): v for v in self.variants.values()}
-        wait(futures)
-        self.close()
-        for future, variant in futures.items():
+        for future in as_completed(futures):  # load each while the workers compile the rest
+            variant = futures[future]
             if future.exception() is not None:
                 report.failed.append(f"{variant.module}.{variant.name}: {future.exception()}")
-        report.compiled_here = self._load()
+            report.compiled_here += not self._load(variant)
+        self.close()
         report.seconds = time.perf_counter() - start
         return report
 
-    def _load(self) -> int:
-        """Load every variant into its kernel's in-memory cache; returns how many were not on disk."""
+    @staticmethod
+    def _load(variant: Variant) -> bool:
+        """Load a variant into its kernel's in-memory cache (Triton's disk-cache reader): True when
+        it came from disk, False when it had to be compiled here (or failed: then at its launch)."""
         from triton import knobs
-        misses: List[bool] = []
+        hits: List[bool] = []
         previous = knobs.compilation.listener
-        knobs.compilation.listener = lambda **kw: misses.append(not kw.get("cache_hit", False))
+        knobs.compilation.listener = lambda **kw: hits.append(bool(kw.get("cache_hit")))
         try:
-            for v in self.variants.values():
-                getattr(importlib.import_module(v.module), v.name).preload(v.specialization)
+            getattr(sys.modules[variant.module], variant.name).preload(variant.specialization)
+        except Exception as exc:
+            log.warning("Triton variant of %s.%s not loaded (it compiles at its launch): %s",
+                        variant.module, variant.name, exc)
+            return False
         finally:
             knobs.compilation.listener = previous
-        return sum(misses)
+        return hits == [True]
 
     def close(self) -> None:
         if self._pool is not None:
