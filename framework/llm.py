@@ -27,6 +27,8 @@ class LLM:
     def __init__(self, model: Union[None, str, FrameworkConfig] = None, **vllm_kwargs: Any):
         """`LLM(config)`, `LLM()` (the bundled model), or vLLM's `LLM("path or org/name", **kwargs)` /
         `LLM(model=..., **kwargs)`: each keyword lands on its YAML key (framework/config/vllm_args.py)."""
+        import time
+        begin = time.perf_counter()
         from launchers import start_launcher
         from framework.memory.measure import reset_peak_rss
 
@@ -37,6 +39,7 @@ class LLM:
         self.model_path = resolve_model_path(requested.model.path)
         self.hf_config = read_model_config(requested, self.model_path)
         check_before_start(requested, self.model_path, self.hf_config)  # before any plan, rank or weight
+        checked = time.perf_counter()
         # Every `auto` becomes a value here, once; the planner, the launcher and every rank get
         # the resolved config (a CPU-only driver of a GPU cluster resolves for the CPU backend).
         gpu_here = not (requested.model.device == "cuda" and not torch.cuda.is_available())
@@ -47,7 +50,12 @@ class LLM:
         self.plan = self._plan(device_memory) if gpu_here else None
         if not gpu_here:
             log.info("no GPU in this process to plan for; see task=plan task.device_memory_gib=N")
+        planned = time.perf_counter()
         self.launcher: Launcher = start_launcher(self.config, self.model_path, self.hf_config)
+        # start-up by phase (task=bench prints them): the front door's own share is most of it with
+        # a warm Triton cache
+        self.startup_seconds = {"config": checked - begin, "plan": planned - checked,
+                                "engine": time.perf_counter() - planned}
 
     def _plan(self, device_memory: Optional[int]) -> "MemoryPlan":
         """The memory plan, logged before any weight is read; a plan that does not fit warns

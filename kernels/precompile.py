@@ -7,12 +7,12 @@ thread, one after another. On a fresh machine (empty Triton cache) the engine's 
 MLIR passes; two threads compiled four decode-attention variants no faster than one). Processes do.
 
 `record()` runs a block with Triton's `jit_cache_hook` set: each variant that is not compiled yet is
-noted and its launch skipped (the hook answering True tells Triton it was handled), so the block's
-kernels write nothing and its outputs are garbage the caller throws away. `compile()` then has a pool
-of spawned processes compile every noted variant into the shared on-disk cache, for the parent's
-target, without touching the GPU, and this process loads each from there (`JITFunction.preload`, the
-cache's own reader: a variant a worker failed on is compiled here, as before; the pool only saves
-time). The block, run again for real, finds every variant loaded.
+noted and its launches skipped (the hook answering True tells Triton it was handled), so the block's
+kernels write nothing and its outputs are garbage the caller throws away. A pool of spawned
+processes compiles each noted variant at once, while the block goes on, into the shared on-disk
+cache, for the parent's target, without touching the GPU; `compile()` waits for them and loads each
+from there (`JITFunction.preload`, the cache's own reader: a variant a worker failed on is compiled
+here, as before; the pool only saves time). The block, run again for real, finds every variant loaded.
 
 On Triton versions whose launch stubs are C modules built per signature (3.6 builds each with the C
 compiler), the workers build those into the cache too.
@@ -25,7 +25,7 @@ import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional
@@ -104,14 +104,31 @@ def compile_variant(variant: Variant, target: Any) -> float:
     return time.perf_counter() - start
 
 
+class _SkippedLaunch:
+    """Stands in Triton's in-memory cache for a noted variant while a block is recorded: Triton
+    "launches" it, which does nothing. Without it each launch of a noted variant would go through
+    Triton's whole compile preamble again (about half a millisecond; start-up's steps make
+    thousands of launches). `record` takes every one out again before it returns."""
+    function = packed_metadata = None
+
+    def launch_metadata(self, *args: Any) -> None:
+        return None
+
+    def run(self, *args: Any) -> None:
+        return None
+
+
 class KernelPrecompiler:
-    """Notes the Triton variants a block launches (`record`), then compiles them in parallel
-    (`compile`). `start` spawns the workers early, so their imports overlap the caller's work."""
+    """Notes the Triton variants a block launches (`record`) and has worker processes compile each
+    as soon as it is noted; `compile` waits for them. `start` spawns the workers early, so that
+    their imports overlap the caller's work."""
 
     def __init__(self, workers: int):
         self.workers = workers
         self.variants: Dict[str, Variant] = {}
         self._pool: Optional[ProcessPoolExecutor] = None
+        self._target: Any = None
+        self._futures: Dict[Future, Variant] = {}
 
     def start(self) -> None:
         if self._pool is not None or self.workers < 1:
@@ -124,17 +141,31 @@ class KernelPrecompiler:
         for _ in range(self.workers):
             self._pool.submit(os.getpid)
 
+    def _submit(self, variant: Variant) -> None:
+        if self._pool is None:
+            return
+        if self._target is None:
+            from triton.runtime.driver import driver
+            self._target = driver.active.get_current_target()
+        self._futures[self._pool.submit(compile_variant, variant, self._target)] = variant
+
     @contextmanager
     def record(self) -> Iterator[Dict[str, Variant]]:
         """Inside the block, Triton launches of uncompiled variants are skipped and noted."""
         from triton import knobs
+        stubbed: List[tuple] = []  # (kernel cache, key) holding a _SkippedLaunch
 
         def note(*, key: Any, fn: Any, compile: Dict[str, Any], **_: Any) -> bool:
-            module, name = fn.module, fn.name
-            if getattr(sys.modules.get(module), name, None) is not fn.jit_function:
+            module, name, jit = fn.module, fn.name, fn.jit_function
+            if getattr(sys.modules.get(module), name, None) is not jit:
                 return False  # not reachable by its name (defined in a function): launched and compiled here
-            self.variants.setdefault(f"{module}.{name}:{key}", Variant(module, name, compile["specialization_data"]))
-            return True  # handled: Triton skips the compile and the launch
+            variant = Variant(module, name, compile["specialization_data"])
+            if self.variants.setdefault(f"{module}.{name}:{key}", variant) is variant:
+                self._submit(variant)
+            cache = jit.device_caches[compile["device"]][0]
+            cache[key] = _SkippedLaunch()
+            stubbed.append((cache, key))
+            return True  # handled: Triton skips the compile and this launch
 
         previous = knobs.runtime.jit_cache_hook
         knobs.runtime.jit_cache_hook = note
@@ -142,27 +173,27 @@ class KernelPrecompiler:
             yield self.variants
         finally:
             knobs.runtime.jit_cache_hook = previous
+            for cache, key in stubbed:  # never leave a launch that does nothing
+                if isinstance(cache.get(key), _SkippedLaunch):
+                    del cache[key]
 
     def compile(self) -> CompileReport:
-        """Compile every noted variant in the pool and load each here as it is done; stop the pool.
-        Without workers nothing happens: each variant compiles at its first launch."""
-        from triton.runtime.driver import driver
+        """Wait for the workers, loading each variant here as it is done; stop the pool. Without
+        workers nothing happens: each variant compiles at its first launch."""
         report = CompileReport(variants=len(self.variants), workers=self.workers)
-        if not self.variants:
-            self.close()
-            return report
-        target = driver.active.get_current_target()
         start = time.perf_counter()
-        if self._pool is None and self.workers >= 1:
-            self.start()
-        if self._pool is None:
-            return report  # no workers: every variant compiles at its launch, as before
-        futures = {self._pool.submit(compile_variant, v, target): v for v in self.variants.values()}
-        for future in as_completed(futures):  # load each while the workers compile the rest
-            variant = futures[future]
+        submitted = set(self._futures.values())
+        if self._pool is None and any(v not in submitted for v in self.variants.values()):
+            self.start()  # noted before the pool started: compile them now
+        for variant in self.variants.values():
+            if variant not in submitted:
+                self._submit(variant)
+        for future in as_completed(self._futures):  # load each while the workers compile the rest
+            variant = self._futures[future]
             if future.exception() is not None:
                 report.failed.append(f"{variant.module}.{variant.name}: {future.exception()}")
             report.compiled_here += not self._load(variant)
+        self._futures.clear()
         self.close()
         report.seconds = time.perf_counter() - start
         return report

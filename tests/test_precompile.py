@@ -25,7 +25,7 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 
-from kernels.precompile import KernelPrecompiler, _OfflineDriver, count_compiles
+from kernels.precompile import KernelPrecompiler, _OfflineDriver, _SkippedLaunch, count_compiles
 
 
 class CpuDriver(_OfflineDriver):  # lets a launch on CPU tensors reach Triton's compile step
@@ -44,6 +44,8 @@ with pre.record() as noted:
     norm.rms_norm(x, w, 1e-6)  # the same variant: noted once
     norm.fused_add_rms_norm(x, x, w, 1e-6)  # another (HAS_RESIDUAL=True)
 assert len(noted) == 2, noted
+cached = [k for c in norm._rms_norm_kernel.device_caches.values() for k in c[0].values()]
+assert not any(isinstance(k, _SkippedLaunch) for k in cached), cached  # no launch is left a no-op
 print("recorded", len(noted))
 
 report = pre.compile()

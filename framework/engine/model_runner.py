@@ -245,6 +245,11 @@ class ModelRunner:
                              cu_seqlens_q=list(range(b + 1)), seq_lens=[1] * b, block_tables=[[0]] * b,
                              logits_indices=list(range(b)), decode_only=True)
             self.execute(step, keep_on_device=True)
+        # A short prompt alone: its block table is 1 wide, a stride Triton specializes the prefill
+        # kernel on (a server's first request is often such; it compiled at that request before).
+        step = StepInput(input_ids=[0] * 5, positions=list(range(5)), slot_mapping=[-1] * 5, cu_seqlens_q=[0, 5],
+                         seq_lens=[5], block_tables=[[0]], logits_indices=[4], decode_only=False)
+        self.execute(step, keep_on_device=True)
         # Block tables 3 wide: Triton also specializes on the table's row stride (1, a multiple of
         # 16, or neither), and a real mixed step's width is usually neither.
         for chunk in (6, 15):  # + one decode row: 7 and 16 tokens

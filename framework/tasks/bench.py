@@ -193,6 +193,7 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
         decode = bench_decode_batch1(llm, t.decode_batch1_tokens, llm.hf_config.vocab_size, run_dir) \
             if on_gpu and t.decode_batch1_tokens else None
         stats = llm.stats()
+        phases = llm.startup_seconds
         plan = llm.plan.to_dict() if llm.plan else None
         model_path, hf_config = llm.model_path, llm.hf_config
     gc.collect()
@@ -203,7 +204,8 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
     rank0 = stats["ranks"][0]
     print(f"bench: {t.num_requests} requests, prompts {t.input_len_range[0]}-{t.input_len_range[1]} tokens, "
           f"outputs {t.output_len_range[0]}-{t.output_len_range[1]} tokens, ignore_eos")
-    print(f"  start-up to a ready engine: {startup:.1f} s (weights {rank0['load_seconds']:.1f} s"
+    print(f"  start-up to a ready engine: {startup:.1f} s (config.json and checks {phases['config']:.1f} s, "
+          f"plan {phases['plan']:.1f} s, engine {phases['engine']:.1f} s: weights {rank0['load_seconds']:.1f} s"
           + (f", memory profile {rank0['profile_seconds']:.1f} s" if "profile_seconds" in rank0 else "")
           + (f", CUDA graphs {rank0['cudagraph_capture_seconds']:.1f} s" if "cudagraph_capture_seconds" in rank0
              else "") + f"; compilation level {rank0.get('compilation_level', 'n/a')})")
@@ -218,7 +220,7 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
     if len(runs) > 1:
         print(f"    runs in this process (s): {', '.join(f'{r:.2f}' for r in runs)}; the first (cold) at "
               f"{100 * min(runs) / runs[0]:.0f}% of the best one's speed")
-    if engine is not None:
+    if engine is not None and on_gpu:
         late = warm_compiled + compiled[0]
         print(f"    Triton kernel variants compiled after start-up: {len(warm_compiled)} in the warm-up request, "
               f"{', '.join(str(len(c)) for c in compiled)} in the runs"
@@ -229,6 +231,7 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
           f"p99 {latency['ttft_s']['p99']}")
     result: Dict[str, Any] = {"output_tokens": work.output_tokens, "seconds": round(ours, 4),
                               "output_tokens_per_s": round(ours_tps, 2), "startup_seconds": round(startup, 2),
+                              "startup_phases_seconds": {k: round(v, 3) for k, v in phases.items()},
                               "runs_seconds": [round(r, 4) for r in runs],
                               "triton_compiles_per_run": [len(c) for c in compiled],
                               "requests": len(outputs), "latency_s": latency["latency_s"], "ttft_s": latency["ttft_s"]}
