@@ -3,6 +3,7 @@ or with vLLM's own constructor: `LLM("org/name")`, `LLM(model=..., tensor_parall
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
@@ -27,15 +28,25 @@ class LLM:
     def __init__(self, model: Union[None, str, FrameworkConfig] = None, **vllm_kwargs: Any):
         """`LLM(config)`, `LLM()` (the bundled model), or vLLM's `LLM("path or org/name", **kwargs)` /
         `LLM(model=..., **kwargs)`: each keyword lands on its YAML key (framework/config/vllm_args.py)."""
-        import time
         begin = time.perf_counter()
-        from launchers import start_launcher
+        from launchers import launcher_name
         from framework.memory.measure import reset_peak_rss
-
-        from framework.memory.planner import engine_device_memory
+        from framework.resolve import pick_device
+        from kernels.precompile import release_early_workers, spawn_workers_early
 
         reset_peak_rss()  # this engine's peak, not an earlier job's in the same process
         requested = vllm_args.to_config(model, **vllm_kwargs)
+        if launcher_name(requested) == "local":  # the engine runs here: its Triton compile workers start now
+            spawn_workers_early(pick_device(requested.model.device).type, requested.compilation.compile_workers)
+        try:
+            self._start(requested, begin)
+        finally:
+            release_early_workers()  # the engine took them over, unless start-up failed
+
+    def _start(self, requested: FrameworkConfig, begin: float) -> None:
+        from launchers import start_launcher
+        from framework.memory.planner import engine_device_memory
+
         self.model_path = resolve_model_path(requested.model.path)
         self.hf_config = read_model_config(requested, self.model_path)
         check_before_start(requested, self.model_path, self.hf_config)  # before any plan, rank or weight

@@ -28,7 +28,7 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from kernels._triton import HAS_TRITON
 
@@ -119,10 +119,41 @@ class _SkippedLaunch:
         return None
 
 
+def _spawn_pool(workers: int) -> ProcessPoolExecutor:
+    # spawn, not fork: the parent may hold a CUDA context, which a forked child must not touch
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+    # one trivial task per worker: the pool spawns a process per waiting task, so all of them start
+    # now and import while the caller goes on
+    for _ in range(workers):
+        pool.submit(os.getpid)
+    return pool
+
+
+_early: Optional[Tuple[int, ProcessPoolExecutor]] = None  # (workers, pool) spawned before the engine
+
+
+def spawn_workers_early(device_type: str, workers: Optional[int]) -> None:
+    """Start the compile workers before the engine exists (`LLM` does so before reading config.json),
+    so that their imports (torch, Triton, the kernels: seconds, 16 at once) overlap the front door's
+    work; the engine's KernelPrecompiler takes them over. Nothing happens off CUDA or with 0 workers."""
+    global _early
+    n = default_workers() if workers is None else workers
+    if device_type == "cuda" and HAS_TRITON and n >= 1 and _early is None:
+        _early = (n, _spawn_pool(n))
+
+
+def release_early_workers() -> None:
+    """Stop workers no engine took over (ranks in other processes, or start-up failed)."""
+    global _early
+    if _early is not None:
+        _early[1].shutdown(wait=False, cancel_futures=True)
+        _early = None
+
+
 class KernelPrecompiler:
     """Notes the Triton variants a block launches (`record`) and has worker processes compile each
-    as soon as it is noted; `compile` waits for them. `start` spawns the workers early, so that
-    their imports overlap the caller's work."""
+    as soon as it is noted; `compile` waits for them. `start` spawns the workers (or takes over
+    those spawn_workers_early started), so that their imports overlap the caller's work."""
 
     def __init__(self, workers: int):
         self.workers = workers
@@ -132,15 +163,13 @@ class KernelPrecompiler:
         self._futures: Dict[Future, Variant] = {}
 
     def start(self) -> None:
+        global _early
         if self._pool is not None or self.workers < 1:
             return
-        # spawn, not fork: the parent may hold a CUDA context, which a forked child must not touch
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_init_worker)
-        # one trivial task per worker: the pool spawns a process per waiting task, so all of them
-        # start now and import while the caller goes on
-        for _ in range(self.workers):
-            self._pool.submit(os.getpid)
+        if _early is not None and _early[0] == self.workers:
+            self._pool, _early = _early[1], None
+        else:
+            self._pool = _spawn_pool(self.workers)
 
     def _submit(self, variant: Variant) -> None:
         if self._pool is None:

@@ -25,6 +25,7 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 
+import kernels.precompile as precompile
 from kernels.precompile import KernelPrecompiler, _OfflineDriver, _SkippedLaunch, count_compiles
 
 
@@ -37,8 +38,10 @@ norm = importlib.import_module("kernels.rms_norm")  # `kernels.rms_norm` the att
 driver.set_active(CpuDriver(GPUTarget("cuda", 90, 32)))
 x = torch.ones(3, 64, dtype=torch.float16)
 w = torch.ones(64, dtype=torch.float16)
+precompile.spawn_workers_early("cuda", 1)  # as LLM does before reading config.json
 pre = KernelPrecompiler(workers=1)
 pre.start()
+assert precompile._early is None and pre._pool is not None  # the engine's precompiler took them over
 with pre.record() as noted:
     y = norm.rms_norm(x, w, 1e-6)
     norm.rms_norm(x, w, 1e-6)  # the same variant: noted once
