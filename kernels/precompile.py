@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import sys
 import time
+import types
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -119,13 +120,27 @@ class _SkippedLaunch:
         return None
 
 
+@contextmanager
+def _main_hidden() -> Iterator[None]:
+    """A spawned process first re-runs the parent's __main__: a user's script, top level and all,
+    without an `if __name__ == "__main__"` guard. The workers need only the kernels, so while they
+    start __main__ is an empty module and they import none."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 def _spawn_pool(workers: int) -> ProcessPoolExecutor:
     # spawn, not fork: the parent may hold a CUDA context, which a forked child must not touch
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
-    # one trivial task per worker: the pool spawns a process per waiting task, so all of them start
-    # now and import while the caller goes on
-    for _ in range(workers):
-        pool.submit(os.getpid)
+    # one trivial task per worker: the pool starts a process per waiting task, there and then, so all
+    # of them start now (with __main__ hidden) and import while the caller goes on
+    with _main_hidden():
+        for _ in range(workers):
+            pool.submit(os.getpid)
     return pool
 
 

@@ -104,3 +104,27 @@ def test_engine_start_up_leaves_no_variant_for_the_requests(tiny_model):
                                    SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     assert all(len(o.token_ids) == 12 for o in outputs)
     assert late == [], late
+
+
+NO_GUARD_SCRIPT = r"""
+import os
+print("top level ran", flush=True)  # a script without `if __name__ == "__main__"`
+from kernels.precompile import KernelPrecompiler
+pre = KernelPrecompiler(workers=2)
+pre.start()
+assert pre._pool.submit(os.getpid).result() != os.getpid()
+pre.close()
+"""
+
+
+def test_workers_do_not_rerun_the_callers_script(tmp_path):
+    """Spawned processes re-run the parent's __main__; a user's script without a main guard would
+    run its top level once per worker (and fail there). The pool hides __main__ while it starts."""
+    script = tmp_path / "script.py"
+    script.write_text(NO_GUARD_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("top level ran") == 1, done.stdout + done.stderr
