@@ -192,7 +192,13 @@ class KernelPrecompiler:
         if self._target is None:
             from triton.runtime.driver import driver
             self._target = driver.active.get_current_target()
-        self._futures[self._pool.submit(compile_variant, variant, self._target)] = variant
+        try:
+            future = self._pool.submit(compile_variant, variant, self._target)
+        except Exception as exc:  # a worker died (the pool is broken): the rest compile at their launch
+            log.warning("Triton compile workers stopped (%s); the remaining variants compile at their launch", exc)
+            self.close()
+            return
+        self._futures[future] = variant
 
     @contextmanager
     def record(self) -> Iterator[Dict[str, Variant]]:
