@@ -269,14 +269,20 @@ class ModelRunner:
         if precompiler is None:
             return
         start = time.perf_counter()
-        with precompiler.record():
-            self.profile_run()
-            if self.graph_sizes:
-                self._allocate_kv_cache(1)
-                graphs = self._new_graphs()
-                graphs.run_eagerly()
-                graphs.release()
-                self._free_kv_cache()
+        try:
+            with precompiler.record():
+                self.profile_run()
+                if self.graph_sizes:
+                    self._allocate_kv_cache(1)
+                    graphs = self._new_graphs()
+                    graphs.run_eagerly()
+                    graphs.release()
+                    self._free_kv_cache()
+        except Exception:  # only a speed-up: start-up goes on as without it, each variant compiled at its launch
+            log.warning("Triton precompilation stopped; kernel variants compile at their first launch", exc_info=True)
+            precompiler.close()
+            self._free_kv_cache()
+            return
         recorded = time.perf_counter() - start
         report = precompiler.compile()
         self.precompile_stats = {"precompile_seconds": round(time.perf_counter() - start, 3),
