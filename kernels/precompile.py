@@ -55,10 +55,11 @@ class CompileReport:
     compiled_here: int = 0  # variants this process did not find on disk after the workers (failed ones)
 
 
-def default_workers() -> int:
-    """One per CPU this process may use, at most MAX_WORKERS."""
+def default_workers(processes: int = 1) -> int:
+    """One per CPU this process may use, shared among `processes` (tensor-parallel ranks on one
+    host), at most MAX_WORKERS."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(MAX_WORKERS, cpus)
+    return max(1, min(MAX_WORKERS, cpus // max(1, processes)))
 
 
 class _OfflineDriver:
@@ -273,11 +274,11 @@ class KernelPrecompiler:
             self._pool = None
 
 
-def precompiler_for(device_type: str, workers: Optional[int]) -> Optional[KernelPrecompiler]:
-    """A precompiler for a CUDA engine with Triton (`workers` None: default_workers()), or None."""
+def precompiler_for(device_type: str, workers: Optional[int], ranks: int = 1) -> Optional[KernelPrecompiler]:
+    """A precompiler for a CUDA engine with Triton (`workers` None: default_workers(ranks)), or None."""
     if device_type != "cuda" or not HAS_TRITON:
         return None
-    n = default_workers() if workers is None else workers
+    n = default_workers(ranks) if workers is None else workers
     return KernelPrecompiler(n) if n >= 1 else None
 
 

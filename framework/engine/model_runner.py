@@ -107,7 +107,7 @@ class ModelRunner:
         torch.manual_seed(cfg.model.seed)
         # Triton's compile workers start now, so that their imports overlap building the model
         self.precompiler: Optional[KernelPrecompiler] = precompiler_for(self.device.type,
-                                                                        cfg.compilation.compile_workers)
+                                                                        cfg.compilation.compile_workers, tp.size)
         if self.precompiler is not None:
             self.precompiler.start()
         self.precompile_stats: Dict[str, Any] = {}
