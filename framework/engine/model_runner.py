@@ -290,9 +290,9 @@ class ModelRunner:
                                  "precompile_variants": report.variants, "precompile_workers": report.workers,
                                  "precompile_failed": len(report.failed),
                                  "precompile_compiled_here": report.compiled_here}
-        log.info("Triton: %d kernel variants compiled by %d processes in %.2f s (noting them took %.2f s; "
-                 "%d not found on disk after them, compiled here)", report.variants, report.workers,
-                 report.seconds, recorded, report.compiled_here)
+        log.info("Triton: %d kernel variants noted in %.2f s and compiled by %d processes meanwhile; %.2f s more "
+                 "until all were loaded (%d not found on disk, compiled here)", report.variants, recorded,
+                 report.workers, report.seconds, report.compiled_here)
         for failure in report.failed:
             log.warning("Triton variant not precompiled (it compiles at its first launch): %s", failure)
 
