@@ -56,10 +56,11 @@ class CompileReport:
 
 
 def default_workers(processes: int = 1) -> int:
-    """One per CPU this process may use, shared among `processes` (tensor-parallel ranks on one
-    host), at most MAX_WORKERS."""
+    """The CPUs this process may use, shared among `processes` (tensor-parallel ranks on one host),
+    less one for that process's own work (the workers start while it reads the config and builds the
+    model), at most MAX_WORKERS."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(MAX_WORKERS, cpus // max(1, processes)))
+    return max(1, min(MAX_WORKERS, cpus // max(1, processes) - 1))
 
 
 class _OfflineDriver:

@@ -73,7 +73,7 @@ class CompilationConfig:
     cudagraph_capture_sizes: Optional[List[int]] = None
     enforce_eager: bool = False  # capture no CUDA graphs: saves the graph pool, costs decode speed
     # Processes that compile the Triton kernels' variants at start-up, all at once (GPU only);
-    # null = one per CPU (shared by a host's TP ranks), at most 16; 0 = each compiles at its first launch.
+    # null = one per CPU but one (shared by a host's TP ranks), at most 16; 0 = each compiles at its first launch.
     compile_workers: Optional[int] = None
 
 
