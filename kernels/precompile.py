@@ -151,7 +151,7 @@ _early: Optional[Tuple[int, ProcessPoolExecutor]] = None  # (workers, pool) spaw
 
 def spawn_workers_early(device_type: str, workers: Optional[int]) -> None:
     """Start the compile workers before the engine exists (`LLM` does so before reading config.json),
-    so that their imports (torch, Triton, the kernels: seconds, 16 at once) overlap the front door's
+    so that their imports (torch, Triton, the kernels: seconds, a dozen processes at once) overlap the front door's
     work; the engine's KernelPrecompiler takes them over. Nothing happens off CUDA or with 0 workers."""
     global _early
     n = default_workers() if workers is None else workers
