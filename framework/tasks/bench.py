@@ -273,9 +273,9 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
             prof = decode.pop("profile")
             per_step = 1e3 / PROFILED_BATCH1_TOKENS  # ms per step (the prefill step is in there too)
             print(f"    one request of {PROFILED_BATCH1_TOKENS} tokens under torch.profiler: wall "
-                  f"{prof['wall_seconds'] * per_step:.3f} ms a token, kernels {prof['kernel_seconds'] * per_step:.3f} ms, "
-                  f"device idle {prof['idle_seconds'] * per_step:.3f} ms (the prompt's step included; every kernel "
-                  f"in {run_dir / 'profile_batch1.txt'}):")
+                  f"{prof['wall_seconds'] * per_step:.3f} ms a token, kernels "
+                  f"{prof['kernel_seconds'] * per_step:.3f} ms, device idle {prof['idle_seconds'] * per_step:.3f} ms "
+                  f"(the prompt's step included; every kernel in {run_dir / 'profile_batch1.txt'}):")
             print("\n".join(f"      {kind:<26}{s * per_step:>7.3f} ms a token" for kind, s in
                             sorted(prof["kinds"].items(), key=lambda kv: -kv[1])))
             result["decode_batch1_profile"] = prof
