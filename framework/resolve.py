@@ -6,7 +6,8 @@
 - `cache.max_model_len` and `cache.max_num_seqs` are numbers (null = the model's limit; `auto` =
   the largest that fits, searched by the memory planner);
 - `cache.max_num_batched_tokens` is a number (null = by the device: default_max_num_batched_tokens);
-- `compilation.cudagraph_capture_sizes` is the list of decode sizes that will be captured.
+- `compilation.cudagraph_capture_sizes` is the list of decode sizes that will be captured;
+- `model.tokenizer`, when set, is a folder holding a tokenizer (a hub id: its folder in the HF cache).
 The engine, the ranks and metrics.json all receive this resolved config and never resolve again.
 
 The helpers below (device, dtype, the model's own length limit, the capture sizes) are what both
@@ -113,6 +114,9 @@ def resolve_config(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Op
         folder = resolve_model_path(cfg.model.path)
         Manifest.read(folder).check(folder, cfg.parallelism.tensor_parallel_size, quant.method)
     out = dataclasses.replace(cfg, quantization=quant)
+    if cfg.model.tokenizer:  # a folder or a cached hub id, checked here once; ranks get the folder
+        from framework.loader.resolve import resolve_tokenizer_path
+        out.model = dataclasses.replace(cfg.model, tokenizer=str(resolve_tokenizer_path(cfg.model.tokenizer)))
     length, seqs = cfg.cache.max_model_len, cfg.cache.max_num_seqs
     if length is None:
         length = model_max_len(hf_config)

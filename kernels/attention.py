@@ -2,7 +2,7 @@
 
 Inputs (B sequences, T new tokens in all):
   q             [T, Hq, D]   new tokens, sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
-  k/v_cache     [num_blocks, block_size, Hkv, D], the new tokens' K/V already stored
+  k/v_cache     [num_blocks, Hkv, block_size, D], the new tokens' K/V already stored
   cu_seqlens_q  int32 [B+1]
   seq_lens      int32 [B]    total context per sequence, new tokens included
   block_tables  int32 [B, max_blocks]; entries past a sequence's blocks are never read
@@ -90,8 +90,8 @@ def _attend_kv_range(
             n_ok = n >= 0  # all true; only the head_dim padding needs masking
             blk = tl.load(bt_row + n // BLOCK_SIZE).to(tl.int64)
         off = (n % BLOCK_SIZE).to(tl.int64)
-        k_rows = blk * stride_kb + off * stride_ks + kvh * stride_kh
-        v_rows = blk * stride_vb + off * stride_vs + kvh * stride_vh
+        k_rows = blk * stride_kb + kvh * stride_kh + off * stride_ks
+        v_rows = blk * stride_vb + kvh * stride_vh + off * stride_vs
         if MASKED or BLOCK_D != HEAD_DIM:
             kt = tl.load(k_cache_ptr + k_rows[None, :] + d[:, None],
                          mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [D, N]
@@ -214,9 +214,9 @@ def _paged_attention_kernel(
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor) -> None:
     assert q.dim() == 3, "q must be [T, Hq, D]"
-    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "cache [blocks, bs, Hkv, D]"
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "cache [blocks, Hkv, bs, D]"
     assert q.shape[2] == k_cache.shape[3], "head_dim mismatch"
-    assert q.shape[1] % k_cache.shape[2] == 0, "Hq must be a multiple of Hkv"
+    assert q.shape[1] % k_cache.shape[1] == 0, "Hq must be a multiple of Hkv"
     num_seqs = seq_lens.shape[0]
     assert cu_seqlens_q.shape == (num_seqs + 1,) and block_tables.shape[0] == num_seqs
 
@@ -246,7 +246,7 @@ def paged_attention(
     """
     _check(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables)
     num_tokens, hq, head_dim = q.shape
-    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    hkv, block_size = k_cache.shape[1], k_cache.shape[2]
     num_seqs = seq_lens.shape[0]
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache head_dim must be contiguous"
     if q.stride(-1) != 1:
@@ -267,8 +267,8 @@ def paged_attention(
         scale * 1.4426950408889634,  # exp(x) = exp2(x * log2 e): exp2 is the fast instruction
         num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(2), v_cache.stride(1),
         block_tables.stride(0), BLOCK_SIZE=block_size,
         GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_M=block_m,
         HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), BLOCK_N=block_n or BLOCK_N,
@@ -297,7 +297,7 @@ def paged_attention_ref(
     """
     _check(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables)
     num_tokens, hq, head_dim = q.shape
-    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    hkv, block_size = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
     if out is None:
         out = torch.empty((num_tokens, hq, head_dim), dtype=q.dtype, device=q.device)
@@ -323,8 +323,9 @@ def paged_attention_ref(
         skip = first_key // block_size
         base = skip * block_size
         blocks = block_tables[b, skip:nblk].long()
-        k = k_cache[blocks].flatten(0, 1)[:seq_len - base].transpose(0, 1).float()  # [Hkv, L, D]
-        v = v_cache[blocks].flatten(0, 1)[:seq_len - base].transpose(0, 1).float()
+        # A head-major gather comes out [Hkv, blocks, bs, D]: each head's keys in order, one copy.
+        k = k_cache.transpose(0, 1).index_select(1, blocks).flatten(1, 2)[:, :seq_len - base].float()  # [Hkv, L, D]
+        v = v_cache.transpose(0, 1).index_select(1, blocks).flatten(1, 2)[:, :seq_len - base].float()
         # Queries in chunks of QUERY_CHUNK rows: the scores of a long prompt over its whole context
         # never exist at once (a 2048-token prompt on 32 heads would need 1.3 GiB per layer).
         for c0 in range(0, q_len, QUERY_CHUNK):

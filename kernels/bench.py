@@ -89,7 +89,7 @@ def elementwise_cases(tokens: int) -> list[Case]:
     freqs = torch.outer(torch.arange(8192, device="cuda").float(), inv)
     cos, sin = freqs.cos(), freqs.sin()
     num_blocks = math.ceil(tokens / BLOCK_SIZE) * 4
-    k_cache = torch.zeros(num_blocks, BLOCK_SIZE, HKV, HEAD_DIM, device="cuda", dtype=DTYPE)
+    k_cache = torch.zeros(num_blocks, HKV, BLOCK_SIZE, HEAD_DIM, device="cuda", dtype=DTYPE)
     v_cache = torch.zeros_like(k_cache)
     slots = torch.randperm(num_blocks * BLOCK_SIZE, device="cuda")[:tokens]
     t = f"T={tokens}"
@@ -111,7 +111,7 @@ def _paged(seqs: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
     """Random q and a shuffled paged cache for (q_len, seq_len) pairs."""
     blocks = [math.ceil(s / BLOCK_SIZE) for _, s in seqs]
     num_blocks = sum(blocks)
-    k_cache = torch.randn(num_blocks, BLOCK_SIZE, HKV, HEAD_DIM, device="cuda", dtype=DTYPE)
+    k_cache = torch.randn(num_blocks, HKV, BLOCK_SIZE, HEAD_DIM, device="cuda", dtype=DTYPE)
     v_cache = torch.randn_like(k_cache)
     perm = torch.randperm(num_blocks, device="cuda").int()
     tables = torch.zeros(len(seqs), max(blocks), dtype=torch.int32, device="cuda")
@@ -324,7 +324,7 @@ def rotary_kv_fusion(batch: int) -> Fusion:
     freqs = torch.outer(torch.arange(8192, device="cuda").float(), inv)
     cos, sin = freqs.cos(), freqs.sin()
     num_blocks = math.ceil(batch / BLOCK_SIZE) * 4
-    k_cache = torch.zeros(num_blocks, BLOCK_SIZE, HKV, HEAD_DIM, device="cuda", dtype=DTYPE)
+    k_cache = torch.zeros(num_blocks, HKV, BLOCK_SIZE, HEAD_DIM, device="cuda", dtype=DTYPE)
     v_cache = torch.zeros_like(k_cache)
     slots = torch.randperm(num_blocks * BLOCK_SIZE, device="cuda")[:batch]
 

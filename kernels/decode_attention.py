@@ -27,12 +27,17 @@ from kernels._triton import next_pow2, tl, triton
 
 # Keys per inner-loop tile (>= 16: it is the K dim of the P @ V dot). Independent of the cache's
 # block_size: keys are gathered per token through the block table, so any block_size works.
-BLOCK_N = 128  # beat 64 by up to 12% on H100 at batch 1-8 (kernels/bench.py, 2026-11-25)
+# Two tile configs, by regime (picked from num_splits, a Python int, so graphs stay valid):
+# - one program per sequence and KV head (a large batch already fills the SMs): the kernel streams
+#   K/V; 64 keys, 4 warps, 2 stages ran 237 us against 244 for 128/4/3 on H200 at 256 decodes of
+#   the 8B shape with the head-major cache (bench_attention, BENCHMARKS.md issue 16, 2026-12-01);
+# - sequences split into chunks (small batches): few tiles per program, so larger ones; 128 beat 64
+#   by up to 12% on H100 at batch 1-8 (kernels/bench.py, 2026-11-25, the old cache layout).
+BLOCK_N, NUM_WARPS, NUM_STAGES = 64, 4, 2
+SPLIT_BLOCK_N, SPLIT_NUM_STAGES = 128, 3
 # A split shorter than this costs more in the merge than it wins in parallelism.
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 64
-NUM_WARPS = 4
-NUM_STAGES = 3
 
 
 @triton.jit
@@ -41,8 +46,8 @@ def _decode_split_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr,
     scale_log2,
     stride_qb, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
     stride_bt,
     BLOCK_SIZE: tl.constexpr,  # cache block size; constexpr so // and % become shifts
     NUM_SPLITS: tl.constexpr,
@@ -90,16 +95,17 @@ def _decode_split_kernel(
         blk = tl.load(bt_row + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
         off = (n % BLOCK_SIZE).to(tl.int64)
         kv_mask = n_ok[None, :] & d_ok[:, None]
-        kt = tl.load(k_cache_ptr + blk[None, :] * stride_kb + off[None, :] * stride_ks
-                     + kvh * stride_kh + d[:, None], mask=kv_mask, other=0.0)  # [D, N]
+        # This head's keys of one block are one contiguous [BLOCK_SIZE, D] run (kernels/kv_cache.py).
+        kt = tl.load(k_cache_ptr + blk[None, :] * stride_kb + kvh * stride_kh
+                     + off[None, :] * stride_ks + d[:, None], mask=kv_mask, other=0.0)  # [D, N]
         s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vs
-                    + kvh * stride_vh + d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + kvh * stride_vh
+                    + off[:, None] * stride_vs + d[None, :], mask=n_ok[:, None] & d_ok[None, :],
                     other=0.0)  # [N, D]
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
                                             input_precision=DOT_PRECISION)
@@ -163,9 +169,9 @@ def pick_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: tor
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
            block_tables: torch.Tensor) -> None:
     assert q.dim() == 3, "q must be [B, Hq, D]"
-    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "cache [blocks, bs, Hkv, D]"
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "cache [blocks, Hkv, bs, D]"
     assert q.shape[2] == k_cache.shape[3], "head_dim mismatch"
-    assert q.shape[1] % k_cache.shape[2] == 0, "Hq must be a multiple of Hkv"
+    assert q.shape[1] % k_cache.shape[1] == 0, "Hq must be a multiple of Hkv"
     assert seq_lens.shape == (q.shape[0],) and block_tables.shape[0] == q.shape[0]
 
 
@@ -194,7 +200,7 @@ def paged_decode_attention(
     """
     _check(q, k_cache, v_cache, seq_lens, block_tables)
     batch, hq, head_dim = q.shape
-    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    hkv, block_size = k_cache.shape[1], k_cache.shape[2]
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache head_dim must be contiguous"
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -205,11 +211,12 @@ def paged_decode_attention(
         return out
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * block_size
-    block_n = block_n or BLOCK_N
-    if sliding_window:  # a window reads at most W keys (plus the tile they start in)
-        max_seq_len = min(max_seq_len, sliding_window + block_n)
     if num_splits is None:
+        if sliding_window:  # a window reads at most W keys (plus the tile they start in)
+            max_seq_len = min(max_seq_len, sliding_window + max(block_n or 0, BLOCK_N, SPLIT_BLOCK_N))
         num_splits = pick_num_splits(batch, hkv, max_seq_len, q.device)
+    block_n = block_n or (SPLIT_BLOCK_N if num_splits > 1 else BLOCK_N)
+    num_stages = num_stages or (SPLIT_NUM_STAGES if num_splits > 1 else NUM_STAGES)
     group = hq // hkv
     block_d = max(16, next_pow2(head_dim))
     if num_splits > 1:
@@ -227,7 +234,7 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=max(16, next_pow2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype), WINDOW=int(sliding_window or 0),
-        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
+        num_warps=num_warps or NUM_WARPS, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_merge_kernel[(batch * hq,)](
@@ -247,21 +254,25 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.T
     used as indices and stale or NaN slots can't leak into SDPA (a masked score of NaN would
     still poison the softmax).
     """
-    block_size = cache.shape[1]
+    num_kv_heads, block_size = cache.shape[1], cache.shape[2]
     batch, nblk = block_tables.shape[0], -(-max_len // block_size)
     lens = seq_lens.long()[:, None]
     lo = torch.zeros_like(lens) if starts is None else starts.long()[:, None]
     bt = block_tables[:, :nblk].long()
     blk_start = torch.arange(nblk, device=bt.device) * block_size
     bt = torch.where((blk_start < lens) & (blk_start + block_size > lo), bt, 0)
-    # One index_select of whole blocks, rows flattened to [B, L, Hkv * D] so the padding rows
-    # can be zeroed by index: several times faster on CPU than a broadcast masked_fill.
-    dense = cache.index_select(0, bt.flatten()).view(batch, nblk * block_size, -1)
+    # One index_select of whole blocks along the block dim of a head-major view: the copy comes
+    # out [Hkv, B * nblk, bs, D], so each head's rows of a sequence are already in order and
+    # no second (transposing) copy is needed. Padding rows are zeroed by index: several times
+    # faster on CPU than a broadcast masked_fill.
+    dense = cache.transpose(0, 1).index_select(1, bt.flatten())
     if dense.element_size() == 1:  # an fp8 cache: CPU indexing writes have no fp8 kernel
         dense = dense.float()
-    row = torch.arange(dense.shape[1], device=bt.device)
-    dense[((row >= lens) | (row < lo)).nonzero(as_tuple=True)] = 0
-    return dense.view(batch, nblk * block_size, *cache.shape[2:])[:, :max_len].transpose(1, 2)
+    dense = dense.reshape(num_kv_heads, batch, nblk * block_size, cache.shape[3])
+    row = torch.arange(nblk * block_size, device=bt.device)
+    seq, pad = ((row >= lens) | (row < lo)).nonzero(as_tuple=True)
+    dense[:, seq, pad] = 0
+    return dense[:, :, :max_len].transpose(0, 1)
 
 
 def paged_decode_attention_ref(
@@ -283,7 +294,7 @@ def paged_decode_attention_ref(
     """
     _check(q, k_cache, v_cache, seq_lens, block_tables)
     batch, hq, head_dim = q.shape
-    hkv = k_cache.shape[2]
+    hkv = k_cache.shape[1]
     if out is None:
         out = torch.empty((batch, hq, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:

@@ -17,6 +17,7 @@ import torch
 
 from kernels._triton import next_pow2, tl, triton
 from kernels.kv_cache import _check as _check_kv
+from kernels.kv_cache import cache_offsets
 from kernels.kv_cache import store_kv_cache_ref
 from kernels.rotary import _check as _check_rotary
 from kernels.rotary import _cos_sin_row, _rotate_heads, apply_rotary_ref
@@ -26,7 +27,7 @@ from kernels.rotary import _cos_sin_row, _rotate_heads, apply_rotary_ref
 def _rotary_store_kv_kernel(
     q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
+    HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     # One program per token: the cos/sin row is loaded once for all of its q and k heads.
@@ -49,7 +50,7 @@ def _rotary_store_kv_kernel(
     # k's dtype first (apply_rotary's output), then the cache's (store_kv_cache's cast): one
     # direct fp32 -> fp8 rounding could differ from the two-kernel path in the last bit.
     cache_ty = k_cache_ptr.dtype.element_ty
-    dst = slot * (HKV * 2 * HALF) + h * (2 * HALF) + d  # a slot is one contiguous [HKV, D] row
+    dst = cache_offsets(slot, h, d, HKV, 2 * HALF, BLOCK_SIZE)  # each head's row of the slot's block
     tl.store(k_cache_ptr + dst, (a * cos - b * sin).to(k1.dtype).to(cache_ty), mask=mask)
     tl.store(k_cache_ptr + dst + HALF, (b * cos + a * sin).to(k1.dtype).to(cache_ty), mask=mask)
     # v is copied in the same two halves, which reuses the k mask and offsets.
@@ -80,7 +81,7 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     _rotary_store_kv_kernel[(num_tokens,)](
         q, k, v, q_out, positions, cos, sin, k_cache, v_cache, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        HQ=hq, HKV=hkv, HALF=half,
+        HQ=hq, HKV=hkv, HALF=half, BLOCK_SIZE=k_cache.shape[2],
         BLOCK_HQ=next_pow2(hq), BLOCK_HKV=next_pow2(hkv), BLOCK_HALF=next_pow2(half),
     )
     return q_out

@@ -92,6 +92,7 @@ BAD = [
     ("cache.max_model_len=-5", "cache.max_model_len", "positive integer"),
     ("cache.kv_cache_dtype=int2", "cache.kv_cache_dtype", "auto, fp8"),
     ("cache.cpu_kvcache_space_gib=0", "cache.cpu_kvcache_space_gib", "> 0"),
+    ("cache.kv_cache_memory_gib=-1", "cache.kv_cache_memory_gib", "> 0 GiB (or null)"),
     ("compilation.cudagraph_capture_sizes=[4,2]", "compilation.cudagraph_capture_sizes", "increasing"),
     ("compilation.cudagraph_capture_sizes=[0,1]", "compilation.cudagraph_capture_sizes", "positive"),
     ("compilation.level=7", "compilation.level", "PIECEWISE"),

@@ -126,16 +126,23 @@ def test_qwen2_5_vl_weights_equal_hf_model():
 
 
 def test_quantized_weights_equal_meta_model():
-    """fp8/int8 (1 byte + a float32 scale per row) and int4 (half a byte + a bf16 scale per group),
-    counted as measure.weight_bytes counts them: parameters plus the scales (persistent buffers)."""
+    """fp8/int8 (1 byte + a float32 scale per row) and int4 (half a byte + a bf16 scale per group,
+    and on CUDA its tinygemm copy unless int4_tinygemm=false), counted as measure.weight_bytes
+    counts them: parameters plus the scales (persistent buffers). A GPU plan counts the model
+    built for CUDA."""
     from framework.layers.quantization import QuantResolver
     from framework.memory.measure import weight_bytes
     hf = shape_config("llama-3.1-8b")
-    for method in ("fp8", "int8", "int4"):
+    planned = {}
+    for method, tinygemm in (("fp8", True), ("int8", True), ("int4", True), ("int4", False)):
         cfg = plan_config("llama-3.1-8b", max_model_len=8192)
-        cfg.quantization.method = method
-        model = meta_model(hf, quant=QuantResolver.build(cfg.quantization, hf))
-        assert weight_bytes(model) == plan_memory(cfg, hf, 80 * GiB).weight_bytes, method
+        cfg.quantization.method, cfg.quantization.int4_tinygemm = method, tinygemm
+        model = meta_model(hf, quant=QuantResolver.build(cfg.quantization, hf, cuda=True))
+        planned[method, tinygemm] = plan_memory(cfg, hf, 80 * GiB).weight_bytes
+        assert weight_bytes(model) == planned[method, tinygemm], method
+    # the copy: half a byte a weight of the 32 layers' linears, and a bf16 (scale, zero) per group
+    linear_weights = 32 * 4096 * (6144 + 4096 + 2 * 14336) + 32 * 14336 * 4096
+    assert planned["int4", True] - planned["int4", False] == linear_weights // 2 + linear_weights // 128 * 4
 
 
 # --- KV cache ------------------------------------------------------------------------------
@@ -243,18 +250,18 @@ def test_fixes_are_valid_hydra_overrides_that_fit():
         assert plan_memory(fixed, hf, 16 * GiB).fits, fix.overrides
 
 
-@pytest.mark.parametrize("override", ["quantization=int4", "quantization=fp8", "compilation=eager",
-                                      "multimodal=text_only", "multimodal=images_only"])
+@pytest.mark.parametrize("override", ["quantization=int4 quantization.int4_tinygemm=false", "quantization=fp8",
+                                      "compilation=eager", "multimodal=text_only", "multimodal=images_only"])
 def test_fix_candidates_match_their_yaml(override):
     """A group choice suggested as a fix does to the config what its YAML does."""
     from framework.memory.fixes import _candidates
     cfg = compose(["model=qwen2_5_vl_3b_shape", "cache.max_model_len=8192"])
     hf = shape_config("qwen2.5-vl-3b")
     plan = plan_memory(cfg, hf, 16 * GiB)
-    (candidate,) = [c for c in _candidates(cfg, hf, plan) if c.overrides == [override]]
+    (candidate,) = [c for c in _candidates(cfg, hf, plan) if c.overrides == override.split()]
     applied = copy.deepcopy(cfg)
     candidate.apply(applied)
-    assert applied == compose(["model=qwen2_5_vl_3b_shape", "cache.max_model_len=8192", override])
+    assert applied == compose(["model=qwen2_5_vl_3b_shape", "cache.max_model_len=8192", *override.split()])
 
 
 def test_auto_limits_are_the_largest_that_fit():
@@ -406,3 +413,54 @@ def test_batched_tokens_default_by_device(tiny_model):
     big, small = plan_memory(cfg, hf, 141 * GiB), plan_memory(cfg, hf, 48 * GiB)
     assert (big.max_num_batched_tokens, small.max_num_batched_tokens) == (8192, 2048)
     assert big.activation_bytes > small.activation_bytes
+
+
+# --- cache.kv_cache_memory_gib: an exact KV size instead of a share -----------------------------
+def test_kv_cache_memory_sets_the_pool_on_gpu_and_must_fit_the_device():
+    hf = shape_config("llama-3.1-8b")
+    plan = plan_memory(plan_config("llama-3.1-8b", max_model_len=8192, kv_cache_memory_gib=20), hf, 80 * GiB)
+    block = plan.kv_bytes_per_token * plan.block_size
+    assert plan.kv_blocks == 20 * GiB // block and plan.fits
+    assert plan.budget_bytes == 80 * GiB  # the whole device: gpu_memory_utilization does not apply
+    assert plan.headroom_bytes == 80 * GiB - plan.rank_total_bytes
+    # more than the device holds beside the weights: refused, with the size that fits as a fix
+    cfg = plan_config("llama-3.1-8b", max_model_len=8192, kv_cache_memory_gib=75)
+    big = plan_memory(cfg, hf, 80 * GiB)
+    assert not big.fits and "short of holding its 75.00 GiB KV cache" in big.verdict
+    from framework.memory.fixes import suggest_fixes
+    room = (80 * GiB - (big.rank_total_bytes - big.kv_cache_bytes)) / GiB
+    sizes = [o for f in suggest_fixes(cfg, hf, 80 * GiB, big) for o in f.overrides if "kv_cache_memory" in o]
+    assert sizes == [f"cache.kv_cache_memory_gib={int(room * 4) / 4:g}"]
+    # less than one request: the verdict says by how much
+    small = plan_memory(plan_config("llama-3.1-8b", max_model_len=8192, kv_cache_memory_gib=0.5), hf, 80 * GiB)
+    assert not small.fits and small.verdict.startswith("DOES NOT FIT: 0.50 GiB/GPU short of holding one 8192")
+
+
+def test_kv_cache_memory_sizes_the_cpu_cache_as_planned(tiny_model):
+    from framework.config.validate import inert_knobs
+    from helpers import greedy, small_config
+    cfg = small_config(tiny_model("llama"), max_model_len=64, kv_cache_memory_gib=0.002)
+    cfg.cache.cpu_kvcache_space_gib = 1.0  # set too: kv_cache_memory_gib decides, and a note says so
+    plan = plan_memory(cfg, load_hf_config(tiny_model("llama")), None)
+    _, (stats,) = greedy(cfg, [[1, 2, 3]], 2)
+    assert stats["kv_tokens"] == plan.kv_tokens and stats["kv_bytes"] == plan.kv_cache_bytes
+    assert stats["kv_bytes"] <= 0.002 * GiB < stats["kv_bytes"] + plan.kv_bytes_per_token * plan.block_size
+    notes = [text for _, text in inert_knobs(cfg, load_hf_config(tiny_model("llama")), on_gpu=False, multimodal=False)]
+    assert any(n.startswith("cache.cpu_kvcache_space_gib=1.0 (VLLM_CPU_KVCACHE_SPACE): not used on the CPU "
+                            "backend; the KV cache's size is cache.kv_cache_memory_gib=0.002") for n in notes)
+
+
+@pytest.mark.gpu
+def test_kv_cache_memory_sizes_the_gpu_cache(tiny_model):
+    from framework.config import ConfigError
+    from framework.llm import LLM
+    from helpers import small_config
+    cfg = small_config(tiny_model("llama"), max_model_len=64, kv_cache_memory_gib=0.25)
+    cfg.model.device = "cuda"
+    with LLM(cfg) as llm:
+        stats = llm.stats()["ranks"][0]
+    per_block = stats["kv_bytes"] // stats["kv_blocks"]
+    assert stats["kv_blocks"] == int(0.25 * GiB) // per_block or stats["kv_tokens"] == 4 * 256 * 64  # capped
+    cfg.cache.kv_cache_memory_gib = 10_000.0
+    with pytest.raises(ConfigError, match=r"^cache.kv_cache_memory_gib=10000.0: this GPU has .* GiB left"):
+        LLM(cfg)

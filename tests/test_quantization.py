@@ -485,3 +485,76 @@ def test_int8_w8a8_end_to_end_on_gpu(sampled, monkeypatch):
     assert all(len(t) == 6 for t in tokens)
     print(f"perplexity bf16 {bf16_ppl:.4f}, int8 W8A8 {int8_ppl:.4f}")
     assert abs(int8_ppl / bf16_ppl - 1) < 0.1, (int8_ppl, bf16_ppl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 4, 5, 64, 65, 300, 1100])
+def test_int4_dispatch_on_gpu_matches_the_format(rows):
+    """Every path int4_linear takes on the card (tinygemm on its repacked copy, the GEMV,
+    quant_matmul, w4a16_matmul at both tiles) against the format's own dequantization, bf16."""
+    from framework.layers.linear import ReplicatedLinear
+    from framework.layers.quantization.int4 import Int4Method
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            layer = ReplicatedLinear(512, 264, bias=False, quant=Int4Method(128, tinygemm=True))
+    finally:
+        torch.set_default_dtype(previous)
+    assert layer.weight_int4pack.dtype == torch.int32  # CUDA and bf16: the tinygemm copy exists
+    layer.weight.fill_dummy(torch.Generator(device="cuda").manual_seed(rows))
+    x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
+    expected = x.float() @ dequantize_int4(layer.weight, layer.weight_scale.float()).T
+    torch.testing.assert_close(layer(x).float(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_int4_tinygemm_copy_is_counted_but_never_saved():
+    """With int4_tinygemm on a CUDA model, layers of bf16 shapes tinygemm takes carry the copy
+    (the planner counts it: test_planner), a sharded checkpoint leaves it out (the loading run
+    remakes it), and on the CPU it stays unmade."""
+    from framework.layers.linear import ReplicatedLinear
+    from framework.layers.quantization.int4 import Int4Method
+    from framework.loader.sharded import held_tensors
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = torch.nn.Sequential(ReplicatedLinear(256, 24, bias=False, quant=Int4Method(128, tinygemm=True)),
+                                    ReplicatedLinear(256, 20, bias=False, quant=Int4Method(128, tinygemm=True)))
+    finally:
+        torch.set_default_dtype(previous)
+    assert model[0].weight_int4pack.shape == (3, 2, 32, 4) and model[0].weight_scale_zeros.shape == (2, 24, 2)
+    assert not hasattr(model[1], "weight_int4pack")  # 20 rows: tinygemm packs 8 at a time
+    assert sorted(held_tensors(model)) == ["0.weight", "0.weight_scale", "1.weight", "1.weight_scale"]
+    model[0].weight.fill_dummy(torch.Generator().manual_seed(0))
+    assert not model[0].weight_int4pack.any()
+
+
+def test_int4_tinygemm_copy_of_shards_ending_mid_eight(monkeypatch):
+    """tinygemm packs eight rows together: QKV shards of 24 / 4 / 4 rows (head_dim 4, 6 query
+    heads, 1 KV head) share rows 24-31 between k and v, which each repacks whole as it arrives, so
+    the copy ends as one pack of the whole weight. (`pack` here is a stand-in with the real one's
+    row blocks: eight rows -> one [K/128, 32, 4] block of int32.)"""
+    from framework.layers.linear import QKVParallelLinear
+    from framework.layers.quantization.int4 import Int4Method
+    from kernels import int4_tinygemm as tg
+
+    def fake_pack(codes: torch.Tensor) -> torch.Tensor:
+        return codes.contiguous().view(torch.int32).reshape(codes.shape[0] // 8, -1, 32, 4)
+
+    monkeypatch.setattr(tg, "can_pack", lambda t: True)
+    monkeypatch.setattr(tg, "pack", fake_pack)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        layer = QKVParallelLinear(256, 4, 6, 1, bias=False, quant=Int4Method(128, tinygemm=True))
+    finally:
+        torch.set_default_dtype(previous)
+    assert layer.weight_int4pack.shape == (4, 2, 32, 4)
+    gen = torch.Generator().manual_seed(0)
+    for shard in ("v", "q", "k"):  # any order
+        offset, size, _ = layer.output_rows(shard)
+        layer.quant.store(layer, offset, torch.randn(size, 256, generator=gen) * 0.05)
+    assert torch.equal(layer.weight_int4pack, fake_pack(layer.weight))
+    assert torch.equal(layer.weight_scale_zeros[..., 0], layer.weight_scale.T)

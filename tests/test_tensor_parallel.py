@@ -76,3 +76,16 @@ def test_scores_at_tp2_equal_tp1(tiny_model):
         split = llm.score(windows)
     assert len(single) == 2 and all(nll > 0 for nll in single)
     assert split == pytest.approx(single, rel=1e-4)
+
+
+def test_tp2_async_scheduling_matches_tp1(tiny_model):
+    """Async scheduling at TP=2: every rank takes the greedy argmax of its gathered logits into its
+    own buffer and fills the next step's placeholders from it, with chunked prefill and preemption
+    in the mix (a 7-token step budget, a cache of few blocks)."""
+    model_dir = tiny_model("llama")
+    tight = dict(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=7, num_gpu_blocks_override=8)
+    expected, _ = greedy(small_config(model_dir, 1, **tight), PROMPTS, MAX_TOKENS)
+    ours, ranks = greedy(small_config(model_dir, 2, async_scheduling=True, **tight), PROMPTS, MAX_TOKENS)
+    assert ours == expected
+    assert [r["async_scheduling"] for r in ranks] == [True, True]
+    assert ranks[0]["num_preemptions"] > 0

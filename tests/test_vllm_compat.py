@@ -63,6 +63,7 @@ def test_every_seed_example_is_a_recipe_with_the_same_effect():
     ("kv_cache_dtype", "fp8", "cache.kv_cache_dtype", "fp8"),
     ("enable_prefix_caching", True, "cache.enable_prefix_caching", True),
     ("num_gpu_blocks_override", 64, "cache.num_gpu_blocks_override", 64),
+    ("kv_cache_memory_bytes", 3 << 29, "cache.kv_cache_memory_gib", 1.5),
     ("enforce_eager", True, "compilation.enforce_eager", True),
     ("limit_mm_per_prompt", {"image": 2, "video": 0}, "multimodal.limit_mm_per_prompt", {"image": 2, "video": 0}),
     ("limit_mm_per_prompt", {"image": {"count": 3, "width": 512}}, "multimodal.limit_mm_per_prompt", {"image": 3}),
@@ -123,6 +124,8 @@ def test_compilation_config_forms():
     (dict(distributed_executor_backend="mp"), "distributed_executor_backend='mp': must be None, 'ray' or 'uni'"),
     (dict(enforce_eager="yes"), "enforce_eager='yes': must be True or False"),
     (dict(gpu_memory_utilization="0.5"), "gpu_memory_utilization='0.5': must be a number"),
+    (dict(kv_cache_memory_bytes="4GiB"), "kv_cache_memory_bytes='4GiB': must be a number"),
+    (dict(kv_cache_memory_bytes=0), "kv_cache_memory_bytes=0: must be a number of bytes > 0"),
 ])
 def test_bad_keyword_is_one_line_naming_it(kwargs, start):
     with pytest.raises(ConfigError) as err:
@@ -158,12 +161,26 @@ def test_hub_id_resolves_offline_from_the_hf_cache(tiny_model, tmp_path, monkeyp
     import huggingface_hub.constants as hub
     from framework.config.errors import UserError
     from framework.loader.resolve import resolve_model_path
-    cache = fake_hub_cache(tmp_path / "hub", {"org/tiny-llama": tiny_model("llama")})
+    from framework.loader.resolve import load_hf_config
+    from framework.resolve import resolve_config
+    from helpers import small_config
+    with_tokenizer = Path(shutil.copytree(tiny_model("llama"), tmp_path / "tok"))
+    write_tokenizer(with_tokenizer)
+    cache = fake_hub_cache(tmp_path / "hub", {"org/tiny-llama": with_tokenizer, "org/no-tokenizer": tiny_model("llama")})
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))  # what HF_HUB_CACHE sets at import
     assert (resolve_model_path("org/tiny-llama") / "config.json").is_file()
     assert Path(to_config("m", tokenizer="org/tiny-llama").model.tokenizer) == resolve_model_path("org/tiny-llama")
-    with pytest.raises(ConfigError, match=r"^tokenizer='org/absent': no such folder, and not in the HF hub cache"):
+    with pytest.raises(ConfigError, match=r"^tokenizer='org/absent': no tokenizer found: no such folder, and not in "
+                                          r"the HF hub cache"):
         to_config("m", tokenizer="org/absent")
+    # The YAML key resolves the same way, once, in resolve_config; set and absent is never ignored.
+    cfg, hf = small_config(tiny_model("llama")), load_hf_config(tiny_model("llama"))
+    cfg.model.tokenizer = "org/tiny-llama"
+    assert Path(resolve_config(cfg, hf, None).model.tokenizer) == resolve_model_path("org/tiny-llama")
+    for absent in ("org/no-tokenizer", str(tmp_path)):
+        cfg.model.tokenizer = absent
+        with pytest.raises(ConfigError, match=rf"^model.tokenizer='{absent}': no tokenizer found"):
+            resolve_config(cfg, hf, None)
     with pytest.raises(UserError, match=r"^model.path='org/absent': no config.json found; .*HF hub cache"):
         resolve_model_path("org/absent")
 

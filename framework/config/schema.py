@@ -17,7 +17,7 @@ class ModelConfig:
     # A local HF folder, the name of a bundled model (framework/assets/NAME) or a hub id
     # already present in the local HF cache (nothing is ever downloaded).
     path: str = "pydoc-llama"
-    tokenizer: Optional[str] = None  # defaults to `path`
+    tokenizer: Optional[str] = None  # defaults to `path`; a folder, or a hub id in the local HF cache
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto = float32 on CPU, checkpoint dtype on GPU
     load_format: str = "auto"  # auto (safetensors) | dummy (random weights) | sharded (task=save_sharded output)
     device: str = "auto"  # auto | cpu | cuda
@@ -35,6 +35,10 @@ class QuantizationConfig:
     # none | fp8 | int8 | int4 (weights quantized at load) | auto (read the checkpoint's quantization_config)
     method: str = "none"
     group_size: int = 128  # int4: weights per scale along the input dimension
+    # int4 on CUDA with bf16: keep a second copy of the codes in PyTorch's tinygemm layout for
+    # decode steps of up to 4 tokens (batch-1 decode ~1.4x bf16 against ~1.2x without; BENCHMARKS.md).
+    # Costs another half byte a weight (3.45 GiB on an 8B); false keeps int4 at its smallest.
+    int4_tinygemm: bool = True
 
 
 class CompilationLevel(IntEnum):
@@ -59,6 +63,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9  # share of GPU memory this engine may use in all
     kv_cache_dtype: str = "auto"  # auto (model dtype) | fp8 (half the KV bytes of bf16)
     cpu_kvcache_space_gib: float = 4.0  # CPU backend KV cache size (vLLM: VLLM_CPU_KVCACHE_SPACE)
+    # The KV cache's size per rank, exactly, on any device (vLLM: kv_cache_memory_bytes); set, it
+    # replaces gpu_memory_utilization's share on a GPU and cpu_kvcache_space_gib on the CPU.
+    kv_cache_memory_gib: Optional[float] = None
     enable_prefix_caching: bool = False  # share KV blocks of identical prompt prefixes
     num_gpu_blocks_override: Optional[int] = None  # force the number of KV blocks (tests, debugging)
     # Schedule step N+1 while step N runs (greedy steps, TP=1); null = on for CUDA, off on CPU,

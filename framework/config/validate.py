@@ -71,6 +71,8 @@ def validate(cfg: FrameworkConfig) -> FrameworkConfig:
     if not c.cpu_kvcache_space_gib > 0:
         raise ConfigError("cache.cpu_kvcache_space_gib", c.cpu_kvcache_space_gib, "must be > 0 GiB")
     _positive("cache.num_gpu_blocks_override", c.num_gpu_blocks_override, allow=(None,))
+    if c.kv_cache_memory_gib is not None and not c.kv_cache_memory_gib > 0:
+        raise ConfigError("cache.kv_cache_memory_gib", c.kv_cache_memory_gib, "must be > 0 GiB (or null)")
 
     sizes = comp.cudagraph_capture_sizes
     if sizes is not None:
@@ -207,14 +209,7 @@ def inert_knobs(cfg: FrameworkConfig, hf_config: Any, on_gpu: bool, multimodal: 
         if what:
             level = logging.WARNING if compiled or sizes else logging.INFO
             notes.append((level, f"{what}: not used on the CPU backend (GPU only); this run decodes eagerly"))
-        if cfg.cache.gpu_memory_utilization != 0.9:
-            notes.append((logging.WARNING, f"cache.gpu_memory_utilization={cfg.cache.gpu_memory_utilization}: not "
-                          "used on the CPU backend; its KV cache is "
-                          f"cache.cpu_kvcache_space_gib={cfg.cache.cpu_kvcache_space_gib}"))
-    elif cfg.cache.cpu_kvcache_space_gib != 4.0:
-        notes.append((logging.WARNING, f"cache.cpu_kvcache_space_gib={cfg.cache.cpu_kvcache_space_gib} "
-                      "(VLLM_CPU_KVCACHE_SPACE): not used on GPU; the KV cache there follows "
-                      "cache.gpu_memory_utilization"))
+    notes += _kv_size_notes(cfg.cache, on_gpu)
     if not multimodal:
         arch = ", ".join(getattr(hf_config, "architectures", None) or []) or "this model"
         for key in ("limit_mm_per_prompt", "mm_processor_kwargs"):
@@ -264,3 +259,18 @@ def check_before_start(cfg: FrameworkConfig, model_path: Path, hf_config: Any) -
     multimodal = hasattr(model, "embed_multimodal") or getattr(hf_config, "vision_config", None) is not None
     for level, note in inert_knobs(cfg, hf_config, on_gpu, multimodal, getattr(model, "modalities", ())):
         log.log(level, "note: %s", note)
+
+
+def _kv_size_notes(c: Any, on_gpu: bool) -> List[Tuple[int, str]]:
+    """A KV-size knob set where another one decides the size: said, never silently ignored."""
+    if c.kv_cache_memory_gib is not None:
+        sizer, unused = f"cache.kv_cache_memory_gib={c.kv_cache_memory_gib}", [
+            ("gpu_memory_utilization", 0.9, "") if on_gpu else None,
+            ("cpu_kvcache_space_gib", 4.0, " (VLLM_CPU_KVCACHE_SPACE)")]
+    elif on_gpu:
+        sizer, unused = "cache.gpu_memory_utilization", [("cpu_kvcache_space_gib", 4.0, " (VLLM_CPU_KVCACHE_SPACE)")]
+    else:
+        sizer, unused = f"cache.cpu_kvcache_space_gib={c.cpu_kvcache_space_gib}", [("gpu_memory_utilization", 0.9, "")]
+    where = "on GPU" if on_gpu else "on the CPU backend"
+    return [(logging.WARNING, f"cache.{key}={getattr(c, key)}{why}: not used {where}; the KV cache's size is {sizer}")
+            for key, default, why in filter(None, unused) if getattr(c, key) != default]

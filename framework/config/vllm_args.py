@@ -52,7 +52,8 @@ KEYS: Dict[str, str] = {
 }
 
 # Keywords that need a translation, not a copy (handled in `_apply`).
-TRANSLATED = ("compilation_config", "distributed_executor_backend", "trust_remote_code", "language_model_only")
+TRANSLATED = ("compilation_config", "distributed_executor_backend", "trust_remote_code", "language_model_only",
+              "kv_cache_memory_bytes")
 
 # vLLM's names for our choices where they differ. vLLM's quantization=None reads the checkpoint's
 # quantization_config, which is our `auto`; so does a config built here from scratch.
@@ -63,7 +64,7 @@ KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}  # our fp8 KV cache is e4m3
 EXECUTOR_BACKENDS = {None: "auto", "ray": "ray", "uni": "local"}
 # Types that validate() takes for granted (the CLI's are checked by the schema).
 BOOLS = ("enforce_eager", "enable_prefix_caching", "async_scheduling", "trust_remote_code", "language_model_only")
-NUMBERS = ("gpu_memory_utilization", "mm_processor_cache_gb")
+NUMBERS = ("gpu_memory_utilization", "mm_processor_cache_gb", "kv_cache_memory_bytes")
 
 # vLLM's environment variables, as vLLM reads them (GiB), and the key each one sets.
 ENV_KEYS = {"VLLM_CPU_KVCACHE_SPACE": "cache.cpu_kvcache_space_gib",
@@ -196,6 +197,10 @@ def _apply(cfg: FrameworkConfig, keyword: str, value: Any) -> None:
         cfg.model.dtype = DTYPE_ALIASES.get(value, value)
     elif keyword == "load_format":
         cfg.model.load_format = LOAD_FORMAT_ALIASES.get(value, value)
+    elif keyword == "kv_cache_memory_bytes":  # vLLM counts bytes, our key GiB
+        if value <= 0:
+            raise ConfigError(keyword, value, "must be a number of bytes > 0")
+        cfg.cache.kv_cache_memory_gib = value / (1 << 30)
     elif keyword == "tokenizer":
         cfg.model.tokenizer = tokenizer_folder(value)
     elif keyword == "kv_cache_dtype":
@@ -218,16 +223,8 @@ def _mm_dict(keyword: str, value: Any) -> Dict[str, Any]:
 
 def tokenizer_folder(value: Any) -> str:
     """A tokenizer folder, or a hub id resolved from the local HF cache (never downloaded)."""
-    path = os.path.expanduser(os.fspath(value))
-    if os.path.isdir(path) or "/" not in path or os.path.isabs(path):
-        return path  # a missing folder is reported where the tokenizer is loaded
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(path, local_files_only=True)
-    except Exception:
-        from huggingface_hub.constants import HF_HUB_CACHE
-        raise ConfigError("tokenizer", value, f"no such folder, and not in the HF hub cache {HF_HUB_CACHE} "
-                          "(never downloaded: no network at run time)") from None
+    from framework.loader.resolve import resolve_tokenizer_path
+    return str(resolve_tokenizer_path(os.fspath(value), key="tokenizer"))
 
 
 def unknown_keyword(keyword: str, value: Any) -> ConfigError:

@@ -10,14 +10,15 @@ from framework.config.errors import UserError
 from framework.config.schema import FrameworkConfig
 from framework.engine.llm_engine import LLMEngine
 from framework.engine.model_runner import ModelRunner
+from framework.loader.resolve import has_tokenizer
 
 log = logging.getLogger(__name__)
 
 
 def load_tokenizer(cfg: FrameworkConfig, model_path: Path) -> Optional[Any]:
-    folder = Path(cfg.model.tokenizer).expanduser() if cfg.model.tokenizer else model_path
-    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        return None  # token-id prompts only
+    folder = Path(cfg.model.tokenizer) if cfg.model.tokenizer else model_path  # checked in resolve_config
+    if not has_tokenizer(folder):
+        return None  # a model folder without one: token-id prompts only
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(folder))
 

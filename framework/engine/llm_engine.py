@@ -278,14 +278,15 @@ class LLMEngine:
 
     def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
         step = build_step_input(batch, self.block_size)
-        logits = self.runner.run(step, keep_on_device=True)  # only sampled tokens come back to the host
         sampling = [seq for seq, n in zip(batch.seqs, batch.num_new_tokens)
                     if seq.num_computed_tokens + n == seq.num_tokens]  # reached the newest token
-        if not (self.runner.async_scheduling and all(s.params.plain_greedy for s in sampling)):
+        greedy = self.runner.async_scheduling and all(s.params.plain_greedy for s in sampling)
+        step.greedy_rows = len(sampling) if greedy else 0  # the runner's argmax, on every rank
+        logits = self.runner.run(step, keep_on_device=True)  # only sampled tokens come back to the host
+        if not greedy:
             self._log_step(batch, len(sampling))
             return LaunchedStep(batch, sampling, logits=logits)
         tokens = self.runner.sampled[:len(sampling)]
-        torch.argmax(logits, dim=-1, out=tokens)
         self._flip ^= 1  # two host buffers: the pending step's tokens are still to be read from the other
         host = self._host_tokens[self._flip][:len(sampling)]
         host.copy_(tokens, non_blocking=True)

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from framework.config.errors import UserError
+from framework.config.errors import ConfigError, UserError
 from framework.config.schema import CompilationLevel, FrameworkConfig
 from framework.engine.block_manager import split_kv_budget
 from framework.engine.cuda_graphs import CudaGraphRunner, device_memory, measure_graph_memory
@@ -103,7 +103,9 @@ class ModelRunner:
                 # Segments that grow in place: the differently sized prefill steps otherwise leave split
                 # segments the allocator cannot give back (an H100 run of 256 requests ended 0.96 GiB
                 # over its gpu_memory_utilization budget; with this, 0.12 GiB).
-                torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+                set_allocator = getattr(torch._C, "_accelerator_setAllocatorSettings", None) \
+                    or torch.cuda.memory._set_allocator_settings  # torch < 2.10; deprecated after
+                set_allocator("expandable_segments:True")
         torch.manual_seed(cfg.model.seed)
         # Triton's compile workers start now, so that their imports overlap building the model
         self.precompiler: Optional[KernelPrecompiler] = precompiler_for(self.device.type,
@@ -116,7 +118,8 @@ class ModelRunner:
         # the linear layers' storage (quantization.method, per layer) is built, and checked, before
         # any weight is read
         ctx = ModelContext(hf_config, self.dtype, max_model_len, tp,
-                           QuantResolver.build(cfg.quantization, hf_config, tp.size), cfg.multimodal)
+                           QuantResolver.build(cfg.quantization, hf_config, tp.size, self.device.type == "cuda"),
+                           cfg.multimodal)
         self.model = build_model(ctx, self.device)
         run = getattr(self.model, "bidirectional_mm_run_tokens", 0)
         if run > cfg.cache.max_num_batched_tokens:  # the front door says so first (config/validate.py)
@@ -139,9 +142,10 @@ class ModelRunner:
         async_scheduling = cfg.cache.async_scheduling
         if async_scheduling is None:
             async_scheduling = self.device.type == "cuda"
-        # Only rank 0 samples, so with TP the other ranks could not fill placeholders: TP steps stay in lockstep.
-        self.async_scheduling = bool(async_scheduling) and tp.size == 1
+        self.async_scheduling = bool(async_scheduling)
         # The previous step's greedy tokens, on the device, in its logits-row order (async scheduling).
+        # Every rank holds the full logits (the LM head gathers them), so every rank takes the same
+        # argmax into its own buffer and fills the next step's placeholders without rank 0's help.
         self.sampled = torch.zeros(max_num_seqs, dtype=torch.int64, device=self.device)
         self.compilation_level = compilation_level(cfg.compilation.level)
         self.forward = self._compile_forward()
@@ -158,7 +162,8 @@ class ModelRunner:
         if self.cfg.cache.num_gpu_blocks_override:  # both groups get that many
             self.num_window_blocks = self.cfg.cache.num_gpu_blocks_override if self.kv_spec.num_window_layers else 0
             return self.cfg.cache.num_gpu_blocks_override
-        budget = self.cfg.cache.cpu_kvcache_space_gib * GiB
+        requested = self.cfg.cache.kv_cache_memory_gib
+        budget = (self.cfg.cache.cpu_kvcache_space_gib if requested is None else requested) * GiB
         if self.device.type == "cuda":
             budget = self._gpu_kv_budget()
         if self.kv_spec.num_window_layers:
@@ -192,18 +197,29 @@ class ModelRunner:
         mem = device_memory()
         total = torch.cuda.mem_get_info()[1]
         util = self.cfg.cache.gpu_memory_utilization
-        budget = total * util - weights - activation - graphs["bytes"] - mem["non_torch"]
+        taken = weights + activation + graphs["bytes"] + mem["non_torch"]
+        budget = total * util - taken
+        requested = self.cfg.cache.kv_cache_memory_gib
+        if requested is not None:  # an exact size instead of a share of the device
+            if requested * GiB > total - taken:
+                raise ConfigError("cache.kv_cache_memory_gib", requested,
+                                  f"this GPU has {(total - taken) / GiB:.2f} GiB left after weights, activations, "
+                                  "CUDA graphs and the CUDA context; lower it (task=plan shows the terms)")
+            budget = requested * GiB
         self.gpu_memory = {
-            "total_bytes": total, "gpu_memory_utilization": util, "model_bytes": weights,
+            "total_bytes": total, "gpu_memory_utilization": util, "kv_cache_memory_gib": requested,
+            "model_bytes": weights,
             "model_buffer_bytes": weights - params,
             "activation_peak_bytes": activation, "cudagraph_estimate_bytes": graphs["bytes"],
             "non_torch_bytes": mem["non_torch"], "kv_budget_bytes": int(max(0.0, budget)),
             "profile_seconds": round(time.perf_counter() - start, 3),
         }
-        log.info("GPU memory: %.2f GiB x %.2f = %.2f GiB; weights %.2f (+ buffers %.2f), activation peak %.2f, "
-                 "CUDA graphs %.2f, non-torch %.2f; left for the KV cache %.2f GiB", total / GiB, util,
-                 total * util / GiB, params / GiB, (weights - params) / GiB, activation / GiB,
-                 graphs["bytes"] / GiB, mem["non_torch"] / GiB, budget / GiB)
+        log.info("GPU memory: %.2f GiB%s; weights %.2f (+ buffers %.2f), activation peak %.2f, CUDA graphs %.2f, "
+                 "non-torch %.2f; %s %.2f GiB", total / GiB,
+                 "" if requested else f" x {util:.2f} = {total * util / GiB:.2f} GiB", params / GiB,
+                 (weights - params) / GiB, activation / GiB, graphs["bytes"] / GiB, mem["non_torch"] / GiB,
+                 "the KV cache (cache.kv_cache_memory_gib)" if requested else "left for the KV cache",
+                 budget / GiB)
         return max(0.0, budget)
 
     def profile_run(self) -> None:
@@ -312,7 +328,7 @@ class ModelRunner:
         for layer in self.attn_layers:
             windowed = s.num_window_layers and layer.spec.sliding_window
             n = num_window_blocks if windowed and num_window_blocks is not None else num_blocks
-            shape = (n, s.block_size, s.num_kv_heads, s.head_dim)
+            shape = (n, s.num_kv_heads, s.block_size, s.head_dim)  # the layout of kernels/kv_cache.py
             layer.k_cache = torch.zeros(shape, dtype=s.dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=s.dtype, device=self.device)
 
@@ -400,6 +416,8 @@ class ModelRunner:
         fixes = []
         if c.num_gpu_blocks_override:
             fixes.append(f"cache.num_gpu_blocks_override={-(-max_model_len // bs)}")
+        elif c.kv_cache_memory_gib is not None:
+            fixes.append(f"cache.kv_cache_memory_gib={math.ceil((c.kv_cache_memory_gib + missing / GiB) * 100) / 100}")
         elif self.device.type == "cuda":
             total = torch.cuda.mem_get_info(self.device)[1]
             util = math.ceil((c.gpu_memory_utilization + missing / total) * 100) / 100
@@ -450,6 +468,8 @@ class ModelRunner:
             else:
                 hidden = self.forward(input_ids, positions, meta, inputs_embeds=inputs_embeds)
             logits = self.model.compute_logits(hidden.index_select(0, t.logits_indices))
+        if step.greedy_rows:
+            torch.argmax(logits, dim=-1, out=self.sampled[:step.greedy_rows])
         if self.tp.rank != 0:
             return None
         return logits.float() if keep_on_device else logits.float().cpu()

@@ -33,6 +33,9 @@ class StepInput:
     # [T] each token's last visible key position, when a chunk in the step holds a bidirectional
     # run (Gemma-3's images, sequence.bidirectional_runs); empty: causal everywhere
     causal_limits: List[int] = field(default_factory=list)
+    # async scheduling: the logits rows whose argmax every rank writes to its runner's `sampled`
+    # buffer, which the next step's placeholders read (0: the engine samples these logits itself)
+    greedy_rows: int = 0
 
     @property
     def num_seqs(self) -> int:

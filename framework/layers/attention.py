@@ -48,7 +48,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.spec = AttentionSpec(num_kv_heads, head_dim, sliding_window)
-        self.k_cache: Optional[torch.Tensor] = None  # [num_blocks, block_size, num_kv_heads, head_dim]
+        self.k_cache: Optional[torch.Tensor] = None  # [num_blocks, num_kv_heads, block_size, head_dim]
         self.v_cache: Optional[torch.Tensor] = None
 
     def forward(self, rope: RopeTables, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List
 
-from framework.config.errors import UserError
+from framework.config.errors import ConfigError, UserError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -24,6 +24,32 @@ def resolve_model_path(path: str) -> Path:
             from huggingface_hub.constants import HF_HUB_CACHE
             looked.append(f"the HF hub cache {HF_HUB_CACHE} (never downloaded: no network at run time)")
     raise UserError(f"model.path={path!r}: no config.json found; looked in {', '.join(looked)}")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).exists() for f in TOKENIZER_FILES)
+
+
+def resolve_tokenizer_path(value: str, key: str = "model.tokenizer") -> Path:
+    """model.tokenizer: a folder holding a tokenizer, or a hub id already in the local HF cache.
+    Set and not found is an error, never a silent fall-back to token-id prompts."""
+    folder = Path(value).expanduser()
+    if has_tokenizer(folder):
+        return folder
+    where = f"{folder} has none of {', '.join(TOKENIZER_FILES)}"
+    if "/" in value and not folder.is_absolute() and not folder.exists():
+        try:
+            from huggingface_hub import snapshot_download
+            cached = Path(snapshot_download(value, local_files_only=True))
+            if has_tokenizer(cached):
+                return cached
+        except Exception:  # offline and not cached
+            from huggingface_hub.constants import HF_HUB_CACHE
+            where = f"no such folder, and not in the HF hub cache {HF_HUB_CACHE} (never downloaded: no network at run time)"
+    raise ConfigError(key, value, f"no tokenizer found: {where}")
 
 
 def load_hf_config(path: Path) -> Any:

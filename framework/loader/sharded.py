@@ -77,12 +77,19 @@ class Manifest:
         return path
 
 
+def _derived_names(model: nn.Module) -> set:
+    """Tensors a quantization method rebuilds from the others (QuantMethod.derived): not stored."""
+    return {f"{prefix}.{name}" for prefix, module in model.named_modules()
+            for name in getattr(getattr(module, "quant", None), "derived", ()) if hasattr(module, name)}
+
+
 def held_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Parameters and persistent buffers by name, each tensor once: a tied lm_head is the
-    embedding, so it is stored (and later loaded) under the embedding's name only."""
-    seen, out = set(), {}
+    embedding, so it is stored (and later loaded) under the embedding's name only. Derived
+    tensors (int4's tinygemm copy) are left out: the loading run remakes them if it keeps them."""
+    seen, out = _derived_names(model), {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:
+        if id(tensor) not in seen and name not in seen:
             seen.add(id(tensor))
             out[name] = tensor
     return out
@@ -130,6 +137,10 @@ def load_sharded(model: nn.Module, folder: Path, quantization: str, tp: Parallel
                 target.copy_(tensor)
                 stats.bytes_read += tensor.numel() * tensor.element_size()
                 stats.num_tensors += 1
+        for module in model.modules():
+            quant = getattr(module, "quant", None)
+            if quant is not None and quant.derived:
+                quant.rebuild(module)
     stats.seconds = time.perf_counter() - start
     return stats
 

@@ -60,8 +60,17 @@ def _set(**changes: Any) -> Apply:
     return apply
 
 
-def _quantization(method: str) -> Apply:  # conf/quantization/<method>.yaml
-    return _set(**{"quantization.method": method, "quantization.group_size": 128})
+def _quantization(method: str) -> Apply:  # conf/quantization/<method>.yaml (int4: without its tinygemm copy)
+    changes = {"quantization.method": method, "quantization.group_size": 128}
+    if method == "int4":
+        changes["quantization.int4_tinygemm"] = False
+    return _set(**changes)
+
+
+def _quantization_overrides(method: str) -> List[str]:
+    # int4 as a memory fix is int4 at its smallest: the tinygemm copy (faster batch-1 decode on
+    # CUDA) would take back a third of what int4 saves
+    return [f"quantization={method}"] + (["quantization.int4_tinygemm=false"] if method == "int4" else [])
 
 
 def _multimodal_knobs(cfg: FrameworkConfig, v: Any) -> List[Candidate]:
@@ -101,7 +110,7 @@ def _candidates(cfg: FrameworkConfig, hf_config: Any, plan: MemoryPlan) -> List[
     if plan.quantization in ("none", "fp8", "int8"):
         methods = ["int4"] if plan.quantization != "none" else ["fp8", "int8", "int4"]  # gentlest first
         for m in methods:  # (an int4 group size the layers do not allow fails its re-plan)
-            out.append(Candidate([f"quantization={m}"], _quantization(m), "quantization"))
+            out.append(Candidate(_quantization_overrides(m), _quantization(m), "quantization"))
     if cfg.cache.kv_cache_dtype != "fp8":
         out.append(Candidate(["cache.kv_cache_dtype=fp8"], _set(**{"cache.kv_cache_dtype": "fp8"}), "kv"))
     if cuda:  # CPU ranks share one host's RAM: more of them does not help
@@ -132,8 +141,14 @@ def _candidates(cfg: FrameworkConfig, hf_config: Any, plan: MemoryPlan) -> List[
         smaller = [value // 2 ** k for k in range(1, 8) if value // 2 ** k >= floor]
         for n in smaller:
             out.append(Candidate([f"cache.{key}={n}"], _set(**{f"cache.{key}": n}), key))
-    if not cuda:
-        need = -(-plan.max_model_len // plan.block_size) * plan.block_size * plan.kv_bytes_per_token / GiB
+    need = -(-plan.max_model_len // plan.block_size) * plan.block_size * plan.kv_bytes_per_token / GiB
+    if cfg.cache.kv_cache_memory_gib is not None:  # a set size: one request's worth, or what the device has left
+        room = (plan.budget_bytes - (plan.rank_total_bytes - plan.kv_cache_bytes)) / GiB
+        gib = -(-need * 4 // 1) / 4 if need > cfg.cache.kv_cache_memory_gib else (room * 4 // 1) / 4
+        if gib > 0 and gib != cfg.cache.kv_cache_memory_gib:
+            out.append(Candidate([f"cache.kv_cache_memory_gib={gib:g}"],
+                                 _set(**{"cache.kv_cache_memory_gib": gib}), "kv_size"))
+    elif not cuda:
         if need > cfg.cache.cpu_kvcache_space_gib:
             gib = -(-need * 4 // 1) / 4  # up to the next quarter GiB
             out.append(Candidate([f"cache.cpu_kvcache_space_gib={gib:g}"],

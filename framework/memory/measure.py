@@ -55,6 +55,7 @@ def rank_stats(engine: Any) -> Dict[str, Any]:
                      + runner.num_window_blocks * runner.kv_spec.window_bytes_per_block),
         "kv_window_blocks": runner.num_window_blocks,  # the sliding-window layers' own pool (0: none)
         "num_preemptions": engine.scheduler.num_preemptions,
+        "async_scheduling": runner.async_scheduling,
     }
     vision = getattr(runner.model, "vision_modules", lambda: [])()
     if hasattr(runner.model, "vision_modules"):  # a vision-language model: 0 when text-only

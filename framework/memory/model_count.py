@@ -12,7 +12,7 @@ model is built at max_model_len=1 and the tables' one row scaled up.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -89,10 +89,10 @@ def count_built(model: nn.Module) -> ModelCount:
 
 
 @lru_cache(maxsize=64)
-def _count(hf_key: int, dtype: torch.dtype, tp: ParallelInfo, method: str, group_size: int,
-           multimodal_key: Tuple) -> ModelCount:
+def _count(hf_key: int, dtype: torch.dtype, tp: ParallelInfo, quant_key: Tuple, multimodal_key: Tuple,
+           cuda: bool) -> ModelCount:
     hf_config = _CONFIGS[hf_key]
-    quant = QuantResolver.build(QuantizationConfig(method, group_size), hf_config, tp.size)
+    quant = QuantResolver.build(QuantizationConfig(*quant_key), hf_config, tp.size, cuda)
     limits, language_model_only = multimodal_key
     multimodal = MultimodalConfig(limit_mm_per_prompt={k: dict(v) if isinstance(v, tuple) else v for k, v in limits},
                                   language_model_only=language_model_only)
@@ -104,14 +104,15 @@ _CONFIGS: Dict[int, Any] = {}  # id -> config object, kept alive so an id is nev
 
 
 def count_model(hf_config: Any, dtype: torch.dtype, tp_size: int, quantization: QuantizationConfig,
-                multimodal: Optional[MultimodalConfig] = None) -> List[ModelCount]:
-    """Each rank's count (quantization resolved: no `auto`)."""
+                multimodal: Optional[MultimodalConfig] = None, cuda: bool = False) -> List[ModelCount]:
+    """Each rank's count (quantization resolved: no `auto`); `cuda`: the ranks are GPUs (int4
+    keeps a second, tinygemm copy there)."""
     _CONFIGS.setdefault(id(hf_config), hf_config)
     multimodal = multimodal or MultimodalConfig()
     key = (tuple(sorted((k, _hashable(v)) for k, v in multimodal.limit_mm_per_prompt.items())),
            bool(multimodal.language_model_only))
-    return [_count(id(hf_config), dtype, ParallelInfo(r, tp_size), quantization.method, quantization.group_size, key)
-            for r in range(tp_size)]
+    quant_key = astuple(quantization)  # the config's fields, hashable (the cache key)
+    return [_count(id(hf_config), dtype, ParallelInfo(r, tp_size), quant_key, key, cuda) for r in range(tp_size)]
 
 
 def _hashable(value: Any) -> Any:

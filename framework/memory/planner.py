@@ -3,8 +3,9 @@
 No weight is read and no GPU is needed. The KV cache gets what is left, exactly as the engine
 sizes it: on a GPU `gpu_memory_utilization x device - everything else` (ModelRunner.
 _gpu_kv_budget, which measures "everything else" with a profiling forward; we count it), on the
-CPU backend `cpu_kvcache_space_gib`; then, with prefix caching off, no more than
-max_num_seqs x max_model_len (LLMEngine caps it so). `num_gpu_blocks_override` wins over both.
+CPU backend `cpu_kvcache_space_gib`; `kv_cache_memory_gib`, when set, is the size on either (on a
+GPU it must fit beside everything else in the whole device); then, with prefix caching off, no
+more than max_num_seqs x max_model_len (LLMEngine caps it so). `num_gpu_blocks_override` wins over all.
 
 The verdict is the engine's own start-up test: the KV cache must hold one request of
 max_model_len. Headroom is what is left beyond that request; negative headroom is what must be
@@ -245,7 +246,7 @@ def _costs(cfg: FrameworkConfig, hf_config: Any, cuda: bool, max_model_len: int,
     kv_bytes = 1 if c.kv_cache_dtype == "fp8" else a
     method = cfg.quantization.method
     # the largest rank (ranks differ only where a split is uneven)
-    m = max(count_model(hf_config, dtype, tp, cfg.quantization, cfg.multimodal), key=lambda r: r.weight_bytes)
+    m = max(count_model(hf_config, dtype, tp, cfg.quantization, cfg.multimodal, cuda), key=lambda r: r.weight_bytes)
     s = m.decoder
     out = _Costs(dtype, method, m.kv_bytes_per_token(kv_bytes))
 
@@ -310,12 +311,13 @@ def _plan(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optional[in
     notes: List[str] = []
 
     # the KV cache: what the engine would allocate (ModelRunner.num_blocks_that_fit, LLMEngine's cap)
+    requested = None if c.kv_cache_memory_gib is None else int(c.kv_cache_memory_gib * GiB)
     if cuda:
-        budget = int(device_memory_bytes * c.gpu_memory_utilization)
-        kv_budget = max(0, budget - costs.fixed)
+        budget = int(device_memory_bytes * (1.0 if requested is not None else c.gpu_memory_utilization))
+        kv_budget = max(0, budget - costs.fixed) if requested is None else requested
     else:
         budget = (host_memory_bytes() - costs.host_cache) // tp
-        kv_budget = int(c.cpu_kvcache_space_gib * GiB)
+        kv_budget = int(c.cpu_kvcache_space_gib * GiB) if requested is None else requested
     window_blocks = window_need = 0
     if group:  # full layers' blocks and window layers' blocks, split as the engine splits them
         budget_blocks, window_blocks = split_kv_budget(kv_budget, group, max_model_len, c.max_num_batched_tokens)
@@ -337,24 +339,31 @@ def _plan(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optional[in
     kv_cache, kv_tokens = blocks * block_bytes + window_bytes, blocks * c.block_size
     concurrency = kv_tokens / max_model_len
     costs.details["KV cache"] = f"{kv_tokens} tokens = {concurrency:.2f} x max_model_len"
+    if requested is not None and not c.num_gpu_blocks_override:
+        costs.details["KV cache"] += f" (cache.kv_cache_memory_gib={c.kv_cache_memory_gib:g})"
     if group:
         costs.details["KV cache"] += (f"; window layers: {window_blocks} blocks of their own "
                                       f"({window_bytes / GiB:.2f} GiB)")
     one_request = blocks_per_request * block_bytes + (window_need * group.window_bytes_per_block if group else 0)
 
     # the verdict: the engine starts only if the KV cache holds one request of max_model_len
-    if cuda:
-        need = costs.fixed + (kv_cache if c.num_gpu_blocks_override else one_request)
+    fixed_size = bool(c.num_gpu_blocks_override) or requested is not None
+    if budget_blocks < blocks_per_request and (fixed_size or not cuda):  # a set size short of one request
+        pool = budget_blocks * block_bytes if c.num_gpu_blocks_override else kv_budget
+        headroom = pool - one_request
+    elif cuda:
+        need = costs.fixed + (kv_cache if fixed_size else one_request)
         headroom = budget - need
-    elif budget_blocks < blocks_per_request:  # cpu_kvcache_space_gib is short of one request
-        headroom = kv_budget - one_request
     else:  # every rank must fit in its share of the host's RAM
         headroom = budget - (costs.fixed + kv_cache)
     fits = headroom >= 0 and budget_blocks >= blocks_per_request
     unit = "GPU" if cuda else "rank"
     if fits:
-        verdict = (f"FITS: {headroom / GiB:.2f} GiB/{unit} to spare beyond one {max_model_len}-token request; "
+        beyond = "its KV cache" if cuda and fixed_size else f"one {max_model_len}-token request"
+        verdict = (f"FITS: {headroom / GiB:.2f} GiB/{unit} to spare beyond {beyond}; "
                    f"the KV cache holds {kv_tokens} tokens, {concurrency:.2f} requests of max_model_len at once")
+    elif cuda and fixed_size and budget_blocks >= blocks_per_request:
+        verdict = f"DOES NOT FIT: {-headroom / GiB:.2f} GiB/GPU short of holding its {kv_cache / GiB:.2f} GiB KV cache"
     elif cuda or budget_blocks < blocks_per_request:
         verdict = (f"DOES NOT FIT: {-headroom / GiB:.2f} GiB/{unit} short of holding one "
                    f"{max_model_len}-token request")
@@ -365,7 +374,8 @@ def _plan(cfg: FrameworkConfig, hf_config: Any, device_memory_bytes: Optional[in
     return MemoryPlan(
         model=cfg.model.path, architecture=architecture(hf_config), backend="cuda" if cuda else "cpu",
         device_memory_bytes=int(device_memory_bytes if cuda else budget * tp + costs.host_cache),
-        gpu_memory_utilization=c.gpu_memory_utilization, tensor_parallel_size=tp, dtype=dtype,
+        gpu_memory_utilization=c.gpu_memory_utilization if requested is None else 1.0, tensor_parallel_size=tp,
+        dtype=dtype,
         quantization=costs.quantization, kv_cache_dtype="fp8" if c.kv_cache_dtype == "fp8" else dtype,
         max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
         block_size=c.block_size, weight_bytes=costs.weights, rotary_bytes=costs.rotary,

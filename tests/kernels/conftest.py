@@ -68,7 +68,7 @@ class PagedBatch:
     """A mixed batch written into a paged cache, plus the dense K/V it came from."""
 
     q: torch.Tensor             # [T, Hq, D]
-    k_cache: torch.Tensor       # [num_blocks, block_size, Hkv, D], unused slots NaN
+    k_cache: torch.Tensor       # [num_blocks, Hkv, block_size, D], unused slots NaN
     v_cache: torch.Tensor
     cu_seqlens_q: torch.Tensor  # int32 [B+1]
     seq_lens: torch.Tensor      # int32 [B]
@@ -94,7 +94,7 @@ def build_paged_batch(
     num_blocks = sum(blocks_per_seq) + 3  # spare blocks stay NaN: reading one poisons the result
     max_blocks = max(blocks_per_seq) + 2
     perm = torch.randperm(num_blocks, generator=gen)
-    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
+    k_cache = torch.full((num_blocks, num_kv_heads, block_size, head_dim), float("nan"), dtype=dtype)
     v_cache = torch.full_like(k_cache, float("nan"))
     block_tables = torch.full((len(seqs), max_blocks), -1, dtype=torch.int32)
     block_tables[:, -1] = 10**6  # junk past the used entries must never be dereferenced
@@ -108,8 +108,8 @@ def build_paged_batch(
         k = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen).to(dtype)
         v = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen).to(dtype)
         pos = torch.arange(seq_len)
-        k_cache[ids[pos // block_size], pos % block_size] = k
-        v_cache[ids[pos // block_size], pos % block_size] = v
+        k_cache[ids[pos // block_size], :, pos % block_size] = k  # [seq_len, Hkv, D] rows
+        v_cache[ids[pos // block_size], :, pos % block_size] = v
         keys.append(k)
         values.append(v)
         qs.append(torch.randn(q_len, num_heads, head_dim, generator=gen).to(dtype))

@@ -16,6 +16,7 @@ LENS = [1, 16, 37, 100, 7, 64]
 @pytest.fixture
 def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(decode_attention, "BLOCK_N", 16)  # tl.dot's minimum K on GPU
+    monkeypatch.setattr(decode_attention, "SPLIT_BLOCK_N", 16)
 
 
 def _decode_args(batch):

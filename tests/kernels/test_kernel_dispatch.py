@@ -9,6 +9,7 @@ import torch
 
 import kernels
 from kernels.activation import silu_and_mul_ref
+from kernels.kv_cache import slot_rows
 from kernels.attention import paged_attention_ref, paged_decode_attention_ref
 from kernels.rotary import apply_rotary_ref
 from kernels.rms_norm import rms_norm_ref
@@ -76,8 +77,8 @@ def test_every_public_op_through_the_package(forced, monkeypatch, paged_batch, d
     k_cache, v_cache = torch.zeros_like(batch.k_cache), torch.zeros_like(batch.v_cache)
     slots = torch.tensor([3, -1, 0, 9, 5], device=device)
     kernels.store_kv_cache(batch.q[:, :2], batch.q[:, 2:], k_cache, v_cache, slots)
-    assert torch.equal(k_cache.view(-1, 2, 16)[9], batch.q[3, :2])
-    assert torch.equal(v_cache.view(-1, 2, 16)[5], batch.q[4, 2:])
+    assert torch.equal(slot_rows(k_cache)[9], batch.q[3, :2])
+    assert torch.equal(slot_rows(v_cache)[5], batch.q[4, 2:])
 
 
 def test_public_names():

@@ -23,12 +23,13 @@ def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attention, "BLOCK_M", 16)
     monkeypatch.setattr(attention, "BLOCK_N", 16)
     monkeypatch.setattr(decode_attention, "BLOCK_N", 16)
+    monkeypatch.setattr(decode_attention, "SPLIT_BLOCK_N", 16)
 
 
 def free_blocks_before_window(batch, window: int) -> None:
     """What a window layer's block manager may do: blocks wholly before the first query's window
     are given back (table entry -1) and may be rewritten (NaN)."""
-    block_size = batch.k_cache.shape[1]
+    block_size = batch.k_cache.shape[2]
     cu, lens = batch.cu_seqlens_q.tolist(), batch.seq_lens.tolist()
     for b, seq_len in enumerate(lens):
         first_query = seq_len - (cu[b + 1] - cu[b])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Optional, Tuple
 
 from framework.config.errors import UserError
@@ -68,9 +68,9 @@ def resolve_quantization(cfg: QuantizationConfig, hf_config: Any, load_time_meth
             _already_quantized(qc, cfg.method)
         return cfg
     if load_time_method:
-        return QuantizationConfig(load_time_method, cfg.group_size)
+        return replace(cfg, method=load_time_method)
     if qc is None:
-        return QuantizationConfig("none", cfg.group_size)
+        return replace(cfg, method="none")
     return QuantizationConfig(*checkpoint_method(qc))
 
 
@@ -109,9 +109,11 @@ class QuantResolver:
         return False
 
     @classmethod
-    def build(cls, resolved: QuantizationConfig, hf_config: Any, tp_size: int = 1) -> "QuantResolver":
+    def build(cls, resolved: QuantizationConfig, hf_config: Any, tp_size: int = 1, cuda: bool = False
+              ) -> "QuantResolver":
         """From a resolved quantization config (resolve_quantization): a checkpoint's own format
-        when it is stored quantized, else the method that quantizes at load."""
+        when it is stored quantized, else the method that quantizes at load. `cuda`: the model
+        runs on CUDA (int4 then keeps its tinygemm copy where `int4_tinygemm` asks for it)."""
         qc = checkpoint_quantization(hf_config)
         if qc is not None and resolved.method != checkpoint_method(qc)[0]:
             _already_quantized(qc, resolved.method)
@@ -120,7 +122,9 @@ class QuantResolver:
         if qc is not None:
             return cls(_load(CHECKPOINT_FORMATS[qc["quant_method"]])(qc, hf_config), tuple(qc.get("ignore") or ()))
         method = _load(METHODS[resolved.method])
-        return cls(method(resolved.group_size, hf_config, tp_size) if resolved.method == "int4" else method())
+        if resolved.method == "int4":
+            return cls(method(resolved.group_size, hf_config, tp_size, tinygemm=cuda and resolved.int4_tinygemm))
+        return cls(method())
 
 
 def get_quant_method(cfg: QuantizationConfig, hf_config: Any) -> Optional[QuantMethod]:

@@ -33,6 +33,12 @@ class QuantMethod(ABC):
     """One instance serves every linear layer of a model; per-layer state lives on the layer."""
 
     name = "base"
+    # Tensors on a layer that are a second layout of the others (int4's tinygemm copy): a sharded
+    # checkpoint leaves them out, and `rebuild` remakes them from the loaded ones.
+    derived: tuple = ()
+
+    def rebuild(self, layer: nn.Module) -> None:
+        """Remake the layer's `derived` tensors from its loaded ones (nothing by default)."""
 
     @abstractmethod
     def create_weights(self, layer: nn.Module) -> None: ...

@@ -205,5 +205,5 @@ class CheckpointInt4(_FromCheckpoint, Int4Method):
     def __init__(self, group_size: Optional[int]):
         if sys.byteorder != "little":
             raise UserError("pack-quantized int4 checkpoints are read on little-endian hosts only")
-        super().__init__(group_size)
+        super().__init__(group_size)  # no tinygemm copy: create_weights registers what the checkpoint holds
         self.scale_group_size = group_size

@@ -11,12 +11,22 @@ The scale is absmax / 7, rounded to the model dtype *before* the codes are compu
 stored scale is the one the codes were made for: every weight lands within half a step of its
 group's grid and none is clipped.
 
-On GPU (group sizes that are multiples of 16) one row (batch-1 decode) runs the GEMV of
-kernels/quant_gemv.py; up to SMALL_M rows run kernels/quant_matmul.py, which unpacks a tile of
-codes in registers and feeds tensor cores; more rows a one-pass unpack before cuBLAS. Both read
-each code byte once. On an H100 (Llama-3.1-8B shape, through the engine) int4 decodes one
-request at 265 tok/s (bf16: 172; 26.6 before these kernels) and serves a 64-request workload at
-3,852 tok/s (bf16: 4,119-4,133); BENCHMARKS.md has the commands.
+On GPU (group sizes that are multiples of 16), by rows (tokens) of a call:
+- up to TINYGEMM_MAX_ROWS, with bf16 activations on CUDA: PyTorch's tinygemm
+  (kernels/int4_tinygemm.py), on a second copy of the codes in its own layout
+  (`weight_int4pack`, `weight_scale_zeros`), repacked as each block of rows is quantized;
+- one row otherwise: the GEMV of kernels/quant_gemv.py;
+- up to SMALL_M rows: kernels/quant_matmul.py (a tile of codes unpacked in registers, tensor cores);
+- more: kernels/w4a16_matmul.py (the same idea with tiles for many rows), where the group size
+  is a multiple of 64, else a one-pass unpack before cuBLAS.
+All read each code byte once. The tinygemm copy costs another half byte a weight: it is kept
+for a model on CUDA where `quantization.int4_tinygemm` asks (QuantResolver.build), is in
+`storage` (so the planner counts it), and is derived (a sharded checkpoint leaves it out; `rebuild`
+remakes it). On an H200 (BENCHMARKS.md, 2026-12-01, issue 17, 8B shapes): at one row tinygemm
+takes 68.0 µs a layer's four linears against the GEMV's 86.0 and bf16's 111.9, and at 16 rows it
+is 2-3x slower than quant_matmul, hence the threshold; w4a16_matmul at 256 rows runs at 0.4-0.6x
+bf16 cuBLAS, 2.5-4x faster than the unpack + cuBLAS it replaces. Through the engine: batch-1
+decode 1.42x bf16, 256 requests 0.70x.
 """
 from __future__ import annotations
 
@@ -29,9 +39,14 @@ import torch.nn.functional as F
 import kernels
 from framework.config.errors import ConfigError
 from framework.layers.quantization.base import LoadTimeQuant, Spec
-from kernels import quant_gemv as qg, quant_matmul as qmm
+from kernels import int4_tinygemm as tg, quant_gemv as qg, quant_matmul as qmm, w4a16_matmul as w4
 
 QMAX = 7
+# Rows (tokens) up to which a call with bf16 activations on CUDA runs tinygemm (H200, 2026-12-01,
+# kernels/bench_int4.py, µs a call, qkv / o / gate_up / down: 1 row 9.6 / 6.8 / 33.0 / 18.6 against
+# the GEMV's 11.9 / 8.9 / 39.9 / 25.3; 4 rows 15.2 / 8.9 / 46.8 / 25.1 against quant_matmul's
+# 15.7 / 13.4 / 47.5 / 27.5; 16 rows 35.4 / 21.7 / 134.8 / 67.8 against 15.6 / 13.0 / 45.0 / 26.7).
+TINYGEMM_MAX_ROWS = 4
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -64,18 +79,26 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return w.view(n, k)
 
 
-def int4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]
-                ) -> torch.Tensor:
-    """x @ dequantized(codes, scale).T + bias. On GPU, decode rows take the GEMV and somewhat more
-    the fused matmul (both read half a byte per weight), many rows a one-pass Triton unpack before
-    cuBLAS; elsewhere the torch reference unpacks the whole weight, then one matmul."""
+def int4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                tinygemm: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """x @ dequantized(codes, scale).T + bias, dispatched by rows as the module docstring says;
+    `tinygemm` = (packed, scale_zeros), the layer's copy in tinygemm's layout, where it has one.
+    Without a Triton path the torch reference unpacks the whole weight, then one matmul."""
     if not (kernels.use_triton(x) and qmm.supported(codes, scale)):
         return F.linear(x, dequantize_int4(codes, scale, x.dtype), bias)
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] > qmm.SMALL_M:
+    rows, group = x2.shape[0], x2.shape[1] // scale.shape[1]
+    if tinygemm is not None and rows <= TINYGEMM_MAX_ROWS and x.is_cuda and x.dtype == torch.bfloat16:
+        y = tg.int4pack_mm(x2, *tinygemm, group)
+    elif rows <= qg.DISPATCH_MAX_ROWS:
+        y = qg.int4_gemv(x2, codes, scale)
+    elif rows <= qmm.SMALL_M:
+        y = qmm.quant_matmul(x2, codes, scale)
+    elif (tile := w4.tile_for(rows, group)) is not None:
+        y = w4.w4a16_matmul(x2, codes, scale, tile)
+    else:
         return F.linear(x, qmm.dequantize_int4(codes, scale, x.dtype), bias)
-    fused = qg.int4_gemv if x2.shape[0] <= qg.DISPATCH_MAX_ROWS else qmm.quant_matmul
-    y = fused(x2, codes, scale).view(*x.shape[:-1], codes.shape[0])
+    y = y.view(*x.shape[:-1], codes.shape[0])
     return y + bias if bias is not None else y
 
 
@@ -112,9 +135,13 @@ def decoder_in_features(c: Any, tp: int) -> List[int]:
 class Int4Method(LoadTimeQuant):
     name = "int4"
     codes_name = "weight"  # the compressed-tensors variant stores them as `weight_packed`
+    derived = ("weight_int4pack", "weight_scale_zeros")  # the tinygemm copy, where a layer has one
 
-    def __init__(self, group_size: Optional[int], hf_config: Any = None, tp_size: int = 1):
+    def __init__(self, group_size: Optional[int], hf_config: Any = None, tp_size: int = 1, tinygemm: bool = False):
         self.group_size = group_size  # None: one group per row (per-channel)
+        # keep a copy in tinygemm's layout for decode-sized calls (QuantResolver.build: on CUDA,
+        # where quantization.int4_tinygemm asks); each layer also needs bf16 and shapes it takes
+        self.tinygemm = tinygemm
         text = getattr(hf_config, "text_config", None) or hf_config
         if group_size and getattr(text, "hidden_size", None) and getattr(text, "num_attention_heads", None):
             # every size at once, in one message (storage() checks each layer again as it is built)
@@ -123,12 +150,37 @@ class Int4Method(LoadTimeQuant):
     def storage(self, out_features: int, in_features: int) -> Spec:
         group = self.group_size or in_features
         check_group_size(group, [in_features])  # also catches layers config.json did not describe
-        return {self.codes_name: ((out_features, in_features // 2), torch.uint8),
+        spec = {self.codes_name: ((out_features, in_features // 2), torch.uint8),
                 "weight_scale": ((out_features, in_features // group), torch.get_default_dtype())}
+        if self.tinygemm and tg.supported(out_features, in_features, group, torch.get_default_dtype()):
+            spec["weight_int4pack"] = (tg.packed_shape(out_features, in_features), torch.int32)
+            spec["weight_scale_zeros"] = ((in_features // group, out_features, 2), torch.bfloat16)
+        return spec
 
     def quantize(self, layer, w: torch.Tensor) -> Dict[str, torch.Tensor]:
         codes, scale = quantize_int4(w, self.group_size or w.shape[1], layer.weight_scale.dtype)
         return {self.codes_name: codes, "weight_scale": scale}
 
+    def store(self, layer, offset: int, w: torch.Tensor) -> None:
+        """Codes and scales for rows [offset, offset + n), then their tinygemm copy."""
+        super().store(layer, offset, w)
+        self.repack(layer, offset, w.shape[0])
+
+    def rebuild(self, layer) -> None:
+        self.repack(layer, 0, layer.weight_scale.shape[0])
+
+    def repack(self, layer, offset: int, rows: int) -> None:
+        """The tinygemm copy of rows [offset, offset + rows), on CUDA (tinygemm's CPU layout
+        differs: there the copy is never made). It packs eight rows together, so the block is
+        widened to whole eights: a shard ending mid-eight repacks it again with its neighbour's
+        rows once those are loaded, and the last one loaded leaves it right."""
+        if not (hasattr(layer, "weight_int4pack") and tg.can_pack(layer.weight_int4pack)):
+            return
+        start, end = offset // 8 * 8, -(-(offset + rows) // 8) * 8  # N is a multiple of 8 (storage)
+        codes = getattr(layer, self.codes_name)[start:end]
+        layer.weight_int4pack[start // 8:end // 8].copy_(tg.pack(codes))
+        layer.weight_scale_zeros[:, start:end].copy_(tg.scale_zeros(layer.weight_scale[start:end]))
+
     def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return int4_linear(x, getattr(layer, self.codes_name), layer.weight_scale, bias)
+        tinygemm = (layer.weight_int4pack, layer.weight_scale_zeros) if hasattr(layer, "weight_int4pack") else None
+        return int4_linear(x, getattr(layer, self.codes_name), layer.weight_scale, bias, tinygemm)
