@@ -3,6 +3,7 @@ or with vLLM's own constructor: `LLM("org/name")`, `LLM(model=..., tensor_parall
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
@@ -27,16 +28,29 @@ class LLM:
     def __init__(self, model: Union[None, str, FrameworkConfig] = None, **vllm_kwargs: Any):
         """`LLM(config)`, `LLM()` (the bundled model), or vLLM's `LLM("path or org/name", **kwargs)` /
         `LLM(model=..., **kwargs)`: each keyword lands on its YAML key (framework/config/vllm_args.py)."""
-        from launchers import start_launcher
+        begin = time.perf_counter()
+        from launchers import launcher_name
         from framework.memory.measure import reset_peak_rss
-
-        from framework.memory.planner import engine_device_memory
+        from framework.resolve import pick_device
+        from kernels.precompile import release_early_workers, spawn_workers_early
 
         reset_peak_rss()  # this engine's peak, not an earlier job's in the same process
         requested = vllm_args.to_config(model, **vllm_kwargs)
+        if launcher_name(requested) == "local":  # the engine runs here: its Triton compile workers start now
+            spawn_workers_early(pick_device(requested.model.device).type, requested.compilation.compile_workers)
+        try:
+            self._start(requested, begin)
+        finally:
+            release_early_workers()  # the engine took them over, unless start-up failed
+
+    def _start(self, requested: FrameworkConfig, begin: float) -> None:
+        from launchers import start_launcher
+        from framework.memory.planner import engine_device_memory
+
         self.model_path = resolve_model_path(requested.model.path)
         self.hf_config = read_model_config(requested, self.model_path)
         check_before_start(requested, self.model_path, self.hf_config)  # before any plan, rank or weight
+        checked = time.perf_counter()
         # Every `auto` becomes a value here, once; the planner, the launcher and every rank get
         # the resolved config (a CPU-only driver of a GPU cluster resolves for the CPU backend).
         gpu_here = not (requested.model.device == "cuda" and not torch.cuda.is_available())
@@ -47,7 +61,12 @@ class LLM:
         self.plan = self._plan(device_memory) if gpu_here else None
         if not gpu_here:
             log.info("no GPU in this process to plan for; see task=plan task.device_memory_gib=N")
+        planned = time.perf_counter()
         self.launcher: Launcher = start_launcher(self.config, self.model_path, self.hf_config)
+        # start-up by phase (task=bench prints them): the front door's own share is most of it with
+        # a warm Triton cache
+        self.startup_seconds = {"config": checked - begin, "plan": planned - checked,
+                                "engine": time.perf_counter() - planned}
 
     def _plan(self, device_memory: Optional[int]) -> "MemoryPlan":
         """The memory plan, logged before any weight is read; a plan that does not fit warns

@@ -80,6 +80,9 @@ class CompilationConfig:
     # Decode batch sizes captured as CUDA graphs; null = 1, 2, 4, 8, then steps of 8 up to max_num_seqs (max 256).
     cudagraph_capture_sizes: Optional[List[int]] = None
     enforce_eager: bool = False  # capture no CUDA graphs: saves the graph pool, costs decode speed
+    # Processes that compile the Triton kernels' variants at start-up, all at once (GPU only);
+    # null = one per CPU but one (shared by a host's TP ranks), at most 16; 0 = each compiles at its first launch.
+    compile_workers: Optional[int] = None
 
 
 @dataclass

@@ -80,6 +80,11 @@ def validate(cfg: FrameworkConfig) -> FrameworkConfig:
             raise ConfigError("compilation.cudagraph_capture_sizes", list(sizes),
                               "must be a non-empty, strictly increasing list of positive integers")
 
+    workers = comp.compile_workers
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ConfigError("compilation.compile_workers", workers, "must be an integer >= 0 (0: no worker "
+                          "processes) or null (one per CPU, at most 16)")
+
     parse_limits(mm.limit_mm_per_prompt)  # both forms; raises ConfigError naming the key
     for key in ("mm_input_cache_gib", "mm_processor_cache_gib"):
         value = getattr(mm, key)

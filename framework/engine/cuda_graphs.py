@@ -108,6 +108,14 @@ class CudaGraphRunner:
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
 
+    @torch.inference_mode()
+    def run_eagerly(self) -> None:
+        """Each size's step once, outside any graph, on all-padding input (the runner's kernel
+        precompilation notes the Triton variants the captures will launch)."""
+        stage_decode(self.staging, self.layout, None, self.static_in)
+        for size in sorted(self.sizes, reverse=True):
+            self._run(size)
+
     def release(self) -> None:
         self.graphs.clear()
         self.pool = None

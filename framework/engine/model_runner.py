@@ -32,6 +32,7 @@ from framework.multimodal.budget import encoder_budget_tokens
 from framework.models.interface import attention_layers, build_model
 from framework.parallel import ParallelInfo, step_group
 from framework.resolve import is_resolved, pick_device, pick_dtype
+from kernels.precompile import KernelPrecompiler, precompiler_for
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
@@ -106,6 +107,12 @@ class ModelRunner:
                     or torch.cuda.memory._set_allocator_settings  # torch < 2.10; deprecated after
                 set_allocator("expandable_segments:True")
         torch.manual_seed(cfg.model.seed)
+        # Triton's compile workers start now, so that their imports overlap building the model
+        self.precompiler: Optional[KernelPrecompiler] = precompiler_for(self.device.type,
+                                                                        cfg.compilation.compile_workers, tp.size)
+        if self.precompiler is not None:
+            self.precompiler.start()
+        self.precompile_stats: Dict[str, Any] = {}
 
         start = time.perf_counter()
         # the linear layers' storage (quantization.method, per layer) is built, and checked, before
@@ -151,6 +158,7 @@ class ModelRunner:
     # --- KV cache -------------------------------------------------------------------
     def num_blocks_that_fit(self) -> int:
         """With TP every rank calls this (a collective): all agree on the smallest rank's count."""
+        self._precompile_kernels()
         if self.cfg.cache.num_gpu_blocks_override:  # both groups get that many
             self.num_window_blocks = self.cfg.cache.num_gpu_blocks_override if self.kv_spec.num_window_layers else 0
             return self.cfg.cache.num_gpu_blocks_override
@@ -253,6 +261,11 @@ class ModelRunner:
                              cu_seqlens_q=list(range(b + 1)), seq_lens=[1] * b, block_tables=[[0]] * b,
                              logits_indices=list(range(b)), decode_only=True)
             self.execute(step, keep_on_device=True)
+        # A short prompt alone: its block table is 1 wide, a stride Triton specializes the prefill
+        # kernel on (a server's first request is often such; it compiled at that request before).
+        step = StepInput(input_ids=[0] * 5, positions=list(range(5)), slot_mapping=[-1] * 5, cu_seqlens_q=[0, 5],
+                         seq_lens=[5], block_tables=[[0]], logits_indices=[4], decode_only=False)
+        self.execute(step, keep_on_device=True)
         # Block tables 3 wide: Triton also specializes on the table's row stride (1, a multiple of
         # 16, or neither), and a real mixed step's width is usually neither.
         for chunk in (6, 15):  # + one decode row: 7 and 16 tokens
@@ -261,6 +274,43 @@ class ModelRunner:
                              cu_seqlens_q=[0, chunk, n], seq_lens=[chunk, 1], block_tables=[[0, 0, 0], [0]],
                              logits_indices=[chunk - 1, chunk], decode_only=False)
             self.execute(step, keep_on_device=True)
+
+    def _precompile_kernels(self) -> None:
+        """Start-up's steps (the memory profile, the small-batch warm-up, one eager step of every
+        graph size) launch each Triton variant the engine needs, and the first launch of each
+        compiles it, one after another. Run those steps once with Triton's launches skipped, only
+        noting the variants, and compile them all at once in worker processes
+        (kernels/precompile.py); start-up then runs as before, with every variant on disk."""
+        precompiler, self.precompiler = self.precompiler, None
+        if precompiler is None:
+            return
+        start = time.perf_counter()
+        try:
+            with precompiler.record():
+                self.profile_run()
+                if self.graph_sizes:
+                    self._allocate_kv_cache(1)
+                    graphs = self._new_graphs()
+                    graphs.run_eagerly()
+                    graphs.release()
+                    self._free_kv_cache()
+        except Exception:  # only a speed-up: start-up goes on as without it, each variant compiled at its launch
+            log.warning("Triton precompilation stopped; kernel variants compile at their first launch", exc_info=True)
+            precompiler.close()
+            self._free_kv_cache()
+            return
+        recorded = time.perf_counter() - start
+        report = precompiler.compile()
+        self.precompile_stats = {"precompile_seconds": round(time.perf_counter() - start, 3),
+                                 "precompile_record_seconds": round(recorded, 3),
+                                 "precompile_variants": report.variants, "precompile_workers": report.workers,
+                                 "precompile_failed": len(report.failed),
+                                 "precompile_compiled_here": report.compiled_here}
+        log.info("Triton: %d kernel variants noted in %.2f s and compiled by %d processes meanwhile; %.2f s more "
+                 "until all were loaded (%d not found on disk, compiled here)", report.variants, recorded,
+                 report.workers, report.seconds, report.compiled_here)
+        for failure in report.failed:
+            log.warning("Triton variant not precompiled (it compiles at its first launch): %s", failure)
 
     def allocate_kv_cache(self, num_blocks: Optional[int], num_window_blocks: Optional[int] = None) -> None:
         """With TP every rank calls this (a collective): rank 0's counts, after the engine's caps,
@@ -343,7 +393,7 @@ class ModelRunner:
         if self.device.type != "cuda":
             return {}
         stats: Dict[str, Any] = {"compilation_level": self.compilation_level.name,
-                                 "cudagraph_sizes": self.graph_sizes, **self.gpu_memory}
+                                 "cudagraph_sizes": self.graph_sizes, **self.precompile_stats, **self.gpu_memory}
         if "kv_budget_bytes" in self.gpu_memory:
             m = self.gpu_memory
             per_token = self.kv_spec.bytes_per_block / self.kv_spec.block_size

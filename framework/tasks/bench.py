@@ -28,6 +28,7 @@ from framework.tasks.metrics import write_metrics
 from framework.tasks.profile import format_profile, profile_run
 from framework.tasks.roofline import engine_costs, format_kinds, matmul_peak, schedule_roofline
 from framework.engine.step_log import StepLog
+from kernels.precompile import count_compiles
 
 HF_BATCH = 64  # HF pads a batch to its longest request; larger batches waste more
 
@@ -119,18 +120,31 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 20)
     return 2 * nbytes / statistics.median(times)
 
 
-def bench_decode_batch1(llm: LLM, tokens: int, vocab_size: int) -> Dict[str, float]:
+PROFILED_BATCH1_TOKENS = 64  # enough steps to average, few enough kernels to read back quickly
+
+
+def bench_decode_batch1(llm: LLM, tokens: int, vocab_size: int, run_dir: Path) -> Dict[str, Any]:
     """One greedy request (128 prompt tokens, `tokens` out) alone: decode tok/s after the first
-    token, through the whole engine (scheduler, step building, graph replay, sampling)."""
+    token, through the whole engine (scheduler, step building, graph replay, sampling). Then one
+    shorter request under torch.profiler: each decode step's device time by kind of kernel, and
+    the device's idle time between them (profile_batch1.txt has every kernel)."""
     rng = random.Random(1)
     prompt = {"prompt_token_ids": [rng.randrange(vocab_size) for _ in range(128)]}
     llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))  # warm
     out = llm.generate([prompt], SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))[0]
-    result = {"tokens": tokens, "engine_tok_s": (tokens - 1) / (out.latency - out.time_to_first_token)}
+    result: Dict[str, Any] = {"tokens": tokens, "engine_tok_s": (tokens - 1) / (out.latency - out.time_to_first_token)}
     engine = llm.launcher.local_engine()
     graphs = engine.runner.graphs if engine is not None else None
     if graphs is not None and 1 in graphs.graphs:
         result["graph_replay_tok_s"] = 1.0 / graphs.time_replay(1)
+    if engine is not None:
+        params = SamplingParams(max_tokens=PROFILED_BATCH1_TOKENS, temperature=0, ignore_eos=True)
+
+        def one_request() -> float:
+            begin = time.perf_counter()
+            llm.generate([prompt], params)
+            return time.perf_counter() - begin
+        result["profile"] = profile_run(one_request, run_dir, "profile_batch1.txt")
     return result
 
 
@@ -155,14 +169,18 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
         work = make_workload(cfg, llm.hf_config.vocab_size)
         engine = llm.launcher.local_engine()
         steps = StepLog(device) if engine is not None else None
-        warm_up(llm, work)
+        with count_compiles() as warm_compiled:
+            warm_up(llm, work)
         runs: List[float] = []
+        compiled: List[List[str]] = []  # Triton variants compiled inside each run: start-up missed them
         for _ in range(t.runs):  # the step log keeps the last run's steps
             if steps is not None:
                 steps.begin()
                 engine.step_log = steps
-            seconds, outputs = bench_ours(llm, work)
+            with count_compiles() as names:
+                seconds, outputs = bench_ours(llm, work)
             runs.append(seconds)
+            compiled.append(names)
         if engine is not None:
             engine.step_log = None
         roofline = None
@@ -172,9 +190,10 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
         prof = None
         if t.profile and on_gpu:
             prof = profile_run(lambda: bench_ours(llm, work)[0], run_dir)
-        decode = bench_decode_batch1(llm, t.decode_batch1_tokens, llm.hf_config.vocab_size) \
+        decode = bench_decode_batch1(llm, t.decode_batch1_tokens, llm.hf_config.vocab_size, run_dir) \
             if on_gpu and t.decode_batch1_tokens else None
         stats = llm.stats()
+        phases = llm.startup_seconds
         plan = llm.plan.to_dict() if llm.plan else None
         model_path, hf_config = llm.model_path, llm.hf_config
     gc.collect()
@@ -185,22 +204,36 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
     rank0 = stats["ranks"][0]
     print(f"bench: {t.num_requests} requests, prompts {t.input_len_range[0]}-{t.input_len_range[1]} tokens, "
           f"outputs {t.output_len_range[0]}-{t.output_len_range[1]} tokens, ignore_eos")
-    print(f"  start-up to a ready engine: {startup:.1f} s (weights {rank0['load_seconds']:.1f} s"
+    print(f"  start-up to a ready engine: {startup:.1f} s (config.json and checks {phases['config']:.1f} s, "
+          f"plan {phases['plan']:.1f} s, engine {phases['engine']:.1f} s: weights {rank0['load_seconds']:.1f} s"
           + (f", memory profile {rank0['profile_seconds']:.1f} s" if "profile_seconds" in rank0 else "")
           + (f", CUDA graphs {rank0['cudagraph_capture_seconds']:.1f} s" if "cudagraph_capture_seconds" in rank0
              else "") + f"; compilation level {rank0.get('compilation_level', 'n/a')})")
+    if "precompile_seconds" in rank0:
+        print(f"    of which Triton precompilation {rank0['precompile_seconds']:.1f} s: "
+              f"{rank0['precompile_variants']} kernel variants noted in {rank0['precompile_record_seconds']:.1f} s, "
+              f"compiled by {rank0['precompile_workers']} processes"
+              + f", {rank0['precompile_compiled_here']} of them compiled again here ({rank0['precompile_failed']} "
+              f"failed in a worker)")
     print(f"  ours: {work.output_tokens} output tokens in {ours:.2f} s = {ours_tps:,.1f} tok/s"
           + (f" (the last of {len(runs)} runs)" if len(runs) > 1 else ""))
     if len(runs) > 1:
         print(f"    runs in this process (s): {', '.join(f'{r:.2f}' for r in runs)}; the first (cold) at "
               f"{100 * min(runs) / runs[0]:.0f}% of the best one's speed")
+    if engine is not None and on_gpu:
+        late = warm_compiled + compiled[0]
+        print(f"    Triton kernel variants compiled after start-up: {len(warm_compiled)} in the warm-up request, "
+              f"{', '.join(str(len(c)) for c in compiled)} in the runs"
+              + (f" (first ones: {'; '.join(late[:6])})" if late else ""))
     latency = summarize(outputs, ours)  # every request arrives at once: latency includes queueing
     print(f"  latency per request (s): p50 {latency['latency_s']['p50']}, p90 {latency['latency_s']['p90']}, "
           f"p99 {latency['latency_s']['p99']}; time to first token p50 {latency['ttft_s']['p50']}, "
           f"p99 {latency['ttft_s']['p99']}")
     result: Dict[str, Any] = {"output_tokens": work.output_tokens, "seconds": round(ours, 4),
                               "output_tokens_per_s": round(ours_tps, 2), "startup_seconds": round(startup, 2),
+                              "startup_phases_seconds": {k: round(v, 3) for k, v in phases.items()},
                               "runs_seconds": [round(r, 4) for r in runs],
+                              "triton_compiles_per_run": [len(c) for c in compiled],
                               "requests": len(outputs), "latency_s": latency["latency_s"], "ttft_s": latency["ttft_s"]}
     if roofline is not None:
         floor, device_s = roofline["floor_seconds"], sum(k["seconds"] for k in roofline["kinds"].values())
@@ -236,6 +269,16 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
         print(f"    bytes a step really reads (weights less the embedding table): {step_bytes / 1e9:.2f} GB -> "
               f"{step_bytes * decode['engine_tok_s'] / 1e12:.2f} TB/s = "
               f"{100 * step_bytes * decode['engine_tok_s'] / copy_bps:.0f}% of the copy")
+        if "profile" in decode:
+            prof = decode.pop("profile")
+            per_step = 1e3 / PROFILED_BATCH1_TOKENS  # ms per step (the prefill step is in there too)
+            print(f"    one request of {PROFILED_BATCH1_TOKENS} tokens under torch.profiler: wall "
+                  f"{prof['wall_seconds'] * per_step:.3f} ms a token, kernels "
+                  f"{prof['kernel_seconds'] * per_step:.3f} ms, device idle {prof['idle_seconds'] * per_step:.3f} ms "
+                  f"(the prompt's step included; every kernel in {run_dir / 'profile_batch1.txt'}):")
+            print("\n".join(f"      {kind:<26}{s * per_step:>7.3f} ms a token" for kind, s in
+                            sorted(prof["kinds"].items(), key=lambda kv: -kv[1])))
+            result["decode_batch1_profile"] = prof
         result["decode_batch1"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in decode.items()}
     if on_gpu:
         print(f"  device memory in use at the end: {rank0['device_used_bytes'] / 2**30:.2f} GiB; "

@@ -42,8 +42,8 @@ def group_kernels(times: Dict[str, float]) -> Dict[str, float]:
     return out
 
 
-def profile_run(run: Callable[[], float], out_dir: Path) -> Dict[str, object]:
-    """Profile `run` (returns its wall seconds); writes profile.txt (every kernel) in out_dir and
+def profile_run(run: Callable[[], float], out_dir: Path, file_name: str = "profile.txt") -> Dict[str, object]:
+    """Profile `run` (returns its wall seconds); writes every kernel to out_dir / file_name and
     returns {kind: seconds}, the kernels' total, the wall time and the idle time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -63,7 +63,7 @@ def profile_run(run: Callable[[], float], out_dir: Path) -> Dict[str, object]:
     lines = [f"wall {wall:.3f} s, kernels {busy:.3f} s, idle {wall - busy:.3f} s", ""]
     lines += [f"{s:10.4f} s  {kind_of_kernel(name):<24} {name}"
               for name, s in sorted(times.items(), key=lambda kv: -kv[1])]
-    (out_dir / "profile.txt").write_text("\n".join(lines) + "\n")
+    (out_dir / file_name).write_text("\n".join(lines) + "\n")
     return {"kinds": kinds, "kernel_seconds": busy, "wall_seconds": wall, "idle_seconds": wall - busy}
 
 
