@@ -77,33 +77,44 @@ def test_recorded_variants_compile_in_a_worker_into_the_disk_cache(tmp_path):
     assert "ok _rms_norm_kernel(" in done.stdout
 
 
-@pytest.mark.gpu
-def test_engine_start_up_leaves_no_variant_for_the_requests(tiny_model):
-    """On a GPU the runner precompiles start-up's variants; a batch of prompts of several lengths
-    (prefill, mixed and graph-replayed decode steps) then compiles no Triton variant of its own."""
-    from framework import FrameworkConfig, SamplingParams
-    from framework.llm import LLM
-    from helpers import PROMPTS
-    from kernels.precompile import count_compiles
+ENGINE_SCRIPT = r"""
+import json, sys
+from framework import FrameworkConfig, SamplingParams
+from framework.llm import LLM
+from kernels.precompile import count_compiles
+cfg = FrameworkConfig()
+cfg.model.path, cfg.model.device, cfg.model.dtype = sys.argv[1], "cuda", "bfloat16"
+cfg.cache.block_size, cfg.cache.max_model_len, cfg.cache.max_num_seqs = 8, 256, 8
+cfg.cache.max_num_batched_tokens, cfg.cache.gpu_memory_utilization = 256, 0.5
+cfg.compilation.compile_workers = 2
+prompts = json.loads(sys.argv[2])
+with LLM(cfg) as llm:
+    rank0 = llm.stats()["ranks"][0]
+    with count_compiles() as late:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                               SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+keys = ("precompile_variants", "precompile_workers", "precompile_failed", "precompile_compiled_here")
+print(json.dumps({**{k: rank0[k] for k in keys}, "late": late, "lengths": [len(o.token_ids) for o in outputs]}))
+"""
 
-    for module in [m for name, m in sys.modules.items() if name.startswith("kernels.")]:
-        for jit in vars(module).values():  # forget variants earlier tests compiled in this process
-            if hasattr(jit, "device_caches"):
-                jit.device_caches.clear()
-    cfg = FrameworkConfig()
-    cfg.model.path, cfg.model.device, cfg.model.dtype = str(tiny_model("llama")), "cuda", "bfloat16"
-    cfg.cache.block_size, cfg.cache.max_model_len, cfg.cache.max_num_seqs = 8, 256, 8
-    cfg.cache.max_num_batched_tokens, cfg.cache.gpu_memory_utilization = 256, 0.5
-    cfg.compilation.compile_workers = 2
-    with LLM(cfg) as llm:
-        rank0 = llm.stats()["ranks"][0]
-        assert rank0["precompile_variants"] > 0 and rank0["precompile_workers"] == 2
-        assert rank0["precompile_failed"] == 0 and rank0["precompile_compiled_here"] == 0
-        with count_compiles() as late:
-            outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
-                                   SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
-    assert all(len(o.token_ids) == 12 for o in outputs)
-    assert late == [], late
+
+@pytest.mark.gpu
+def test_engine_start_up_leaves_no_variant_for_the_requests(tiny_model, tmp_path):
+    """On a GPU the runner precompiles start-up's variants; a batch of prompts of several lengths
+    (prefill, mixed and graph-replayed decode steps) then compiles no Triton variant of its own.
+    In a fresh process, as a server starts: in pytest's, earlier tests' engines have loaded kernels
+    already (on the H200 that process loaded 10 of the variants here rather than from the workers)."""
+    import json
+    from helpers import PROMPTS
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    done = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(tiny_model("llama")), json.dumps(PROMPTS)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rank0 = json.loads(done.stdout.strip().splitlines()[-1])
+    assert rank0["precompile_variants"] > 0 and rank0["precompile_workers"] == 2
+    assert rank0["precompile_failed"] == 0 and rank0["precompile_compiled_here"] == 0
+    assert rank0["lengths"] == [12] * len(PROMPTS)
+    assert rank0["late"] == [], rank0["late"]
 
 
 NO_GUARD_SCRIPT = r"""
