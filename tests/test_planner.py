@@ -430,7 +430,7 @@ def test_kv_cache_memory_sets_the_pool_on_gpu_and_must_fit_the_device():
     from framework.memory.fixes import suggest_fixes
     room = (80 * GiB - (big.rank_total_bytes - big.kv_cache_bytes)) / GiB
     sizes = [o for f in suggest_fixes(cfg, hf, 80 * GiB, big) for o in f.overrides if "kv_cache_memory" in o]
-    assert sizes == [f"cache.kv_cache_memory_gib={int(room * 4) / 4:g}"]
+    assert sizes == [f"cache.kv_cache_memory_gib={int(room * 100) / 100:g}"]
     # less than one request: the verdict says by how much
     small = plan_memory(plan_config("llama-3.1-8b", max_model_len=8192, kv_cache_memory_gib=0.5), hf, 80 * GiB)
     assert not small.fits and small.verdict.startswith("DOES NOT FIT: 0.50 GiB/GPU short of holding one 8192")

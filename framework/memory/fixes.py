@@ -145,7 +145,7 @@ def _candidates(cfg: FrameworkConfig, hf_config: Any, plan: MemoryPlan) -> List[
     need = -(-plan.max_model_len // plan.block_size) * plan.block_size * plan.kv_bytes_per_token / GiB
     if cfg.cache.kv_cache_memory_gib is not None:  # a set size: one request's worth, or what the device has left
         room = (plan.budget_bytes - (plan.rank_total_bytes - plan.kv_cache_bytes)) / GiB
-        gib = -(-need * 4 // 1) / 4 if need > cfg.cache.kv_cache_memory_gib else (room * 4 // 1) / 4
+        gib = -(-need * 100 // 1) / 100 if need > cfg.cache.kv_cache_memory_gib else (room * 100 // 1) / 100
         if gib > 0 and gib != cfg.cache.kv_cache_memory_gib:
             out.append(Candidate([f"cache.kv_cache_memory_gib={gib:g}"],
                                  _set(**{"cache.kv_cache_memory_gib": gib}), "kv_size"))
