@@ -443,7 +443,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput, keep_on_device: bool = False) -> Optional[torch.Tensor]:
         """Forward one step; returns float32 logits [len(logits_indices), vocab] on rank 0, on the
-        CPU, or where the model runs with keep_on_device (the engine samples there).
+        CPU, or where the model runs with keep_on_device (the engine samples there); None on the
+        other ranks, and for a step whose greedy rows go to `sampled` (step.greedy_rows).
 
         A pure-decode step that scores every row replays a CUDA graph when one covers its batch."""
         graphs = self.graphs
@@ -470,6 +471,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, t.logits_indices))
         if step.greedy_rows:
             torch.argmax(logits, dim=-1, out=self.sampled[:step.greedy_rows])
+            return None  # the engine reads `sampled`; no float32 copy of the logits is made
         if self.tp.rank != 0:
             return None
         return logits.float() if keep_on_device else logits.float().cpu()
