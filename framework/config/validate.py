@@ -263,14 +263,15 @@ def check_before_start(cfg: FrameworkConfig, model_path: Path, hf_config: Any) -
 
 def _kv_size_notes(c: Any, on_gpu: bool) -> List[Tuple[int, str]]:
     """A KV-size knob set where another one decides the size: said, never silently ignored."""
+    gpu_share, cpu_space = "gpu_memory_utilization", "cpu_kvcache_space_gib"
     if c.kv_cache_memory_gib is not None:
-        sizer, unused = f"cache.kv_cache_memory_gib={c.kv_cache_memory_gib}", [
-            ("gpu_memory_utilization", 0.9, "") if on_gpu else None,
-            ("cpu_kvcache_space_gib", 4.0, " (VLLM_CPU_KVCACHE_SPACE)")]
+        sizer, unused = f"cache.kv_cache_memory_gib={c.kv_cache_memory_gib}", [cpu_space] + [gpu_share] * on_gpu
     elif on_gpu:
-        sizer, unused = "cache.gpu_memory_utilization", [("cpu_kvcache_space_gib", 4.0, " (VLLM_CPU_KVCACHE_SPACE)")]
+        sizer, unused = "cache.gpu_memory_utilization", [cpu_space]
     else:
-        sizer, unused = f"cache.cpu_kvcache_space_gib={c.cpu_kvcache_space_gib}", [("gpu_memory_utilization", 0.9, "")]
+        sizer, unused = f"cache.cpu_kvcache_space_gib={c.cpu_kvcache_space_gib}", [gpu_share]
+    defaults = {gpu_share: 0.9, cpu_space: 4.0}
+    aka = {gpu_share: "", cpu_space: " (VLLM_CPU_KVCACHE_SPACE)"}
     where = "on GPU" if on_gpu else "on the CPU backend"
-    return [(logging.WARNING, f"cache.{key}={getattr(c, key)}{why}: not used {where}; the KV cache's size is {sizer}")
-            for key, default, why in filter(None, unused) if getattr(c, key) != default]
+    return [(logging.WARNING, f"cache.{key}={getattr(c, key)}{aka[key]}: not used {where}; the KV cache's size is "
+             f"{sizer}") for key in unused if getattr(c, key) != defaults[key]]

@@ -157,15 +157,17 @@ class ModelRunner:
 
     # --- KV cache -------------------------------------------------------------------
     def num_blocks_that_fit(self) -> int:
-        """With TP every rank calls this (a collective): all agree on the smallest rank's count."""
+        """With TP every rank calls this (a collective): all agree on the smallest rank's count.
+        It runs start-up's steps (the memory profile, graphs), so their Triton variants are
+        precompiled first."""
         self._precompile_kernels()
         if self.cfg.cache.num_gpu_blocks_override:  # both groups get that many
             self.num_window_blocks = self.cfg.cache.num_gpu_blocks_override if self.kv_spec.num_window_layers else 0
             return self.cfg.cache.num_gpu_blocks_override
-        requested = self.cfg.cache.kv_cache_memory_gib
-        budget = (self.cfg.cache.cpu_kvcache_space_gib if requested is None else requested) * GiB
         if self.device.type == "cuda":
             budget = self._gpu_kv_budget()
+        else:  # the CPU backend: a set size, kv_cache_memory_gib winning over cpu_kvcache_space_gib
+            budget = (self.cfg.cache.kv_cache_memory_gib or self.cfg.cache.cpu_kvcache_space_gib) * GiB
         if self.kv_spec.num_window_layers:
             full, window = split_kv_budget(int(budget), self.kv_spec, self.max_model_len,
                                            self.cfg.cache.max_num_batched_tokens)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List
+from typing import Any, List, Optional
 
 from framework.config.errors import ConfigError, UserError
 
@@ -17,13 +17,25 @@ def resolve_model_path(path: str) -> Path:
         if (candidate / "config.json").is_file():
             return candidate
     if "/" in path and not Path(path).is_absolute():
-        try:
-            from huggingface_hub import snapshot_download
-            return Path(snapshot_download(path, local_files_only=True))
-        except Exception:  # offline and not cached: say where we looked
-            from huggingface_hub.constants import HF_HUB_CACHE
-            looked.append(f"the HF hub cache {HF_HUB_CACHE} (never downloaded: no network at run time)")
+        cached = hub_snapshot(path)
+        if cached is not None:
+            return cached
+        looked.append(hub_cache_text())
     raise UserError(f"model.path={path!r}: no config.json found; looked in {', '.join(looked)}")
+
+
+def hub_snapshot(repo_id: str) -> Optional[Path]:
+    """A hub id's folder in the local HF cache, or None (offline and not cached)."""
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        return None
+
+
+def hub_cache_text() -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+    return f"the HF hub cache {HF_HUB_CACHE} (never downloaded: no network at run time)"
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -41,14 +53,11 @@ def resolve_tokenizer_path(value: str, key: str = "model.tokenizer") -> Path:
         return folder
     where = f"{folder} has none of {', '.join(TOKENIZER_FILES)}"
     if "/" in value and not folder.is_absolute() and not folder.exists():
-        try:
-            from huggingface_hub import snapshot_download
-            cached = Path(snapshot_download(value, local_files_only=True))
-            if has_tokenizer(cached):
-                return cached
-        except Exception:  # offline and not cached
-            from huggingface_hub.constants import HF_HUB_CACHE
-            where = f"no such folder, and not in the HF hub cache {HF_HUB_CACHE} (never downloaded: no network at run time)"
+        cached = hub_snapshot(value)
+        if cached is not None and has_tokenizer(cached):
+            return cached
+        if cached is None:
+            where = f"no such folder, and not in {hub_cache_text()}"
     raise ConfigError(key, value, f"no tokenizer found: {where}")
 
 
