@@ -465,3 +465,16 @@ def test_kv_cache_memory_sizes_the_gpu_cache(tiny_model):
     cfg.cache.kv_cache_memory_gib = 10_000.0
     with pytest.raises(ConfigError, match=r"^cache.kv_cache_memory_gib=10000.0: this GPU has .* GiB left"):
         LLM(cfg)
+
+
+def test_int4_tinygemm_where_it_cannot_act_is_said(tiny_model):
+    from framework.config.validate import inert_knobs
+    from helpers import small_config
+    cfg, hf = small_config(tiny_model("llama")), load_hf_config(tiny_model("llama"))
+    cfg.quantization.int4_tinygemm = True
+    notes = lambda on_gpu: [n for _, n in inert_knobs(cfg, hf, on_gpu=on_gpu, multimodal=False) if "tinygemm" in n]
+    assert notes(False) == ["quantization.int4_tinygemm=true: not used on the CPU backend (int4 on CUDA in bf16 only)"]
+    assert notes(True) == ["quantization.int4_tinygemm=true: not used with quantization.method=none "
+                           "(int4 on CUDA in bf16 only)"]
+    cfg.quantization.method = "int4"
+    assert notes(True) == []

@@ -210,6 +210,10 @@ def inert_knobs(cfg: FrameworkConfig, hf_config: Any, on_gpu: bool, multimodal: 
             level = logging.WARNING if compiled or sizes else logging.INFO
             notes.append((level, f"{what}: not used on the CPU backend (GPU only); this run decodes eagerly"))
     notes += _kv_size_notes(cfg.cache, on_gpu)
+    q = cfg.quantization
+    if q.int4_tinygemm and (not on_gpu or q.method not in ("int4", "auto")):
+        why = "on the CPU backend" if not on_gpu else f"with quantization.method={q.method}"
+        notes.append((logging.WARNING, f"quantization.int4_tinygemm=true: not used {why} (int4 on CUDA in bf16 only)"))
     if not multimodal:
         arch = ", ".join(getattr(hf_config, "architectures", None) or []) or "this model"
         for key in ("limit_mm_per_prompt", "mm_processor_kwargs"):
