@@ -467,7 +467,7 @@ def test_kv_cache_memory_sizes_the_gpu_cache(tiny_model):
         LLM(cfg)
 
 
-def test_int4_tinygemm_where_it_cannot_act_is_said(tiny_model):
+def test_tinygemm_and_compile_workers_where_they_cannot_act_are_said(tiny_model):
     from framework.config.validate import inert_knobs
     from helpers import small_config
     cfg, hf = small_config(tiny_model("llama")), load_hf_config(tiny_model("llama"))
@@ -478,3 +478,6 @@ def test_int4_tinygemm_where_it_cannot_act_is_said(tiny_model):
                            "(int4 on CUDA in bf16 only)"]
     cfg.quantization.method = "int4"
     assert notes(True) == []
+    cfg.compilation.compile_workers = 4
+    assert [n for _, n in inert_knobs(cfg, hf, on_gpu=False, multimodal=False) if "compile_workers" in n] == [
+        "compilation.compile_workers=4: not used on the CPU backend (its kernels are not compiled by Triton)"]

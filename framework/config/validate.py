@@ -209,6 +209,9 @@ def inert_knobs(cfg: FrameworkConfig, hf_config: Any, on_gpu: bool, multimodal: 
         if what:
             level = logging.WARNING if compiled or sizes else logging.INFO
             notes.append((level, f"{what}: not used on the CPU backend (GPU only); this run decodes eagerly"))
+        if comp.compile_workers:
+            notes.append((logging.WARNING, f"compilation.compile_workers={comp.compile_workers}: not used on the "
+                          "CPU backend (its kernels are not compiled by Triton)"))
     notes += _kv_size_notes(cfg.cache, on_gpu)
     q = cfg.quantization
     if q.int4_tinygemm and (not on_gpu or q.method not in ("int4", "auto")):
