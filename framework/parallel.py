@@ -42,10 +42,24 @@ def tp_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+# The peer-memory all-reduce for small messages (framework/symm_all_reduce.py), set by the
+# model runner on CUDA ranks when parallelism.custom_all_reduce is on; None: NCCL (or gloo) only.
+_symm_all_reduce = None
+
+
+def set_symm_all_reduce(reducer) -> None:
+    global _symm_all_reduce
+    _symm_all_reduce = reducer
+
+
 def all_reduce(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Sum over the `size` ranks of the group (a no-op for one)."""
-    if size > 1:
-        dist.all_reduce(x)
+    """Sum over the `size` ranks of the group (a no-op for one). Use the returned tensor: the
+    peer-memory path returns a new one."""
+    if size == 1:
+        return x
+    if _symm_all_reduce is not None and _symm_all_reduce.takes(x):
+        return _symm_all_reduce(x)
+    dist.all_reduce(x)
     return x
 
 

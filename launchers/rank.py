@@ -6,12 +6,13 @@ each step travels over torch.distributed, never through a Ray call.
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,20 +31,34 @@ from launchers.remote_engine import EngineHost, MultimodalLimits, StepReport
 RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
 
 
+def on_own_gpu(method: Callable) -> Callable:
+    """Ray runs an actor's calls on a pool of threads, and CUDA's current device is per thread:
+    each call that reaches the GPU first makes this rank's GPU current (all of its node's GPUs
+    are visible to it, _see_node_gpus)."""
+    @functools.wraps(method)
+    def on_gpu(self, *args, **kwargs):
+        if self.gpu_index is not None:
+            torch.cuda.set_device(self.gpu_index)
+        return method(self, *args, **kwargs)
+    return on_gpu
+
+
 class RankActor:
     def __init__(self, cfg: FrameworkConfig, model_path: Path, hf_config: Any, rank: int, world_size: int):
         self.cfg, self.model_path, self.hf_config = cfg, model_path, hf_config
         self.rank, self.world_size = rank, world_size
         self.engine = None
         self.runner = None
+        self.gpu_index: Optional[int] = None  # this rank's GPU among those it sees (None: a CPU rank)
         if cfg.launcher.num_cpus_per_rank == 0:
             # Ray pins an actor holding no CPUs to one thread; ranks sharing a node share its cores instead.
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))
 
-    def hello(self) -> Tuple[int, str]:
-        """This rank's process id and node address; answering at all means the actor is up."""
+    def hello(self) -> Tuple[int, str, List[str]]:
+        """This rank's process id, node address and Ray's GPU ids for it; answering at all means
+        the actor is up."""
         import ray
-        return os.getpid(), ray.util.get_node_ip_address()
+        return os.getpid(), ray.util.get_node_ip_address(), [str(i) for i in ray.get_gpu_ids()]
 
     def free_port(self) -> int:
         """A port free on this node right now. Picked per run (bind to 0), so two engines on one
@@ -52,8 +67,11 @@ class RankActor:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def start(self, address: str, port: int, backend: str, weights_only: bool) -> None:
+    def start(self, address: str, port: int, backend: str, weights_only: bool,
+              node_gpus: Dict[str, List[str]]) -> None:
         """Join the group, then build: every rank loads only its slices, all ranks concurrently."""
+        if self.cfg.parallelism.custom_all_reduce:
+            self._see_node_gpus(node_gpus)
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
                                 world_size=self.world_size, timeout=RENDEZVOUS_TIMEOUT)
         if backend == "nccl":  # step objects travel over a CPU group (framework/parallel.py)
@@ -62,6 +80,19 @@ class RankActor:
             self._build(weights_only)
         except ConfigError as exc:  # its (key, value, expected) signature does not survive pickling
             raise UserError(str(exc)) from None
+
+    def _see_node_gpus(self, node_gpus: Dict[str, List[str]]) -> None:
+        """Ray shows an actor only its own GPU. Peer-memory all-reduce (framework/symm_all_reduce.py)
+        maps its peers' buffers by device, so every rank is shown all of its node's ranks' GPUs,
+        in one order, and takes its own as the current device before CUDA starts."""
+        import ray
+        own = [str(i) for i in ray.get_gpu_ids()]
+        if len(own) != 1:  # a CPU rank
+            return
+        ids = node_gpus[ray.util.get_node_ip_address()]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+        self.gpu_index = ids.index(own[0])
+        torch.cuda.set_device(self.gpu_index)
 
     def _build(self, weights_only: bool) -> None:
         """The config arrives resolved (the driver resolved every `auto` once)."""
@@ -78,16 +109,20 @@ class RankActor:
             self.runner.allocate_kv_cache(None)
 
     # --- rank 0 -------------------------------------------------------------------------
+    @on_own_gpu
     def generate(self, prompts: List[Any], params: Any, progress: bool) -> List[RequestOutput]:
         return self.engine.generate(prompts, params, progress)
 
+    @on_own_gpu
     def score(self, windows: List[List[int]]) -> List[float]:
         return self.engine.score(windows)
 
+    @on_own_gpu
     def stop_workers(self) -> None:
         self.runner.stop_workers()
 
     # rank 0, serving: the driver's RemoteEngine (launchers/remote_engine.py) calls these
+    @on_own_gpu
     def serve_info(self) -> Dict[str, Any]:
         self.host = EngineHost(self.engine)
         mm = self.engine.mm_processor
@@ -95,20 +130,25 @@ class RankActor:
                 "gauges": self.engine.gauges(),
                 "mm_limits": None if mm is None else MultimodalLimits(mm.limits, mm.language_model_only)}
 
+    @on_own_gpu
     def serve_add(self, prompt: Any, params: List[Any]) -> List[Any]:
         return self.host.add(prompt, params)
 
+    @on_own_gpu
     def serve_abort(self, seq_id: int) -> None:
         self.host.abort(seq_id)
 
+    @on_own_gpu
     def serve_step(self) -> StepReport:
         return self.host.step()
 
     # --- other ranks --------------------------------------------------------------------
+    @on_own_gpu
     def serve(self) -> None:
         self.runner.serve_forever()
 
     # --- every rank ---------------------------------------------------------------------
+    @on_own_gpu
     def stats(self) -> Dict[str, Any]:
         # Only rank 0 has a scheduler; the other ranks report their runner's figures.
         engine = self.engine or SimpleNamespace(runner=self.runner, scheduler=SimpleNamespace(num_preemptions=0))
@@ -117,9 +157,11 @@ class RankActor:
             stats.pop("num_preemptions")
         return stats
 
+    @on_own_gpu
     def save_shard(self, folder: str) -> Dict[str, Any]:
         return save_rank(self.runner.model, Path(folder), self.rank)
 
+    @on_own_gpu
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()

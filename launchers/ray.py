@@ -140,9 +140,14 @@ class RayLauncher(Launcher):
 
     def _start(self, backend: str, weights_only: bool) -> None:
         hello = self._wait(self._on_all("hello"))
-        self.pids = [pid for pid, _ in hello]
+        self.pids = [pid for pid, _, _ in hello]
+        # Each node's GPUs held by our ranks: every rank on a node is shown all of them (rank.py)
+        node_gpus: Dict[str, List[str]] = {}
+        for _, node, gpus in hello:
+            node_gpus.setdefault(node, []).extend(gpus)
+        node_gpus = {node: sorted(ids, key=lambda i: (len(i), i)) for node, ids in node_gpus.items()}
         port = self._wait({self.actors[0].free_port.remote(): 0})[0]
-        self._wait(self._on_all("start", hello[0][1], port, backend, weights_only))
+        self._wait(self._on_all("start", hello[0][1], port, backend, weights_only, node_gpus))
         if not weights_only:
             self.serving = {a.serve.remote(): rank for rank, a in enumerate(self.actors) if rank > 0}
 

@@ -481,3 +481,18 @@ def test_tinygemm_and_compile_workers_where_they_cannot_act_are_said(tiny_model)
     cfg.compilation.compile_workers = 4
     assert [n for _, n in inert_knobs(cfg, hf, on_gpu=False, multimodal=False) if "compile_workers" in n] == [
         "compilation.compile_workers=4: not used on the CPU backend (its kernels are not compiled by Triton)"]
+
+
+def test_custom_all_reduce_off_where_there_is_nothing_to_switch_off_is_said(tiny_model):
+    from framework.config.validate import inert_knobs
+    from helpers import small_config
+    cfg, hf = small_config(tiny_model("llama")), load_hf_config(tiny_model("llama"))
+    notes = lambda on_gpu: [n for _, n in inert_knobs(cfg, hf, on_gpu=on_gpu, multimodal=False) if "all_reduce" in n]
+    assert notes(True) == []  # the default says nothing
+    cfg.parallelism.custom_all_reduce = False
+    assert notes(False) == ["parallelism.custom_all_reduce=false: nothing to switch off on the CPU backend "
+                            "(it picks the all-reduce of GPU ranks)"]
+    assert notes(True) == ["parallelism.custom_all_reduce=false: nothing to switch off at tensor_parallel_size=1 "
+                           "(it picks the all-reduce of GPU ranks)"]
+    cfg.parallelism.tensor_parallel_size = 2
+    assert notes(True) == []

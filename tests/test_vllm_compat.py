@@ -65,6 +65,7 @@ def test_every_seed_example_is_a_recipe_with_the_same_effect():
     ("num_gpu_blocks_override", 64, "cache.num_gpu_blocks_override", 64),
     ("kv_cache_memory_bytes", 3 << 29, "cache.kv_cache_memory_gib", 1.5),
     ("enforce_eager", True, "compilation.enforce_eager", True),
+    ("disable_custom_all_reduce", True, "parallelism.custom_all_reduce", False),
     ("limit_mm_per_prompt", {"image": 2, "video": 0}, "multimodal.limit_mm_per_prompt", {"image": 2, "video": 0}),
     ("limit_mm_per_prompt", {"image": {"count": 3, "width": 512}}, "multimodal.limit_mm_per_prompt", {"image": 3}),
     ("mm_processor_kwargs", {"max_pixels": 1000}, "multimodal.mm_processor_kwargs", {"max_pixels": 1000}),

@@ -217,6 +217,10 @@ def inert_knobs(cfg: FrameworkConfig, hf_config: Any, on_gpu: bool, multimodal: 
     if q.int4_tinygemm and (not on_gpu or q.method not in ("int4", "auto")):
         why = "on the CPU backend" if not on_gpu else f"with quantization.method={q.method}"
         notes.append((logging.WARNING, f"quantization.int4_tinygemm=true: not used {why} (int4 on CUDA in bf16 only)"))
+    if not cfg.parallelism.custom_all_reduce and (not on_gpu or cfg.parallelism.tensor_parallel_size == 1):
+        why = "on the CPU backend" if not on_gpu else "at tensor_parallel_size=1"
+        notes.append((logging.INFO, f"parallelism.custom_all_reduce=false: nothing to switch off {why} "
+                      "(it picks the all-reduce of GPU ranks)"))
     if not multimodal:
         arch = ", ".join(getattr(hf_config, "architectures", None) or []) or "this model"
         for key in ("limit_mm_per_prompt", "mm_processor_kwargs"):

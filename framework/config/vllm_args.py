@@ -53,7 +53,7 @@ KEYS: Dict[str, str] = {
 
 # Keywords that need a translation, not a copy (handled in `_apply`).
 TRANSLATED = ("compilation_config", "distributed_executor_backend", "trust_remote_code", "language_model_only",
-              "kv_cache_memory_bytes")
+              "kv_cache_memory_bytes", "disable_custom_all_reduce")
 
 # vLLM's names for our choices where they differ. vLLM's quantization=None reads the checkpoint's
 # quantization_config, which is our `auto`; so does a config built here from scratch.
@@ -63,7 +63,8 @@ DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp1
 KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}  # our fp8 KV cache is e4m3
 EXECUTOR_BACKENDS = {None: "auto", "ray": "ray", "uni": "local"}
 # Types that validate() takes for granted (the CLI's are checked by the schema).
-BOOLS = ("enforce_eager", "enable_prefix_caching", "async_scheduling", "trust_remote_code", "language_model_only")
+BOOLS = ("enforce_eager", "enable_prefix_caching", "async_scheduling", "trust_remote_code", "language_model_only",
+         "disable_custom_all_reduce")
 NUMBERS = ("gpu_memory_utilization", "mm_processor_cache_gb", "kv_cache_memory_bytes")
 
 # vLLM's environment variables, as vLLM reads them (GiB), and the key each one sets.
@@ -197,6 +198,8 @@ def _apply(cfg: FrameworkConfig, keyword: str, value: Any) -> None:
         cfg.model.dtype = DTYPE_ALIASES.get(value, value)
     elif keyword == "load_format":
         cfg.model.load_format = LOAD_FORMAT_ALIASES.get(value, value)
+    elif keyword == "disable_custom_all_reduce":
+        cfg.parallelism.custom_all_reduce = not value
     elif keyword == "kv_cache_memory_bytes":  # vLLM counts bytes, our key GiB
         if value <= 0:
             raise ConfigError(keyword, value, "must be a number of bytes > 0")

@@ -30,7 +30,8 @@ from framework.loader.weights import LoadStats
 from framework.models.context import ModelContext
 from framework.multimodal.budget import encoder_budget_tokens
 from framework.models.interface import attention_layers, build_model
-from framework.parallel import ParallelInfo, step_group
+from framework.parallel import ParallelInfo, set_symm_all_reduce, step_group
+from framework.symm_all_reduce import make_symm_all_reduce
 from framework.resolve import is_resolved, pick_device, pick_dtype
 from kernels.precompile import KernelPrecompiler, precompiler_for
 
@@ -95,8 +96,8 @@ class ModelRunner:
         self.device = pick_device(cfg.model.device)
         self.dtype = pick_dtype(cfg.model.dtype, self.device, hf_config)
         if self.device.type == "cuda":
-            # Ray shows each rank actor only its own GPU, so rank r may see just cuda:0
-            index = self.device.index if self.device.index is not None else tp.rank % torch.cuda.device_count()
+            # A Ray rank has made its own GPU the current device (launchers/rank.py); alone, that is 0
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
             torch.cuda.set_device(index)
             self.device = torch.device("cuda", torch.cuda.current_device())
             if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
@@ -107,6 +108,12 @@ class ModelRunner:
                     or torch.cuda.memory._set_allocator_settings  # torch < 2.10; deprecated after
                 set_allocator("expandable_segments:True")
         torch.manual_seed(cfg.model.seed)
+        # How this rank's all-reduces travel (framework/parallel.py): NCCL or gloo, and on CUDA
+        # ranks a peer-memory one-shot for small messages unless parallelism.custom_all_reduce=false.
+        self.symm_all_reduce = None
+        if tp.size > 1 and self.device.type == "cuda" and cfg.parallelism.custom_all_reduce:
+            self.symm_all_reduce = make_symm_all_reduce(dist.group.WORLD, self.device, self.dtype)
+        set_symm_all_reduce(self.symm_all_reduce)
         # Triton's compile workers start now, so that their imports overlap building the model
         self.precompiler: Optional[KernelPrecompiler] = precompiler_for(self.device.type,
                                                                         cfg.compilation.compile_workers, tp.size)

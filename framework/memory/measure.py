@@ -56,6 +56,7 @@ def rank_stats(engine: Any) -> Dict[str, Any]:
         "kv_window_blocks": runner.num_window_blocks,  # the sliding-window layers' own pool (0: none)
         "num_preemptions": engine.scheduler.num_preemptions,
         "async_scheduling": runner.async_scheduling,
+        "symm_all_reduce": runner.symm_all_reduce is not None,  # TP on GPUs: peer-memory all-reduce in use
     }
     vision = getattr(runner.model, "vision_modules", lambda: [])()
     if hasattr(runner.model, "vision_modules"):  # a vision-language model: 0 when text-only
