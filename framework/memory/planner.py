@@ -33,11 +33,13 @@ from framework.resolve import (auto_notes, capture_sizes, default_max_num_batche
 GiB = 1 << 30
 MiB = 1 << 20
 # Memory outside torch's allocator on each rank. GPU: the CUDA context, cuBLAS handles and the
-# kernels' module images (measured 0.74-0.75 GiB on an H100, torch 2.11 + CUDA 13), plus NCCL's
-# buffers with TP (an estimate). CPU: the Python interpreter with torch, transformers and the
-# engine imported (370 MiB resident, measured with torch 2.13 on x86-64).
+# kernels' module images (measured 0.74-0.75 GiB on an H100 and an H200, torch 2.11 + CUDA 13),
+# plus with TP NCCL's buffers and the peer-memory all-reduce's (measured at TP=2 on two H200s: the
+# rank that held no other process's context used 0.99 GiB more than a plan that counted 256 MiB
+# here, 0.26 GiB of it in the CUDA graphs; BENCHMARKS.md). CPU: the Python interpreter with torch,
+# transformers and the engine imported (370 MiB resident, measured with torch 2.13 on x86-64).
 CUDA_CONTEXT_BYTES = 768 * MiB
-NCCL_BYTES = 256 * MiB
+NCCL_BYTES = 1 * GiB
 CPU_RUNTIME_BYTES = 384 * MiB
 MAX_AUTO_SEQS = 1024  # max_num_seqs=auto searches up to this many seats
 
@@ -296,7 +298,8 @@ def _costs(cfg: FrameworkConfig, hf_config: Any, cuda: bool, max_model_len: int,
                                                  f"once (largest item: {items})")
 
     out.runtime = (CUDA_CONTEXT_BYTES + (NCCL_BYTES if tp > 1 else 0)) if cuda else CPU_RUNTIME_BYTES
-    out.details["CUDA context" if cuda else "Python + torch"] = "estimate"
+    out.details["CUDA context" if cuda else "Python + torch"] = "estimate, with NCCL's buffers" if cuda and tp > 1 \
+        else "estimate"
     return out
 
 

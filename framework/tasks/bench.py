@@ -7,7 +7,9 @@ this run over the weight bytes a step reads. Start-up time (to a ready engine), 
 pool and capture time, and the KV budget's terms come from the runner's stats."""
 from __future__ import annotations
 
+import concurrent.futures
 import gc
+import multiprocessing
 import random
 import statistics
 import time
@@ -156,13 +158,27 @@ def embedding_bytes(stats: Dict[str, Any], hf_config: Any) -> int:
     return hf_config.vocab_size * hf_config.hidden_size * elem
 
 
+def _ceilings(device: torch.device) -> Tuple[float, float]:
+    return copy_bandwidth(device), matmul_peak(device)
+
+
+def measure_ceilings(cfg: FrameworkConfig, device: torch.device) -> Tuple[float, float]:
+    """(copy bytes/s, bf16 matmul FLOP/s) of the GPU. Where the ranks run in other processes
+    (Ray), in a child process of its own: a CUDA context left in this one would sit on rank 0's
+    GPU and count in its measured memory against the plan."""
+    from launchers import launcher_name
+    if launcher_name(cfg) == "local":
+        return _ceilings(device)
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_ceilings, device).result()
+
+
 def run(cfg: FrameworkConfig, run_dir: Path) -> int:
     t = cfg.task
     device = pick_device(cfg.model.device)
     on_gpu = device.type == "cuda"
-    # both ceilings of the schedule roofline, and the batch-1 roofline, measured in this process
-    copy_bps = copy_bandwidth(device) if on_gpu else None
-    peak_flops = matmul_peak(device) if on_gpu else None
+    # both ceilings of the schedule roofline, and the batch-1 roofline, measured before the engine
+    copy_bps, peak_flops = measure_ceilings(cfg, device) if on_gpu else (None, None)
     start = time.perf_counter()
     with LLM(cfg) as llm:
         startup = time.perf_counter() - start
