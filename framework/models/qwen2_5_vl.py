@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 

@@ -17,7 +17,6 @@ from typing import Any, Dict, Optional, Tuple
 
 import uvicorn
 
-from framework.config.errors import UserError
 from framework.config.schema import TaskConfig
 from framework.llm import LLM
 from framework.serve.app import ServeState, build_app
