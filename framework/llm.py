@@ -19,6 +19,7 @@ from framework.resolve import auto_notes, config_dict, resolve_config
 if TYPE_CHECKING:
     from framework.memory.planner import MemoryPlan
     from launchers.base import Launcher
+    from launchers.ray import RayLauncher
 
 log = logging.getLogger(__name__)
 Prompt = Union[str, Dict[str, Any]]
@@ -44,10 +45,22 @@ class LLM:
             release_early_workers()  # the engine took them over, unless start-up failed
 
     def _start(self, requested: FrameworkConfig, begin: float) -> None:
+        from launchers import reserve_ranks
+
+        self.model_path = resolve_model_path(requested.model.path)
+        # Ray: the ranks' processes start (and import for seconds) while this one checks and plans
+        reserved = reserve_ranks(requested)
+        try:
+            self._check_plan_launch(requested, begin, reserved)
+        except BaseException:
+            if reserved is not None:
+                reserved.shutdown()  # nothing is left behind (a no-op once the launcher has released)
+            raise
+
+    def _check_plan_launch(self, requested: FrameworkConfig, begin: float, reserved: Optional["RayLauncher"]) -> None:
         from launchers import start_launcher
         from framework.memory.planner import engine_device_memory
 
-        self.model_path = resolve_model_path(requested.model.path)
         self.hf_config = read_model_config(requested, self.model_path)
         check_before_start(requested, self.model_path, self.hf_config)  # before any plan, rank or weight
         checked = time.perf_counter()
@@ -62,7 +75,7 @@ class LLM:
         if not gpu_here:
             log.info("no GPU in this process to plan for; see task=plan task.device_memory_gib=N")
         planned = time.perf_counter()
-        self.launcher: Launcher = start_launcher(self.config, self.model_path, self.hf_config)
+        self.launcher: Launcher = start_launcher(self.config, self.model_path, self.hf_config, reserved)
         # start-up by phase (task=bench prints them): the front door's own share is most of it with
         # a warm Triton cache
         self.startup_seconds = {"config": checked - begin, "plan": planned - checked,

@@ -44,13 +44,16 @@ def on_own_gpu(method: Callable) -> Callable:
 
 
 class RankActor:
-    def __init__(self, cfg: FrameworkConfig, model_path: Path, hf_config: Any, rank: int, world_size: int):
-        self.cfg, self.model_path, self.hf_config = cfg, model_path, hf_config
+    """Made as soon as the ranks' resources are reserved, so its process starts and imports while
+    the driver still checks and plans the config; `start` brings the config and builds the rank."""
+
+    def __init__(self, rank: int, world_size: int, num_cpus_per_rank: float):
         self.rank, self.world_size = rank, world_size
+        self.cfg: Optional[FrameworkConfig] = None
         self.engine = None
         self.runner = None
         self.gpu_index: Optional[int] = None  # this rank's GPU among those it sees (None: a CPU rank)
-        if cfg.launcher.num_cpus_per_rank == 0:
+        if num_cpus_per_rank == 0:
             # Ray pins an actor holding no CPUs to one thread; ranks sharing a node share its cores instead.
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))
 
@@ -67,10 +70,11 @@ class RankActor:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def start(self, address: str, port: int, backend: str, weights_only: bool,
-              node_gpus: Dict[str, List[str]]) -> None:
+    def start(self, cfg: FrameworkConfig, model_path: Path, hf_config: Any, address: str, port: int, backend: str,
+              weights_only: bool, node_gpus: Dict[str, List[str]]) -> None:
         """Join the group, then build: every rank loads only its slices, all ranks concurrently."""
-        if self.cfg.parallelism.custom_all_reduce:
+        self.cfg, self.model_path, self.hf_config = cfg, model_path, hf_config
+        if cfg.parallelism.custom_all_reduce:
             self._see_node_gpus(node_gpus)
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
                                 world_size=self.world_size, timeout=RENDEZVOUS_TIMEOUT)

@@ -101,7 +101,11 @@ class RayLauncher(Launcher):
     """The Launcher interface over Ray actors. `weights_only` builds each rank's model without engine or
     KV cache (task=save_sharded)."""
 
-    def __init__(self, cfg: FrameworkConfig, model_path: Path, hf_config: Any, weights_only: bool = False):
+    def __init__(self, cfg: FrameworkConfig, model_path: Optional[Path] = None, hf_config: Any = None,
+                 weights_only: bool = False):
+        """Reserve the ranks' resources and start their actors, then, given a model, build the
+        ranks. Without one the actors are only started (they import meanwhile): `build` follows,
+        as LLM does once the config is checked and resolved (`cfg` need only be the requested one)."""
         self.cfg, self.tp = cfg, cfg.parallelism.tensor_parallel_size
         self.actors: List[Any] = []
         self.pids: List[int] = []
@@ -110,14 +114,25 @@ class RayLauncher(Launcher):
         self.busy = False  # a call is in flight (or was cut short)
         self.owns_ray = connect(cfg.launcher.address)
         try:
-            gpu = uses_gpu(cfg)
-            check_room(cfg, gpu)
-            self.pg = self._reserve(bundles(cfg, gpu))
-            self._spawn(model_path, hf_config, gpu)
-            self._start("nccl" if gpu else "gloo", weights_only)
+            self.gpu = uses_gpu(cfg)
+            check_room(cfg, self.gpu)
+            self.pg = self._reserve(bundles(cfg, self.gpu))
+            self._spawn()
         except BaseException:
             self._release()
             raise
+        if model_path is not None:
+            self.build(cfg, model_path, hf_config, weights_only)
+
+    def build(self, cfg: FrameworkConfig, model_path: Path, hf_config: Any, weights_only: bool = False) -> "RayLauncher":
+        """`cfg` resolved: every rank gets the same values."""
+        self.cfg = cfg
+        try:
+            self._start(model_path, hf_config, "nccl" if self.gpu else "gloo", weights_only)
+        except BaseException:
+            self._release()
+            raise
+        return self
 
     # --- start-up -----------------------------------------------------------------------
     def _reserve(self, wanted: List[Dict[str, float]]) -> Any:
@@ -129,16 +144,17 @@ class RayLauncher(Launcher):
                             f"the Ray cluster has free {ray.available_resources()}")
         return pg
 
-    def _spawn(self, model_path: Path, hf_config: Any, gpu: bool) -> None:
+    def _spawn(self) -> None:
         actor_cls = ray.remote(RankActor)
+        cpus = self.cfg.launcher.num_cpus_per_rank
         for rank in range(self.tp):
             strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)
             # max_concurrency=2: a rank in serve_forever still answers stats() and close()
             self.actors.append(actor_cls.options(
-                num_cpus=self.cfg.launcher.num_cpus_per_rank, num_gpus=1 if gpu else 0, max_concurrency=2,
-                scheduling_strategy=strategy).remote(self.cfg, model_path, hf_config, rank, self.tp))
+                num_cpus=cpus, num_gpus=1 if self.gpu else 0, max_concurrency=2,
+                scheduling_strategy=strategy).remote(rank, self.tp, cpus))
 
-    def _start(self, backend: str, weights_only: bool) -> None:
+    def _start(self, model_path: Path, hf_config: Any, backend: str, weights_only: bool) -> None:
         hello = self._wait(self._on_all("hello"))
         self.pids = [pid for pid, _, _ in hello]
         # Each node's GPUs held by our ranks: every rank on a node is shown all of them (rank.py)
@@ -147,7 +163,8 @@ class RayLauncher(Launcher):
             node_gpus.setdefault(node, []).extend(gpus)
         node_gpus = {node: sorted(ids, key=lambda i: (len(i), i)) for node, ids in node_gpus.items()}
         port = self._wait({self.actors[0].free_port.remote(): 0})[0]
-        self._wait(self._on_all("start", hello[0][1], port, backend, weights_only, node_gpus))
+        self._wait(self._on_all("start", self.cfg, model_path, hf_config, hello[0][1], port, backend, weights_only,
+                                node_gpus))
         if not weights_only:
             self.serving = {a.serve.remote(): rank for rank, a in enumerate(self.actors) if rank > 0}
 
@@ -180,7 +197,9 @@ class RayLauncher(Launcher):
     def shutdown(self) -> None:
         """Stop the workers' loops and leave the process group, then kill the actors regardless."""
         try:
-            if self.actors and not self.busy:  # a call cut short (Ctrl-C) leaves ranks mid-step: just kill
+            # a call cut short (Ctrl-C) leaves ranks mid-step, and ranks never built have nothing to
+            # stop: just kill
+            if self.actors and self.pids and not self.busy:
                 self._stop_gracefully()
         except Exception as exc:  # the kill below still frees everything
             log.warning("ranks did not stop cleanly (%s); killing them", exc)

@@ -72,6 +72,22 @@ def test_more_ranks_than_cpus_fails_before_any_weight(config_only):
     assert live_placement_groups() == 0
 
 
+def test_a_config_error_after_the_ranks_started_leaves_nothing(config_only):
+    """LLM starts the rank actors before it reads config.json (they import meanwhile): a config
+    the model refuses still ends in its own error, and the actors and their bundles are gone."""
+    import ray
+    cpus = ray.available_resources().get("CPU")
+    cfg = make_config(config_only, max_model_len=10 ** 6)
+    cfg.cache.allow_long_max_model_len = False
+    with pytest.raises(ConfigError, match=r"^cache.max_model_len=1000000"):
+        LLM(cfg)
+    assert live_placement_groups() == 0
+    deadline = time.monotonic() + 10  # Ray returns a removed group's resources asynchronously
+    while ray.available_resources().get("CPU") != cpus and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU") == cpus
+
+
 def test_more_ranks_than_gpus_fails_before_any_weight(config_only):
     # The launcher itself: the driver may have no GPU (a CPU head node), so it asks the cluster.
     from framework.loader.resolve import load_hf_config
