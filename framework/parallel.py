@@ -18,6 +18,7 @@ class ParallelInfo:
 
     rank: int = 0
     size: int = 1
+    one_host: bool = True  # every rank's GPU on this host: peer memory can join them
 
 
 # Steps are pickled Python objects: with NCCL they would make a round trip through the GPU

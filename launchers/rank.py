@@ -74,7 +74,9 @@ class RankActor:
               weights_only: bool, node_gpus: Dict[str, List[str]]) -> None:
         """Join the group, then build: every rank loads only its slices, all ranks concurrently."""
         self.cfg, self.model_path, self.hf_config = cfg, model_path, hf_config
-        if cfg.parallelism.custom_all_reduce:
+        # Peer memory joins the GPUs of one host: ranks over several nodes all-reduce through NCCL
+        self.one_host = len(node_gpus) == 1
+        if cfg.parallelism.custom_all_reduce and self.one_host:
             self._see_node_gpus(node_gpus)
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
                                 world_size=self.world_size, timeout=RENDEZVOUS_TIMEOUT)
@@ -100,7 +102,8 @@ class RankActor:
 
     def _build(self, weights_only: bool) -> None:
         """The config arrives resolved (the driver resolved every `auto` once)."""
-        runner = ModelRunner(self.cfg, self.model_path, self.hf_config, ParallelInfo(self.rank, self.world_size))
+        runner = ModelRunner(self.cfg, self.model_path, self.hf_config,
+                             ParallelInfo(self.rank, self.world_size, one_host=self.one_host))
         if weights_only:  # task=save_sharded: no KV cache, no engine
             self.runner = runner
         elif self.rank == 0:
