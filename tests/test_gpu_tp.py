@@ -3,6 +3,7 @@ replayed in a CUDA graph, and TP=2 through Ray with NCCL giving TP=1's greedy to
 and off. Skipped without two GPUs."""
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -92,3 +93,48 @@ def test_tp2_on_two_gpus_matches_tp1(tiny_model, custom_all_reduce):
     assert ours == expected
     assert [r["symm_all_reduce"] for r in ranks] == [custom_all_reduce] * 2
     assert all(r["device"].startswith("cuda") for r in ranks)
+
+
+def _used_bytes_per_gpu():
+    """Device memory in use on each GPU, read through NVML (no CUDA context made here)."""
+    pynvml = pytest.importorskip("pynvml")
+    pynvml.nvmlInit()
+    try:
+        return [pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used
+                for i in range(pynvml.nvmlDeviceGetCount())]
+    finally:
+        pynvml.nvmlShutdown()
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_killed_gpu_rank_ends_the_run_and_frees_both_gpus(tiny_model):
+    """A TP=2 rank on a GPU killed mid-run (as the OOM killer would): one error naming it, no
+    process left, and each GPU's memory back to what it was before the run."""
+    import signal
+    import threading
+    import time
+
+    from framework import SamplingParams
+    from framework.llm import LLM
+    from launchers.ray import RankFailure
+    from test_gpu import gpu_config
+    from test_ray_launcher import all_gone
+
+    before = _used_bytes_per_gpu()
+    cfg = gpu_config(tiny_model("llama"))
+    cfg.parallelism.tensor_parallel_size = 2
+    cfg.cache.max_model_len, cfg.cache.allow_long_max_model_len = 4096, True
+    llm = LLM(cfg)
+    pids = list(llm.launcher.pids)
+    assert all(used > was + (64 << 20) for used, was in zip(_used_bytes_per_gpu(), before))  # both hold the run
+    killer = threading.Timer(2.0, os.kill, (pids[1], signal.SIGKILL))
+    killer.start()
+    with pytest.raises(RankFailure, match=rf"rank 1 of 2 \(pid {pids[1]}\) died"):
+        llm.generate([{"prompt_token_ids": [i + 1, 2, 3]} for i in range(8)],
+                     SamplingParams(max_tokens=4000, ignore_eos=True))
+    assert all_gone(pids)
+    deadline = time.monotonic() + 20  # the driver frees its memory as the processes exit
+    while time.monotonic() < deadline and any(used > was + (64 << 20)
+                                              for used, was in zip(_used_bytes_per_gpu(), before)):
+        time.sleep(0.5)
+    assert [used <= was + (64 << 20) for used, was in zip(_used_bytes_per_gpu(), before)] == [True, True]
