@@ -39,14 +39,17 @@ class SymmAllReduce:
         os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"  # before the buffer: peer-to-peer only
         import torch.distributed._symmetric_memory as symm_mem
 
-        self.group_name = group.group_name
+        self.group_name, self.world_size = group.group_name, group.size()
         self.dtype = dtype
         self.max_numel = max_bytes // dtype.itemsize
         self.buffer = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)  # collective: maps every peer's buffer
 
     def takes(self, x: torch.Tensor) -> bool:
-        return x.dtype == self.dtype and x.numel() <= self.max_numel and x.is_contiguous()
+        # The kernels move 16-byte words, each rank's two-shot slice too: other sizes go to NCCL
+        # (a model's messages are rows x hidden size, always whole words).
+        return (x.dtype == self.dtype and x.numel() <= self.max_numel and x.is_contiguous()
+                and (x.numel() * x.element_size()) % (16 * self.world_size) == 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """A new tensor holding the sum; `x` is left as it was."""

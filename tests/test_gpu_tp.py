@@ -56,9 +56,10 @@ def _rank(rank: int, port: int, errors) -> None:
                     dist.all_reduce(expected)
                     graph.replay()
                     torch.testing.assert_close(out, expected, rtol=0, atol=0)
-            big = torch.ones(reducer.max_numel + 1, device=device, dtype=dtype)
-            assert not reducer.takes(big)  # past the buffer: NCCL
-            assert torch.equal(parallel.all_reduce(big, 2), torch.full_like(big, 2))
+            for numel in (reducer.max_numel + 1024, 4096 + 2):  # past the buffer; not whole 16-byte words
+                odd = torch.ones(numel, device=device, dtype=dtype)
+                assert not reducer.takes(odd)  # NCCL
+                assert torch.equal(parallel.all_reduce(odd, 2), torch.full_like(odd, 2))
         dist.destroy_process_group()
     except BaseException as exc:  # reported to the test in the parent
         errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
