@@ -11,9 +11,8 @@ Against weight-only fp8 the matmul reads one byte per weight *and* runs at twice
 tensor-core rate, with no dequantized weight copy. The cost is the rounding of x to 3 mantissa
 bits (relative error up to 2^-4 per element, mostly averaging out in the dot products).
 
-`quantize_rows` is the Triton kernel: one program per row, the absmax first (one pass when the
-row fits one tile, else a loop over tiles), then the codes. Its torch reference
-`quantize_rows_ref` is the spec, and `fp8_linear_ref` (dequantize both, one float32 matmul) is
+`quantize_rows` is the Triton quantizer (kernels/row_quant.py, shared with int8). Its torch
+reference `quantize_rows_ref` is the spec, and `fp8_linear_ref` (dequantize both, one float32 matmul) is
 the reference of the whole product. Triton's CPU interpreter rounds float32 -> e4m3 wrongly near
 powers of two (triton 3.9), so the kernel is tested on the GPU only.
 """
@@ -24,7 +23,7 @@ import functools
 
 import torch
 
-from kernels._triton import next_pow2, tl, triton
+from kernels import row_quant
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(float8_e4m3fn).max
@@ -33,53 +32,13 @@ MIN_SCALE = 1e-12 / FP8_MAX  # an all-zero row (a padded graph row) keeps a usab
 # Llama-3.1-8B K fits one tile, so a row is read once. On an H200 (2026-11-30, graph replay) tiles
 # of 4096 took 6.5 µs for one row of K = 14336 (two passes over four tiles, one SM), 2.0 for K = 4096.
 QUANT_BLOCK_K = 16384
-_MIN_SCALE = tl.constexpr(MIN_SCALE)
-_FP8_MAX = tl.constexpr(FP8_MAX)
-
-
-@triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
-                          BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_xm
-    q_row = q_ptr + row * stride_qm
-    cols = tl.arange(0, BLOCK_K)
-    if ONE_TILE:  # the row stays in registers between the absmax and the codes
-        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=0)
-    else:
-        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        amax = tl.max(amax, axis=0)
-    # div_rn: IEEE division as torch does it (`/` is an approximate one here), so the codes match
-    scale = tl.maximum(tl.div_rn(amax, _FP8_MAX), _MIN_SCALE)
-    tl.store(s_ptr + row, scale)
-    if ONE_TILE:
-        q = tl.clamp(tl.div_rn(x, scale), -_FP8_MAX, _FP8_MAX)
-        tl.store(q_row + cols, q.to(tl.float8e4nv), mask=cols < K)
-    else:  # the second read of the row mostly hits L2
-        for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-            q = tl.clamp(tl.div_rn(x, scale), -_FP8_MAX, _FP8_MAX)
-            tl.store(q_row + k0 + cols, q.to(tl.float8e4nv), mask=k0 + cols < K)
 
 
 def quantize_rows(x: torch.Tensor, block_k: int = QUANT_BLOCK_K) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton: x [M, K] (any float dtype, unit column stride) -> (float8_e4m3fn codes [M, K],
-    float32 scales [M, 1]). `block_k` (tests) caps the tile; a power of two."""
-    assert x.dim() == 2, "x must be [M, K]"
-    x = x if x.stride(1) == 1 else x.contiguous()
-    m, k = x.shape
-    q = torch.empty((m, k), dtype=FP8, device=x.device)
-    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    if m == 0:
-        return q, s
-    tile = min(block_k, next_pow2(k))
-    _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=tile, ONE_TILE=tile >= k,
-                                num_warps=16 if tile >= 8192 else 8 if tile >= 2048 else 4)
-    return q, s
+    """Triton (kernels/row_quant.py): x [M, K] (any float dtype, unit column stride) ->
+    (float8_e4m3fn codes [M, K], float32 scales [M, 1]). `block_k` (tests) caps the tile."""
+    q, s = row_quant.quantize_rows(x, FP8, FP8_MAX, MIN_SCALE, block_k)
+    return q, s[:, None]
 
 
 def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,48 +21,13 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import next_pow2, tl, triton
+from kernels import row_quant
+from kernels._triton import tl, triton
 
 QMAX = 127.0
 MIN_SCALE = 1e-12 / QMAX  # an all-zero row (a padded graph row) keeps a usable scale
 QUANT_BLOCK_K = 16384  # as kernels/fp8_linear.py: every Llama-3.1-8B K fits one tile
 MIN_ROWS = 17  # torch._int_mm on CUDA wants more than 16 rows
-_QMAX = tl.constexpr(QMAX)
-_MIN_SCALE = tl.constexpr(MIN_SCALE)
-_ROUND = tl.constexpr(12582912.0)  # 1.5 * 2^23: adding and subtracting it rounds |v| < 2^22 half to even
-
-
-@triton.jit
-def _codes(x, scale):
-    v = tl.div_rn(x, scale)  # IEEE division, as torch divides
-    v = (v + _ROUND) - _ROUND  # round half to even, as torch.round
-    return tl.clamp(v, -_QMAX, _QMAX).to(tl.int8)
-
-
-@triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
-                          ONE_TILE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_xm
-    q_row = q_ptr + row * stride_qm
-    cols = tl.arange(0, BLOCK_K)
-    if ONE_TILE:  # the row stays in registers between the absmax and the codes
-        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=0)
-    else:
-        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        amax = tl.max(amax, axis=0)
-    scale = tl.maximum(tl.div_rn(amax, _QMAX), _MIN_SCALE)
-    tl.store(s_ptr + row, scale)
-    if ONE_TILE:
-        tl.store(q_row + cols, _codes(x, scale), mask=cols < K)
-    else:  # the second read of the row mostly hits L2
-        for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-            tl.store(q_row + k0 + cols, _codes(x, scale), mask=k0 + cols < K)
 
 
 @triton.jit
@@ -80,19 +45,9 @@ def _epilogue_kernel(acc_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, stride_am, str
 
 
 def quantize_rows_int8(x: torch.Tensor, block_k: int = QUANT_BLOCK_K) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton: x [M, K] (float, unit column stride) -> (int8 codes [M, K], float32 scales [M]).
-    `block_k` (tests) caps the tile; a power of two."""
-    assert x.dim() == 2, "x must be [M, K]"
-    x = x if x.stride(1) == 1 else x.contiguous()
-    m, k = x.shape
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    s = torch.empty((m,), dtype=torch.float32, device=x.device)
-    if m == 0:
-        return q, s
-    tile = min(block_k, next_pow2(k))
-    _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK_K=tile, ONE_TILE=tile >= k,
-                                num_warps=16 if tile >= 8192 else 8 if tile >= 2048 else 4)
-    return q, s
+    """Triton (kernels/row_quant.py): x [M, K] (float, unit column stride) -> (int8 codes [M, K],
+    float32 scales [M]). `block_k` (tests) caps the tile; a power of two."""
+    return row_quant.quantize_rows(x, torch.int8, QMAX, MIN_SCALE, block_k)
 
 
 def quantize_rows_int8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
