@@ -155,6 +155,20 @@ def test_bench_metrics_has_latency_percentiles(tiny_model, tmp_path):
     assert result["ttft_s"]["p99"] <= result["latency_s"]["p99"] and result["requests"] == 6
 
 
+@pytest.mark.parametrize("api", ["generate", pytest.param("generate_batch", marks=pytest.mark.slow)])
+def test_bench_times_hf_with_either_api(tiny_model, tmp_path, api):
+    """task.compare_hf_api: HF's static batches or its continuous batching run the same requests to
+    the longest length asked (an early stop would fail the run) and bench records which one ran."""
+    from framework.tasks import bench
+    cfg = small_config(tiny_model("llama"), max_model_len=128, max_num_seqs=4)
+    t = cfg.task
+    t.name, t.num_requests, t.input_len_range, t.output_len_range = "bench", 3, [4, 8], [2, 5]
+    t.compare_hf, t.compare_hf_api = True, api
+    assert bench.run(cfg, tmp_path) == 0
+    result = json.loads((tmp_path / "metrics.json").read_text())["throughput"]
+    assert result["hf_api"] == api and result["hf_requests"] == 3 and result["hf_output_tokens_per_s"] > 0
+
+
 def test_sweep_csv_has_a_column_per_swept_key(tmp_path):
     from framework.memory.sweep import write_summary
     for i, (seqs, quant) in enumerate([(8, "none"), (8, "int8"), (32, "none")]):

@@ -134,6 +134,9 @@ class TaskConfig:
     output_len_range: List[int] = field(default_factory=lambda: [32, 128])
     compare_hf: bool = True  # bench: also time HF transformers generate on the same requests
     compare_hf_requests: Optional[int] = None  # bench: HF runs only the first N requests (null = all)
+    # bench: HF's API: generate (left-padded static batches) or generate_batch (its continuous
+    # batching over a paged cache, attn_implementation "paged|sdpa")
+    compare_hf_api: str = "generate"
     decode_batch1_tokens: int = 256  # bench on GPU: one greedy request of N tokens vs the copy roofline; 0 = skip
     runs: int = 1  # bench: the workload this many times in one process (the first run is the cold one)
     profile: bool = False  # bench on GPU: one more run under torch.profiler, device time by kind of kernel

@@ -24,6 +24,7 @@ QUANT_METHODS = ("none", "fp8", "int8", "int4", "auto")
 KV_CACHE_DTYPES = ("auto", "fp8")
 LAUNCHERS = ("auto", "local", "ray")
 TASKS = ("generate", "chat", "bench", "plan", "eval", "serve", "save_sharded")
+HF_APIS = ("generate", "generate_batch")
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ def validate(cfg: FrameworkConfig) -> FrameworkConfig:
     if isinstance(t.drain_s, bool) or not isinstance(t.drain_s, (int, float)) or not 0 <= t.drain_s < float("inf"):
         raise ConfigError("task.drain_s", t.drain_s, "must be a number of seconds >= 0")
     _positive("task.compare_hf_requests", t.compare_hf_requests, allow=(None,))
+    _choice("task.compare_hf_api", t.compare_hf_api, HF_APIS)
     if isinstance(t.decode_batch1_tokens, bool) or not isinstance(t.decode_batch1_tokens, int) \
             or t.decode_batch1_tokens < 0:
         raise ConfigError("task.decode_batch1_tokens", t.decode_batch1_tokens, "must be an integer >= 0 (0 skips it)")

@@ -73,18 +73,43 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_hf(cfg: FrameworkConfig, model_path: Path, hf_config: Any, work: Workload) -> float:
-    """HF generate over left-padded batches; only each request's own output tokens count."""
+    """Seconds HF transformers takes for `work`: `generate` over left-padded batches, or
+    `generate_batch` (task.compare_hf_api). Each request runs to the longest output length asked
+    (HF takes one for all); only each request's own output tokens count."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # its weight-loading bar would land in the middle of bench's report
     device = pick_device(cfg.model.device)
     dtype = pick_dtype(cfg.model.dtype, device, hf_config)
+    paged = cfg.task.compare_hf_api == "generate_batch"
+    attn = {"attn_implementation": "paged|sdpa"} if paged else {}  # generate_batch's paged KV cache
     if cfg.model.load_format == "dummy":
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **attn)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype, **attn).to(device)
     model.eval()
+    seconds = _hf_generate_batch(model, work, device) if paged else _hf_generate(model, work, device)
+    del model
+    gc.collect()
+    return seconds
+
+
+def _hf_generate_batch(model: Any, work: Workload, device: torch.device) -> float:
+    from transformers import GenerationConfig
+    gen = GenerationConfig(max_new_tokens=max(work.output_lens), do_sample=False, eos_token_id=None, pad_token_id=0)
+    _sync(device)
+    begin = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate_batch(inputs=work.prompts, generation_config=gen, progress_bar=False)
+    _sync(device)
+    seconds = time.perf_counter() - begin
+    short = [r for r in out.values() if len(r.generated_tokens) < max(work.output_lens)]
+    assert len(out) == len(work.prompts) and not short, "HF generate_batch stopped a request early"
+    return seconds
+
+
+def _hf_generate(model: Any, work: Workload, device: torch.device) -> float:
     seconds = 0.0
     for start in range(0, len(work.prompts), HF_BATCH):
         prompts, lens = work.prompts[start:start + HF_BATCH], work.output_lens[start:start + HF_BATCH]
@@ -98,8 +123,6 @@ def bench_hf(cfg: FrameworkConfig, model_path: Path, hf_config: Any, work: Workl
                            do_sample=False, pad_token_id=0)
         _sync(device)
         seconds += time.perf_counter() - begin
-    del model
-    gc.collect()
     return seconds
 
 
@@ -313,10 +336,12 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
         hf = bench_hf(cfg, model_path, hf_config, subset)
         hf_tps = subset.output_tokens / hf
         what = "" if n == len(work.prompts) else f" on the first {n} of {len(work.prompts)} requests"
-        print(f"  HF transformers generate (left-padded batches of {HF_BATCH}){what}: {subset.output_tokens} "
+        api = "generate_batch (continuous batching, paged|sdpa)" if t.compare_hf_api == "generate_batch" \
+            else f"generate (left-padded batches of {HF_BATCH})"
+        print(f"  HF transformers {api}{what}: {subset.output_tokens} "
               f"output tokens in {hf:.2f} s = {hf_tps:,.1f} tok/s")
         print(f"  ratio ours / HF: {ours_tps / hf_tps:.2f}x")
-        result.update(hf_requests=n, hf_output_tokens=subset.output_tokens, hf_seconds=round(hf, 4),
+        result.update(hf_api=t.compare_hf_api, hf_requests=n, hf_output_tokens=subset.output_tokens, hf_seconds=round(hf, 4),
                       hf_output_tokens_per_s=round(hf_tps, 2), ratio_vs_hf=round(ours_tps / hf_tps, 3))
     comparison = compare_rows(plan, stats["ranks"]) if plan else []
     if comparison:
