@@ -100,8 +100,9 @@ def _hf_generate_batch(model: Any, work: Workload, device: torch.device) -> floa
     gen = GenerationConfig(max_new_tokens=max(work.output_lens), do_sample=False, eos_token_id=None, pad_token_id=0)
     _sync(device)
     begin = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate_batch(inputs=work.prompts, generation_config=gen, progress_bar=False)
+    # not under inference_mode: its loop runs in a thread of its own, which may not update
+    # inference tensors made here (transformers 5.17 refuses); generate_batch runs without grad itself
+    out = model.generate_batch(inputs=work.prompts, generation_config=gen, progress_bar=False)
     _sync(device)
     seconds = time.perf_counter() - begin
     short = [r for r in out.values() if len(r.generated_tokens) < max(work.output_lens)]
