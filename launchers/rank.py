@@ -93,7 +93,7 @@ class RankActor:
         in one order, and takes its own as the current device before CUDA starts."""
         import ray
         own = [str(i) for i in ray.get_gpu_ids()]
-        if len(own) != 1:  # a CPU rank
+        if len(own) != 1 or torch.cuda.is_initialized():  # a CPU rank; or CUDA read the variable already
             return
         ids = node_gpus[ray.util.get_node_ip_address()]
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
