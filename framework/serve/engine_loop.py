@@ -142,11 +142,13 @@ class EngineLoop:
         except BaseException as exc:  # a bug in the loop itself: nothing will be served any more
             log.exception("the engine loop died")
             self.dead = exc
+            # said before the requests' errors: a client told "the engine loop died" then finds
+            # /health at 503 (with a front process the two travel in this order on one pipe)
+            self.on_death(exc)
             for handle in list(self.active.values()):
                 handle.push(Event([], error=f"the engine loop died: {type(exc).__name__}: {exc}"))
             self._fail_inbox(exc)
             self.active.clear()
-            self.on_death(exc)
 
     def _drain_inbox(self, block: bool) -> None:
         try:

@@ -82,7 +82,7 @@ def bench_hf(cfg: FrameworkConfig, model_path: Path, hf_config: Any, work: Workl
     device = pick_device(cfg.model.device)
     dtype = pick_dtype(cfg.model.dtype, device, hf_config)
     paged = cfg.task.compare_hf_api == "generate_batch"
-    attn = {"attn_implementation": "paged|sdpa"} if paged else {}  # generate_batch's paged KV cache
+    attn = {"attn_implementation": _paged_sdpa()} if paged else {}  # generate_batch's paged KV cache
     if cfg.model.load_format == "dummy":
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **attn)
@@ -93,6 +93,14 @@ def bench_hf(cfg: FrameworkConfig, model_path: Path, hf_config: Any, work: Workl
     del model
     gc.collect()
     return seconds
+
+
+def _paged_sdpa() -> str:
+    """generate_batch's attention: "paged|sdpa" up to transformers 5.22; later ones page plain
+    "sdpa" themselves and warn that the prefix goes away."""
+    import transformers
+    from packaging.version import Version
+    return "sdpa" if Version(transformers.__version__).release >= (5, 23) else "paged|sdpa"
 
 
 def _hf_generate_batch(model: Any, work: Workload, device: torch.device) -> float:
