@@ -113,7 +113,12 @@ def test_compilation_config_forms():
 
 
 @pytest.mark.parametrize("kwargs, start", [
-    (dict(swap_space=4), "swap_space=4: not a keyword this framework has a knob for"),
+    (dict(swap_space=4), "swap_space=4: not supported: a preempted request is recomputed here"),
+    (dict(cpu_offload_gb=8), "cpu_offload_gb=8: not supported: weights are never offloaded to host memory here; "
+                             "to fit them use quantization=fp8 or int4, or tensor_parallel_size=N"),
+    (dict(kv_offloading_size=16), "kv_offloading_size=16: not supported: there is no host tier"),
+    (dict(enable_sleep_mode=True), "enable_sleep_mode=True: not supported: there is no sleep mode here"),
+    (dict(max_num_sequences=8), "max_num_sequences=8: not a keyword this framework has a knob for"),
     (dict(max_num_seq=8), "max_num_seq=8: not a keyword this framework has a knob for; did you mean max_num_seqs?"),
     (dict(tensor_parallel_size=0), "tensor_parallel_size=0: must be a positive integer"),
     (dict(quantization="awq"), "quantization='awq': must be one of none, fp8"),

@@ -230,7 +230,20 @@ def tokenizer_folder(value: Any) -> str:
     return str(resolve_tokenizer_path(os.fspath(value), key="tokenizer"))
 
 
+# vLLM's memory keywords with no knob here, and what to reach for instead (said in the error).
+MEMORY_ALTERNATIVES = {
+    "cpu_offload_gb": "weights are never offloaded to host memory here; to fit them use quantization=fp8 or "
+                      "int4, or tensor_parallel_size=N (task=plan lists the overrides that fit)",
+    "swap_space": "a preempted request is recomputed here, never swapped to host memory: nothing to size",
+    "kv_offloading_size": "there is no host tier for the KV cache here; kv_cache_dtype='fp8' halves its bytes",
+    "enable_sleep_mode": "there is no sleep mode here; shut the LLM down (`with LLM(...)` or .shutdown()) to "
+                         "free its GPU memory",
+}
+
+
 def unknown_keyword(keyword: str, value: Any) -> ConfigError:
+    if keyword in MEMORY_ALTERNATIVES:
+        return ConfigError(keyword, value, f"not supported: {MEMORY_ALTERNATIVES[keyword]}")
     known = sorted([*KEYS, *TRANSLATED])
     close = difflib.get_close_matches(keyword, known, n=1)
     hint = f"did you mean {close[0]}? " if close else ""
