@@ -8,7 +8,7 @@ and the ranks sum each other's copies directly:
   one-shot (up to 512 KB): one wait for all peers, then every rank sums all copies: 6-11 us;
   two-shot (larger): each rank sums a 1/N slice and the slices are gathered, so each byte
     crosses NVLink once: 17 us at 2 MB against NCCL's 39.
-(BENCHMARKS.md "TP=2 all-reduce".) Messages past the buffer (prefill chunks) go to NCCL,
+(BENCHMARKS.md, "tensor parallelism on two H200s"; `python -m kernels.bench_all_reduce`.) Messages past the buffer (prefill chunks) go to NCCL,
 which is as fast there.
 
 PyTorch's symmetric memory (torch.distributed._symmetric_memory) owns the peer-mapped buffer
@@ -53,9 +53,14 @@ class SymmAllReduce:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """A new tensor holding the sum; `x` is left as it was."""
+        return self.one_shot(x) if x.numel() * x.element_size() <= ONE_SHOT_MAX_BYTES else self.two_shot(x)
+
+    def one_shot(self, x: torch.Tensor) -> torch.Tensor:
+        staging = self.buffer[:x.numel()].view_as(x)  # the op copies x here first
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(staging, x, "sum", self.group_name)
+
+    def two_shot(self, x: torch.Tensor) -> torch.Tensor:
         staging = self.buffer[:x.numel()].view_as(x)
-        if x.numel() * x.element_size() <= ONE_SHOT_MAX_BYTES:  # the op copies x into staging first
-            return torch.ops.symm_mem.one_shot_all_reduce_copy(staging, x, "sum", self.group_name)
         staging.copy_(x)
         torch.ops.symm_mem.two_shot_all_reduce_(staging, "sum", self.group_name)
         return staging.clone()  # the buffer is the next message's

@@ -49,21 +49,11 @@ def _rank(rank: int, port: int, hidden: int) -> None:
         dist.all_reduce(x)
         return x
 
-    def one_shot(x):
-        staging = reducer.buffer[:x.numel()].view_as(x)
-        return torch.ops.symm_mem.one_shot_all_reduce_copy(staging, x, "sum", reducer.group_name)
-
-    def two_shot(x):
-        staging = reducer.buffer[:x.numel()].view_as(x)
-        staging.copy_(x)
-        torch.ops.symm_mem.two_shot_all_reduce_(staging, "sum", reducer.group_name)
-        return staging.clone()
-
     if rank == 0:
         print(f"{'rows':>6} {'bytes':>9} {'NCCL':>8} {'one-shot':>9} {'two-shot':>9}  (us a call, bf16, hidden {hidden})")
     for rows in ROWS:
         x = torch.randn(rows, hidden, device=device, dtype=torch.bfloat16)
-        times = [_time_graph(fn, x) for fn in (nccl, one_shot, two_shot)]
+        times = [_time_graph(fn, x) for fn in (nccl, reducer.one_shot, reducer.two_shot)]
         if rank == 0:
             print(f"{rows:>6} {rows * hidden * 2:>9} " + " ".join(f"{t:>8.1f}" for t in times), flush=True)
     dist.destroy_process_group()

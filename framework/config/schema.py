@@ -28,8 +28,8 @@ class ModelConfig:
 class ParallelConfig:
     # Weights and KV heads are split over this many ranks (GPUs, or CPU processes with gloo).
     tensor_parallel_size: int = 1
-    # TP on GPUs: all-reduces of up to 8 MB (decode steps) through NVLink peer memory, one kernel
-    # each, instead of NCCL's ring (framework/symm_all_reduce.py). vLLM: disable_custom_all_reduce.
+    # TP on GPUs of one host: all-reduces of up to 16 MB (decode steps) through NVLink peer memory
+    # instead of NCCL's ring (framework/symm_all_reduce.py). vLLM: disable_custom_all_reduce.
     custom_all_reduce: bool = True
 
 

@@ -111,7 +111,7 @@ class ModelRunner:
         # How this rank's all-reduces travel (framework/parallel.py): NCCL or gloo, and on CUDA
         # ranks a peer-memory one-shot for small messages unless parallelism.custom_all_reduce=false.
         self.symm_all_reduce = None
-        if tp.size > 1 and self.device.type == "cuda" and cfg.parallelism.custom_all_reduce and tp.one_host:
+        if tp.size > 1 and cfg.parallelism.custom_all_reduce and tp.one_host:  # None on CPU ranks
             self.symm_all_reduce = make_symm_all_reduce(dist.group.WORLD, self.device, self.dtype)
         set_symm_all_reduce(self.symm_all_reduce)
         # Triton's compile workers start now, so that their imports overlap building the model

@@ -345,7 +345,7 @@ def run(cfg: FrameworkConfig, run_dir: Path) -> int:
         hf = bench_hf(cfg, model_path, hf_config, subset)
         hf_tps = subset.output_tokens / hf
         what = "" if n == len(work.prompts) else f" on the first {n} of {len(work.prompts)} requests"
-        api = "generate_batch (continuous batching, paged|sdpa)" if t.compare_hf_api == "generate_batch" \
+        api = f"generate_batch (continuous batching, {_paged_sdpa()})" if t.compare_hf_api == "generate_batch" \
             else f"generate (left-padded batches of {HF_BATCH})"
         print(f"  HF transformers {api}{what}: {subset.output_tokens} "
               f"output tokens in {hf:.2f} s = {hf_tps:,.1f} tok/s")
