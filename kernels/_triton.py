@@ -8,7 +8,9 @@ launched): the decorator returns the function unchanged and `tl.constexpr` annot
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import os
+from typing import Any, Dict
 
 try:
     import triton
@@ -33,9 +35,83 @@ except ImportError:  # pragma: no cover - exercised only on Triton-less installs
     tl = _Missing()  # type: ignore[assignment]
 
 
+try:  # grid dependency control (Hopper and later); absent from older Tritons
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    HAS_PDL = HAS_TRITON and "launch_pdl" in CUDAOptions.__dataclass_fields__
+except Exception:  # pragma: no cover - Tritons without it
+    HAS_PDL = False
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """First statement of every kernel a decode step launches. Launched with programmatic
+    dependent launch (`pdl(device)`), a kernel's programs may be scheduled while the kernel before
+    it in the stream is still finishing; this waits until that kernel is done (its writes visible)
+    before anything is read or written, then lets the next kernel be scheduled the same way. What
+    it saves is the launch latency and the previous kernel's tail at every kernel boundary: a
+    batch-1 decode step is ~330 kernels of 2-60 us."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+_PDL_WANTED = True  # compilation.programmatic_dependent_launch, set by the model runner
+
+
+def set_pdl(enabled: bool) -> None:
+    """Whether kernels launched from now on use programmatic dependent launch where it exists."""
+    global _PDL_WANTED
+    _PDL_WANTED = bool(enabled)
+
+
+@functools.cache
+def pdl_supported(device_index: int) -> bool:
+    """Programmatic dependent launch: Hopper (compute capability 9.0) and later, compiled kernels
+    (not the interpreter), a Triton that has it."""
+    import torch
+
+    return (HAS_PDL and os.environ.get("TRITON_INTERPRET", "0") != "1"
+            and torch.cuda.get_device_capability(device_index)[0] >= 9)
+
+
+def pdl(device: Any) -> Dict[str, Any]:
+    """Launch keywords for a kernel that starts with `pdl_enter(PDL)`: programmatic dependent
+    launch on Hopper and later GPUs (CUDA graphs keep it as programmatic edges); PDL=False
+    elsewhere, and inside torch.compile, whose wrapper of Triton launches takes no launch_pdl."""
+    import torch
+
+    if (not _PDL_WANTED or getattr(device, "type", None) != "cuda" or torch.compiler.is_compiling()
+            or not pdl_supported(device.index or 0)):
+        return {"PDL": False}
+    return {"PDL": True, "launch_pdl": True}
+
+
+_TICKETS: Dict[Any, Any] = {}
+_OUTGROWN_TICKETS: list = []
+
+
+def zeroed_tickets(device: Any, count: int) -> Any:
+    """At least `count` int32 counters, zero, kept for the process (one buffer a device). A kernel
+    whose programs take tickets (`tl.atomic_add`) so that the last one of a group finishes the
+    group's work resets its counter to zero; the buffer is zero again after every call, so calls
+    in CUDA graphs can use it (the warm-up before a capture allocates it). Kernels on one stream
+    never run at once (programmatic dependent launch waits for the previous kernel first), so
+    they share it."""
+    import torch
+
+    have = _TICKETS.get(device)
+    if have is None or have.numel() < count:
+        if have is not None:  # graphs captured with the smaller buffer still point at it
+            _OUTGROWN_TICKETS.append(have)
+        have = _TICKETS[device] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+    return have
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (Triton block shapes must be powers of two)."""
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-__all__ = ["HAS_TRITON", "next_pow2", "tl", "triton"]
+__all__ = ["HAS_PDL", "HAS_TRITON", "next_pow2", "pdl", "pdl_enter", "pdl_supported", "set_pdl", "tl", "triton", "zeroed_tickets"]

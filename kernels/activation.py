@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import tl, triton
+from kernels._triton import pdl, pdl_enter, tl, triton
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, y_ptr, stride_x, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, y_ptr, stride_x, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
     # Grid (rows, column blocks): a row of 2*I elements is split so big I still fills the GPU.
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -38,7 +39,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return y
     block = 1024
     _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-        x2, y, x2.stride(0), inter, BLOCK=block, num_warps=4)
+        x2, y, x2.stride(0), inter, BLOCK=block, num_warps=4, **pdl(x.device))
     return y
 
 

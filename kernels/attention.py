@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import next_pow2, tl, triton
+from kernels._triton import next_pow2, pdl, pdl_enter, tl, triton
 from kernels.decode_attention import (
     dot_precision,
     paged_decode_attention,
@@ -141,8 +141,9 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     WINDOW: tl.constexpr,  # 0: full causal attention
-    HAS_LIMITS: tl.constexpr,  # causal_limits given (a step with bidirectional image runs)
+    HAS_LIMITS: tl.constexpr, PDL: tl.constexpr,  # causal_limits given (a step with bidirectional image runs)
 ):
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     b = _find_seq(cu_seqlens_ptr, pid, num_seqs, BLOCK_Q)
@@ -274,7 +275,7 @@ def paged_attention(
         HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), BLOCK_N=block_n or BLOCK_N,
         DOT_PRECISION=dot_precision(q.dtype), WINDOW=int(sliding_window or 0),
         HAS_LIMITS=causal_limits is not None,
-        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
+        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES, **pdl(q.device)
     )
     return out
 

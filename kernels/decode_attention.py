@@ -2,8 +2,9 @@
 
 Why split: at decode a batch of B sequences gives only B * num_kv_heads programs, too few to
 fill 132 SMs when B is small and contexts are long. Splitting each context into `num_splits`
-contiguous chunks multiplies the parallelism; a second, tiny kernel merges the chunks' partial
-softmax results (running max, sum and unnormalised output) exactly.
+contiguous chunks multiplies the parallelism; the last program of a sequence's chunks to finish
+merges their partial softmax results (running max, sum and unnormalised output) exactly, so one
+kernel does the whole attention.
 
 Why CUDA-graph safe: `num_splits` is picked from Python ints only (shapes, an optional
 `max_seq_len` hint, the block-table width), never from `seq_lens` values; each program reads its
@@ -23,7 +24,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import next_pow2, tl, triton
+from kernels._triton import next_pow2, pdl, pdl_enter, tl, triton, zeroed_tickets
 
 # Keys per inner-loop tile (>= 16: it is the K dim of the P @ V dot). Independent of the cache's
 # block_size: keys are gathered per token through the block table, so any block_size works.
@@ -43,7 +44,7 @@ MAX_SPLITS = 64
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
-    out_ptr, part_acc_ptr, part_ml_ptr,
+    out_ptr, part_acc_ptr, part_ml_ptr, tickets_ptr,
     scale_log2,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
@@ -57,8 +58,9 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    WINDOW: tl.constexpr,       # 0: every key; > 0: the last WINDOW keys
+    WINDOW: tl.constexpr, PDL: tl.constexpr,       # 0: every key; > 0: the last WINDOW keys
 ):
+    pdl_enter(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -123,29 +125,41 @@ def _decode_split_kernel(
         tl.store(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None])
         tl.store(part_ml_ptr + part * 2, m_i, mask=g_ok)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=g_ok)
+        # The last of this (sequence, KV head)'s splits to finish merges them, so a decode step
+        # launches one attention kernel a layer, not two. The barrier orders every thread's partial
+        # stores before the ticket's release; the ticket's acquire orders the merge's loads after
+        # the other splits' stores, which are read from L2 (.cg: another SM wrote them).
+        tl.debug_barrier()
+        ticket_ptr = tickets_ptr + b * tl.num_programs(1) + kvh
+        if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == NUM_SPLITS - 1:
+            tl.store(ticket_ptr, 0)  # ready for the next call (and the next graph replay)
+            _merge_splits(out_ptr, part_acc_ptr, part_ml_ptr, row, g_ok, d, d_ok,
+                          NUM_SPLITS, BLOCK_G, BLOCK_D, HEAD_DIM)
 
 
 @triton.jit
-def _decode_merge_kernel(
-    out_ptr, part_acc_ptr, part_ml_ptr,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    # One program per (sequence, query head): rescale each chunk to the global max and sum.
-    row = tl.program_id(0).to(tl.int64)
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    s_ok = s < NUM_SPLITS
-    part = row * NUM_SPLITS + s
-    m = tl.load(part_ml_ptr + part * 2, mask=s_ok, other=float("-inf"))
-    l = tl.load(part_ml_ptr + part * 2 + 1, mask=s_ok, other=0.0)
-    m_max = tl.max(m, axis=0)
+def _merge_splits(out_ptr, part_acc_ptr, part_ml_ptr, row, g_ok, d, d_ok,
+                  NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
+    """Rescale each split's partial to the heads' global max and sum them (exact)."""
+    first = row * NUM_SPLITS
+    m_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for s in range(NUM_SPLITS):
+        m = tl.load(part_ml_ptr + (first + s) * 2, mask=g_ok, other=float("-inf"), cache_modifier=".cg")
+        m_max = tl.maximum(m_max, m)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # all chunks empty: keep exp2 finite
-    w = tl.exp2(m - m_max)
-    l_sum = tl.sum(l * w, axis=0)
-    acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0)
-    o = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum > 0, l_sum, 1.0)
-    tl.store(out_ptr + row * HEAD_DIM + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+    l_sum = tl.zeros([BLOCK_G], tl.float32)
+    o = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for s in range(NUM_SPLITS):
+        part = first + s
+        w = tl.exp2(tl.load(part_ml_ptr + part * 2, mask=g_ok, other=float("-inf"), cache_modifier=".cg") - m_max)
+        l_sum += tl.load(part_ml_ptr + part * 2 + 1, mask=g_ok, other=0.0, cache_modifier=".cg") * w
+        acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], mask=g_ok[:, None], other=0.0,
+                      cache_modifier=".cg")
+        o += acc * w[:, None]
+    o = o / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    tl.store(out_ptr + row[:, None] * HEAD_DIM + d[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=g_ok[:, None] & d_ok[None, :])
 
 
 def dot_precision(dtype: torch.dtype) -> str | None:
@@ -222,10 +236,11 @@ def paged_decode_attention(
     if num_splits > 1:
         part_acc = torch.empty((batch * hq * num_splits, block_d), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((batch * hq * num_splits, 2), dtype=torch.float32, device=q.device)
+        tickets = zeroed_tickets(q.device, batch * hkv)
     else:
-        part_acc = part_ml = out  # unused placeholders
+        part_acc = part_ml = tickets = out  # unused placeholders
     _decode_split_kernel[(batch, hkv, num_splits)](
-        q, k_cache, v_cache, seq_lens, block_tables, out, part_acc, part_ml,
+        q, k_cache, v_cache, seq_lens, block_tables, out, part_acc, part_ml, tickets,
         scale * 1.4426950408889634,  # exp(x) = exp2(x * log2 e): exp2 is the fast instruction
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -234,14 +249,8 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=max(16, next_pow2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype), WINDOW=int(sliding_window or 0),
-        num_warps=num_warps or NUM_WARPS, num_stages=num_stages,
+        num_warps=num_warps or NUM_WARPS, num_stages=num_stages, **pdl(q.device)
     )
-    if num_splits > 1:
-        _decode_merge_kernel[(batch * hq,)](
-            out, part_acc, part_ml,
-            NUM_SPLITS=num_splits, BLOCK_S=next_pow2(num_splits),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=4,
-        )
     return out
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import next_pow2, tl, triton
+from kernels._triton import next_pow2, pdl, pdl_enter, tl, triton
 
 MAX_ROWS = 8  # the kernel's limit: its row loop is unrolled
 # What the dispatch (kernels.linear) sends here. On an H100 (bf16, 8B shapes, 2026-11-25) the GEMV
@@ -40,8 +40,9 @@ def _gemv_kernel(
     N, K,
     stride_xm, stride_wn,
     ROWS: tl.constexpr, ROWS_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
@@ -92,6 +93,7 @@ def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, b, y, n, k, x.stride(0), weight.stride(0),
         ROWS=m, ROWS_P2=next_pow2(m), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,
+        **pdl(x.device)
     )
     return y
 

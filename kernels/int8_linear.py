@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from kernels import row_quant
-from kernels._triton import tl, triton
+from kernels._triton import pdl, pdl_enter, tl, triton
 
 QMAX = 127.0
 MIN_SCALE = 1e-12 / QMAX  # an all-zero row (a padded graph row) keeps a usable scale
@@ -32,7 +32,8 @@ MIN_ROWS = 17  # torch._int_mm on CUDA wants more than 16 rows
 
 @triton.jit
 def _epilogue_kernel(acc_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, stride_am, stride_ym,
-                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = (rows < M)[:, None] & (cols < N)[None, :]
@@ -68,7 +69,7 @@ def scale_output(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor
     b = bias.contiguous() if bias is not None else y  # placeholder pointer (never read)
     _epilogue_kernel[(triton.cdiv(m, 32), triton.cdiv(n, 128))](
         acc, x_scale, w_scale, b, y, m, n, acc.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=32, BLOCK_N=128, num_warps=4)
+        HAS_BIAS=bias is not None, BLOCK_M=32, BLOCK_N=128, num_warps=4, **pdl(acc.device))
     return y
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import next_pow2, tl, triton
+from kernels._triton import next_pow2, pdl, pdl_enter, tl, triton
 
 
 @triton.jit
@@ -38,9 +38,10 @@ def _store_kv_cache_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per token: its [heads, head_dim] rows go to one row of each head's block.
+    pdl_enter(PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -89,7 +90,7 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[2],
-        BLOCK_H=next_pow2(num_heads), BLOCK_D=next_pow2(head_dim),
+        BLOCK_H=next_pow2(num_heads), BLOCK_D=next_pow2(head_dim), **pdl(key.device)
     )
 
 

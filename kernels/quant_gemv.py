@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import next_pow2, tl, triton
+from kernels._triton import next_pow2, pdl, pdl_enter, tl, triton
 
 GEMV_MAX_ROWS = 8  # the kernels' limit: their row loop is unrolled
 # Rows the dispatch (int4_linear, scaled_linear) sends here; more go to quant_matmul (tensor cores)
@@ -65,8 +65,9 @@ def _int4_gemv_kernel(
     x_ptr, codes_ptr, scale_ptr, y_ptr,
     N, K, stride_xm, stride_cn, stride_sn,
     GROUP: tl.constexpr, ROWS: tl.constexpr, ROWS_P2: tl.constexpr,
-    BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPAN: tl.constexpr,
+    BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPAN: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     code_rows = codes_ptr + cols.to(tl.int64)[:, None, None] * stride_cn
@@ -101,8 +102,9 @@ def _rowscaled_gemv_kernel(
     x_ptr, codes_ptr, scale_ptr, y_ptr,
     N, K, stride_xm, stride_cn,
     IS_FP8: tl.constexpr, ROWS: tl.constexpr, ROWS_P2: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     code_rows = codes_ptr + cols.to(tl.int64)[:, None] * stride_cn
@@ -152,7 +154,7 @@ def int4_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, codes, scale, y, n, k, x.stride(0), codes.stride(0), scale.stride(0),
         GROUP=group, ROWS=m, ROWS_P2=next_pow2(m), BLOCK_N=block_n, SUB=block_k // span, SPAN=span,
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS, **pdl(x.device)
     )
     return y
 
@@ -174,6 +176,6 @@ def rowscaled_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     _rowscaled_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, codes if is_fp8 else codes.view(torch.uint8), scale, y, n, k, x.stride(0), codes.stride(0),
         IS_FP8=is_fp8, ROWS=m, ROWS_P2=next_pow2(m), BLOCK_N=block_n, BLOCK_K=min(block_k, next_pow2(k)),
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS, **pdl(x.device)
     )
     return y

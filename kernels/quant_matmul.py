@@ -37,7 +37,7 @@ import functools
 
 import torch
 
-from kernels._triton import tl, triton
+from kernels._triton import pdl, pdl_enter, tl, triton
 
 SMALL_M = 64  # up to this many rows the fused kernel beats dequantize + cuBLAS
 DEQUANT_BLOCK_N, DEQUANT_BLOCK_K = 16, 256  # the tile of dequantize_int4
@@ -77,8 +77,9 @@ def _int4_matmul_kernel(
     M, N, K, k_per_split,
     stride_xm, stride_cn, stride_sn, stride_os, stride_om,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -116,8 +117,9 @@ def _rowscaled_matmul_kernel(
     x_ptr, codes_ptr, scale_ptr, out_ptr,
     M, N, K, k_per_split,
     stride_xm, stride_cn, stride_os, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -141,11 +143,12 @@ def _rowscaled_matmul_kernel(
 
 @triton.jit
 def _dequantize_int4_kernel(codes_ptr, scale_ptr, w_ptr, N, K, stride_cn, stride_sn, stride_wn,
-                            GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     # One program per [BLOCK_N rows, BLOCK_K columns]: a contiguous byte load per row, the two
     # nibbles joined back into column order in registers (the joined pair is thread-local), so
     # each thread stores a contiguous run of columns. A byte's two columns share a group (G is
     # even): its scale is gathered per byte, from L1 after the first row touches it.
+    pdl_enter(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     pair = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     ok = (rows < N)[:, None] & (2 * pair < K)[None, :]
@@ -231,12 +234,12 @@ def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, spli
         _int4_matmul_kernel[grid](
             x, codes, scale, out, *common, scale.stride(0), *out_strides,
             GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee,
-            num_warps=4 if block_n <= 128 else 8, num_stages=4,
+            num_warps=4 if block_n <= 128 else 8, num_stages=4, **pdl(x.device)
         )
     else:
         _rowscaled_matmul_kernel[grid](
             x, codes, scale, out, *common, *out_strides,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, num_warps=4, num_stages=4,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, num_warps=4, num_stages=4, **pdl(x.device)
         )
     return y if split == 1 else out.sum(0).to(x.dtype)
 
@@ -254,7 +257,7 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     # against cuBLAS's 24); this tile is not yet timed on the card.
     _dequantize_int4_kernel[(triton.cdiv(n, DEQUANT_BLOCK_N), triton.cdiv(k, DEQUANT_BLOCK_K))](
         codes, scale, w, n, k, codes.stride(0), scale.stride(0), w.stride(0),
-        GROUP=group, BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=DEQUANT_BLOCK_K, num_warps=4)
+        GROUP=group, BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=DEQUANT_BLOCK_K, num_warps=4, **pdl(codes.device))
     return w
 
 

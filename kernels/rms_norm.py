@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import next_pow2, tl, triton
+from kernels._triton import next_pow2, pdl, pdl_enter, tl, triton
 
 
 @triton.jit
@@ -27,9 +27,10 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     ROUND_NORMED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per row: a hidden size up to ~16k fits one block, so one pass over HBM.
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -71,7 +72,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         x2, r2, weight, y, new_res if new_res is not None else y,
         x2.stride(0), r2.stride(0), n, eps,
         HAS_RESIDUAL=residual is not None, ROUND_NORMED=round_normed, BLOCK=block,
-        num_warps=min(16, max(1, block // 512)),  # ~16 elements per thread
+        num_warps=min(16, max(1, block // 512)), **pdl(x.device),  # ~16 elements per thread
     )
     return y, new_res
 

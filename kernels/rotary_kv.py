@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import next_pow2, tl, triton
+from kernels._triton import next_pow2, pdl, pdl_enter, tl, triton
 from kernels.kv_cache import _check as _check_kv
 from kernels.kv_cache import cache_offsets
 from kernels.kv_cache import store_kv_cache_ref
@@ -28,9 +28,10 @@ def _rotary_store_kv_kernel(
     q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per token: the cos/sin row is loaded once for all of its q and k heads.
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin_row(pos_ptr, cos_ptr, sin_ptr, t, HALF, BLOCK_HALF)
     # q is rotated for every row, padding included (its attention output is simply unused).
@@ -82,7 +83,7 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
         q, k, v, q_out, positions, cos, sin, k_cache, v_cache, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         HQ=hq, HKV=hkv, HALF=half, BLOCK_SIZE=k_cache.shape[2],
-        BLOCK_HQ=next_pow2(hq), BLOCK_HKV=next_pow2(hkv), BLOCK_HALF=next_pow2(half),
+        BLOCK_HQ=next_pow2(hq), BLOCK_HKV=next_pow2(hkv), BLOCK_HALF=next_pow2(half), **pdl(q.device)
     )
     return q_out
 

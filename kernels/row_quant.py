@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import next_pow2, tl, triton
+from kernels._triton import next_pow2, pdl, pdl_enter, tl, triton
 
 _ROUND = tl.constexpr(12582912.0)  # 1.5 * 2^23: adding and subtracting it rounds |v| < 2^22 half to even
 
@@ -26,7 +26,8 @@ def _codes(x, scale, q_ptr, QMAX: tl.constexpr, TO_INT: tl.constexpr):
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                          TO_INT: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr):
+                          TO_INT: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * stride_qm
@@ -64,5 +65,5 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype, qmax: float, min_scale: f
     tile = min(block_k, next_pow2(k))
     _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), QMAX=qmax, MIN_SCALE=min_scale,
                                 TO_INT=not dtype.is_floating_point, BLOCK_K=tile, ONE_TILE=tile >= k,
-                                num_warps=16 if tile >= 8192 else 8 if tile >= 2048 else 4)
+                                num_warps=16 if tile >= 8192 else 8 if tile >= 2048 else 4, **pdl(x.device))
     return q, s

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels._triton import tl, triton
+from kernels._triton import pdl, pdl_enter, tl, triton
 from kernels.quant_matmul import _code_minus_8
 
 
@@ -86,8 +86,9 @@ def _w4a16_kernel(
     x_ptr, codes_ptr, scale_ptr, y_ptr,
     M, N, K, k_per_split, stride_xm, stride_cn, stride_sn, stride_ys, stride_ym,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, W_FIRST: tl.constexpr, SPLIT_X: tl.constexpr, IEEE: tl.constexpr,
+    GROUP_M: tl.constexpr, W_FIRST: tl.constexpr, SPLIT_X: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * tiles_n
@@ -176,6 +177,6 @@ def w4a16_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, tile
         out.stride(0) if split > 1 else 0, out.stride(-2),
         GROUP=k // scale.shape[1], BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         GROUP_M=tile.group_m, W_FIRST=tile.w_first, SPLIT_X=tile.split_x, IEEE=x.dtype == torch.float32,
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl(x.device)
     )
     return y if split == 1 else out.sum(0).to(x.dtype)

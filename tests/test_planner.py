@@ -481,6 +481,12 @@ def test_tinygemm_and_compile_workers_where_they_cannot_act_are_said(tiny_model)
     cfg.compilation.compile_workers = 4
     assert [n for _, n in inert_knobs(cfg, hf, on_gpu=False, multimodal=False) if "compile_workers" in n] == [
         "compilation.compile_workers=4: not used on the CPU backend (its kernels are not compiled by Triton)"]
+    pdl = lambda on_gpu: [n for _, n in inert_knobs(cfg, hf, on_gpu=on_gpu, multimodal=False) if "dependent" in n]
+    assert pdl(False) == []  # the default (on) is said nowhere
+    cfg.compilation.programmatic_dependent_launch = False
+    assert pdl(False) == ["compilation.programmatic_dependent_launch=false: nothing to switch off on the CPU "
+                          "backend (GPU kernels only)"]
+    assert pdl(True) == []
 
 
 def test_custom_all_reduce_off_where_there_is_nothing_to_switch_off_is_said(tiny_model):

@@ -86,6 +86,9 @@ class CompilationConfig:
     # Processes that compile the Triton kernels' variants at start-up, all at once (GPU only);
     # null = one per CPU but one (shared by a host's TP ranks), at most 16; 0 = each compiles at its first launch.
     compile_workers: Optional[int] = None
+    # Hopper and later GPUs: each Triton kernel of a step is scheduled while the one before it finishes
+    # (programmatic dependent launch, kept in CUDA graphs); false launches them one after another.
+    programmatic_dependent_launch: bool = True
 
 
 @dataclass

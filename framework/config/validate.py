@@ -214,6 +214,9 @@ def inert_knobs(cfg: FrameworkConfig, hf_config: Any, on_gpu: bool, multimodal: 
         if comp.compile_workers:
             notes.append((logging.WARNING, f"compilation.compile_workers={comp.compile_workers}: not used on the "
                           "CPU backend (its kernels are not compiled by Triton)"))
+        if not comp.programmatic_dependent_launch:
+            notes.append((logging.INFO, "compilation.programmatic_dependent_launch=false: nothing to switch off on "
+                          "the CPU backend (GPU kernels only)"))
     notes += _kv_size_notes(cfg.cache, on_gpu)
     q = cfg.quantization
     if q.int4_tinygemm and (not on_gpu or q.method not in ("int4", "auto")):

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from framework.engine.step_input import StepInput
 from framework.engine.step_tensors import DecodeLayout, HostStaging, fill_sampled, stage_decode
 from framework.layers.attention import AttentionMetadata
+from kernels.argmax import argmax_rows
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,9 @@ class CudaGraphRunner:
                  block_size: int, device: torch.device, sampled: Optional[torch.Tensor] = None,
                  windowed: bool = False):
         self.forward, self.compute_logits = forward, compute_logits
-        self.sampled = sampled  # async scheduling: placeholders in the ids are filled from it, inside the graph
+        # async scheduling: placeholders in the ids are filled from it, and every row's argmax is
+        # written back to it, inside the graph (rows past the step's own are never read)
+        self.sampled = sampled
         self.sizes = sorted(sizes)
         self.max_batch = self.sizes[-1]
         self.max_model_len = max_model_len
@@ -88,6 +91,8 @@ class CudaGraphRunner:
         if self.logits is None:
             self.logits = torch.empty((self.max_batch, logits.shape[-1]), dtype=logits.dtype, device=self.device)
         self.logits[:size].copy_(logits)
+        if self.sampled is not None:  # async scheduling: the greedy tokens, taken inside the graph
+            argmax_rows(logits, out=self.sampled[:size])
 
     @torch.inference_mode()
     def capture(self, sizes: Optional[List[int]] = None) -> None:

@@ -33,6 +33,8 @@ from framework.models.interface import attention_layers, build_model
 from framework.parallel import ParallelInfo, set_symm_all_reduce, step_group
 from framework.symm_all_reduce import make_symm_all_reduce
 from framework.resolve import is_resolved, pick_device, pick_dtype
+from kernels._triton import pdl_supported, set_pdl
+from kernels.argmax import argmax_rows
 from kernels.precompile import KernelPrecompiler, precompiler_for
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,12 @@ class ModelRunner:
                 set_allocator = getattr(torch._C, "_accelerator_setAllocatorSettings", None) \
                     or torch.cuda.memory._set_allocator_settings  # torch < 2.10; deprecated after
                 set_allocator("expandable_segments:True")
+            # compilation.programmatic_dependent_launch: how every Triton kernel of this process launches
+            set_pdl(cfg.compilation.programmatic_dependent_launch)
+            if cfg.compilation.programmatic_dependent_launch and not pdl_supported(self.device.index):
+                log.info("compilation.programmatic_dependent_launch: not available on %s (compute capability "
+                         "9.0 and a Triton with launch_pdl needed); kernels launch one after another",
+                         torch.cuda.get_device_name(self.device))
         torch.manual_seed(cfg.model.seed)
         # How this rank's all-reduces travel (framework/parallel.py): NCCL or gloo, and on CUDA
         # ranks a peer-memory one-shot for small messages unless parallelism.custom_all_reduce=false.
@@ -479,7 +487,11 @@ class ModelRunner:
                 hidden = self.forward(input_ids, positions, meta, inputs_embeds=inputs_embeds)
             logits = self.model.compute_logits(hidden.index_select(0, t.logits_indices))
         if step.greedy_rows:
-            torch.argmax(logits, dim=-1, out=self.sampled[:step.greedy_rows])
+            greedy = self.sampled[:step.greedy_rows]
+            if logits.is_cuda and not self.last_graphed:  # a graph took its argmax already
+                argmax_rows(logits, out=greedy)
+            elif not logits.is_cuda:
+                torch.argmax(logits, dim=-1, out=greedy)
             return None  # the engine reads `sampled`; no float32 copy of the logits is made
         if self.tp.rank != 0:
             return None

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Tuple
 
 # First match wins, in this order; names are matched lower-cased, as substrings.
 KINDS: List[Tuple[str, Tuple[str, ...]]] = [
-    ("decode attention", ("_decode_split_kernel", "_decode_merge_kernel")),
+    ("decode attention", ("_decode_split_kernel",)),
     ("prefill/mixed attention", ("_paged_attention_kernel",)),
     ("rotary + KV store", ("rotary", "store_kv")),
     ("norms", ("rms_norm",)),

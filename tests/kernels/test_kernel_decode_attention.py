@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import decode_attention
+from kernels import _triton, decode_attention
 from kernels.attention import paged_attention_ref
 from kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
 
@@ -48,9 +48,20 @@ def test_more_splits_than_tiles_and_max_seq_len_hint(small_tiles, paged_batch):
     # 16 splits over at most 13 tiles: trailing chunks are empty and must merge as no-ops.
     batch = paged_batch([(1, n) for n in LENS], 4, 2, head_dim=16, block_size=4, seed=12)
     ref = paged_decode_attention_ref(*_decode_args(batch))
-    for kwargs in ({"num_splits": 16}, {"max_seq_len": 100}, {}):
+    for kwargs in ({"num_splits": 16}, {"max_seq_len": 100}, {}, {"num_splits": 16}):
         torch.testing.assert_close(paged_decode_attention(*_decode_args(batch), **kwargs), ref,
                                    atol=2e-5, rtol=2e-5)
+
+
+def test_split_merge_tickets_are_zero_after_each_call(small_tiles, paged_batch):
+    # The last split of each (sequence, KV head) merges and resets its counter; a counter left
+    # non-zero would make the next call merge early (or never).
+    batch = paged_batch([(1, n) for n in LENS], 4, 2, head_dim=16, block_size=4, seed=14)
+    ref = paged_decode_attention_ref(*_decode_args(batch))
+    for num_splits in (2, 5, 5):
+        torch.testing.assert_close(paged_decode_attention(*_decode_args(batch), num_splits=num_splits), ref,
+                                   atol=2e-5, rtol=2e-5)
+        assert not _triton._TICKETS[batch.q.device].any()
 
 
 def test_same_as_mixed_kernel_reference(paged_batch):
@@ -101,8 +112,10 @@ def test_gpu_cuda_graph_capture(paged_batch):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         paged_decode_attention(*_decode_args(batch), max_seq_len=2048, out=out)
-    batch.seq_lens.copy_(torch.tensor([299, 1500, 1], dtype=torch.int32))
-    out.zero_()
-    graph.replay()
-    torch.testing.assert_close(out, paged_decode_attention_ref(*_decode_args(batch)),
-                               atol=2e-2, rtol=2e-2)
+    for lens in ([299, 1500, 1], [300, 1501, 2], [1, 2000, 5]):  # each replay merges and resets
+        batch.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        out.zero_()
+        graph.replay()
+        torch.testing.assert_close(out, paged_decode_attention_ref(*_decode_args(batch)),
+                                   atol=2e-2, rtol=2e-2)
+    assert not _triton._TICKETS[batch.q.device].any()

@@ -85,3 +85,17 @@ def test_public_names():
     for name in ("store_kv_cache", "paged_attention", "paged_decode_attention", "rms_norm",
                  "fused_add_rms_norm", "apply_rotary", "silu_and_mul"):
         assert callable(getattr(kernels, name)), name
+
+
+def test_programmatic_dependent_launch_keywords():
+    from kernels import _triton
+    # CPU tensors (and the interpreter) never launch with it; the constexpr is always passed
+    assert _triton.pdl(torch.device("cpu")) == {"PDL": False}
+    if torch.cuda.is_available() and _triton.pdl_supported(0):
+        assert _triton.pdl(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
+        _triton.set_pdl(False)
+        try:
+            assert _triton.pdl(torch.device("cuda", 0)) == {"PDL": False}
+        finally:
+            _triton.set_pdl(True)
+
