@@ -3,7 +3,10 @@ loop runs at its usual speed), its kernels' device time grouped by what they do.
 
 Kernels inside CUDA graph replays are recorded too (CUPTI reports each). One stream runs every
 kernel, so device idle time is the run's wall time less the kernels' sum: host gaps, launch
-latency and synchronisation.
+latency and synchronisation. With programmatic dependent launch (compilation.
+programmatic_dependent_launch, on by default on Hopper) a kernel's time includes its wait for the
+one before, so per-kind times are inflated and the sum can pass the wall time: profile with it
+off to see each kind's own time.
 """
 from __future__ import annotations
 
@@ -69,5 +72,8 @@ def profile_run(run: Callable[[], float], out_dir: Path, file_name: str = "profi
 
 def format_profile(p: Dict[str, object]) -> List[str]:
     wall = p["wall_seconds"]
-    rows = sorted(p["kinds"].items(), key=lambda kv: -kv[1]) + [("device idle (host gaps)", p["idle_seconds"])]
+    # Under programmatic dependent launch a kernel starts (and waits) while the one before it runs, so
+    # kernel times overlap and their sum can pass the wall time: then "idle" is that overlap, negative.
+    idle = "device idle (host gaps)" if p["idle_seconds"] >= 0 else "kernels overlapping (PDL)"
+    rows = sorted(p["kinds"].items(), key=lambda kv: -kv[1]) + [(idle, p["idle_seconds"])]
     return [f"    {kind:<26}{s:>9.3f} s {100 * s / wall:>5.1f}%" for kind, s in rows]
