@@ -30,7 +30,9 @@ QUANT_BLOCK_K = 16384  # as kernels/fp8_linear.py: every Llama-3.1-8B K fits one
 MIN_ROWS = 17  # torch._int_mm on CUDA wants more than 16 rows
 
 
-@triton.jit
+# M, the step's rows, is not specialized on: M = 1,100 would compile another variant than the
+# warm-up's 2,048 (16-divisible) inside a run
+@triton.jit(do_not_specialize=["M"])
 def _epilogue_kernel(acc_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, stride_am, stride_ym,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)

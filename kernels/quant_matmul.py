@@ -71,7 +71,9 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
     return acc
 
 
-@triton.jit
+# M, the step's rows, is not specialized on: M = 1,100 would compile another variant than the
+# warm-up's 2,048 (16-divisible) inside a run
+@triton.jit(do_not_specialize=["M"])
 def _int4_matmul_kernel(
     x_ptr, codes_ptr, scale_ptr, out_ptr,
     M, N, K, k_per_split,
@@ -112,7 +114,7 @@ def _int4_matmul_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # rows vary per step (above)
 def _rowscaled_matmul_kernel(
     x_ptr, codes_ptr, scale_ptr, out_ptr,
     M, N, K, k_per_split,

@@ -81,7 +81,9 @@ def _mma(w, x, acc, W_FIRST: tl.constexpr, IEEE: tl.constexpr):
     return acc
 
 
-@triton.jit
+# M, the step's rows, is not specialized on: M = 1,100 would compile another variant than the
+# warm-up's 2,048 (16-divisible) inside a run
+@triton.jit(do_not_specialize=["M"])
 def _w4a16_kernel(
     x_ptr, codes_ptr, scale_ptr, y_ptr,
     M, N, K, k_per_split, stride_xm, stride_cn, stride_sn, stride_ys, stride_ym,
