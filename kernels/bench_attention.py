@@ -1,7 +1,8 @@
 """GPU sweep of the attention kernels' tile configs on the shapes of bench's 256-request workload
 (Llama-3.1-8B heads, bf16, prompts 100-1024 + 512 outputs):
 
-    python -m kernels.bench_attention
+    python -m kernels.bench_attention            # the sweeps below
+    python -m kernels.bench_attention --batch1   # one sequence's decode, split counts and tiles
 
 - decode: 256 sequences, contexts uniform in 101..1536 (the decode steps of that run);
 - mixed: a 1,848-token prompt chunk beside 200 decodes (a prefill step of that run at
@@ -13,6 +14,7 @@ The cache is in the engine's layout (kernels/kv_cache.py), its blocks handed out
 from __future__ import annotations
 
 import random
+import sys
 
 import torch
 from triton.testing import do_bench
@@ -63,6 +65,51 @@ def decode_sweep(roof: float) -> None:
               f"{nbytes / ms / 1e6:7.0f} GB/s {100 * nbytes / ms / 1e6 / roof:5.0f}% of copy  err {_rel(out, ref):.1e}")
 
 
+BATCH1_CONFIGS = [(bn, 4, st, sp) for sp in (8, 4, 2, 1) for bn in (128, 64) for st in (3, 2)]
+
+
+def batch1_sweep(contexts=(384, 1536), layers: int = 32) -> None:
+    """One sequence, as a batch-1 decode step runs it: `layers` calls on caches of their own, each
+    after a 128 MB copy (the GEMVs' weights pass through L2 between two layers' attention), in one
+    CUDA graph; µs a call = (replay - the copies' replay) / layers."""
+    flush_src = torch.empty(64 << 20, dtype=torch.int16, device="cuda")
+    flush_dst = torch.empty_like(flush_src)
+
+    def graph_us(body) -> float:
+        body()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        for _ in range(3):
+            graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return 1e3 * start.elapsed_time(end) / 20
+
+    copies = graph_us(lambda: [flush_dst.copy_(flush_src) for _ in range(layers)])
+    for context in contexts:
+        cases = [_paged([(1, context)]) for _ in range(layers)]
+        print(f"batch 1, context {context}, {layers} layers, graph max_seq_len 2048:")
+        for bn, warps, stages, splits in BATCH1_CONFIGS:
+            def body():
+                for q, k, v, _, lens, tables in cases:
+                    flush_dst.copy_(flush_src)
+                    decode.paged_decode_attention(q.view(1, HQ, HEAD_DIM), k, v, lens, tables, HEAD_DIM ** -0.5,
+                                                  num_splits=splits, max_seq_len=2048, block_n=bn, num_warps=warps,
+                                                  num_stages=stages)
+            try:
+                us = (graph_us(body) - copies) / layers
+            except Exception as exc:  # e.g. out of shared memory
+                print(f"  splits {splits} block_n {bn:>3} stages {stages}: failed ({type(exc).__name__})")
+                continue
+            print(f"  splits {splits} block_n {bn:>3} warps {warps} stages {stages}: {us:6.2f} us a layer")
+
+
 def prefill_sweep(roof: float, seqs, name: str) -> None:
     q, k, v, cu, lens, tables = _paged(seqs)
     pairs = sum(ql * s - ql * (ql - 1) // 2 for ql, s in seqs)
@@ -101,6 +148,9 @@ def prefill_sweep(roof: float, seqs, name: str) -> None:
 def main() -> None:
     assert torch.cuda.is_available(), "this sweep needs a CUDA device"
     torch.manual_seed(0)
+    if "--batch1" in sys.argv:
+        batch1_sweep()
+        return
     roof = copy_gbps()
     print(f"# {torch.cuda.get_device_name()}, copy {roof:.0f} GB/s")
     decode_sweep(roof)
