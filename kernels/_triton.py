@@ -76,16 +76,20 @@ def pdl_supported(device_index: int) -> bool:
             and torch.cuda.get_device_capability(device_index)[0] >= 9)
 
 
+_PDL_ON: Dict[str, Any] = {"PDL": True, "launch_pdl": True}
+_PDL_OFF: Dict[str, Any] = {"PDL": False}
+
+
 def pdl(device: Any) -> Dict[str, Any]:
     """Launch keywords for a kernel that starts with `pdl_enter(PDL)`: programmatic dependent
     launch on Hopper and later GPUs (CUDA graphs keep it as programmatic edges); PDL=False
-    elsewhere, and inside torch.compile, whose wrapper of Triton launches takes no launch_pdl."""
+    elsewhere, and inside torch.compile, whose wrapper of Triton launches takes no launch_pdl.
+    Called at every launch, so it stays cheap (an eager batch-1 step launches ~330 kernels)."""
+    if not _PDL_WANTED or device.type != "cuda" or not pdl_supported(device.index or 0):
+        return _PDL_OFF
     import torch
 
-    if (not _PDL_WANTED or getattr(device, "type", None) != "cuda" or torch.compiler.is_compiling()
-            or not pdl_supported(device.index or 0)):
-        return {"PDL": False}
-    return {"PDL": True, "launch_pdl": True}
+    return _PDL_OFF if torch.compiler.is_compiling() else _PDL_ON
 
 
 _TICKETS: Dict[Any, Any] = {}
