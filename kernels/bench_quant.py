@@ -22,7 +22,7 @@ import kernels
 from framework.layers.quantization.int4 import int4_linear
 from kernels.bench import L2_DEFEAT_BYTES, LINEAR_SHAPES, _cycled, _graph_ms, copy_gbps
 from kernels.fp8_linear import fp8_linear
-from kernels.int8_linear import int8_linear
+from kernels.int8_linear import gemm_tile, int8_gemm, int8_linear, quantize_rows_int8
 from kernels.quant_gemv import int4_gemv, rowscaled_gemv
 from kernels.quant_matmul import quant_matmul
 
@@ -122,10 +122,40 @@ def many_rows_table(rows_list: list) -> None:
                   + "   x bf16: " + " ".join(f"{t[0] / v:.2f}" for v in t[1:]))
 
 
+INT8_TILES = [(128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3)]
+
+
+def int8_table(rows_list: list) -> None:
+    """int8 W8A8 at many rows: the Triton GEMM (default tile, then INT8_TILES) against cuBLASLt's
+    int8 GEMM + the epilogue pass, bf16 cuBLAS and fp8 W8A8; µs a call (x's quantization included)."""
+    print("\nint8 W8A8, µs a call: bf16 cuBLAS | fp8 W8A8 | int8 cuBLASLt + epilogue | int8 Triton (default tile) "
+          "| best of INT8_TILES")
+    for name, (n, k) in LINEAR_SHAPES.items():
+        bf16 = _copies(lambda n, k: torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02, n, k, 2 * n * k)
+        fp8, int8 = _copies(_fp8, n, k, n * k), _copies(_int8, n, k, n * k)
+        for rows in rows_list:
+            x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
+            t = [_time(lambda w: torch.nn.functional.linear(x, w), bf16),
+                 _time(lambda cs: fp8_linear(x, *cs), fp8),
+                 _time(lambda cs: int8_linear(x, *cs, gemm="cublas"), int8),
+                 _time(lambda cs: int8_linear(x, *cs), int8)]
+            tiles = {}
+            for tile in INT8_TILES:
+                def fn(cs, tile=tile):
+                    xq, xs = quantize_rows_int8(x)
+                    return int8_gemm(xq, xs, cs[0], cs[1], None, x.dtype, tile=tile)
+                tiles[tile] = _time(fn, int8)
+            best = min(tiles, key=lambda tl_: tiles[tl_] if tiles[tl_] == tiles[tl_] else math.inf)
+            print(f"{name:<8} M={rows:<5}" + " | ".join(f"{v:7.1f}" for v in t) + f" | {tiles[best]:7.1f} {best}"
+                  + "   x bf16: " + " ".join(f"{t[0] / v:.2f}" for v in t[1:] + [tiles[best]])
+                  + f"   default {gemm_tile(rows, n, x.device)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gemv", action="store_true", help="one row only")
     parser.add_argument("--quick", action="store_true", help="int4 only, fewer row counts")
+    parser.add_argument("--int8", action="store_true", help="the int8 W8A8 table only")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA device"
     torch.manual_seed(0)
@@ -133,6 +163,9 @@ def main() -> None:
     roof = copy_gbps()
     print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}; "
           f"device copy {roof:.0f} GB/s")
+    if args.int8:
+        int8_table([64, 256, 2048])
+        return
     gemv_table(roof, [] if args.quick else FP8_GEMV_TILES)
     if not args.gemv:
         int4_rows_table([16, 64] if args.quick else INT4_ROWS)

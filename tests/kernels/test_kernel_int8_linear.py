@@ -1,6 +1,7 @@
 """W8A8 int8 (kernels/int8_linear.py): the per-token quantizer and the epilogue against their torch
-references (CPU: Triton's interpreter; fp32/fp16), the whole product against float64, and the int8
-layer's choice between W8A8 and weight-only. torch._int_mm itself is checked on the GPU."""
+references (CPU: Triton's interpreter; fp32/fp16), the Triton int8 GEMM's sums and scales against float64,
+the whole product against float64, and the int8 layer's choice between W8A8 and weight-only.
+torch._int_mm (the bench's alternative) is checked on the GPU."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from framework.layers.quantization.int8 import WEIGHT_ONLY_MAX_ROWS, Int8Method, quantize_int8, scaled_linear
-from kernels.int8_linear import (MIN_SCALE, int8_linear, int8_linear_ref, quantize_rows_int8,
+from kernels.int8_linear import (MIN_SCALE, gemm_tile, int8_gemm, int8_linear, int8_linear_ref, quantize_rows_int8,
                                  quantize_rows_int8_ref, scale_output)
 
 
@@ -56,6 +57,28 @@ def test_epilogue_matches_torch(bias, device):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("m,n,k", [(37, 40, 100), (16, 32, 64)])  # ragged in every dim; whole tiles
+def test_int8_gemm_sums_exactly_and_scales(m, n, k, bias, device):
+    gen = torch.Generator().manual_seed(m + n + k)
+    xq = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+    codes = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    xs, ws = torch.rand(m, generator=gen), torch.rand(n, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    got = int8_gemm(xq.to(device), xs.to(device), codes.to(device), ws.to(device),
+                    None if b is None else b.to(device), torch.float32, tile=(16, 16, 4, 2), block_k=32).cpu()
+    sums = (xq.double() @ codes.double().T)  # exact: |sum| < 2^21
+    expected = (sums * xs.double()[:, None] * ws.double()[None, :] + (b.double() if bias else 0)).float()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
+
+
+def test_int8_gemm_tiles_fill_the_card():
+    cpu = torch.device("cpu")  # 132 SMs assumed off the GPU
+    assert gemm_tile(2048, 4096, cpu) == (128, 128, 8, 4)  # 16 x 32 tiles
+    assert gemm_tile(256, 4096, cpu) == (128, 64, 4, 4)  # 2 x 32 tiles of 128 would leave SMs idle
+    assert gemm_tile(48, 28672, cpu) == (64, 128, 4, 4)
+
+
 def test_reference_product_is_the_dequantized_product():
     gen = torch.Generator().manual_seed(1)
     x = _x(5, 64, torch.float32, "cpu", gen)
@@ -89,6 +112,8 @@ def test_gpu_int8_linear(k):
         ref = int8_linear_ref(x, codes, scale, bias)
         assert got.dtype == torch.bfloat16
         assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 4e-3
+        # the same int32 sums and the same epilogue arithmetic as cuBLASLt's GEMM + the epilogue pass
+        assert torch.equal(got, int8_linear(x, codes, scale, bias, gemm="cublas"))
 
 
 @pytest.mark.gpu
