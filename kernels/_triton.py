@@ -1,6 +1,8 @@
-"""Optional Triton import, so the torch references run on machines without Triton.
+"""Triton plumbing shared by the kernels: the optional import, programmatic dependent launch
+(`pdl_enter`, `pdl`) and the zeroed ticket counters of kernels whose last program finishes a
+group's work (`zeroed_tickets`).
 
-The CPU backend only ever calls the `*_ref` functions, but they live beside their Triton
+Optional import, so the torch references run on machines without Triton. The CPU backend only ever calls the `*_ref` functions, but they live beside their Triton
 kernels; importing a kernel file must therefore not require Triton. When it is missing,
 `triton` and `tl` below are stand-ins that let `@triton.jit` functions be *defined* (never
 launched): the decorator returns the function unchanged and `tl.constexpr` annotations resolve.
@@ -51,7 +53,9 @@ def pdl_enter(PDL: tl.constexpr):
     it in the stream is still finishing; this waits until that kernel is done (its writes visible)
     before anything is read or written, then lets the next kernel be scheduled the same way. What
     it saves is the launch latency and the previous kernel's tail at every kernel boundary: a
-    batch-1 decode step is ~330 kernels of 2-60 us."""
+    batch-1 decode step is ~330 kernels of 2-60 us. (GEMVs that loaded their first weight tile
+    before the wait lost 4% at batch 1 on an H200: their loads queued ahead of the one-program
+    norm or rotary kernel they waited for; BENCHMARKS.md, session 7.)"""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
