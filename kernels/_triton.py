@@ -1,6 +1,6 @@
 """Triton plumbing shared by the kernels: the optional import, programmatic dependent launch
-(`pdl_enter`, `pdl`) and the zeroed ticket counters of kernels whose last program finishes a
-group's work (`zeroed_tickets`).
+(`pdl_enter`, `pdl`), the zeroed ticket counters of kernels whose last program finishes a
+group's work (`zeroed_tickets`), and the matmuls' grouped tile order (`grouped_tile`).
 
 Optional import, so the torch references run on machines without Triton. The CPU backend only ever calls the `*_ref` functions, but they live beside their Triton
 kernels; importing a kernel file must therefore not require Triton. When it is missing,
@@ -59,6 +59,18 @@ def pdl_enter(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program in a matmul's 1-D grid, in groups of GROUP_M row
+    tiles down each column tile: a group reads its weight tiles while they are still in L2."""
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
 
 
 _PDL_WANTED = True  # compilation.programmatic_dependent_launch, set by the model runner
@@ -122,4 +134,4 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-__all__ = ["HAS_PDL", "HAS_TRITON", "next_pow2", "pdl", "pdl_enter", "pdl_supported", "set_pdl", "tl", "triton", "zeroed_tickets"]
+__all__ = ["HAS_PDL", "HAS_TRITON", "grouped_tile", "next_pow2", "pdl", "pdl_enter", "pdl_supported", "set_pdl", "tl", "triton", "zeroed_tickets"]

@@ -26,7 +26,7 @@ import functools
 import torch
 
 from kernels import row_quant
-from kernels._triton import pdl, pdl_enter, tl, triton
+from kernels._triton import grouped_tile, pdl, pdl_enter, tl, triton
 
 QMAX = 127.0
 MIN_SCALE = 1e-12 / QMAX  # an all-zero row (a padded graph row) keeps a usable scale
@@ -56,15 +56,7 @@ def _int8_gemm_kernel(xq_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stri
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
-    # Tiles in groups of GROUP_M row tiles down each column tile: a group reads its weight tiles
-    # while they are still in L2.
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)

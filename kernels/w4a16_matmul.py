@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels._triton import pdl, pdl_enter, tl, triton
+from kernels._triton import grouped_tile, pdl, pdl_enter, tl, triton
 from kernels.quant_matmul import _code_minus_8
 
 
@@ -91,13 +91,7 @@ def _w4a16_kernel(
     GROUP_M: tl.constexpr, W_FIRST: tl.constexpr, SPLIT_X: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
