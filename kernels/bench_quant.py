@@ -28,7 +28,9 @@ from kernels.quant_matmul import quant_matmul
 
 DTYPE = torch.bfloat16
 # (block_n, block_k) of the int4 GEMV
-INT4_GEMV_CONFIGS = [(8, 1024), (16, 1024), (16, 512), (4, 1024), (8, 2048), (4, 2048)]
+# (block_n, block_k, split_x) of the int4 GEMV
+INT4_GEMV_CONFIGS = [(8, 1024, False), (16, 1024, False), (16, 512, False), (4, 1024, False), (8, 2048, False),
+                     (4, 2048, False), (8, 1024, True), (16, 1024, True), (8, 2048, True), (4, 2048, True)]
 FP8_GEMV_TILES = [(2, 2048), (4, 2048), (8, 2048), (8, 1024)]
 INT4_ROWS = [2, 4, 8, 16, 64]
 MANY_ROWS = [256, 2048]

@@ -65,7 +65,7 @@ def _int4_gemv_kernel(
     x_ptr, codes_ptr, scale_ptr, y_ptr,
     N, K, stride_xm, stride_cn, stride_sn,
     GROUP: tl.constexpr, ROWS: tl.constexpr, ROWS_P2: tl.constexpr,
-    BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPAN: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPAN: tl.constexpr, SPLIT_X: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -82,16 +82,27 @@ def _int4_gemv_kernel(
         span_ok = first < K
         byte = tl.load(code_rows + (first // 2)[None, :, None] + span_bytes[None, None, :],
                        mask=col_ok[:, None, None] & span_ok[None, :, None], other=0).to(tl.int32)
-        # nibbles back in column order (low = column 2j, high = 2j + 1), so x is read contiguously
-        # with vector loads rather than as two stride-2 halves
-        q = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, SUB, SPAN))
-        w = _as_float(q, 8.0)  # code - 8, exact; masked bytes give -8, met by x = 0
+        if SPLIT_X:
+            # the nibbles stay where they are (low = column 2j, high = 2j + 1); x's tile is split
+            # into its even and odd columns instead, BLOCK_N times fewer values to rearrange
+            w_lo = _as_float(byte & 0xF, 8.0)  # code - 8, exact; masked bytes give -8, met by x = 0
+            w_hi = _as_float(byte >> 4, 8.0)
+        else:
+            # nibbles back in column order, so x is read contiguously with vector loads rather
+            # than as two stride-2 halves
+            q = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, SUB, SPAN))
+            w = _as_float(q, 8.0)  # code - 8, exact; masked bytes give -8, met by x = 0
         s = tl.load(scale_rows + (first // GROUP)[None, :], mask=col_ok[:, None] & span_ok[None, :],
                     other=0.0).to(tl.float32)
         for m in tl.static_range(ROWS):
             x = tl.load(x_ptr + m * stride_xm + first[:, None] + span_cols[None, :],
                         mask=span_ok[:, None], other=0.0).to(tl.float32)
-            part = tl.sum(tl.sum(w * x[None, :, :], axis=2) * s, axis=1)
+            if SPLIT_X:
+                x_even, x_odd = tl.split(tl.reshape(x, (SUB, SPAN // 2, 2)))
+                span_sums = tl.sum(w_lo * x_even[None, :, :] + w_hi * x_odd[None, :, :], axis=2)
+            else:
+                span_sums = tl.sum(w * x[None, :, :], axis=2)
+            part = tl.sum(span_sums * s, axis=1)
             acc += tl.where(rows[None, :] == m, part[:, None], 0.0)
     out = y_ptr + rows[None, :] * N + cols[:, None]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=col_ok[:, None] & (rows < ROWS)[None, :])
@@ -135,10 +146,12 @@ def _check_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def int4_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-              block_n: int = INT4_BLOCK_N, block_k: int = INT4_BLOCK_K) -> torch.Tensor:
+              block_n: int = INT4_BLOCK_N, block_k: int = INT4_BLOCK_K, split_x: bool = False) -> torch.Tensor:
     """Triton: x [M, K] (M <= GEMV_MAX_ROWS) times the int4 weight [N, K] transposed -> [M, N] in
     x.dtype. The group size G = K / scale.shape[1] must be even (the dispatch asks for a multiple
-    of 16). `block_n` / `block_k` (tests, bench) override the tile; block_k is a power of two."""
+    of 16). `block_n` / `block_k` (tests, bench) override the tile; block_k is a power of two.
+    `split_x` (bench: kernels.bench_quant --gemv; not timed on a GPU yet) splits x's tile into even
+    and odd columns instead of interleaving each weight tile's nibbles."""
     x = _check_rows(x)
     m, k = x.shape
     n = codes.shape[0]
@@ -154,7 +167,7 @@ def int4_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, codes, scale, y, n, k, x.stride(0), codes.stride(0), scale.stride(0),
         GROUP=group, ROWS=m, ROWS_P2=next_pow2(m), BLOCK_N=block_n, SUB=block_k // span, SPAN=span,
-        num_warps=NUM_WARPS, **pdl(x.device)
+        SPLIT_X=split_x, num_warps=NUM_WARPS, **pdl(x.device)
     )
     return y
 
