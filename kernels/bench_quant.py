@@ -28,10 +28,12 @@ from kernels.quant_matmul import quant_matmul
 
 DTYPE = torch.bfloat16
 # (block_n, block_k) of the int4 GEMV
-# (block_n, block_k, split_x) of the int4 GEMV
-INT4_GEMV_CONFIGS = [(8, 1024, False), (16, 1024, False), (16, 512, False), (4, 1024, False), (8, 2048, False),
-                     (4, 2048, False), (8, 1024, True), (16, 1024, True), (8, 2048, True), (4, 2048, True)]
-FP8_GEMV_TILES = [(2, 2048), (4, 2048), (8, 2048), (8, 1024)]
+# (block_n, block_k, split_x, num_warps) of the int4 GEMV; the engine runs (8, 1024, False, 4)
+INT4_GEMV_CONFIGS = [(8, 1024, False, 4), (16, 1024, False, 4), (16, 512, False, 4), (4, 1024, False, 4),
+                     (8, 2048, False, 4), (4, 2048, False, 4), (8, 1024, True, 4), (16, 1024, True, 4),
+                     (8, 2048, True, 4), (4, 2048, True, 4), (16, 1024, True, 8), (16, 2048, True, 8)]
+# (block_n, block_k, num_warps) of the one-row fp8 GEMV; the engine runs (4, 2048, 4) up to N = 4096, else (8, 2048, 4)
+FP8_GEMV_TILES = [(4, 2048, 4), (8, 2048, 4), (8, 2048, 8), (16, 2048, 8), (8, 4096, 8), (16, 1024, 8), (4, 4096, 4)]
 INT4_ROWS = [2, 4, 8, 16, 64]
 MANY_ROWS = [256, 2048]
 

@@ -146,7 +146,8 @@ def _check_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def int4_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-              block_n: int = INT4_BLOCK_N, block_k: int = INT4_BLOCK_K, split_x: bool = False) -> torch.Tensor:
+              block_n: int = INT4_BLOCK_N, block_k: int = INT4_BLOCK_K, split_x: bool = False,
+              num_warps: int = NUM_WARPS) -> torch.Tensor:
     """Triton: x [M, K] (M <= GEMV_MAX_ROWS) times the int4 weight [N, K] transposed -> [M, N] in
     x.dtype. The group size G = K / scale.shape[1] must be even (the dispatch asks for a multiple
     of 16). `block_n` / `block_k` (tests, bench) override the tile; block_k is a power of two.
@@ -167,15 +168,17 @@ def int4_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, codes, scale, y, n, k, x.stride(0), codes.stride(0), scale.stride(0),
         GROUP=group, ROWS=m, ROWS_P2=next_pow2(m), BLOCK_N=block_n, SUB=block_k // span, SPAN=span,
-        SPLIT_X=split_x, num_warps=NUM_WARPS, **pdl(x.device)
+        SPLIT_X=split_x, num_warps=num_warps, **pdl(x.device)
     )
     return y
 
 
 def rowscaled_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-                   block_n: int = ROWSCALED_BLOCK_N, block_k: int = ROWSCALED_BLOCK_K) -> torch.Tensor:
+                   block_n: int = ROWSCALED_BLOCK_N, block_k: int = ROWSCALED_BLOCK_K,
+                   num_warps: int = NUM_WARPS) -> torch.Tensor:
     """Triton: x [M, K] (M <= GEMV_MAX_ROWS) times codes [N, K] (int8 or float8_e4m3fn)
-    transposed, times the float32 row scale [N] -> [M, N] in x.dtype."""
+    transposed, times the float32 row scale [N] -> [M, N] in x.dtype. `block_n`, `block_k`,
+    `num_warps` (bench, the layers' per-shape tile) override the defaults."""
     x = _check_rows(x)
     m, k = x.shape
     n = codes.shape[0]
@@ -189,6 +192,6 @@ def rowscaled_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     _rowscaled_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, codes if is_fp8 else codes.view(torch.uint8), scale, y, n, k, x.stride(0), codes.stride(0),
         IS_FP8=is_fp8, ROWS=m, ROWS_P2=next_pow2(m), BLOCK_N=block_n, BLOCK_K=min(block_k, next_pow2(k)),
-        num_warps=NUM_WARPS, **pdl(x.device)
+        num_warps=num_warps, **pdl(x.device)
     )
     return y
