@@ -100,8 +100,18 @@ def test_kernel_kinds():
     assert kind_of_kernel("_gemv_kernel") == "GEMV (1 row)"
     assert kind_of_kernel("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN") == "GEMM"
     assert kind_of_kernel("_rotary_store_kv_kernel") == "rotary + KV store"
+    assert kind_of_kernel("_argmax_kernel") == "argmax / sampling"
     assert group_kernels({"_rms_norm_kernel": 1.0, "_fused_add_rms_norm": 2.0, "mystery": 0.5}) == \
         {"norms": 3.0, "other": 0.5}
+
+
+def test_profile_names_overlap_when_kernels_outlast_the_wall():
+    from framework.tasks.profile import format_profile
+    gaps = format_profile({"kinds": {"GEMM": 0.8}, "wall_seconds": 1.0, "idle_seconds": 0.2})
+    assert "device idle (host gaps)" in gaps[-1] and "0.200 s" in gaps[-1]
+    # under programmatic dependent launch kernel times include waits: their sum passes the wall
+    overlap = format_profile({"kinds": {"GEMM": 1.3}, "wall_seconds": 1.0, "idle_seconds": -0.3})
+    assert "kernels overlapping (PDL)" in overlap[-1] and "-0.300 s" in overlap[-1]
 
 
 def test_staged_step_fields_are_16_byte_aligned():
