@@ -2,8 +2,9 @@
 (`pdl_enter`, `pdl`), the zeroed ticket counters of kernels whose last program finishes a
 group's work (`zeroed_tickets`), and the matmuls' grouped tile order (`grouped_tile`).
 
-Optional import, so the torch references run on machines without Triton. The CPU backend only ever calls the `*_ref` functions, but they live beside their Triton
-kernels; importing a kernel file must therefore not require Triton. When it is missing,
+Optional import, so the torch references run on machines without Triton. The CPU backend only
+ever calls the `*_ref` functions, but they live beside their Triton kernels; importing a kernel
+file must therefore not require Triton. When it is missing,
 `triton` and `tl` below are stand-ins that let `@triton.jit` functions be *defined* (never
 launched): the decorator returns the function unchanged and `tl.constexpr` annotations resolve.
 """
@@ -134,4 +135,5 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-__all__ = ["HAS_PDL", "HAS_TRITON", "grouped_tile", "next_pow2", "pdl", "pdl_enter", "pdl_supported", "set_pdl", "tl", "triton", "zeroed_tickets"]
+__all__ = ["HAS_PDL", "HAS_TRITON", "grouped_tile", "next_pow2", "pdl", "pdl_enter", "pdl_supported", "set_pdl",
+           "tl", "triton", "zeroed_tickets"]
