@@ -109,6 +109,19 @@ def pdl(device: Any) -> Dict[str, Any]:
     return _PDL_OFF if torch.compiler.is_compiling() else _PDL_ON
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: Any, off_gpu: int) -> int:
+    """Streaming multiprocessors of a CUDA device, for grid sizing; `off_gpu` elsewhere (the
+    interpreter's tests pick the stand-in their expectations were written for)."""
+    return _sm_count(device.index or 0) if device.type == "cuda" else off_gpu
+
+
 _TICKETS: Dict[Any, Any] = {}
 _OUTGROWN_TICKETS: list = []
 
@@ -135,5 +148,5 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-__all__ = ["HAS_PDL", "HAS_TRITON", "grouped_tile", "next_pow2", "pdl", "pdl_enter", "pdl_supported", "set_pdl",
+__all__ = ["HAS_PDL", "HAS_TRITON", "grouped_tile", "next_pow2", "num_sms", "pdl", "pdl_enter", "pdl_supported", "set_pdl",
            "tl", "triton", "zeroed_tickets"]

@@ -19,12 +19,10 @@ layer may have freed those blocks).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import next_pow2, pdl, pdl_enter, tl, triton, zeroed_tickets
+from kernels._triton import next_pow2, num_sms, pdl, pdl_enter, tl, triton, zeroed_tickets
 
 # Keys per inner-loop tile (>= 16: it is the K dim of the P @ V dot). Independent of the cache's
 # block_size: keys are gathered per token through the block table, so any block_size works.
@@ -167,14 +165,9 @@ def dot_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def pick_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """Splits so that batch * kv_heads * splits covers the SMs about twice, from Python ints only."""
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
+    sms = num_sms(device, off_gpu=8)
     want = -(-2 * sms // max(1, batch * num_kv_heads))  # ceil division, no Triton needed
     most = -(-max(1, max_seq_len) // MIN_KEYS_PER_SPLIT)
     return max(1, min(want, most, MAX_SPLITS))

@@ -21,12 +21,10 @@ reference of the whole product.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from kernels import row_quant
-from kernels._triton import grouped_tile, pdl, pdl_enter, tl, triton
+from kernels._triton import grouped_tile, num_sms, pdl, pdl_enter, tl, triton
 
 QMAX = 127.0
 MIN_SCALE = 1e-12 / QMAX  # an all-zero row (a padded graph row) keeps a usable scale
@@ -79,18 +77,13 @@ def _int8_gemm_kernel(xq_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stri
     tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def gemm_tile(m: int, n: int, device: torch.device) -> tuple[int, int, int, int]:
     """(block_m, block_n, num_warps, num_stages) for M rows and N outputs; block_k is 128 (bytes).
     128 x 128 tiles (8 warps, 3 stages) where they fill the card, else 64-wide ones (4 warps, 4
     stages): a decode batch of 256 rows has only 2 x 32 tiles of 128 x 128 against the o
     projection's N = 4,096. On an H200 (kernels.bench_quant --int8, 2026-12-01) 3 stages beat 4 at
     128 x 128 by 18-24% (gate_up at 2,048 rows 450.8 against 574.0 µs)."""
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 132
+    sms = num_sms(device, off_gpu=132)
     block_m = 64 if m <= 64 else 128
     block_n = 128 if triton.cdiv(m, block_m) * triton.cdiv(n, 128) >= sms else 64
     return (block_m, block_n, 8, 3) if block_m * block_n >= 128 * 128 else (block_m, block_n, 4, 4)

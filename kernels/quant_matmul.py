@@ -37,7 +37,7 @@ import functools
 
 import torch
 
-from kernels._triton import pdl, pdl_enter, tl, triton
+from kernels._triton import num_sms, pdl, pdl_enter, tl, triton
 
 SMALL_M = 64  # up to this many rows the fused kernel beats dequantize + cuBLAS
 DEQUANT_BLOCK_N, DEQUANT_BLOCK_K = 16, 256  # the tile of dequantize_int4
@@ -166,10 +166,6 @@ def _dequantize_int4_kernel(codes_ptr, scale_ptr, w_ptr, N, K, stride_cn, stride
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def _bits(codes: torch.Tensor) -> int:
     return 4 if codes.dtype == torch.uint8 else 8
 
@@ -189,7 +185,7 @@ def supported(codes: torch.Tensor, scale: torch.Tensor) -> bool:
 def _split(tiles: int, k: int, block_k: int, device: torch.device) -> int:
     """Programs to split the K loop over: enough to keep every SM busy (two waves' worth), each
     with whole K tiles."""
-    wanted = 2 * _num_sms(device)
+    wanted = 2 * num_sms(device, off_gpu=1)
     split = 1
     while tiles * split < wanted and split < 16 and k % (2 * split * block_k) == 0:
         split *= 2

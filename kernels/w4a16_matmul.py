@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels._triton import grouped_tile, pdl, pdl_enter, tl, triton
+from kernels._triton import grouped_tile, num_sms, pdl, pdl_enter, tl, triton
 from kernels.quant_matmul import _code_minus_8
 
 
@@ -129,10 +129,6 @@ def _w4a16_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def split_for(tiles: int, k: int, block_k: int, sms: int) -> int:
     """Programs to split the K loop over (1, 2, 4 or 8; whole K steps each): the largest split
     whose programs still run in one wave (tiles * split <= SMs). A second wave costs as much as
@@ -165,7 +161,7 @@ def w4a16_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, tile
     if m == 0:
         return y
     tiles = triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n)
-    split = tile.split or split_for(tiles, k, tile.block_k, _num_sms(x.device))
+    split = tile.split or split_for(tiles, k, tile.block_k, num_sms(x.device, off_gpu=4))
     assert k % (split * tile.block_k) == 0, "a split must hold whole K steps"
     out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     _w4a16_kernel[(tiles, split)](
