@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Dict
+from typing import Any, Dict, List
+
+import torch
 
 try:
     import triton
@@ -87,8 +89,6 @@ def set_pdl(enabled: bool) -> None:
 def pdl_supported(device_index: int) -> bool:
     """Programmatic dependent launch: Hopper (compute capability 9.0) and later, compiled kernels
     (not the interpreter), a Triton that has it."""
-    import torch
-
     return (HAS_PDL and os.environ.get("TRITON_INTERPRET", "0") != "1"
             and torch.cuda.get_device_capability(device_index)[0] >= 9)
 
@@ -97,44 +97,38 @@ _PDL_ON: Dict[str, Any] = {"PDL": True, "launch_pdl": True}
 _PDL_OFF: Dict[str, Any] = {"PDL": False}
 
 
-def pdl(device: Any) -> Dict[str, Any]:
+def pdl(device: torch.device) -> Dict[str, Any]:
     """Launch keywords for a kernel that starts with `pdl_enter(PDL)`: programmatic dependent
     launch on Hopper and later GPUs (CUDA graphs keep it as programmatic edges); PDL=False
     elsewhere, and inside torch.compile, whose wrapper of Triton launches takes no launch_pdl.
     Called at every launch, so it stays cheap (an eager batch-1 step launches ~330 kernels)."""
     if not _PDL_WANTED or device.type != "cuda" or not pdl_supported(device.index or 0):
         return _PDL_OFF
-    import torch
-
     return _PDL_OFF if torch.compiler.is_compiling() else _PDL_ON
 
 
 @functools.cache
 def _sm_count(device_index: int) -> int:
-    import torch
-
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def num_sms(device: Any, off_gpu: int) -> int:
+def num_sms(device: torch.device, off_gpu: int) -> int:
     """Streaming multiprocessors of a CUDA device, for grid sizing; `off_gpu` elsewhere (the
     interpreter's tests pick the stand-in their expectations were written for)."""
     return _sm_count(device.index or 0) if device.type == "cuda" else off_gpu
 
 
-_TICKETS: Dict[Any, Any] = {}
-_OUTGROWN_TICKETS: list = []
+_TICKETS: Dict[torch.device, torch.Tensor] = {}
+_OUTGROWN_TICKETS: List[torch.Tensor] = []
 
 
-def zeroed_tickets(device: Any, count: int) -> Any:
+def zeroed_tickets(device: torch.device, count: int) -> torch.Tensor:
     """At least `count` int32 counters, zero, kept for the process (one buffer a device). A kernel
     whose programs take tickets (`tl.atomic_add`) so that the last one of a group finishes the
     group's work resets its counter to zero; the buffer is zero again after every call, so calls
     in CUDA graphs can use it (the warm-up before a capture allocates it). Kernels on one stream
     never run at once (programmatic dependent launch waits for the previous kernel first), so
     they share it."""
-    import torch
-
     have = _TICKETS.get(device)
     if have is None or have.numel() < count:
         if have is not None:  # graphs captured with the smaller buffer still point at it

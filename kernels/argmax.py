@@ -20,7 +20,7 @@ BLOCK = 4096  # values a program: 8 KiB of bf16 logits, 32 a thread at 4 warps
 @triton.jit
 def _argmax_kernel(x_ptr, part_val_ptr, part_idx_ptr, tickets_ptr, out_ptr, V, stride_x,
                    CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, BLOCK: tl.constexpr,
-                   PDL: tl.constexpr = False):
+                   PDL: tl.constexpr):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)

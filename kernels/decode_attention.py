@@ -56,7 +56,8 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    WINDOW: tl.constexpr, PDL: tl.constexpr,       # 0: every key; > 0: the last WINDOW keys
+    WINDOW: tl.constexpr,       # 0: every key; > 0: the last WINDOW keys
+    PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     b = tl.program_id(0)

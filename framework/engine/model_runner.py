@@ -487,11 +487,12 @@ class ModelRunner:
                 hidden = self.forward(input_ids, positions, meta, inputs_embeds=inputs_embeds)
             logits = self.model.compute_logits(hidden.index_select(0, t.logits_indices))
         if step.greedy_rows:
-            greedy = self.sampled[:step.greedy_rows]
-            if logits.is_cuda and not self.last_graphed:  # a graph took its argmax already
-                argmax_rows(logits, out=greedy)
-            elif not logits.is_cuda:
-                torch.argmax(logits, dim=-1, out=greedy)
+            if not self.last_graphed:  # a graph took its argmax already
+                greedy = self.sampled[:step.greedy_rows]
+                if logits.is_cuda:
+                    argmax_rows(logits, out=greedy)
+                else:
+                    torch.argmax(logits, dim=-1, out=greedy)
             return None  # the engine reads `sampled`; no float32 copy of the logits is made
         if self.tp.rank != 0:
             return None
