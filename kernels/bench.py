@@ -32,7 +32,6 @@ from kernels import linear as bf16_linear  # the engine's unquantized path: GEMV
 from kernels.kv_cache import store_kv_cache, store_kv_cache_ref
 from kernels.quant_gemv import GEMV_MAX_ROWS, int4_gemv, rowscaled_gemv
 from kernels.quant_matmul import quant_matmul
-from framework.layers.quantization.int8 import gemv_tile
 from framework.layers.quantization.int8 import scaled_linear  # the weight-only fp8 path, as dispatched
 from kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from kernels.rotary import apply_rotary, apply_rotary_ref
@@ -254,7 +253,7 @@ def fp8_table(rows_list: list[int]) -> None:
             x = torch.randn(rows, k, device="cuda", dtype=DTYPE)
             times = [1e3 * _graph_ms(_cycled(fn, ws)) for fn, ws in (
                 (lambda w: bf16_linear(x, w), bf16),
-                (lambda cs: scaled_linear(x, cs[0], cs[1], None, gemv_tile(n)), fp8),
+                (lambda cs: scaled_linear(x, cs[0], cs[1], None), fp8),
                 (lambda cs: fp8_linear(x, *cs, fast_accum=False), fp8),
                 (lambda cs: fp8_linear(x, *cs, fast_accum=True), fp8),
                 (lambda cs: quantize_rows(x), fp8))]

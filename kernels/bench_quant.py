@@ -22,22 +22,16 @@ import kernels
 from framework.layers.quantization.int4 import int4_linear
 from kernels.bench import L2_DEFEAT_BYTES, LINEAR_SHAPES, _cycled, _graph_ms, copy_gbps
 from kernels.fp8_linear import fp8_linear
-from kernels.gemv import linear_gemv
 from kernels.int8_linear import gemm_tile, int8_gemm, int8_linear, quantize_rows_int8
 from kernels.quant_gemv import int4_gemv, rowscaled_gemv
 from kernels.quant_matmul import quant_matmul
 
 DTYPE = torch.bfloat16
-# (block_n, block_k, split_x, num_warps, prefetch) of the int4 GEMV; the engine runs the first
-# (session 8's sweep of twelve, prefetch and 8 warps included: BENCHMARKS.md)
-INT4_GEMV_CONFIGS = [(4, 2048, False, 4, False), (8, 1024, False, 4, False), (2, 2048, False, 4, False),
-                     (4, 4096, False, 4, False), (4, 2048, True, 4, False)]
-# (block_n, block_k, num_warps, prefetch) of the one-row fp8 GEMV; the engine runs (4, 2048, 4, False) up
-# to N = 4096, else (8, 2048, 4, False)
-FP8_GEMV_TILES = [(4, 2048, 4, False), (8, 2048, 4, False), (4, 2048, 8, True), (2, 2048, 4, True),
-                  (4, 1024, 4, True), (2, 4096, 4, False), (4, 4096, 8, False)]
-# (block_n, block_k, prefetch) of the one-row bf16 GEMV; the engine runs the first
-BF16_GEMV_TILES = [(4, 1024, False), (4, 1024, True)]
+# (block_n, block_k, split_x, num_warps) of the int4 GEMV; the engine runs the first (session 8 swept
+# twelve, 8 warps and a prefetch of the next tile included: BENCHMARKS.md)
+INT4_GEMV_CONFIGS = [(4, 2048, False, 4), (8, 1024, False, 4), (2, 2048, False, 4), (4, 2048, True, 4)]
+# (block_n, block_k, num_warps) of the one-row fp8 GEMV; the engine runs the first
+FP8_GEMV_TILES = [(4, 2048, 4), (8, 2048, 4), (2, 4096, 4), (4, 4096, 8)]
 INT4_ROWS = [2, 4, 8, 16, 64]
 MANY_ROWS = [256, 2048]
 
@@ -76,10 +70,6 @@ def gemv_table(roof: float, fp8_tiles: list) -> None:
         t_bf16 = _time(lambda w: kernels.linear(x, w), bf16)
         print(f"{name} {n}x{k}: bf16 {t_bf16:.1f} µs ({2 * n * k / t_bf16 / 1e3:.0f} GB/s, "
               f"{100 * 2 * n * k / t_bf16 / 1e3 / roof:.0f}%)")
-        for tile in BF16_GEMV_TILES:
-            t = _time(lambda w, tile=tile: linear_gemv(x, w, None, *tile), bf16)
-            print(f"  bf16 gemv {tile}: {t:.1f} µs ({2 * n * k / t / 1e3:.0f} GB/s, "
-                  f"{100 * 2 * n * k / t / 1e3 / roof:.0f}%)")
         int4 = _copies(_int4, n, k, n * k // 2)
         best4 = (math.inf, None)
         for cfg in INT4_GEMV_CONFIGS:

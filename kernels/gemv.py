@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import next_pow2, num_sms, pdl, pdl_enter, tl, triton
+from kernels._triton import next_pow2, pdl, pdl_enter, tl, triton
 
 MAX_ROWS = 8  # the kernel's limit: its row loop is unrolled
 # What the dispatch (kernels.linear) sends here. On an H100 (bf16, 8B shapes, 2026-11-25) the GEMV
@@ -30,25 +30,8 @@ GEMV_MAX_ROWS = 1
 BLOCK_N = 4
 BLOCK_K_BYTES = 2048
 NUM_WARPS = 4
-# Software pipelining by hand: the next K tile's load is issued before this tile is multiplied,
-# so a program keeps two tiles in flight (Triton's pipeliner stages only loads that feed dots).
-# It pays where every program is resident at once and walks its K row alone, with nothing queued
-# behind it to cover its load latency. On an H200 (2026-12-01, kernels/bench_quant.py --gemv, bf16,
-# µs a call, without / with): o (1,024 programs) 12.4 / 10.5, down (1,024, K = 14,336) 38.8 /
-# 30.9, qkv (1,536: a second wave) 13.5 / 15.7, gate_up (7,168) 56.8 / 56.6. So: prefetch while
-# the grid is at most PREFETCH_MAX_PER_SM programs an SM.
-PREFETCH_MAX_PER_SM = 8
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@triton.jit
-def _weight_tile(w_rows, col_ok, k0, K, BLOCK_K: tl.constexpr):
-    """The [BLOCK_N, BLOCK_K] weight tile at column k0, zero past K. Each weight byte is read
-    once: evicted first, keeping x (read by every program) in L2."""
-    k = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(w_rows + k[None, :], mask=col_ok[:, None] & (k < K)[None, :], other=0.0,
-                   eviction_policy="evict_first")
 
 
 @triton.jit
@@ -57,7 +40,7 @@ def _gemv_kernel(
     N, K,
     stride_xm, stride_wn,
     ROWS: tl.constexpr, ROWS_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -67,17 +50,12 @@ def _gemv_kernel(
     # acc[n, m] (output column, x row): laid out like the weight tile's row sums, so adding a
     # row's partial sums needs no layout change; transposed back at the store.
     acc = tl.zeros((BLOCK_N, ROWS_P2), dtype=tl.float32)
-    if PREFETCH:
-        w_next = _weight_tile(w_rows, col_ok, 0, K, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        if PREFETCH:  # the next tile's load is in flight while this one is multiplied
-            w = w_next
-            w_next = _weight_tile(w_rows, col_ok, k0 + BLOCK_K, K, BLOCK_K)
-        else:
-            w = _weight_tile(w_rows, col_ok, k0, K, BLOCK_K)
-        w = w.to(tl.float32)
+        # Each weight byte is read once: evict it first, keeping x (read by every program) in L2.
+        w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)
         for m in tl.static_range(ROWS):
             x = tl.load(x_ptr + m * stride_xm + k, mask=k_ok, other=0.0).to(tl.float32)
             part = tl.sum(w * x[None, :], axis=1)
@@ -99,11 +77,9 @@ def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                block_n: int = BLOCK_N, block_k: int | None = None, prefetch: bool | None = None) -> torch.Tensor:
+                block_n: int = BLOCK_N, block_k: int | None = None) -> torch.Tensor:
     """Triton: x [M, K] (M <= MAX_ROWS) times weight [N, K] transposed, plus bias [N]
-    -> [M, N] in x.dtype, accumulated in float32. `block_n`/`block_k`/`prefetch` (tests, bench)
-    override the tile and whether the next weight tile loads while this one is multiplied
-    (None: where the grid fits PREFETCH_MAX_PER_SM programs an SM)."""
+    -> [M, N] in x.dtype, accumulated in float32. `block_n`/`block_k` (tests) override the tile."""
     m, k = x.shape
     n = weight.shape[0]
     assert 0 < m <= MAX_ROWS, f"linear_gemv takes 1..{MAX_ROWS} rows, got {m}"
@@ -112,15 +88,11 @@ def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x = x if x.stride(1) == 1 else x.contiguous()
     if block_k is None:  # no wider than K: a tile past K would only load masked lanes
         block_k = min(BLOCK_K_BYTES // weight.element_size(), next_pow2(k))
-    programs = triton.cdiv(n, block_n)
-    if prefetch is None:
-        prefetch = programs <= PREFETCH_MAX_PER_SM * num_sms(x.device, off_gpu=4)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     b = bias.contiguous() if bias is not None else y  # placeholder pointer (never read)
-    _gemv_kernel[(programs,)](
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, b, y, n, k, x.stride(0), weight.stride(0),
-        ROWS=m, ROWS_P2=next_pow2(m), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch,
-        num_warps=NUM_WARPS,
+        ROWS=m, ROWS_P2=next_pow2(m), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS,
         **pdl(x.device)
     )
     return y

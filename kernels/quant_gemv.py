@@ -42,15 +42,14 @@ DISPATCH_MAX_ROWS = 1
 # int4: 4 weight rows x 1 KiB of codes (2,048 columns, 16 groups of 128) a program and K step. On an
 # H200 (2026-12-01, kernels/bench_quant.py --gemv, bf16, µs a call for qkv / o / gate_up / down) it
 # ran 10.5 / 7.9 / 39.6 / 23.9 against 13.7 / 8.4 / 40.0 / 25.1 for 8 x 512 bytes; every one of twelve
-# tiles, split_x and prefetch included, stayed at 18-36% of the copy rate: the unpack, not the
-# loads, bounds it. int8/fp8 (the layers pass their own tile, int8.gemv_tile): 4 rows x 1 KiB.
+# tiles, split_x and eight warps included, stayed at 18-36% of the copy rate: the unpack, not the
+# loads, bounds it.
 INT4_BLOCK_N, INT4_BLOCK_K = 4, 2048
-ROWSCALED_BLOCK_N, ROWSCALED_BLOCK_K = 4, 1024
+# int8/fp8: 4 weight rows x 2 KiB. fp8 on an H200 (the same call, 4x2048 / 8x2048): qkv (N = 6144)
+# 8.7 / 10.8, o 6.2 / 6.4, gate_up (N = 28672) 30.0 / 30.0, down (K = 14336) 17.0 / 17.1 µs; with the
+# codes loaded as fp8 rather than bytes, the session before, 8x2048 had won above N = 4096.
+ROWSCALED_BLOCK_N, ROWSCALED_BLOCK_K = 4, 2048
 NUM_WARPS = 4
-# The next K tile's codes load while this tile is unpacked and multiplied (kernels/gemv.py). Off:
-# on an H200 it lost for int4 (bound by the unpack) and for fp8 (4 x 2048 bytes: qkv / o / gate_up
-# / down 13.0 / 9.5 / 50.1 / 24.5 µs against 9.3 / 7.1 / 32.0 / 18.8; twice the registers).
-PREFETCH = False
 
 MAGIC = tl.constexpr(0x4B000000)  # the float32 bit pattern of 2^23
 MAGIC_F = tl.constexpr(8388608.0)  # 2^23
@@ -66,24 +65,11 @@ def _as_float(u, offset: tl.constexpr):
 
 
 @triton.jit
-def _int4_tile(code_rows, scale_rows, col_ok, k0, K, GROUP: tl.constexpr, SUB: tl.constexpr, SPAN: tl.constexpr):
-    """The code bytes [BLOCK_N, SUB, SPAN / 2] (int32) and scales [BLOCK_N, SUB] of the K tile at
-    column k0; past K, bytes 0 and scales 0."""
-    first = k0 + tl.arange(0, SUB) * SPAN  # first column of each span; K is a multiple of SPAN
-    span_ok = first < K
-    byte = tl.load(code_rows + (first // 2)[None, :, None] + tl.arange(0, SPAN // 2)[None, None, :],
-                   mask=col_ok[:, None, None] & span_ok[None, :, None], other=0).to(tl.int32)
-    s = tl.load(scale_rows + (first // GROUP)[None, :], mask=col_ok[:, None] & span_ok[None, :], other=0.0)
-    return byte, s
-
-
-@triton.jit
 def _int4_gemv_kernel(
     x_ptr, codes_ptr, scale_ptr, y_ptr,
     N, K, stride_xm, stride_cn, stride_sn,
     GROUP: tl.constexpr, ROWS: tl.constexpr, ROWS_P2: tl.constexpr,
-    BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPAN: tl.constexpr, SPLIT_X: tl.constexpr,
-    PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPAN: tl.constexpr, SPLIT_X: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -91,20 +77,15 @@ def _int4_gemv_kernel(
     code_rows = codes_ptr + cols.to(tl.int64)[:, None, None] * stride_cn
     scale_rows = scale_ptr + cols.to(tl.int64)[:, None] * stride_sn
     span_cols = tl.arange(0, SPAN)
+    span_bytes = tl.arange(0, SPAN // 2)
     rows = tl.arange(0, ROWS_P2)  # Triton shapes are powers of two; rows >= ROWS are never stored
     # acc[n, m] (output column, x row): laid out like a tile's row sums, transposed at the store
     acc = tl.zeros((BLOCK_N, ROWS_P2), dtype=tl.float32)
-    if PREFETCH:
-        byte_next, s_next = _int4_tile(code_rows, scale_rows, col_ok, 0, K, GROUP, SUB, SPAN)
     for k0 in range(0, K, SUB * SPAN):
-        first = k0 + tl.arange(0, SUB) * SPAN
+        first = k0 + tl.arange(0, SUB) * SPAN  # first column of each span; K is a multiple of SPAN
         span_ok = first < K
-        if PREFETCH:  # the next tile's load is in flight while this one is unpacked and multiplied
-            byte, s = byte_next, s_next
-            byte_next, s_next = _int4_tile(code_rows, scale_rows, col_ok, k0 + SUB * SPAN, K, GROUP, SUB, SPAN)
-        else:
-            byte, s = _int4_tile(code_rows, scale_rows, col_ok, k0, K, GROUP, SUB, SPAN)
-        s = s.to(tl.float32)
+        byte = tl.load(code_rows + (first // 2)[None, :, None] + span_bytes[None, None, :],
+                       mask=col_ok[:, None, None] & span_ok[None, :, None], other=0).to(tl.int32)
         if SPLIT_X:
             # the nibbles stay where they are (low = column 2j, high = 2j + 1); x's tile is split
             # into its even and odd columns instead, BLOCK_N times fewer values to rearrange
@@ -115,6 +96,8 @@ def _int4_gemv_kernel(
             # than as two stride-2 halves
             q = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, SUB, SPAN))
             w = _as_float(q, 8.0)  # code - 8, exact; masked bytes give -8, met by x = 0
+        s = tl.load(scale_rows + (first // GROUP)[None, :], mask=col_ok[:, None] & span_ok[None, :],
+                    other=0.0).to(tl.float32)
         for m in tl.static_range(ROWS):
             x = tl.load(x_ptr + m * stride_xm + first[:, None] + span_cols[None, :],
                         mask=span_ok[:, None], other=0.0).to(tl.float32)
@@ -130,19 +113,11 @@ def _int4_gemv_kernel(
 
 
 @triton.jit
-def _rowscaled_tile(code_rows, col_ok, k0, K, BLOCK_K: tl.constexpr):
-    """The [BLOCK_N, BLOCK_K] code bytes (uint8) at column k0; 0 past K, which is +0.0 in fp8
-    and, XOR-ed with 0x80 below, int8 -128 (met by x = 0 there)."""
-    k = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(code_rows + k[None, :], mask=col_ok[:, None] & (k < K)[None, :], other=0)
-
-
-@triton.jit
 def _rowscaled_gemv_kernel(
     x_ptr, codes_ptr, scale_ptr, y_ptr,
     N, K, stride_xm, stride_cn,
     IS_FP8: tl.constexpr, ROWS: tl.constexpr, ROWS_P2: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -150,18 +125,14 @@ def _rowscaled_gemv_kernel(
     code_rows = codes_ptr + cols.to(tl.int64)[:, None] * stride_cn
     rows = tl.arange(0, ROWS_P2)
     acc = tl.zeros((BLOCK_N, ROWS_P2), dtype=tl.float32)
-    if PREFETCH:
-        c_next = _rowscaled_tile(code_rows, col_ok, 0, K, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        if PREFETCH:  # the next tile's load is in flight while this one is converted and multiplied
-            c = c_next
-            c_next = _rowscaled_tile(code_rows, col_ok, k0 + BLOCK_K, K, BLOCK_K)
-        else:
-            c = _rowscaled_tile(code_rows, col_ok, k0, K, BLOCK_K)
-        # the codes arrive as bytes, converted only here: loaded as fp8, a prefetched tile was
-        # converted to float32 ahead of use (twice the registers)
+        # The codes load as bytes (uint8), 0 past K: +0.0 in fp8, and int8 -128 after the XOR
+        # below, met by x = 0 there. Converted here, not at the load: loaded as fp8, [4, 2048]
+        # tiles ran 6-13% slower on an H200 (qkv / o / gate_up / down 9.3 / 7.1 / 32.0 / 18.8 µs
+        # against 8.7 / 6.2 / 30.0 / 17.0; BENCHMARKS.md, session 8).
+        c = tl.load(code_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0)
         if IS_FP8:
             w = c.to(tl.float8e4nv, bitcast=True).to(tl.float32)
         else:  # int8: byte ^ 0x80 is code + 128, in [0, 255]
@@ -182,7 +153,7 @@ def _check_rows(x: torch.Tensor) -> torch.Tensor:
 
 def int4_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
               block_n: int = INT4_BLOCK_N, block_k: int = INT4_BLOCK_K, split_x: bool = False,
-              num_warps: int = NUM_WARPS, prefetch: bool = PREFETCH) -> torch.Tensor:
+              num_warps: int = NUM_WARPS) -> torch.Tensor:
     """Triton: x [M, K] (M <= GEMV_MAX_ROWS) times the int4 weight [N, K] transposed -> [M, N] in
     x.dtype. The group size G = K / scale.shape[1] must be even (the dispatch asks for a multiple
     of 16). `block_n` / `block_k` (tests, bench) override the tile; block_k is a power of two.
@@ -203,14 +174,14 @@ def int4_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, codes, scale, y, n, k, x.stride(0), codes.stride(0), scale.stride(0),
         GROUP=group, ROWS=m, ROWS_P2=next_pow2(m), BLOCK_N=block_n, SUB=block_k // span, SPAN=span,
-        SPLIT_X=split_x, PREFETCH=prefetch, num_warps=num_warps, **pdl(x.device)
+        SPLIT_X=split_x, num_warps=num_warps, **pdl(x.device)
     )
     return y
 
 
 def rowscaled_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                    block_n: int = ROWSCALED_BLOCK_N, block_k: int = ROWSCALED_BLOCK_K,
-                   num_warps: int = NUM_WARPS, prefetch: bool = PREFETCH) -> torch.Tensor:
+                   num_warps: int = NUM_WARPS) -> torch.Tensor:
     """Triton: x [M, K] (M <= GEMV_MAX_ROWS) times codes [N, K] (int8 or float8_e4m3fn)
     transposed, times the float32 row scale [N] -> [M, N] in x.dtype. `block_n`, `block_k`,
     `num_warps` (bench, the layers' per-shape tile) override the defaults."""
@@ -227,6 +198,6 @@ def rowscaled_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     _rowscaled_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, codes.view(torch.uint8), scale, y, n, k, x.stride(0), codes.stride(0),
         IS_FP8=is_fp8, ROWS=m, ROWS_P2=next_pow2(m), BLOCK_N=block_n, BLOCK_K=min(block_k, next_pow2(k)),
-        PREFETCH=prefetch, num_warps=num_warps, **pdl(x.device)
+        num_warps=num_warps, **pdl(x.device)
     )
     return y

@@ -71,20 +71,6 @@ def test_int4_split_x_matches_references(rows, group, device):
     _check(int4_gemv(x, codes.to(device), scale.to(device), block_n=64, block_k=256, split_x=True), x, codes, scale)
 
 
-@pytest.mark.parametrize("method,rows,group", [("int4", 1, 128), ("int4", 2, 48), ("fp8", 1, 0), ("int8", 3, 0)])
-def test_prefetch_matches_references(method, rows, group, device):
-    # the next K tile loads while this one is multiplied: K = 384 in tiles of 128 (int4) or 64
-    # (int8 / fp8, the last tile half past K), so the prefetch runs past the end twice over
-    gen = torch.Generator().manual_seed(200 + rows)
-    dtype = (torch.float32, torch.float16)[rows % 2]
-    k = 384 if method == "int4" else 160
-    codes, scale = _weights(method, N, k, group, dtype, gen)
-    x = _x(rows, k, dtype, device, gen)
-    fn = int4_gemv if method == "int4" else rowscaled_gemv
-    _check(fn(x, codes.to(device), scale.to(device), block_n=64, block_k=128 if method == "int4" else 64,
-              prefetch=True), x, codes, scale)
-
-
 @pytest.mark.parametrize("rows", range(1, GEMV_MAX_ROWS + 1))
 def test_rowscaled_matches_references(rows, device):
     gen = torch.Generator().manual_seed(rows)
@@ -138,8 +124,7 @@ def test_no_rows(device):
 def test_gpu_bf16_llama_shape(method):
     gen = torch.Generator().manual_seed(0)
     codes, scale = _weights(method, 1024, 4096, 128, torch.bfloat16, gen)
-    fns = ([int4_gemv, lambda *a: int4_gemv(*a, split_x=True), lambda *a: int4_gemv(*a, prefetch=True)]
-           if method == "int4" else [rowscaled_gemv, lambda *a: rowscaled_gemv(*a, prefetch=True)])
+    fns = [int4_gemv, lambda *a: int4_gemv(*a, split_x=True)] if method == "int4" else [rowscaled_gemv]
     for fn, rows in ((fn, rows) for fn in fns for rows in (1, 3, GEMV_MAX_ROWS)):
         x = torch.randn(rows, 4096, generator=gen).to(torch.bfloat16).cuda()
         got = fn(x, codes.cuda(), scale.cuda())

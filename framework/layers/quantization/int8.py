@@ -39,26 +39,15 @@ def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return (codes.float() * scale.float()[:, None]).to(dtype)
 
 
-def gemv_tile(n: int) -> Tuple[int, int]:
-    """(block_n, block_k) of the one-row int8 / fp8 GEMV for N output rows (int8 reads the same
-    bytes; its tiles were not timed separately). fp8 on an H200, 2026-12-01 (kernels/bench_quant.py,
-    graph replay, µs a call; 2x2048 / 4x2048 / 8x2048 / 8x1024): qkv (N = 6144)
-    9.7 / 9.8 / 9.2 / 9.8, o 7.2 / 7.2 / 7.5 / 8.1, gate_up (N = 28672) 35.7 / 34.6 / 32.9 / 34.3,
-    down (N = 4096, K = 14336) 19.1 / 18.2 / 19.0 / 21.6: 67.6 µs a layer against 70.3 for the
-    tiles before (2x2048 up to N = 8192, else 8x1024)."""
-    return (4, 2048) if n <= 4096 else (8, 2048)
-
-
 def scaled_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-                  bias: Optional[torch.Tensor], gemv_tile: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+                  bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x @ (scale * codes).T + bias, with the per-row scale applied to the output. On GPU, decode
-    rows take the GEMV (kernels/quant_gemv.py; `gemv_tile` = (block_n, block_k) overrides its
-    default tile) and somewhat more the fused matmul (kernels/quant_matmul.py); both read one
+    rows take the GEMV (kernels/quant_gemv.py) and somewhat more the fused matmul (kernels/quant_matmul.py); both read one
     byte per weight."""
     x2 = x.reshape(-1, x.shape[-1])
     triton = kernels.use_triton(x)
     if triton and x2.shape[0] <= qg.DISPATCH_MAX_ROWS:
-        y = qg.rowscaled_gemv(x2, codes, scale, *(gemv_tile or ())).view(*x.shape[:-1], codes.shape[0])
+        y = qg.rowscaled_gemv(x2, codes, scale).view(*x.shape[:-1], codes.shape[0])
     elif triton and x2.shape[0] <= qmm.SMALL_M and qmm.supported(codes, scale):
         y = qmm.quant_matmul(x2, codes, scale).view(*x.shape[:-1], codes.shape[0])
     else:
@@ -95,7 +84,7 @@ class RowScaledMethod(LoadTimeQuant):
         if self.quantize_activations and self.uses_w8a8(x2, layer.weight):
             y = getattr(kernels, f"{self.w8a8}_linear")(x2, layer.weight, layer.weight_scale, bias)
             return y.view(*x.shape[:-1], y.shape[-1])
-        return scaled_linear(x, layer.weight, layer.weight_scale, bias, gemv_tile(layer.weight.shape[0]))
+        return scaled_linear(x, layer.weight, layer.weight_scale, bias)
 
     def uses_w8a8(self, x2: torch.Tensor, codes: torch.Tensor) -> bool:
         """Whether a call over the rows x2 [M, K] runs W8A8 (more than weight_only_max_rows rows, a
