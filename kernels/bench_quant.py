@@ -27,9 +27,8 @@ from kernels.quant_gemv import int4_gemv, rowscaled_gemv
 from kernels.quant_matmul import quant_matmul
 
 DTYPE = torch.bfloat16
-# (block_n, block_k, split_x, num_warps) of the int4 GEMV; the engine runs the first (session 8 swept
-# twelve, 8 warps and a prefetch of the next tile included: BENCHMARKS.md)
-INT4_GEMV_CONFIGS = [(4, 2048, False, 4), (8, 1024, False, 4), (2, 2048, False, 4), (4, 2048, True, 4)]
+# (block_n, block_k, num_warps) of the int4 GEMV; the engine runs the first
+INT4_GEMV_CONFIGS = [(16, 2048, 4), (8, 4096, 4), (8, 2048, 4), (32, 1024, 4), (32, 2048, 8), (16, 4096, 8)]
 # (block_n, block_k, num_warps) of the one-row fp8 GEMV; the engine runs the first
 FP8_GEMV_TILES = [(4, 2048, 4), (8, 2048, 4), (2, 4096, 4), (4, 4096, 8)]
 INT4_ROWS = [2, 4, 8, 16, 64]

@@ -14,10 +14,13 @@ quant_matmul on an H100. Products are elementwise
 multiply + `tl.sum` in float32, not `tl.dot` (nothing for tensor cores to do with 1-8 rows, and
 Triton's CPU interpreter computes bf16 `tl.dot` wrongly).
 
-int4 groups: a K tile is [SUB, SPAN] columns, where SPAN is the largest power of two dividing
-the group size G (capped at the tile), so a span never straddles a group and needs one scale.
-The span's codes times x are summed first, then multiplied by that scale: one multiply per span,
-not per weight. With G = 128 and the default tile, a tile holds 8 whole groups.
+int4 (`_int4_gemv_kernel`): the codes are read as int32 words, 8 columns each, and every nibble
+becomes 1 + q/16 in float32 by a shift and one LOP3 into the mantissa of 1.0; the dot product
+follows from sum (q - 8) x = 16 sum f x - 24 sum x. The decode GEMV is bound by instructions, not
+bytes: an H200 SM issues 128 thread-instructions a clock while the copy rate brings it about 35
+codes, so at most 3.6 instructions a code keep up. Here 4.4 (sm_90 SASS); splitting bytes into
+nibbles and converting them took 8. A K step covers spans of the largest power of two dividing G / 8 words, so a span
+never straddles a group and needs one scale, applied to the span's sum.
 
 int8 / fp8: the row scale multiplies the finished dot product, once per output.
 
@@ -39,13 +42,13 @@ GEMV_MAX_ROWS = 8  # the kernels' limit: their row loop is unrolled
 # lost 3-7x at eight (int4 gate_up 207 µs vs 47), where every row repeats the unpacking.
 DISPATCH_MAX_ROWS = 1
 
-# int4: 4 weight rows x 1 KiB of codes (2,048 columns, 16 groups of 128) a program and K step. On an
-# H200 (2026-12-01, kernels/bench_quant.py --gemv, bf16, µs a call for qkv / o / gate_up / down) it
-# ran 10.5 / 7.9 / 39.6 / 23.9 against 13.7 / 8.4 / 40.0 / 25.1 for 8 x 512 bytes; every one of twelve
-# tiles, split_x and eight warps included, stayed at 18-36% of the copy rate: the unpack, not the
-# loads, bounds it.
-INT4_BLOCK_N, INT4_BLOCK_K = 4, 2048
-# int8/fp8: 4 weight rows x 2 KiB. fp8 on an H200 (the same call, 4x2048 / 8x2048): qkv (N = 6144)
+# int4: 16 weight rows x 2,048 columns (1 KiB of codes a row, 16 groups of 128) a program and K
+# step. On an H200 (2026-12-01, .wt_lead A/B in one call, bf16 x, µs a call for qkv / o / gate_up /
+# down) 9.9 / 7.2 / 28.3 / 19.7, 65.2 a layer, against 82.2 for the byte-unpacking kernel this
+# replaced (10.5 / 7.9 / 39.8 / 24.0 at its best tile, 4 x 2048); the best of six word tiles per
+# shape would give 62.4 (BENCHMARKS.md, session 8). Bound by instructions, not bytes: 4.4 a code.
+INT4_BLOCK_N, INT4_BLOCK_K = 16, 2048
+# int8/fp8: 4 weight rows x 2 KiB. fp8 on an H200 (kernels/bench_quant.py --gemv, 4x2048 / 8x2048): qkv (N = 6144)
 # 8.7 / 10.8, o 6.2 / 6.4, gate_up (N = 28672) 30.0 / 30.0, down (K = 14336) 17.0 / 17.1 µs; with the
 # codes loaded as fp8 rather than bytes, the session before, 8x2048 had won above N = 4096.
 ROWSCALED_BLOCK_N, ROWSCALED_BLOCK_K = 4, 2048
@@ -65,48 +68,57 @@ def _as_float(u, offset: tl.constexpr):
 
 
 @triton.jit
+def _nibble(words, T: tl.constexpr, MASK, ONE):
+    """1 + q/16 in float32, exactly, for q the T-th nibble (bits 4T..4T+3) of each int32 word: the
+    nibble shifted to mantissa bits 19-22 of 1.0. MASK (0x00780000) and ONE (0x3F800000) arrive
+    as kernel arguments, not literals: in registers, the AND and OR are one LOP3 (with two
+    immediates ptxas emits two)."""
+    if 4 * T <= 19:
+        moved = words << (19 - 4 * T)
+    else:
+        moved = words >> (4 * T - 19)
+    return ((moved & MASK) | ONE).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _int4_gemv_kernel(
-    x_ptr, codes_ptr, scale_ptr, y_ptr,
-    N, K, stride_xm, stride_cn, stride_sn,
+    x_ptr, words_ptr, scale_ptr, y_ptr,
+    N, K, stride_xm, stride_wn, stride_sn, MASK, ONE,
     GROUP: tl.constexpr, ROWS: tl.constexpr, ROWS_P2: tl.constexpr,
-    BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPAN: tl.constexpr, SPLIT_X: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, SUBS: tl.constexpr, SPAN_W: tl.constexpr, PDL: tl.constexpr,
 ):
+    # A K step is [BLOCK_N, SUBS * SPAN_W] int32 words (8 columns each) of the codes viewed as
+    # int32 [N, K/8], nibble t of word j holding column 8j + t. Each nibble becomes f = 1 + q/16
+    # (a shift and one LOP3), so sum (q - 8) x = 16 sum f x - 24 sum x: per code a shift, a LOP3
+    # and an FMA, where unpacking bytes cost eight instructions a code (SASS of the sm_90 build).
     pdl_enter(PDL)
+    W: tl.constexpr = SUBS * SPAN_W
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    code_rows = codes_ptr + cols.to(tl.int64)[:, None, None] * stride_cn
+    j = tl.arange(0, W)
+    word_ptrs = words_ptr + cols.to(tl.int64)[:, None] * stride_wn + j[None, :]
+    span = tl.arange(0, SUBS)
     scale_rows = scale_ptr + cols.to(tl.int64)[:, None] * stride_sn
-    span_cols = tl.arange(0, SPAN)
-    span_bytes = tl.arange(0, SPAN // 2)
     rows = tl.arange(0, ROWS_P2)  # Triton shapes are powers of two; rows >= ROWS are never stored
     # acc[n, m] (output column, x row): laid out like a tile's row sums, transposed at the store
     acc = tl.zeros((BLOCK_N, ROWS_P2), dtype=tl.float32)
-    for k0 in range(0, K, SUB * SPAN):
-        first = k0 + tl.arange(0, SUB) * SPAN  # first column of each span; K is a multiple of SPAN
-        span_ok = first < K
-        byte = tl.load(code_rows + (first // 2)[None, :, None] + span_bytes[None, None, :],
-                       mask=col_ok[:, None, None] & span_ok[None, :, None], other=0).to(tl.int32)
-        if SPLIT_X:
-            # the nibbles stay where they are (low = column 2j, high = 2j + 1); x's tile is split
-            # into its even and odd columns instead, BLOCK_N times fewer values to rearrange
-            w_lo = _as_float(byte & 0xF, 8.0)  # code - 8, exact; masked bytes give -8, met by x = 0
-            w_hi = _as_float(byte >> 4, 8.0)
-        else:
-            # nibbles back in column order, so x is read contiguously with vector loads rather
-            # than as two stride-2 halves
-            q = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, SUB, SPAN))
-            w = _as_float(q, 8.0)  # code - 8, exact; masked bytes give -8, met by x = 0
-        s = tl.load(scale_rows + (first // GROUP)[None, :], mask=col_ok[:, None] & span_ok[None, :],
+    for k0 in range(0, K, W * 8):
+        word_ok = k0 + j * 8 < K  # K is a multiple of a span (SPAN_W words)
+        words = tl.load(word_ptrs + k0 // 8, mask=col_ok[:, None] & word_ok[None, :], other=0)
+        # spans of SPAN_W words, the largest power of two dividing G / 8: one scale a span
+        first = k0 + span * (SPAN_W * 8)
+        s = tl.load(scale_rows + (first // GROUP)[None, :], mask=col_ok[:, None] & (first < K)[None, :],
                     other=0.0).to(tl.float32)
         for m in tl.static_range(ROWS):
-            x = tl.load(x_ptr + m * stride_xm + first[:, None] + span_cols[None, :],
-                        mask=span_ok[:, None], other=0.0).to(tl.float32)
-            if SPLIT_X:
-                x_even, x_odd = tl.split(tl.reshape(x, (SUB, SPAN // 2, 2)))
-                span_sums = tl.sum(w_lo * x_even[None, :, :] + w_hi * x_odd[None, :, :], axis=2)
-            else:
-                span_sums = tl.sum(w * x[None, :, :], axis=2)
-            part = tl.sum(span_sums * s, axis=1)
+            fx = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+            xsum = tl.zeros((W,), dtype=tl.float32)
+            for t in tl.static_range(8):
+                x = tl.load(x_ptr + m * stride_xm + k0 + j * 8 + t, mask=word_ok, other=0.0).to(tl.float32)
+                fx += _nibble(words, t, MASK, ONE) * x[None, :]
+                xsum += x
+            fx_span = tl.sum(tl.reshape(fx, (BLOCK_N, SUBS, SPAN_W)), axis=2)
+            x_span = tl.sum(tl.reshape(xsum, (SUBS, SPAN_W)), axis=1)
+            part = tl.sum((16.0 * fx_span - 24.0 * x_span[None, :]) * s, axis=1)
             acc += tl.where(rows[None, :] == m, part[:, None], 0.0)
     out = y_ptr + rows[None, :] * N + cols[:, None]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=col_ok[:, None] & (rows < ROWS)[None, :])
@@ -152,29 +164,27 @@ def _check_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def int4_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-              block_n: int = INT4_BLOCK_N, block_k: int = INT4_BLOCK_K, split_x: bool = False,
-              num_warps: int = NUM_WARPS) -> torch.Tensor:
+              block_n: int = INT4_BLOCK_N, block_k: int = INT4_BLOCK_K, num_warps: int = NUM_WARPS) -> torch.Tensor:
     """Triton: x [M, K] (M <= GEMV_MAX_ROWS) times the int4 weight [N, K] transposed -> [M, N] in
-    x.dtype. The group size G = K / scale.shape[1] must be even (the dispatch asks for a multiple
-    of 16). `block_n` / `block_k` (tests, bench) override the tile; block_k is a power of two.
-    `split_x` (bench: kernels.bench_quant --gemv; not timed on a GPU yet) splits x's tile into even
-    and odd columns instead of interleaving each weight tile's nibbles."""
+    x.dtype. K and the group size G = K / scale.shape[1] must be multiples of 8 (the dispatch asks
+    for a multiple of 16). `block_n` / `block_k` (columns a step, a power of two >= 8) and
+    `num_warps` (tests, bench) override the tile."""
     x = _check_rows(x)
     m, k = x.shape
     n = codes.shape[0]
     assert codes.dtype == torch.uint8 and codes.shape[1] * 2 == k, "codes must be uint8 [N, K/2]"
     group = k // scale.shape[1]
-    assert scale.shape[0] == n and group * scale.shape[1] == k and group % 2 == 0, "bad group size"
-    codes, scale = codes.contiguous(), scale.contiguous()
+    assert scale.shape[0] == n and group * scale.shape[1] == k and group % 8 == 0, "bad group size"
+    words, scale = codes.contiguous().view(torch.int32), scale.contiguous()  # 8 codes a word
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    block_k = min(block_k, next_pow2(k))  # no wider than K: a tile past K only loads masked lanes
-    span = min(group & -group, block_k)  # the largest power of two dividing G: one scale a span
+    tile_words = min(block_k, next_pow2(k)) // 8  # no wider than K: a tile past K only loads masked lanes
+    span_words = min((group // 8) & -(group // 8), tile_words)  # the largest power of two dividing G / 8
     _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, codes, scale, y, n, k, x.stride(0), codes.stride(0), scale.stride(0),
-        GROUP=group, ROWS=m, ROWS_P2=next_pow2(m), BLOCK_N=block_n, SUB=block_k // span, SPAN=span,
-        SPLIT_X=split_x, num_warps=num_warps, **pdl(x.device)
+        x, words, scale, y, n, k, x.stride(0), words.stride(0), scale.stride(0), 0x00780000, 0x3F800000,
+        GROUP=group, ROWS=m, ROWS_P2=next_pow2(m), BLOCK_N=block_n, SUBS=tile_words // span_words,
+        SPAN_W=span_words, num_warps=num_warps, **pdl(x.device)
     )
     return y
 

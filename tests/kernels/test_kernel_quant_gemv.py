@@ -61,16 +61,6 @@ def test_int4_matches_references(rows, device):
     _check(int4_gemv(x, codes.to(device), scale.to(device), block_n=64, block_k=256), x, codes, scale)
 
 
-@pytest.mark.parametrize("rows,group", [(1, 128), (3, 16), (2, 48)])
-def test_int4_split_x_matches_references(rows, group, device):
-    # the variant that splits x into even and odd columns instead of interleaving the nibbles
-    gen = torch.Generator().manual_seed(100 + rows)
-    dtype = (torch.float32, torch.float16)[rows % 2]
-    codes, scale = _weights("int4", N, 384, group, dtype, gen)
-    x = _x(rows, 384, dtype, device, gen)
-    _check(int4_gemv(x, codes.to(device), scale.to(device), block_n=64, block_k=256, split_x=True), x, codes, scale)
-
-
 @pytest.mark.parametrize("rows", range(1, GEMV_MAX_ROWS + 1))
 def test_rowscaled_matches_references(rows, device):
     gen = torch.Generator().manual_seed(rows)
@@ -124,7 +114,7 @@ def test_no_rows(device):
 def test_gpu_bf16_llama_shape(method):
     gen = torch.Generator().manual_seed(0)
     codes, scale = _weights(method, 1024, 4096, 128, torch.bfloat16, gen)
-    fns = [int4_gemv, lambda *a: int4_gemv(*a, split_x=True)] if method == "int4" else [rowscaled_gemv]
+    fns = [int4_gemv] if method == "int4" else [rowscaled_gemv]
     for fn, rows in ((fn, rows) for fn in fns for rows in (1, 3, GEMV_MAX_ROWS)):
         x = torch.randn(rows, 4096, generator=gen).to(torch.bfloat16).cuda()
         got = fn(x, codes.cuda(), scale.cuda())
