@@ -12,21 +12,22 @@ stored scale is the one the codes were made for: every weight lands within half 
 group's grid and none is clipped.
 
 On GPU (group sizes that are multiples of 16), by rows (tokens) of a call:
-- up to TINYGEMM_MAX_ROWS, with bf16 activations on CUDA: PyTorch's tinygemm
-  (kernels/int4_tinygemm.py), on a second copy of the codes in its own layout
+- one row: the GEMV of kernels/quant_gemv.py;
+- 2 to TINYGEMM_MAX_ROWS, with bf16 activations on CUDA where the layer has the copy: PyTorch's
+  tinygemm (kernels/int4_tinygemm.py), on a second copy of the codes in its own layout
   (`weight_int4pack`, `weight_scale_zeros`), repacked as each block of rows is quantized;
-- one row otherwise: the GEMV of kernels/quant_gemv.py;
 - up to SMALL_M rows: kernels/quant_matmul.py (a tile of codes unpacked in registers, tensor cores);
 - more: kernels/w4a16_matmul.py (the same idea with tiles for many rows), where the group size
   is a multiple of 64, else a one-pass unpack before cuBLAS.
 All read each code byte once. The tinygemm copy costs another half byte a weight: it is kept
 for a model on CUDA where `quantization.int4_tinygemm` asks (QuantResolver.build), is in
 `storage` (so the planner counts it), and is derived (a sharded checkpoint leaves it out; `rebuild`
-remakes it). On an H200 (BENCHMARKS.md, 2026-12-01, issue 17, 8B shapes): at one row tinygemm
-takes 68.0 µs a layer's four linears against the GEMV's 86.0 and bf16's 111.9, and at 16 rows it
-is 2-3x slower than quant_matmul, hence the threshold; w4a16_matmul at 256 rows runs at 0.4-0.6x
-bf16 cuBLAS, 2.5-4x faster than the unpack + cuBLAS it replaces. Through the engine: batch-1
-decode 1.42x bf16, 256 requests 0.70x.
+remakes it). On an H200 (BENCHMARKS.md, 2026-12-01, issue 17, 8B shapes): at one row the GEMV
+takes 65.2 µs a layer's four linears (session 8's word kernel) against tinygemm's 68.0 and bf16's
+111.9 (batch-1 decode through the engine, one call: 352.5 tok/s, 1.48x bf16, against 346.7 with
+the copy); at 4 rows tinygemm beats quant_matmul by 8% (96.1 against 104.1 µs), at 16 rows it is
+2-3x slower, hence the threshold; w4a16_matmul at 256 rows runs at 0.4-0.6x bf16 cuBLAS, 2.5-4x
+faster than the unpack + cuBLAS it replaces (256 requests through the engine: 0.78x bf16).
 """
 from __future__ import annotations
 
@@ -42,9 +43,9 @@ from framework.layers.quantization.base import LoadTimeQuant, Spec
 from kernels import int4_tinygemm as tg, quant_gemv as qg, quant_matmul as qmm, w4a16_matmul as w4
 
 QMAX = 7
-# Rows (tokens) up to which a call with bf16 activations on CUDA runs tinygemm (H200, 2026-12-01,
+# Rows (tokens) up to which a call with bf16 activations on CUDA runs tinygemm, from 2 (H200, 2026-12-01,
 # kernels/bench_int4.py, µs a call, qkv / o / gate_up / down: 1 row 9.6 / 6.8 / 33.0 / 18.6 against
-# the GEMV's 11.9 / 8.9 / 39.9 / 25.3; 4 rows 15.2 / 8.9 / 46.8 / 25.1 against quant_matmul's
+# the byte GEMV's 11.9 / 8.9 / 39.9 / 25.3, since replaced by the word GEMV's 9.9 / 7.2 / 28.3 / 19.7; 4 rows 15.2 / 8.9 / 46.8 / 25.1 against quant_matmul's
 # 15.7 / 13.4 / 47.5 / 27.5; 16 rows 35.4 / 21.7 / 134.8 / 67.8 against 15.6 / 13.0 / 45.0 / 26.7).
 TINYGEMM_MAX_ROWS = 4
 
@@ -88,10 +89,10 @@ def int4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias:
         return F.linear(x, dequantize_int4(codes, scale, x.dtype), bias)
     x2 = x.reshape(-1, x.shape[-1])
     rows, group = x2.shape[0], x2.shape[1] // scale.shape[1]
-    if tinygemm is not None and rows <= TINYGEMM_MAX_ROWS and x.is_cuda and x.dtype == torch.bfloat16:
-        y = tg.int4pack_mm(x2, *tinygemm, group)
-    elif rows <= qg.DISPATCH_MAX_ROWS:
+    if rows <= qg.DISPATCH_MAX_ROWS:
         y = qg.int4_gemv(x2, codes, scale)
+    elif tinygemm is not None and rows <= TINYGEMM_MAX_ROWS and x.is_cuda and x.dtype == torch.bfloat16:
+        y = tg.int4pack_mm(x2, *tinygemm, group)
     elif rows <= qmm.SMALL_M:
         y = qmm.quant_matmul(x2, codes, scale)
     elif (tile := w4.tile_for(rows, group)) is not None:
