@@ -43,14 +43,14 @@ GEMV_MAX_ROWS = 8  # the kernels' limit: their row loop is unrolled
 DISPATCH_MAX_ROWS = 1
 
 # int4: 16 weight rows x 2,048 columns (1 KiB of codes a row, 16 groups of 128) a program and K
-# step. On an H200 (2026-12-01, .wt_lead A/B in one call, bf16 x, µs a call for qkv / o / gate_up /
-# down) 9.9 / 7.2 / 28.3 / 19.7, 65.2 a layer, against 82.2 for the byte-unpacking kernel this
-# replaced (10.5 / 7.9 / 39.8 / 24.0 at its best tile, 4 x 2048); the best of six word tiles per
-# shape would give 62.4 (BENCHMARKS.md, session 8). Bound by instructions, not bytes: 4.4 a code.
+# step. On an H200 (2026-12-01, BENCHMARKS.md session 8, one call, bf16 x, µs a call for qkv / o /
+# gate_up / down) 9.9 / 7.2 / 28.3 / 19.7, 65.2 a layer, against 82.2 for the byte-unpacking kernel
+# it replaced (10.5 / 7.9 / 39.8 / 24.0 at its best tile, 4 x 2048); the best of six tiles per shape
+# would give 62.4.
 INT4_BLOCK_N, INT4_BLOCK_K = 16, 2048
-# int8/fp8: 4 weight rows x 2 KiB. fp8 on an H200 (kernels/bench_quant.py --gemv, 4x2048 / 8x2048): qkv (N = 6144)
-# 8.7 / 10.8, o 6.2 / 6.4, gate_up (N = 28672) 30.0 / 30.0, down (K = 14336) 17.0 / 17.1 µs; with the
-# codes loaded as fp8 rather than bytes, the session before, 8x2048 had won above N = 4096.
+# int8/fp8: 4 weight rows x 2 KiB. fp8 on an H200 (kernels/bench_quant.py --gemv, 4x2048 / 8x2048):
+# qkv (N = 6144) 8.7 / 10.8, o 6.2 / 6.4, gate_up (N = 28672) 30.0 / 30.0, down (K = 14336) 17.0 /
+# 17.1 µs; through the engine 4x2048 was the best of seven tiles at batch 1 (370.2 tok/s).
 ROWSCALED_BLOCK_N, ROWSCALED_BLOCK_K = 4, 2048
 NUM_WARPS = 4
 
@@ -60,10 +60,10 @@ MAGIC_F = tl.constexpr(8388608.0)  # 2^23
 
 @triton.jit
 def _as_float(u, offset: tl.constexpr):
-    """u - offset in float32, exactly, for int32 u in [0, 2^23). OR-ing u into the mantissa of
-    2^23 and subtracting 2^23 replaces an int-to-float conversion with an OR and an add: Hopper
-    converts 16 a clock per SM (about 4 T/s on an H100), below the 6.7 T int4 weights/s that its
-    bandwidth delivers, and adds at 128. The offset (the code's zero point) rides on the add."""
+    """u - offset in float32, exactly, for int32 u in [0, 2^23) (int8 codes + 128). OR-ing u into
+    the mantissa of 2^23 and subtracting 2^23 replaces an int-to-float conversion with an OR and an
+    add: Hopper converts 16 a clock per SM and adds at 128. The offset (the zero point) rides on
+    the add."""
     return (u | MAGIC).to(tl.float32, bitcast=True) - (MAGIC_F + offset)
 
 
@@ -87,10 +87,8 @@ def _int4_gemv_kernel(
     GROUP: tl.constexpr, ROWS: tl.constexpr, ROWS_P2: tl.constexpr,
     BLOCK_N: tl.constexpr, SUBS: tl.constexpr, SPAN_W: tl.constexpr, PDL: tl.constexpr,
 ):
-    # A K step is [BLOCK_N, SUBS * SPAN_W] int32 words (8 columns each) of the codes viewed as
-    # int32 [N, K/8], nibble t of word j holding column 8j + t. Each nibble becomes f = 1 + q/16
-    # (a shift and one LOP3), so sum (q - 8) x = 16 sum f x - 24 sum x: per code a shift, a LOP3
-    # and an FMA, where unpacking bytes cost eight instructions a code (SASS of the sm_90 build).
+    # A K step is [BLOCK_N, SUBS * SPAN_W] words of the codes viewed as int32 [N, K/8] (nibble t of
+    # word j is column 8j + t): per code a shift, a LOP3 and an FMA (the module docstring).
     pdl_enter(PDL)
     W: tl.constexpr = SUBS * SPAN_W
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)

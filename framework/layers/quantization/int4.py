@@ -43,10 +43,11 @@ from framework.layers.quantization.base import LoadTimeQuant, Spec
 from kernels import int4_tinygemm as tg, quant_gemv as qg, quant_matmul as qmm, w4a16_matmul as w4
 
 QMAX = 7
-# Rows (tokens) up to which a call with bf16 activations on CUDA runs tinygemm, from 2 (H200, 2026-12-01,
-# kernels/bench_int4.py, µs a call, qkv / o / gate_up / down: 1 row 9.6 / 6.8 / 33.0 / 18.6 against
-# the byte GEMV's 11.9 / 8.9 / 39.9 / 25.3, since replaced by the word GEMV's 9.9 / 7.2 / 28.3 / 19.7; 4 rows 15.2 / 8.9 / 46.8 / 25.1 against quant_matmul's
-# 15.7 / 13.4 / 47.5 / 27.5; 16 rows 35.4 / 21.7 / 134.8 / 67.8 against 15.6 / 13.0 / 45.0 / 26.7).
+# Rows (tokens) from 2 up to which a call with bf16 activations on CUDA runs tinygemm where the layer
+# has its copy (H200, 2026-12-01, kernels/bench_int4.py, µs a call, qkv / o / gate_up / down: 4 rows
+# 15.2 / 8.9 / 46.8 / 25.1 against quant_matmul's 15.7 / 13.4 / 47.5 / 27.5; 16 rows 35.4 / 21.7 /
+# 134.8 / 67.8 against 15.6 / 13.0 / 45.0 / 26.7). At one row the GEMV wins: 9.9 / 7.2 / 28.3 / 19.7
+# (session 8) against tinygemm's 9.6 / 6.8 / 33.0 / 18.6.
 TINYGEMM_MAX_ROWS = 4
 
 

@@ -42,8 +42,8 @@ def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 def scaled_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                   bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x @ (scale * codes).T + bias, with the per-row scale applied to the output. On GPU, decode
-    rows take the GEMV (kernels/quant_gemv.py) and somewhat more the fused matmul (kernels/quant_matmul.py); both read one
-    byte per weight."""
+    rows take the GEMV (kernels/quant_gemv.py) and somewhat more the fused matmul
+    (kernels/quant_matmul.py); both read one byte per weight."""
     x2 = x.reshape(-1, x.shape[-1])
     triton = kernels.use_triton(x)
     if triton and x2.shape[0] <= qg.DISPATCH_MAX_ROWS:
