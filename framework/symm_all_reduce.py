@@ -8,8 +8,8 @@ and the ranks sum each other's copies directly:
   one-shot (up to 512 KB): one wait for all peers, then every rank sums all copies: 6-11 us;
   two-shot (larger): each rank sums a 1/N slice and the slices are gathered, so each byte
     crosses NVLink once: 17 us at 2 MB against NCCL's 39.
-(BENCHMARKS.md, "tensor parallelism on two H200s"; `python -m kernels.bench_all_reduce`.) Messages past the buffer (prefill chunks) go to NCCL,
-which is as fast there.
+(BENCHMARKS.md, "tensor parallelism on two H200s"; `python -m kernels.bench_all_reduce`.)
+Messages past the buffer (prefill chunks) go to NCCL, which is as fast there.
 
 PyTorch's symmetric memory (torch.distributed._symmetric_memory) owns the peer-mapped buffer
 and the kernels; they are captured and replayed inside CUDA graphs like any other kernel.

@@ -59,4 +59,3 @@ def argmax_rows(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.
         logits, part_val, part_idx, zeroed_tickets(logits.device, rows), out, vocab, logits.stride(0),
         CHUNKS=chunks, CHUNKS_P2=next_pow2(chunks), BLOCK=BLOCK, num_warps=4, **pdl(logits.device))
     return out
-

@@ -33,7 +33,6 @@ partial sums are added in a fixed order).
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
@@ -165,7 +164,6 @@ def _dequantize_int4_kernel(codes_ptr, scale_ptr, w_ptr, N, K, stride_cn, stride
              mask=(rows < N)[:, None] & (cols < K)[None, :])
 
 
-@functools.lru_cache(maxsize=None)
 def _bits(codes: torch.Tensor) -> int:
     return 4 if codes.dtype == torch.uint8 else 8
 

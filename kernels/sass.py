@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 from kernels._triton import HAS_TRITON, triton
 
@@ -78,18 +78,18 @@ def _largest_loop(sass: str) -> Counter:
 
 
 def build(fn: Any, signature: Dict[str, str], constexprs: Dict[str, Any], num_warps: int = 4,
-          num_stages: int = 3, unspecialized: Iterable[str] = ()) -> Build:
+          num_stages: int = 3, unspecialized: Tuple[str, ...] = ()) -> Build:
     """Compile `fn` (a @triton.jit kernel) for sm_90. `signature` maps every non-constexpr
-    argument to its Triton type ("*bf16", "i32", ...), in the kernel's order; `constexprs` the rest."""
+    argument to its Triton type ("*bf16", "i32", ...); `constexprs` gives the rest their values."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     if os.environ.get("TRITON_INTERPRET") == "1":  # kernels decorated for the interpreter do not compile
         raise RuntimeError("kernels.sass builds need a process without TRITON_INTERPRET=1")
-    names = list(signature) + list(constexprs)
-    aligned = [n for n in signature if n not in set(unspecialized)]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    full = {**signature, **{n: "constexpr" for n in constexprs}}
+    names = fn.arg_names  # the kernel's own order
+    assert set(names) == set(signature) | set(constexprs), f"arguments of {fn.__name__}: {names}"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in signature and n not in unspecialized}
+    full = {n: signature.get(n, "constexpr") for n in names}
     source = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", HOPPER, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})

@@ -27,7 +27,6 @@ The reference is kernels.quant_matmul.quant_matmul_ref.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -128,7 +127,6 @@ def _w4a16_kernel(
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
-@functools.lru_cache(maxsize=None)
 def split_for(tiles: int, k: int, block_k: int, sms: int) -> int:
     """Programs to split the K loop over (1, 2, 4 or 8; whole K steps each): the largest split
     whose programs still run in one wave (tiles * split <= SMs). A second wave costs as much as

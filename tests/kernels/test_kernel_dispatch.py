@@ -98,4 +98,3 @@ def test_programmatic_dependent_launch_keywords():
             assert _triton.pdl(torch.device("cuda", 0)) == {"PDL": False}
         finally:
             _triton.set_pdl(True)
-
