@@ -4,9 +4,11 @@ Format as in kernels/quant_matmul.py: codes uint8 [N, K/2] (column 2j in the low
 j, 2j + 1 in the high one, each q + 8), scale [N, K/G] in the activation dtype, W[n, k] =
 (code - 8) * scale[n, k // G] rounded to the activation dtype.
 
-Why not dequantize + cuBLAS: past a few dozen rows the matmul is bound by tensor-core work, and
-writing a bf16 copy of the weight then reading it back costs 2.5 bytes a weight on top (on an
-H200 that path ran at 0.17-0.6x bf16 cuBLAS per linear). Here a program owns a [BLOCK_N weight
+Why not dequantize + cuBLAS: writing a bf16 copy of the weight then reading it back costs 2.5 bytes
+a weight on top of the matmul, which at decode batches (65 to a few hundred rows) is a large share:
+on an H200 at 256 rows this kernel took 343 µs a layer, the unpack alone 264 and cuBLAS 209. From about 1,000
+rows the matmul's own time dwarfs the copy and cuBLAS's speed wins: there int4_linear unpacks
+(layers/quantization/int4.py, DEQUANT_ROWS). Here a program owns a [BLOCK_N weight
 rows, BLOCK_M x rows] output tile, walks K in BLOCK_K steps, loads the tile's code bytes once,
 turns each nibble into code - 8 in registers (an OR into a float's mantissa and a subtract, no
 int-to-float conversion), joins the two nibbles of a byte back into column order (thread-local:
@@ -49,19 +51,18 @@ class Tile:
 
 
 DEFAULT_TILE = Tile(128, 128, 64, True, 8, 3)
-# Chosen on an H200 (2026-12-01, kernels/bench_int4.py, bf16, 8B shapes, µs a call at 256 / 2048 rows):
-# 128x128x128 was best at 256 rows on qkv / o / down (43.4 / 43.4 / 145.5), 256x128x64 at 2048 on
-# all four (206.6 / 136.6 / 963.0 / 496.8) and on gate_up at 256 (154.8). Both transposed, 8 warps.
+# Chosen on an H200 (2026-12-01, kernels/bench_int4.py, bf16, 8B shapes, µs a call at 256 rows):
+# 128x128x128 was best on qkv / o / down (43.4 / 43.4 / 145.5 unsplit), 256x128x64 on gate_up (154.8
+# against 169.9). Both transposed, 8 warps. int4_linear sends this kernel 65 to DEQUANT_ROWS - 1 rows.
 MID_TILE = Tile(128, 128, 128, True, 8, 3)
-LARGE_TILE = Tile(256, 128, 64, True, 8, 3)
-LARGE_ROWS = 1024  # from here LARGE_TILE (not timed between 256 and 2048)
+GROUP64_TILE = Tile(256, 128, 64, True, 8, 3)  # K steps of 64, for group sizes that 128 does not divide
 
 
-def tile_for(rows: int, group: int) -> Tile | None:
-    """The tile for a call of `rows` rows, or None where the group size fits no tile."""
-    if rows < LARGE_ROWS and group % MID_TILE.block_k == 0:
+def tile_for(group: int) -> Tile | None:
+    """The tile for the group size, or None where it fits no tile."""
+    if group % MID_TILE.block_k == 0:
         return MID_TILE
-    return LARGE_TILE if group % LARGE_TILE.block_k == 0 else None
+    return GROUP64_TILE if group % GROUP64_TILE.block_k == 0 else None
 
 
 @triton.jit
@@ -133,7 +134,7 @@ def split_for(tiles: int, k: int, block_k: int, sms: int) -> int:
     the split saves, and the partial sums cost on top: on an H200 at 256 rows (2026-12-01,
     kernels/bench_int4.py, 128 x 128 tiles) qkv's 96 output tiles ran 43.4 µs unsplit and 58.9
     split 2 ways; the o and down projections' 64 tiles ran 43.4 -> 38.6 and 145.5 -> 95.0 split
-    4 ways (two waves). This rule splits those 2 ways (one wave): not yet timed."""
+    4 ways (two waves). This rule splits those 2 ways (one wave): 34.1 and 90.2 µs (H200, session 9)."""
     split = 1
     while split < 8 and tiles * split * 2 <= sms and k % (split * 2 * block_k) == 0:
         split *= 2

@@ -502,3 +502,20 @@ def test_custom_all_reduce_off_where_there_is_nothing_to_switch_off_is_said(tiny
                            "(it picks the all-reduce of GPU ranks)"]
     cfg.parallelism.tensor_parallel_size = 2
     assert notes(True) == []
+
+
+def test_int4_weight_copy_counted_only_where_the_dispatch_makes_one(monkeypatch):
+    """On GPU, int4 matmuls of SMALL_M < rows < DEQUANT_ROWS read the codes (w4a16_matmul); from
+    DEQUANT_ROWS they unpack the weight for cuBLAS, a model-dtype copy the planner counts."""
+    from framework.layers.quantization.int4 import DEQUANT_ROWS
+    from framework.memory import activation
+    from framework.memory.shape import DecoderShape
+
+    monkeypatch.setattr(activation, "fused_quant_rows", lambda: 64)  # the GPU backend's, also without Triton here
+    shape = DecoderShape(vocab_size=1000, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=64, max_positions=4096, tie_word_embeddings=False,
+                         qkv_bias=False, o_bias=False, mlp_bias=False, logits_scaling=1.0, embedding_multiplier=1.0)
+    below = activation.dequantized_bytes(shape, 1, 2, "int4", False, DEQUANT_ROWS - 1)
+    at = activation.dequantized_bytes(shape, 1, 2, "int4", False, DEQUANT_ROWS)
+    assert set(below.values()) == {0}
+    assert at == {name: out * inp * 2 for name, out, inp in activation.decoder_linears(shape, 1)}

@@ -491,7 +491,8 @@ def test_int8_w8a8_end_to_end_on_gpu(sampled, monkeypatch):
 @pytest.mark.parametrize("rows", [1, 4, 5, 64, 65, 300, 1100])
 def test_int4_dispatch_on_gpu_matches_the_format(rows):
     """Every path int4_linear takes on the card (tinygemm on its repacked copy, the GEMV,
-    quant_matmul, w4a16_matmul at both tiles) against the format's own dequantization, bf16."""
+    quant_matmul, w4a16_matmul, the unpack + cuBLAS from DEQUANT_ROWS) against the format's own
+    dequantization, bf16."""
     from framework.layers.linear import ReplicatedLinear
     from framework.layers.quantization.int4 import Int4Method
 

@@ -87,6 +87,12 @@ def fused_quant_rows() -> int:
     return SMALL_M
 
 
+def int4_dequant_rows() -> int:
+    """From how many rows an int4 matmul on GPU unpacks its weight for cuBLAS (below: w4a16_matmul)."""
+    from framework.layers.quantization.int4 import DEQUANT_ROWS
+    return DEQUANT_ROWS
+
+
 def w8a8_fp8(quant: str, reference: bool, a: int) -> bool:
     """quantization=fp8 runs W8A8 (layers/quantization/fp8.py): on this machine's GPU if it has
     fp8 tensor cores (compute capability >= 8.9) and the model is bf16/fp16; quantization=int8
@@ -108,7 +114,8 @@ def weight_only_rows() -> int:
 def dequantized_bytes(s: DecoderShape, tp: int, a: int, quant: str, reference: bool, rows: int) -> dict:
     """The full-precision copy of each linear weight that one quantized matmul over `rows` rows
     makes: fp8/int8 cast their codes to the model dtype (scaled_linear); int4 unpacks, in one
-    Triton pass on GPU or through int8 codes on the reference backend. None on GPU for few rows.
+    Triton pass on GPU or through int8 codes on the reference backend. None on GPU for few rows
+    (int4: below DEQUANT_ROWS, where w4a16_matmul reads the codes).
     W8A8 copies x instead, to its 8-bit codes and float32 row scales; int8's also holds the int32
     sums (rows x out x 4 bytes) until its epilogue has written the output."""
     if rows > weight_only_rows() and w8a8_fp8(quant, reference, a):
@@ -116,6 +123,8 @@ def dequantized_bytes(s: DecoderShape, tp: int, a: int, quant: str, reference: b
         return {name: rows * (inp + 4 + sums * out) for name, out, inp in decoder_linears(s, tp)}
     if quant not in ("fp8", "int8", "int4") or (not reference and rows <= fused_quant_rows()):
         per = 0
+    elif quant == "int4" and not reference and fused_quant_rows() and rows < int4_dequant_rows():
+        per = 0  # w4a16_matmul reads the codes (group sizes of 64 x n; others unpack, uncounted)
     elif quant == "int4":
         per = 2 * a + 2 if reference or not fused_quant_rows() else a
     else:

@@ -35,6 +35,36 @@ def test_split_keeps_one_wave_with_whole_steps():
     assert split_for(tiles=8, k=4096, block_k=64, sms=132) == 8
 
 
+def test_int4_linear_takes_this_kernel_below_dequant_rows_then_the_unpack(force_triton, device, monkeypatch):
+    """int4_linear (group 128) sends 65 to DEQUANT_ROWS - 1 rows here, from DEQUANT_ROWS rows it
+    unpacks the weight for one matmul; both agree with the reference."""
+    import kernels.quant_matmul as qmm
+    import kernels.w4a16_matmul as w4
+    from framework.layers.quantization import int4
+
+    calls = []
+    for module, name in ((w4, "w4a16_matmul"), (qmm, "dequantize_int4")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    monkeypatch.setattr(w4, "MID_TILE", TILES[0])  # a small tile of K steps that divide 128: the interpreter
+    monkeypatch.setattr(int4, "DEQUANT_ROWS", 80)  # the rule, at rows the interpreter runs quickly
+    gen = torch.Generator().manual_seed(3)
+    codes, scale = quantize_int4(torch.randn(40, 256, generator=gen) * 0.05, 128)
+    for rows in (70, 80):
+        x = torch.randn(rows, 256, generator=gen)
+        got = int4.int4_linear(x.to(device), codes.to(device), scale.to(device), None).cpu()
+        torch.testing.assert_close(got, quant_matmul_ref(x, codes, scale), atol=1e-5, rtol=1e-5)
+    assert calls == ["w4a16_matmul", "dequantize_int4"]
+
+
+def test_tile_by_group_size():
+    from kernels.w4a16_matmul import GROUP64_TILE, MID_TILE, tile_for
+
+    assert tile_for(128) is MID_TILE and tile_for(384) is MID_TILE
+    assert tile_for(64) is GROUP64_TILE and tile_for(192) is GROUP64_TILE
+    assert tile_for(32) is None  # int4_linear unpacks for cuBLAS instead
+
+
 def test_group_must_hold_whole_steps():
     codes, scale = quantize_int4(torch.randn(8, 96), 48)
     assert not supported(codes, scale, 32) and supported(codes, scale, 16)

@@ -17,17 +17,20 @@ On GPU (group sizes that are multiples of 16), by rows (tokens) of a call:
   tinygemm (kernels/int4_tinygemm.py), on a second copy of the codes in its own layout
   (`weight_int4pack`, `weight_scale_zeros`), repacked as each block of rows is quantized;
 - up to SMALL_M rows: kernels/quant_matmul.py (a tile of codes unpacked in registers, tensor cores);
-- more: kernels/w4a16_matmul.py (the same idea with tiles for many rows), where the group size
-  is a multiple of 64, else a one-pass unpack before cuBLAS.
-All read each code byte once. The tinygemm copy costs another half byte a weight: it is kept
+- below DEQUANT_ROWS: kernels/w4a16_matmul.py (the same idea with tiles for many rows), where the
+  group size is a multiple of 64;
+- from DEQUANT_ROWS (prefill chunks), or for other group sizes: a one-pass unpack to the model
+  dtype, then cuBLAS.
+All but the last read each code byte once and make no copy of the weight. The tinygemm copy costs another half byte a weight: it is kept
 for a model on CUDA where `quantization.int4_tinygemm` asks (QuantResolver.build), is in
 `storage` (so the planner counts it), and is derived (a sharded checkpoint leaves it out; `rebuild`
 remakes it). On an H200 (BENCHMARKS.md, 2026-12-01, issue 17, 8B shapes): at one row the GEMV
 takes 65.2 µs a layer's four linears (session 8's word kernel) against tinygemm's 68.0 and bf16's
 111.9 (batch-1 decode through the engine, one call: 352.5 tok/s, 1.48x bf16, against 346.7 with
 the copy); at 4 rows tinygemm beats quant_matmul by 8% (96.1 against 104.1 µs), at 16 rows it is
-2-3x slower, hence the threshold; w4a16_matmul at 256 rows runs at 0.4-0.6x bf16 cuBLAS, 2.5-4x
-faster than the unpack + cuBLAS it replaces (256 requests through the engine: 0.78x bf16).
+2-3x slower, hence the threshold; w4a16_matmul at 256 rows runs at 0.5-0.6x bf16 cuBLAS, ahead of
+the unpack + cuBLAS up to about 1,000 rows, behind it from there (DEQUANT_ROWS; 256 requests through
+the engine: 0.83x bf16 in session 9, 0.78x with w4a16 for the prefill chunks too).
 """
 from __future__ import annotations
 
@@ -49,6 +52,13 @@ QMAX = 7
 # 134.8 / 67.8 against 15.6 / 13.0 / 45.0 / 26.7). At one row the GEMV wins: 9.9 / 7.2 / 28.3 / 19.7
 # (session 8) against tinygemm's 9.6 / 6.8 / 33.0 / 18.6.
 TINYGEMM_MAX_ROWS = 4
+# From this many rows (prefill chunks) the weight is unpacked to the model dtype in one pass
+# (kernels/quant_matmul.dequantize_int4, 1.9-2.3 TB/s) and multiplied by cuBLAS: the copy's 2.5 bytes
+# a weight cost less than w4a16_matmul loses to cuBLAS. H200, 2026-12-01 (BENCHMARKS.md, session 9),
+# µs a layer's four linears, w4a16 / unpack + cuBLAS / bf16 cuBLAS: 1,024 rows 912 / 927 / 677, 2,048
+# 1,792 / 1,598 / 1,340, 8,192 7,213 / 5,573 / 5,294 (at 512 rows w4a16 wins, 593 / 603 / 349); the
+# 256-request benchmark (prefill chunks of ~8k tokens) 9,327 -> 9,976 tok/s.
+DEQUANT_ROWS = 1024
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -96,7 +106,7 @@ def int4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias:
         y = tg.int4pack_mm(x2, *tinygemm, group)
     elif rows <= qmm.SMALL_M:
         y = qmm.quant_matmul(x2, codes, scale)
-    elif (tile := w4.tile_for(rows, group)) is not None:
+    elif rows < DEQUANT_ROWS and (tile := w4.tile_for(group)) is not None:
         y = w4.w4a16_matmul(x2, codes, scale, tile)
     else:
         return F.linear(x, qmm.dequantize_int4(codes, scale, x.dtype), bias)
