@@ -4,11 +4,14 @@ call replayed from a CUDA graph, weights cycled past L2; bf16 as the engine runs
     python -m kernels.bench_int4             # check tinygemm's format, rows table, tile sweep
     python -m kernels.bench_int4 --rows      # the rows table only
     python -m kernels.bench_int4 --pick F    # tile sweep only; the best tile per row count into F (json)
+    python -m kernels.bench_int4 --dequant   # where int4_linear's DEQUANT_ROWS should be
 
 Tables: (1) tinygemm (`aten._weight_int4pack_mm`) against our reference, both nibble orders
 (the packing convention, checked on the card). (2) rows 1-256: bf16 (the engine's GEMV at one
 row, else cuBLAS), our GEMV (1 row), quant_matmul (2-64), tinygemm at inner k-tiles 2/4/8,
 w4a16_matmul at its default tile. (3) w4a16_matmul's tiles at many rows against bf16 cuBLAS and the one-pass unpack + cuBLAS.
+(4, `--dequant`) 256-8,192 rows: bf16 cuBLAS, w4a16_matmul at the engine's tile, the unpack alone and
+unpack + cuBLAS, a layer's four linears summed: the two int4 paths cross near DEQUANT_ROWS.
 """
 from __future__ import annotations
 
@@ -21,16 +24,18 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from framework.layers.quantization.int4 import DEQUANT_ROWS
 from kernels import int4_tinygemm as tg
 from kernels.bench import L2_DEFEAT_BYTES, LINEAR_SHAPES, _cycled, _graph_ms, copy_gbps
 from kernels.quant_gemv import int4_gemv
 from kernels.quant_matmul import dequantize_int4, quant_matmul, quant_matmul_ref
-from kernels.w4a16_matmul import DEFAULT_TILE, Tile, w4a16_matmul
+from kernels.w4a16_matmul import DEFAULT_TILE, Tile, tile_for, w4a16_matmul
 
 DTYPE = torch.bfloat16
 GROUP = 128
 ROWS = [1, 4, 16, 64, 256]
 SWEEP_ROWS = [256, 2048]
+DEQUANT_TABLE_ROWS = [256, 512, 1024, 2048, 8192]
 # the two best of the first sweep (nibbles joined), then x split into even / odd columns
 TILES = [Tile(128, 128, 128, True, 8, 3), Tile(256, 128, 64, True, 8, 3),
          Tile(128, 128, 128, True, 8, 3, split_x=True), Tile(256, 128, 128, True, 8, 3, split_x=True),
@@ -120,15 +125,40 @@ def tile_sweep(rows_list: list) -> dict:
     return totals
 
 
+def dequant_table(rows_list: list) -> None:
+    print(f"\nprefill-sized int4, µs a layer's four linears: bf16 cuBLAS | w4a16_matmul (tile_for) | unpack alone | "
+          f"unpack + cuBLAS (int4_linear switches at DEQUANT_ROWS = {DEQUANT_ROWS})")
+    totals = {m: [0.0] * 4 for m in rows_list}
+    for name, (n, k) in LINEAR_SHAPES.items():
+        bf16 = _copies(lambda n, k: torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02, n, k, 2 * n * k)
+        int4 = _copies(_weights, n, k, n * k // 2)
+        unpack = _time(lambda w: dequantize_int4(w["codes"], w["scale"], DTYPE), int4)
+        print(f"{name:<8} unpack {unpack:.1f} µs ({n * k * (2.5 + 2 / GROUP) / unpack / 1e3:.0f} GB/s)")
+        for m in rows_list:
+            x = torch.randn(m, k, device="cuda", dtype=DTYPE)
+            t = [_time(lambda w: F.linear(x, w), bf16),
+                 _time(lambda w: w4a16_matmul(x, w["codes"], w["scale"], tile_for(GROUP)), int4), unpack,
+                 _time(lambda w: F.linear(x, dequantize_int4(w["codes"], w["scale"], DTYPE)), int4)]
+            totals[m] = [a + b for a, b in zip(totals[m], t)]
+            print(f"{name:<8} M={m:<5} " + " | ".join(f"{v:7.1f}" for v in t))
+    for m, (bf16, w4, unpack, both) in totals.items():
+        print(f"a layer M={m:<5} bf16 {bf16:.1f} | w4a16 {w4:.1f} ({bf16 / w4:.2f}x) | unpack {unpack:.1f} | "
+              f"unpack + cuBLAS {both:.1f} ({bf16 / both:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", action="store_true", help="the rows table only")
     parser.add_argument("--pick", help="tile sweep only, and write the best tile per row count to this json file")
+    parser.add_argument("--dequant", action="store_true", help="w4a16_matmul against unpack + cuBLAS only")
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}; "
           f"device copy {copy_gbps():.0f} GB/s; default w4a16 tile {DEFAULT_TILE}")
+    if args.dequant:
+        dequant_table(DEQUANT_TABLE_ROWS)
+        return
     if args.pick:
         totals = tile_sweep(SWEEP_ROWS)
         best = {str(m): dataclasses.asdict(TILES[min(range(len(TILES)), key=row.__getitem__)])
