@@ -177,7 +177,12 @@ def supported(codes: torch.Tensor, scale: torch.Tensor) -> bool:
     if _bits(codes) == 8:
         return codes.shape[1] % 16 == 0
     k = codes.shape[1] * 2
-    return k % scale.shape[1] == 0 and (k // scale.shape[1]) % 16 == 0
+    return k % scale.shape[1] == 0 and supported_group(k // scale.shape[1])
+
+
+def supported_group(group: int) -> bool:
+    """Whether the int4 kernels take this group size (the planner asks before any weight exists)."""
+    return group % 16 == 0
 
 
 def _split(tiles: int, k: int, block_k: int, device: torch.device) -> int:

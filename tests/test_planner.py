@@ -505,8 +505,9 @@ def test_custom_all_reduce_off_where_there_is_nothing_to_switch_off_is_said(tiny
 
 
 def test_int4_weight_copy_counted_only_where_the_dispatch_makes_one(monkeypatch):
-    """On GPU, int4 matmuls of SMALL_M < rows < DEQUANT_ROWS read the codes (w4a16_matmul); from
-    DEQUANT_ROWS they unpack the weight for cuBLAS, a model-dtype copy the planner counts."""
+    """On GPU, int4 matmuls of SMALL_M < rows < DEQUANT_ROWS read the codes (w4a16_matmul, for group
+    sizes it has a tile for); from DEQUANT_ROWS they unpack the weight for cuBLAS, a model-dtype copy
+    the planner counts; group sizes no kernel takes run the torch reference at any size."""
     from framework.layers.quantization.int4 import DEQUANT_ROWS
     from framework.memory import activation
     from framework.memory.shape import DecoderShape
@@ -515,7 +516,16 @@ def test_int4_weight_copy_counted_only_where_the_dispatch_makes_one(monkeypatch)
     shape = DecoderShape(vocab_size=1000, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=64, max_positions=4096, tie_word_embeddings=False,
                          qkv_bias=False, o_bias=False, mlp_bias=False, logits_scaling=1.0, embedding_multiplier=1.0)
-    below = activation.dequantized_bytes(shape, 1, 2, "int4", False, DEQUANT_ROWS - 1)
-    at = activation.dequantized_bytes(shape, 1, 2, "int4", False, DEQUANT_ROWS)
-    assert set(below.values()) == {0}
-    assert at == {name: out * inp * 2 for name, out, inp in activation.decoder_linears(shape, 1)}
+    weights = {name: out * inp for name, out, inp in activation.decoder_linears(shape, 1)}
+
+    def per_weight(rows, group=128, reference=False):
+        copies = activation.dequantized_bytes(shape, 1, 2, "int4", reference, rows, group)
+        assert set(copies) == set(weights)
+        per = {copies[name] / n for name, n in weights.items()}
+        assert len(per) == 1
+        return per.pop()
+
+    assert per_weight(64) == 0 and per_weight(DEQUANT_ROWS - 1) == 0  # the GEMVs / quant_matmul, w4a16_matmul
+    assert per_weight(DEQUANT_ROWS) == 2  # unpacked to bf16 for cuBLAS
+    assert per_weight(65, group=64) == 0 and per_weight(65, group=32) == 2  # w4a16 has no tile for 32
+    assert per_weight(1, group=8) == 6 and per_weight(1, reference=True) == 6  # the torch reference's copies

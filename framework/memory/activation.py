@@ -111,32 +111,49 @@ def weight_only_rows() -> int:
     return WEIGHT_ONLY_MAX_ROWS
 
 
-def dequantized_bytes(s: DecoderShape, tp: int, a: int, quant: str, reference: bool, rows: int) -> dict:
+def dequantized_bytes(s: DecoderShape, tp: int, a: int, quant: str, reference: bool, rows: int,
+                      group_size: int = 128) -> dict:
     """The full-precision copy of each linear weight that one quantized matmul over `rows` rows
-    makes: fp8/int8 cast their codes to the model dtype (scaled_linear); int4 unpacks, in one
-    Triton pass on GPU or through int8 codes on the reference backend. None on GPU for few rows
-    (int4: below DEQUANT_ROWS, where w4a16_matmul reads the codes).
+    makes: fp8/int8 cast their codes to the model dtype (scaled_linear); int4 as `int4_copy_bytes`
+    says. None on GPU for few rows.
     W8A8 copies x instead, to its 8-bit codes and float32 row scales; int8's also holds the int32
     sums (rows x out x 4 bytes) until its epilogue has written the output."""
     if rows > weight_only_rows() and w8a8_fp8(quant, reference, a):
         sums = 4 if quant == "int8" else 0
         return {name: rows * (inp + 4 + sums * out) for name, out, inp in decoder_linears(s, tp)}
-    if quant not in ("fp8", "int8", "int4") or (not reference and rows <= fused_quant_rows()):
+    if quant == "int4":
+        per = int4_copy_bytes(rows, group_size, a, reference)
+    elif quant not in ("fp8", "int8") or (not reference and rows <= fused_quant_rows()):
         per = 0
-    elif quant == "int4" and not reference and fused_quant_rows() and rows < int4_dequant_rows():
-        per = 0  # w4a16_matmul reads the codes (group sizes of 64 x n; others unpack, uncounted)
-    elif quant == "int4":
-        per = 2 * a + 2 if reference or not fused_quant_rows() else a
     else:
         per = a
     return {name: out * inp * per for name, out, inp in decoder_linears(s, tp)}
 
 
-def layer_peak(s: DecoderShape, tp: int, tokens: int, a: int, quant: str, reference: bool) -> int:
+def int4_copy_bytes(rows: int, group: int, a: int, reference: bool) -> int:
+    """Bytes a weight of the copy an int4 matmul over `rows` rows makes, as int4_linear dispatches
+    (layers/quantization/int4.py): none where a kernel reads the codes (the GEMV, tinygemm and
+    quant_matmul up to SMALL_M rows; w4a16_matmul below DEQUANT_ROWS, for the group sizes it has
+    a tile for), the model dtype where Triton unpacks for cuBLAS, and the torch reference's int8
+    codes and model-dtype weight where no kernel takes the group size (or on the CPU)."""
+    if reference or not fused_quant_rows():
+        return 2 * a + 2
+    from kernels.quant_matmul import supported_group  # present: fused_quant_rows() found the module
+    from kernels.w4a16_matmul import tile_for
+
+    if not supported_group(group):
+        return 2 * a + 2
+    if rows <= fused_quant_rows() or (rows < int4_dequant_rows() and tile_for(group) is not None):
+        return 0
+    return a
+
+
+def layer_peak(s: DecoderShape, tp: int, tokens: int, a: int, quant: str, reference: bool,
+               group_size: int = 128) -> int:
     """Bytes alive at the worst point inside one decoder layer: the worst of its phases, a
     quantized matmul's weight copy counted in the phase of that matmul."""
     h, q, kv, i = _widths(s, tp)
-    w = dequantized_bytes(s, tp, a, quant, reference, tokens)
+    w = dequantized_bytes(s, tp, a, quant, reference, tokens, group_size)
     # scaled_linear keeps its output y beside y * scale (the fused kernel scales inside)
     scaled = quant in ("fp8", "int8") and (reference or tokens > fused_quant_rows()) \
         and not (tokens > weight_only_rows() and w8a8_fp8(quant, reference, a))
@@ -196,10 +213,10 @@ def step_input_bytes(step: Step) -> int:
 
 
 def forward_peak(s: DecoderShape, tp: int, step: Step, a: int, kv_bytes: int, quant: str,
-                 reference: bool, to_float: bool = True) -> int:
+                 reference: bool, to_float: bool = True, group_size: int = 128) -> int:
     """Peak bytes of one step on top of weights and KV cache (on a GPU, with cuBLAS's workspace,
-    which the first matmul takes from torch's allocator)."""
-    layer = layer_peak(s, tp, step.tokens, a, quant, reference)
+    which the first matmul takes from torch's allocator). `group_size`: int4's."""
+    layer = layer_peak(s, tp, step.tokens, a, quant, reference, group_size)
     if reference:
         layer += reference_attention_peak(s, tp, step, a, kv_bytes)
     embed = step.tokens * s.hidden_size * a * (2 if s.embedding_multiplier != 1.0 else 1)
@@ -207,7 +224,8 @@ def forward_peak(s: DecoderShape, tp: int, step: Step, a: int, kv_bytes: int, qu
     return peak + step_input_bytes(step) + (0 if reference else CUBLAS_WORKSPACE_BYTES)
 
 
-def graph_pool_bytes(s: DecoderShape, tp: int, sizes: list, step: Step, a: int, kv_bytes: int, quant: str) -> int:
+def graph_pool_bytes(s: DecoderShape, tp: int, sizes: list, step: Step, a: int, kv_bytes: int, quant: str,
+                     group_size: int = 128) -> int:
     """engine/cuda_graphs.py: every graph runs forward + compute_logits of a pure decode batch and
     copies the logits into one static [largest size, vocab] buffer; the graphs share one pool,
     captured largest first, so the pool holds one decode step at the largest size. Plus the
@@ -221,6 +239,6 @@ def graph_pool_bytes(s: DecoderShape, tp: int, sizes: list, step: Step, a: int, 
     # pool, as the forward's peak assumes, since the runner turned on expandable segments: Llama-3.1-8B
     # at 19 sizes up to 128 measured 0.297 GiB (fp8) and 0.307 GiB (int4) on an H100, where each copy
     # kept its own block before (0.518 GiB for fp8).
-    return (forward_peak(s, tp, decode, a, kv_bytes, quant, reference=False, to_float=False)
+    return (forward_peak(s, tp, decode, a, kv_bytes, quant, reference=False, to_float=False, group_size=group_size)
             - CUBLAS_WORKSPACE_BYTES + static_logits + GRAPH_POOL_SLACK_BYTES
             + GRAPH_BYTES_EACH * len(sizes))

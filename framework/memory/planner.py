@@ -276,12 +276,13 @@ def _costs(cfg: FrameworkConfig, hf_config: Any, cuda: bool, max_model_len: int,
     cpu_kv_tokens = int(c.cpu_kvcache_space_gib * GiB // (out.kv_per_token * c.block_size)) * c.block_size
     step = Step(tokens=c.max_num_batched_tokens, logits_rows=rows, context=max_model_len,
                 kv_tokens=cpu_kv_tokens, block_size=c.block_size)
-    out.activation = forward_peak(s, tp, step, a, kv_bytes, method, reference=not cuda)
+    group = cfg.quantization.group_size
+    out.activation = forward_peak(s, tp, step, a, kv_bytes, method, reference=not cuda, group_size=group)
     out.details["activations"] = f"{step.tokens} tokens a step, logits of {rows} rows"
 
     if cuda and not cfg.compilation.enforce_eager:
         sizes = capture_sizes(cfg.compilation.cudagraph_capture_sizes, max_num_seqs)
-        out.graph_pool = graph_pool_bytes(s, tp, sizes, step, a, kv_bytes, method)
+        out.graph_pool = graph_pool_bytes(s, tp, sizes, step, a, kv_bytes, method, group)
         out.details["CUDA graph pool"] = f"{len(sizes)} decode sizes up to {max(sizes)}"
 
     v = vision_shape(hf_config)
