@@ -6,10 +6,10 @@ j, 2j + 1 in the high one, each q + 8), scale [N, K/G] in the activation dtype, 
 
 Why not dequantize + cuBLAS: writing a bf16 copy of the weight then reading it back costs 2.5 bytes
 a weight on top of the matmul, which at decode batches (65 to a few hundred rows) is a large share:
-on an H200 at 256 rows this kernel took 343 µs a layer, the unpack alone 264 and cuBLAS 209. From about 1,000
-rows the matmul's own time dwarfs the copy and cuBLAS's speed wins: there int4_linear unpacks
-(layers/quantization/int4.py, DEQUANT_ROWS). Here a program owns a [BLOCK_N weight
-rows, BLOCK_M x rows] output tile, walks K in BLOCK_K steps, loads the tile's code bytes once,
+on an H200 at 256 rows this kernel took 343 µs a layer, the unpack alone 264 and cuBLAS 209. From
+about 1,000 rows the matmul's own time dwarfs the copy and cuBLAS's speed wins: there int4_linear
+unpacks (layers/quantization/int4.py, DEQUANT_ROWS). Here a program owns a [BLOCK_N weight rows,
+BLOCK_M x rows] output tile, walks K in BLOCK_K steps, loads the tile's code bytes once,
 turns each nibble into code - 8 in registers (an OR into a float's mantissa and a subtract, no
 int-to-float conversion), joins the two nibbles of a byte back into column order (thread-local:
 a byte's two columns stay with the thread that loaded it; `split_x` instead splits x's tile into

@@ -21,16 +21,17 @@ On GPU (group sizes that are multiples of 16), by rows (tokens) of a call:
   group size is a multiple of 64;
 - from DEQUANT_ROWS (prefill chunks), or for other group sizes: a one-pass unpack to the model
   dtype, then cuBLAS.
-All but the last read each code byte once and make no copy of the weight. The tinygemm copy costs another half byte a weight: it is kept
-for a model on CUDA where `quantization.int4_tinygemm` asks (QuantResolver.build), is in
-`storage` (so the planner counts it), and is derived (a sharded checkpoint leaves it out; `rebuild`
-remakes it). On an H200 (BENCHMARKS.md, 2026-12-01, issue 17, 8B shapes): at one row the GEMV
-takes 65.2 µs a layer's four linears (session 8's word kernel) against tinygemm's 68.0 and bf16's
-111.9 (batch-1 decode through the engine, one call: 352.5 tok/s, 1.48x bf16, against 346.7 with
-the copy); at 4 rows tinygemm beats quant_matmul by 8% (96.1 against 104.1 µs), at 16 rows it is
-2-3x slower, hence the threshold; w4a16_matmul at 256 rows runs at 0.5-0.6x bf16 cuBLAS, ahead of
-the unpack + cuBLAS up to about 1,000 rows, behind it from there (DEQUANT_ROWS; 256 requests through
-the engine: 0.83x bf16 in session 9, 0.78x with w4a16 for the prefill chunks too).
+All but the last read each code byte once and make no copy of the weight. The tinygemm copy costs
+another half byte a weight: it is kept for a model on CUDA where `quantization.int4_tinygemm` asks
+(QuantResolver.build), is in `storage` (so the planner counts it), and is derived (a sharded
+checkpoint leaves it out; `rebuild` remakes it). On an H200 (BENCHMARKS.md, 2026-12-01, issue 17, 8B
+shapes): at one row the GEMV takes 65.2 µs a layer's four linears (session 8's word kernel) against
+tinygemm's 68.0 and bf16's 111.9 (batch-1 decode through the engine, one call: 352.5 tok/s, 1.48x
+bf16, against 346.7 with the copy); at 4 rows tinygemm beats quant_matmul by 8% (96.1 against 104.1
+µs), at 16 rows it is 2-3x slower, hence the threshold; w4a16_matmul at 256 rows runs at 0.5-0.6x
+bf16 cuBLAS, ahead of the unpack + cuBLAS up to about 1,000 rows, behind it from there
+(DEQUANT_ROWS; 256 requests through the engine: 0.83x bf16 in session 9, 0.78x with w4a16 for the
+prefill chunks too).
 """
 from __future__ import annotations
 
