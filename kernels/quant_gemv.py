@@ -19,8 +19,8 @@ becomes 1 + q/16 in float32 by a shift and one LOP3 into the mantissa of 1.0; th
 follows from sum (q - 8) x = 16 sum f x - 24 sum x. The decode GEMV is bound by instructions, not
 bytes: an H200 SM issues 128 thread-instructions a clock while the copy rate brings it about 35
 codes, so at most 3.6 instructions a code keep up. Here 4.4 (sm_90 SASS); splitting bytes into
-nibbles and converting them took 8. A K step covers spans of the largest power of two dividing G / 8 words, so a span
-never straddles a group and needs one scale, applied to the span's sum.
+nibbles and converting them took 8. A K step covers spans of the largest power of two dividing
+G / 8 words, so a span never straddles a group and needs one scale, applied to the span's sum.
 
 int8 / fp8: the row scale multiplies the finished dot product, once per output.
 

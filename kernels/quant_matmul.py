@@ -33,7 +33,6 @@ partial sums are added in a fixed order).
 
 from __future__ import annotations
 
-
 import torch
 
 from kernels._triton import num_sms, pdl, pdl_enter, tl, triton

@@ -112,7 +112,7 @@ def weight_only_rows() -> int:
 
 
 def dequantized_bytes(s: DecoderShape, tp: int, a: int, quant: str, reference: bool, rows: int,
-                      group_size: int = 128) -> dict:
+                      group_size: int) -> dict:
     """The full-precision copy of each linear weight that one quantized matmul over `rows` rows
     makes: fp8/int8 cast their codes to the model dtype (scaled_linear); int4 as `int4_copy_bytes`
     says. None on GPU for few rows.
@@ -149,7 +149,7 @@ def int4_copy_bytes(rows: int, group: int, a: int, reference: bool) -> int:
 
 
 def layer_peak(s: DecoderShape, tp: int, tokens: int, a: int, quant: str, reference: bool,
-               group_size: int = 128) -> int:
+               group_size: int) -> int:
     """Bytes alive at the worst point inside one decoder layer: the worst of its phases, a
     quantized matmul's weight copy counted in the phase of that matmul."""
     h, q, kv, i = _widths(s, tp)
@@ -212,8 +212,8 @@ def step_input_bytes(step: Step) -> int:
     return 24 * step.tokens + 4 * step.logits_rows * -(-step.context // step.block_size)
 
 
-def forward_peak(s: DecoderShape, tp: int, step: Step, a: int, kv_bytes: int, quant: str,
-                 reference: bool, to_float: bool = True, group_size: int = 128) -> int:
+def forward_peak(s: DecoderShape, tp: int, step: Step, a: int, kv_bytes: int, quant: str, group_size: int,
+                 reference: bool, to_float: bool = True) -> int:
     """Peak bytes of one step on top of weights and KV cache (on a GPU, with cuBLAS's workspace,
     which the first matmul takes from torch's allocator). `group_size`: int4's."""
     layer = layer_peak(s, tp, step.tokens, a, quant, reference, group_size)
@@ -225,7 +225,7 @@ def forward_peak(s: DecoderShape, tp: int, step: Step, a: int, kv_bytes: int, qu
 
 
 def graph_pool_bytes(s: DecoderShape, tp: int, sizes: list, step: Step, a: int, kv_bytes: int, quant: str,
-                     group_size: int = 128) -> int:
+                     group_size: int) -> int:
     """engine/cuda_graphs.py: every graph runs forward + compute_logits of a pure decode batch and
     copies the logits into one static [largest size, vocab] buffer; the graphs share one pool,
     captured largest first, so the pool holds one decode step at the largest size. Plus the
@@ -239,6 +239,6 @@ def graph_pool_bytes(s: DecoderShape, tp: int, sizes: list, step: Step, a: int, 
     # pool, as the forward's peak assumes, since the runner turned on expandable segments: Llama-3.1-8B
     # at 19 sizes up to 128 measured 0.297 GiB (fp8) and 0.307 GiB (int4) on an H100, where each copy
     # kept its own block before (0.518 GiB for fp8).
-    return (forward_peak(s, tp, decode, a, kv_bytes, quant, reference=False, to_float=False, group_size=group_size)
+    return (forward_peak(s, tp, decode, a, kv_bytes, quant, group_size, reference=False, to_float=False)
             - CUBLAS_WORKSPACE_BYTES + static_logits + GRAPH_POOL_SLACK_BYTES
             + GRAPH_BYTES_EACH * len(sizes))

@@ -277,7 +277,7 @@ def _costs(cfg: FrameworkConfig, hf_config: Any, cuda: bool, max_model_len: int,
     step = Step(tokens=c.max_num_batched_tokens, logits_rows=rows, context=max_model_len,
                 kv_tokens=cpu_kv_tokens, block_size=c.block_size)
     group = cfg.quantization.group_size
-    out.activation = forward_peak(s, tp, step, a, kv_bytes, method, reference=not cuda, group_size=group)
+    out.activation = forward_peak(s, tp, step, a, kv_bytes, method, group, reference=not cuda)
     out.details["activations"] = f"{step.tokens} tokens a step, logits of {rows} rows"
 
     if cuda and not cfg.compilation.enforce_eager:
