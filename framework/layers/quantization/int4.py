@@ -12,10 +12,13 @@ stored scale is the one the codes were made for: every weight lands within half 
 group's grid and none is clipped.
 
 On GPU (group sizes that are multiples of 16), by rows (tokens) of a call:
-- one row: the GEMV of kernels/quant_gemv.py;
 - 2 to TINYGEMM_MAX_ROWS, with bf16 activations on CUDA where the layer has the copy: PyTorch's
   tinygemm (kernels/int4_tinygemm.py), on a second copy of the codes in its own layout
   (`weight_int4pack`, `weight_scale_zeros`), repacked as each block of rows is quantized;
+- up to 8 rows on CUDA in bf16 / fp16 where the group size is a multiple of 128 (and N of 16):
+  kernels/int4_mma_gemv.py (each code unpacked once into an MMA register, x's rows the MMA's
+  columns, so 1-8 rows cost about the same);
+- one row otherwise: the GEMV of kernels/quant_gemv.py;
 - up to SMALL_M rows: kernels/quant_matmul.py (a tile of codes unpacked in registers, tensor cores);
 - below DEQUANT_ROWS: kernels/w4a16_matmul.py (the same idea with tiles for many rows), where the
   group size is a multiple of 64;
@@ -44,7 +47,8 @@ import torch.nn.functional as F
 import kernels
 from framework.config.errors import ConfigError
 from framework.layers.quantization.base import LoadTimeQuant, Spec
-from kernels import int4_tinygemm as tg, quant_gemv as qg, quant_matmul as qmm, w4a16_matmul as w4
+from kernels import int4_mma_gemv as mg, int4_tinygemm as tg, quant_gemv as qg, quant_matmul as qmm
+from kernels import w4a16_matmul as w4
 
 QMAX = 7
 # Rows (tokens) from 2 up to which a call with bf16 activations on CUDA runs tinygemm where the layer
@@ -101,10 +105,12 @@ def int4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias:
         return F.linear(x, dequantize_int4(codes, scale, x.dtype), bias)
     x2 = x.reshape(-1, x.shape[-1])
     rows, group = x2.shape[0], x2.shape[1] // scale.shape[1]
-    if rows <= qg.DISPATCH_MAX_ROWS:
-        y = qg.int4_gemv(x2, codes, scale)
-    elif tinygemm is not None and rows <= TINYGEMM_MAX_ROWS and x.is_cuda and x.dtype == torch.bfloat16:
+    if tinygemm is not None and 1 < rows <= TINYGEMM_MAX_ROWS and x.is_cuda and x.dtype == torch.bfloat16:
         y = tg.int4pack_mm(x2, *tinygemm, group)
+    elif rows <= mg.MAX_ROWS and mg.supported(x2, codes, scale):
+        y = mg.int4_mma_gemv(x2, codes, scale)
+    elif rows <= qg.DISPATCH_MAX_ROWS:
+        y = qg.int4_gemv(x2, codes, scale)
     elif rows <= qmm.SMALL_M:
         y = qmm.quant_matmul(x2, codes, scale)
     elif rows < DEQUANT_ROWS and (tile := w4.tile_for(group)) is not None:
