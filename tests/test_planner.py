@@ -476,7 +476,11 @@ def test_tinygemm_and_compile_workers_where_they_cannot_act_are_said(tiny_model)
     assert notes(False) == ["quantization.int4_tinygemm=true: not used on the CPU backend (int4 on CUDA in bf16 only)"]
     assert notes(True) == ["quantization.int4_tinygemm=true: not used with quantization.method=none "
                            "(int4 on CUDA in bf16 only)"]
-    cfg.quantization.method = "int4"
+    cfg.quantization.method, cfg.quantization.group_size = "int4", 128
+    assert notes(True) == ["quantization.int4_tinygemm=true: decode steps of 2-4 tokens take tinygemm, slower than "
+                           "the default int4 path at group_size=128 (kernels/int4_mma_gemv.py; tinygemm pays off for "
+                           "group sizes 32 and 64); its copy costs another 1/2 byte a weight"]
+    cfg.quantization.group_size = 64
     assert notes(True) == []
     cfg.compilation.compile_workers = 4
     assert [n for _, n in inert_knobs(cfg, hf, on_gpu=False, multimodal=False) if "compile_workers" in n] == [

@@ -222,6 +222,10 @@ def inert_knobs(cfg: FrameworkConfig, hf_config: Any, on_gpu: bool, multimodal: 
     if q.int4_tinygemm and (not on_gpu or q.method not in ("int4", "auto")):
         why = "on the CPU backend" if not on_gpu else f"with quantization.method={q.method}"
         notes.append((logging.WARNING, f"quantization.int4_tinygemm=true: not used {why} (int4 on CUDA in bf16 only)"))
+    elif q.int4_tinygemm and q.group_size % 128 == 0:
+        notes.append((logging.WARNING, f"quantization.int4_tinygemm=true: decode steps of 2-4 tokens take tinygemm, "
+                      f"slower than the default int4 path at group_size={q.group_size} (kernels/int4_mma_gemv.py; "
+                      "tinygemm pays off for group sizes 32 and 64); its copy costs another 1/2 byte a weight"))
     if not cfg.parallelism.custom_all_reduce and (not on_gpu or cfg.parallelism.tensor_parallel_size == 1):
         why = "on the CPU backend" if not on_gpu else "at tensor_parallel_size=1"
         notes.append((logging.INFO, f"parallelism.custom_all_reduce=false: nothing to switch off {why} "
