@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels._triton import pdl
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -103,7 +105,12 @@ if HAS_GLUON:
     @gluon.jit
     def _int4_mma_gemv_kernel(x_ptr, words_ptr, scale_ptr, y_ptr, M, N, K,
                               stride_xm, stride_wn, stride_sn, stride_ym,
-                              GROUP: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr, ASM: gl.constexpr):
+                              GROUP: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr, ASM: gl.constexpr,
+                              PDL: gl.constexpr):
+        if PDL:  # as kernels._triton.pdl_enter: wait for the previous kernel, let the next one be scheduled
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
         # every tensor is [W warps, 8 g, 16 (t, u)]: lane 4g + t of warp w holds its 4 u in registers
         LAYOUT: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 8, 4], [W, 1, 1], [2, 1, 0])
         w = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, LAYOUT)))[:, None, None]
@@ -168,5 +175,5 @@ def int4_mma_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, war
     _int4_mma_gemv_kernel[(n // 16,)](
         x, words, scale, y, m, n, k, x.stride(0), words.stride(0), scale.stride(0), y.stride(0),
         GROUP=k // scale.shape[1], W=warps, UNROLL=UNROLL, ASM=_ASM_BF16 if x.dtype == torch.bfloat16 else _ASM_F16,
-        num_warps=warps)
+        num_warps=warps, **pdl(x.device))
     return y
