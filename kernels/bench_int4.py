@@ -8,8 +8,9 @@ call replayed from a CUDA graph, weights cycled past L2; bf16 as the engine runs
 
 Tables: (1) tinygemm (`aten._weight_int4pack_mm`) against our reference, both nibble orders
 (the packing convention, checked on the card). (2) rows 1-256: bf16 (the engine's GEMV at one
-row, else cuBLAS), our GEMV (1 row), quant_matmul (2-64), tinygemm at inner k-tiles 2/4/8,
-w4a16_matmul at its default tile. (3) w4a16_matmul's tiles at many rows against bf16 cuBLAS and the one-pass unpack + cuBLAS.
+row, else cuBLAS), our GEMV (1 row), the MMA GEMV (1-8 rows, kernels/int4_mma_gemv.py), quant_matmul
+(2-64), tinygemm at inner k-tiles 2/4/8, w4a16_matmul at its default tile. (3) w4a16_matmul's tiles
+at many rows against bf16 cuBLAS and the one-pass unpack + cuBLAS.
 (4, `--dequant`) 256-8,192 rows: bf16 cuBLAS, w4a16_matmul at the engine's tile, the unpack alone and
 unpack + cuBLAS, a layer's four linears summed: the two int4 paths cross near DEQUANT_ROWS.
 """
@@ -27,13 +28,14 @@ import kernels
 from framework.layers.quantization.int4 import DEQUANT_ROWS
 from kernels import int4_tinygemm as tg
 from kernels.bench import L2_DEFEAT_BYTES, LINEAR_SHAPES, _cycled, _graph_ms, copy_gbps
+from kernels.int4_mma_gemv import MAX_ROWS, int4_mma_gemv
 from kernels.quant_gemv import int4_gemv
 from kernels.quant_matmul import dequantize_int4, quant_matmul, quant_matmul_ref
 from kernels.w4a16_matmul import DEFAULT_TILE, Tile, tile_for, w4a16_matmul
 
 DTYPE = torch.bfloat16
 GROUP = 128
-ROWS = [1, 4, 16, 64, 256]
+ROWS = [1, 4, 8, 16, 64, 256]
 SWEEP_ROWS = [256, 2048]
 DEQUANT_TABLE_ROWS = [256, 512, 1024, 2048, 8192]
 # the two best of the first sweep (nibbles joined), then x split into even / odd columns
@@ -84,7 +86,8 @@ def check_tinygemm() -> None:
 
 
 def rows_table(rows_list: list) -> None:
-    print("\nint4 by rows, µs a call: bf16 | gemv | qmm | tg2 | tg4 | tg8 | w4a16 (default tile) -> best int4 x bf16")
+    print("\nint4 by rows, µs a call: bf16 | gemv | mma gemv | qmm | tg2 | tg4 | tg8 | w4a16 (default tile)"
+          " -> best int4 x bf16")
     for name, (n, k) in LINEAR_SHAPES.items():
         bf16 = _copies(lambda n, k: torch.randn(n, k, device="cuda", dtype=DTYPE) * 0.02, n, k, 2 * n * k)
         int4 = _copies(_weights, n, k, n * k // 2)
@@ -92,6 +95,7 @@ def rows_table(rows_list: list) -> None:
             x = torch.randn(m, k, device="cuda", dtype=DTYPE)
             t = {"bf16": _time(lambda w: kernels.linear(x, w), bf16),
                  "gemv": _time(lambda w: int4_gemv(x, w["codes"], w["scale"]), int4) if m == 1 else math.nan,
+                 "mma": _time(lambda w: int4_mma_gemv(x, w["codes"], w["scale"]), int4) if m <= MAX_ROWS else math.nan,
                  "qmm": _time(lambda w: quant_matmul(x, w["codes"], w["scale"]), int4) if 1 < m <= 64 else math.nan}
             for inner in (2, 4, 8):
                 t[f"tg{inner}"] = _time(lambda w, i=inner: tg.int4pack_mm(x, w[i], w["sz"], GROUP), int4)
