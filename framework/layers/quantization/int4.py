@@ -28,10 +28,10 @@ All but the last read each code byte once and make no copy of the weight. The ti
 another half byte a weight: it is kept for a model on CUDA where `quantization.int4_tinygemm` asks
 (QuantResolver.build), is in `storage` (so the planner counts it), and is derived (a sharded
 checkpoint leaves it out; `rebuild` remakes it). On an H200 (BENCHMARKS.md, 2026-12-01, issue 17, 8B
-shapes): at one row the GEMV takes 65.2 µs a layer's four linears (session 8's word kernel) against
-tinygemm's 68.0 and bf16's 111.9 (batch-1 decode through the engine, one call: 352.5 tok/s, 1.48x
-bf16, against 346.7 with the copy); at 4 rows tinygemm beats quant_matmul by 8% (96.1 against 104.1
-µs), at 16 rows it is 2-3x slower, hence the threshold; w4a16_matmul at 256 rows runs at 0.5-0.6x
+shapes, µs a layer's four linears): the MMA GEMV 54.8 / 69.8 / 97.7 at 1 / 4 / 8 rows, against the
+Triton GEMV's 65.0 at one row, tinygemm's 68.2 / 96.3 / 156.6 and quant_matmul's 123.3 / 122.8 at 4 / 8
+(batch-1 decode through the engine: 406.2 tok/s, 1.69x bf16; 352.3 with the Triton GEMV); tinygemm
+at 16 rows is 2-3x slower than quant_matmul, hence its threshold; w4a16_matmul at 256 rows runs at 0.5-0.6x
 bf16 cuBLAS, ahead of the unpack + cuBLAS up to about 1,000 rows, behind it from there
 (DEQUANT_ROWS; 256 requests through the engine: 0.83x bf16 in session 9, 0.78x with w4a16 for the
 prefill chunks too).
