@@ -1,10 +1,13 @@
-"""int4_mma_gemv (int4 weights, 1-8 rows, mma.sync through inline PTX; GPU only: the interpreter runs
-no PTX) against the exact products and quant_matmul_ref; its operand list, warp rule and dispatch."""
+"""int4_mma_gemv (int4 weights, 1-8 rows, mma.sync through inline PTX). The interpreter runs no PTX, so
+on CPU its PTX runs on a small numpy warp (the instructions it uses, mma.sync's fragment layout) with
+operands placed as the kernel loads them; on the card (`-m gpu`) the kernel against the exact products
+and quant_matmul_ref, and int4_linear's dispatch. Also its operand list and warp rule."""
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,6 +29,119 @@ def test_ptx_operands_match_the_constraints(dtype):
     assert outputs == [0, 1, 2, 3]
     assert all(re.search(rf"fma\.rn\.f32 \${i},", asm) for i in outputs)
     assert asm.count("mma.sync.aligned.m16n8k16") == 8 and asm.count(f".{dtype}.{dtype}.f32") == 8
+
+
+class _Warp:
+    """The PTX of `_asm` run on 32 lanes in numpy (uint32 registers): the instructions it uses, with
+    mma.sync's fragment layout as the PTX ISA gives it (lane = 4 * group + thread in group)."""
+
+    def __init__(self, dtype: str, inputs: list):
+        self.half = dtype  # "bf16" or "f16"
+        # $0-$3 are the outputs; each register a uint32 [32] (the int64 operands uint64)
+        self.regs = {f"${4 + i}": v for i, v in enumerate(inputs)}
+
+    def _halves(self, r: np.ndarray) -> np.ndarray:  # uint32 [32] -> float32 [32, 2] (low, high)
+        h = np.stack([r & 0xFFFF, r >> 16], -1).astype(np.uint32)
+        if self.half == "bf16":
+            return (h << 16).view(np.float32)
+        return h.astype(np.uint16).view(np.float16).astype(np.float32)
+
+    def _pack(self, f: np.ndarray) -> np.ndarray:  # float32 [32, 2] -> uint32 [32], rounded to nearest even
+        t = torch.from_numpy(np.ascontiguousarray(f))
+        bits = t.to(torch.bfloat16 if self.half == "bf16" else torch.float16).view(torch.int16).numpy()
+        h = bits.astype(np.uint32) & 0xFFFF
+        return h[:, 0] | (h[:, 1] << 16)
+
+    def _val(self, tok: str) -> np.ndarray:
+        if tok.startswith("0f"):
+            return np.full(32, int(tok[2:], 16), np.uint32)
+        return self.regs[tok] if tok in self.regs else np.full(32, int(tok, 0), np.uint32)
+
+    def run(self, asm: str) -> None:
+        for line in asm.splitlines():
+            line = line.strip().rstrip(";")
+            if not line or line in "{}" or line.startswith(".reg"):
+                continue
+            op, rest = line.split(None, 1)
+            if op == "mov.b64":  # {lo, hi}, $n: a 64-bit operand split into its halves
+                lo, hi, src = re.match(r"\{(\w+), (\w+)\}, (\$\d+)", rest).groups()
+                self.regs[lo], self.regs[hi] = (self.regs[src] & 0xFFFFFFFF).astype(np.uint32), \
+                    (self.regs[src] >> 32).astype(np.uint32)
+                continue
+            if op.startswith("mma.sync"):
+                d, a, b, c = (re.findall(r"[\w$]+", grp) for grp in re.findall(r"\{([^}]*)\}", rest))
+                self._mma(d, a, b, c)
+                continue
+            dst, *src = [t.strip() for t in rest.split(",")]
+            v = [self._val(t) for t in src]
+            if op in ("mov.b32", "mov.f32"):
+                out = v[0]
+            elif op == "lop3.b32":
+                assert src[3] == "0xea"  # (a & b) | c
+                out = (v[0] & v[1]) | v[2]
+            elif op == "shr.u32":
+                out = v[0] >> v[1]
+            elif op == "prmt.b32":  # default mode: result byte i = byte sel_i of {b, a}
+                both = v[0].astype(np.uint64) | (v[1].astype(np.uint64) << 32)
+                out = np.zeros(32, np.uint32)
+                for i in range(4):
+                    sel = (int(src[2], 0) >> (4 * i)) & 0x7
+                    out |= (((both >> (8 * sel)) & 0xFF).astype(np.uint32)) << (8 * i)
+            elif op.startswith("fma.rn.") and op.endswith("x2"):
+                out = self._pack(self._halves(v[0]) * self._halves(v[1]) + self._halves(v[2]))
+            elif op == "fma.rn.f32":
+                f = [x.view(np.float32) for x in v]
+                out = (f[0] * f[1] + f[2]).astype(np.float32).view(np.uint32)
+            else:
+                raise AssertionError(f"the emulator does not know {op}")
+            self.regs[dst] = out.astype(np.uint32)
+
+    def _mma(self, d: list, a: list, b: list, c: list) -> None:
+        lane = np.arange(32)
+        g, t = lane // 4, lane % 4
+        A, B = np.zeros((16, 16), np.float32), np.zeros((16, 8), np.float32)
+        for i, (row, col) in enumerate(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8))):
+            h = self._halves(self.regs[a[i]])
+            A[row, col], A[row, col + 1] = h[:, 0], h[:, 1]
+        for i, k in enumerate((2 * t, 2 * t + 8)):
+            h = self._halves(self.regs[b[i]])
+            B[k, g], B[k + 1, g] = h[:, 0], h[:, 1]
+        D = A.astype(np.float64) @ B.astype(np.float64)
+        for i, (row, col) in enumerate(((g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1))):
+            acc = self.regs[c[i]].view(np.float32) + D[row, col]
+            self.regs[d[i]] = acc.astype(np.float32).view(np.uint32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 5, mg.MAX_ROWS])
+def test_ptx_run_on_an_emulated_warp_matches_the_reference(dtype, rows):
+    """The shipped PTX, run slab by slab with each lane's operands loaded as the kernel loads them
+    (lane 4g + t: words 4t..4t+3 of the slab for rows g and g + 8, x's row g at the same columns),
+    gives y = x @ W.T: checks the K permutation, the fragment slots and the accumulator layout on CPU."""
+    k, group = 256, 128
+    gen = torch.Generator().manual_seed(rows)
+    codes, scale = quantize_int4(torch.randn(16, k, generator=gen) * 0.05, group, dtype)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    words = codes.view(torch.int32).numpy().view(np.uint32)  # [16, k / 8]
+    x_int64 = torch.zeros(mg.MAX_ROWS, k, dtype=dtype)
+    x_int64[:rows] = x
+    x_int64 = x_int64.view(torch.int64).numpy().view(np.uint64)  # [8, k / 4]: four columns each
+    s32 = scale.float().numpy().view(np.uint32)
+    lane = np.arange(32)
+    g, t = lane // 4, lane % 4
+    acc = [np.zeros(32, np.uint32) for _ in range(4)]
+    for slab in range(0, k // 8, 16):  # one warp's 128-column steps, words slab .. slab + 15
+        word = [slab + 4 * t + u for u in range(4)]
+        operands = ([words[g, w] for w in word] + [words[g + 8, w] for w in word]
+                    + [x_int64[g, 2 * w] for w in word] + [x_int64[g, 2 * w + 1] for w in word]
+                    + [s32[g, slab * 8 // group]] * 4 + [s32[g + 8, slab * 8 // group]] * 4 + acc)
+        warp = _Warp("bf16" if dtype == torch.bfloat16 else "f16", operands)
+        warp.run(mg._asm(warp.half))
+        acc = [warp.regs[f"${i}"] for i in range(4)]
+    y = np.zeros((mg.MAX_ROWS, 16), np.float32)
+    for u, (row, m) in enumerate(((g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1))):
+        y[m, row] = acc[u].view(np.float32)
+    torch.testing.assert_close(torch.from_numpy(y[:rows]).double(), _exact(x, codes, scale), atol=1e-5, rtol=1e-5)
 
 
 def test_warps_for_the_8b_shapes():
