@@ -28,8 +28,9 @@ at the end. Per shape the warps are chosen by `warps_for`.
 
 Products are exact in float32 from (q - 8) and x; the scale multiplies the float32 sum. The
 reference (kernels.quant_matmul.quant_matmul_ref) rounds W to x's dtype first, so bf16 results differ
-from it by that rounding, as quant_gemv's do. PTX only: the interpreter cannot run it; int4_linear
-takes it on CUDA (compute capability 8.0+) and keeps the Triton GEMV elsewhere.
+from it by that rounding, as quant_gemv's do. PTX only: the interpreter cannot run it (the CPU tests
+run `_asm`'s PTX on an emulated warp instead); int4_linear takes it on CUDA (compute capability 8.0+)
+and keeps the Triton GEMV elsewhere.
 """
 
 from __future__ import annotations
