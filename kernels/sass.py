@@ -6,8 +6,9 @@ of its hottest loop, from the sm_90 build that Triton's own ptxas makes on this 
 Why: a one-row quantized GEMV is bound by instruction issue before bandwidth. An H200 SM issues 128
 thread-instructions a clock while the copy rate brings it about 18 bytes, so an int4 GEMV keeps up
 only below 3.6 instructions a code (BENCHMARKS.md, session 8: the byte-unpacking kernel took 8.0 and
-ran at 22-36% of the copy rate; the word kernel takes 4.4). Counting ranks unpack schemes before
-any device time is spent; only the card says how fast they are.
+ran at 22-36% of the copy rate; the word kernel takes 4.4, the MMA GEMV of kernels/int4_mma_gemv.py
+2.5-2.6). Counting ranks unpack schemes before any device time is spent; only the card says how fast
+they are (the MMA GEMV, under the budget, runs at half the copy rate: latency, not issue, bounds it).
 
 The build is specialized as a launch would be: pointer and integer arguments are taken as
 multiples of 16 unless named in `unspecialized` (a kernel's `do_not_specialize`). Without that hint
@@ -90,6 +91,8 @@ def build(fn: Any, signature: Dict[str, str], constexprs: Dict[str, Any], num_wa
     assert set(names) == set(signature) | set(constexprs), f"arguments of {fn.__name__}: {names}"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in signature and n not in unspecialized}
     full = {n: signature.get(n, "constexpr") for n in names}
+    if getattr(fn, "is_gluon", lambda: False)():  # a Gluon kernel (kernels/int4_mma_gemv.py)
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource  # noqa: F811
     source = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", HOPPER, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
@@ -110,6 +113,18 @@ def int4_gemv() -> Tuple[Build, int]:
               {"GROUP": 128, "ROWS": 1, "ROWS_P2": 1, "BLOCK_N": qg.INT4_BLOCK_N, "SUBS": qg.INT4_BLOCK_K // 128,
                "SPAN_W": 16, "PDL": True}, num_warps=qg.NUM_WARPS)
     return b, qg.INT4_BLOCK_N * qg.INT4_BLOCK_K // (32 * qg.NUM_WARPS)
+
+
+def int4_mma_gemv() -> Tuple[Build, int]:
+    """The int4 MMA GEMV (group 128, one row, 8 warps), and the codes a thread takes per loop step."""
+    from kernels import int4_mma_gemv as mg
+
+    b = build(mg._int4_mma_gemv_kernel,
+              {"x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
+               "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32"},
+              {"GROUP": 128, "W": 8, "UNROLL": mg.UNROLL, "ASM": mg._ASM_BF16.value, "PDL": True}, num_warps=8,
+              unspecialized=("M",))
+    return b, mg.UNROLL * 2 * 4 * 8  # slabs x rows g, g + 8 x words x codes
 
 
 def fp8_gemv() -> Tuple[Build, int]:
@@ -140,7 +155,8 @@ def bf16_gemv() -> Tuple[Build, int]:
 def main() -> None:
     assert available(), "needs Triton's CUDA backend tools (ptxas, cuobjdump, nvdisasm)"
     print(f"sm_{HOPPER} builds, triton {triton.__version__}; loop instructions a weight (per thread)")
-    for name, make in (("int4 (group 128)", int4_gemv), ("fp8", fp8_gemv), ("bf16", bf16_gemv)):
+    for name, make in (("int4 (group 128)", int4_gemv), ("int4 MMA GEMV", int4_mma_gemv), ("fp8", fp8_gemv),
+                       ("bf16", bf16_gemv)):
         b, weights = make()
         top = ", ".join(f"{op} {n / weights:.2f}" for op, n in b.opcodes.most_common(6))
         print(f"{name:<17} {b.loop_instructions / weights:5.2f} a weight ({top}); "

@@ -1,6 +1,6 @@
-"""kernels.sass: the one-row int4 GEMV's loop, built for sm_90 off the card, stays at few
+"""kernels.sass: the one-row int4 GEMVs' loops, built for sm_90 off the card, stay at few
 instructions a code (one-row int4 is bound by instruction issue: BENCHMARKS.md, session 8).
-The build runs in a process of its own: this one has Triton's interpreter on."""
+The builds run in a process of their own: this one has Triton's interpreter on."""
 
 import json
 import os
@@ -16,19 +16,35 @@ pytestmark = pytest.mark.skipif(not sass.available(), reason="needs Triton's CUD
 _PROBE = """
 import json
 from kernels import sass
-build, codes = sass.int4_gemv()
-print(json.dumps({"codes": codes, "loop": build.loop_instructions, "stack": build.stack_bytes,
-                  "ffma": build.opcodes["FFMA"], "top": build.opcodes.most_common(8)}))
+out = {}
+for name in ("int4_gemv", "int4_mma_gemv"):
+    build, codes = getattr(sass, name)()
+    out[name] = {"codes": codes, "loop": build.loop_instructions, "stack": build.stack_bytes,
+                 "ffma": build.opcodes["FFMA"], "hmma": build.opcodes["HMMA"], "top": build.opcodes.most_common(8)}
+print(json.dumps(out))
 """
 
 
-def test_int4_gemv_loop_takes_under_six_instructions_a_code():
+@pytest.fixture(scope="module")
+def builds():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_int4_gemv_loop_takes_under_six_instructions_a_code(builds):
+    got = builds["int4_gemv"]
     # the loop found is the K step: one FMA a code, no more, no fewer
     assert 0.9 <= got["ffma"] / got["codes"] <= 1.2, got["top"]
     # unpacking bytes took 8.0 a code; the word kernel 4.2-4.4 (triton 3.6-3.9)
     assert got["loop"] / got["codes"] < 6.0, got["top"]
     assert got["stack"] == 0  # no register spills
+
+
+def test_int4_mma_gemv_loop_takes_under_three_instructions_a_code(builds):
+    got = builds["int4_mma_gemv"]
+    # the loop found is the K step: a slab's 8 MMAs for each 64 codes of a thread, the products on tensor cores
+    assert got["hmma"] * 8 == got["codes"] and got["ffma"] * 16 == got["codes"], got["top"]
+    assert got["loop"] / got["codes"] < 3.0, got["top"]  # 2.5-2.6 (triton 3.6-3.9); the FMA-pipe GEMV 4.2-4.4
+    assert got["stack"] == 0
