@@ -80,7 +80,7 @@ def _largest_loop(sass: str) -> Counter:
 
 def build(fn: Any, signature: Dict[str, str], constexprs: Dict[str, Any], num_warps: int = 4,
           num_stages: int = 3, unspecialized: Tuple[str, ...] = ()) -> Build:
-    """Compile `fn` (a @triton.jit kernel) for sm_90. `signature` maps every non-constexpr
+    """Compile `fn` (a @triton.jit or @gluon.jit kernel) for sm_90. `signature` maps every non-constexpr
     argument to its Triton type ("*bf16", "i32", ...); `constexprs` gives the rest their values."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -91,9 +91,10 @@ def build(fn: Any, signature: Dict[str, str], constexprs: Dict[str, Any], num_wa
     assert set(names) == set(signature) | set(constexprs), f"arguments of {fn.__name__}: {names}"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in signature and n not in unspecialized}
     full = {n: signature.get(n, "constexpr") for n in names}
+    source_class = ASTSource
     if getattr(fn, "is_gluon", lambda: False)():  # a Gluon kernel (kernels/int4_mma_gemv.py)
-        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource  # noqa: F811
-    source = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=attrs)
+        from triton.experimental.gluon._runtime import GluonASTSource as source_class
+    source = source_class(fn=fn, signature=full, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", HOPPER, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
     cubin = kernel.asm["cubin"]
