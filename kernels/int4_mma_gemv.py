@@ -35,6 +35,8 @@ and keeps the Triton GEMV elsewhere.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels._triton import pdl
@@ -162,7 +164,13 @@ def supported(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> bool
     return (1 <= m <= MAX_ROWS and n % 16 == 0 and k % SLAB == 0 and (k // scale.shape[1]) % SLAB == 0
             and x.stride(1) == 1 and x.stride(0) % 4 == 0 and x.data_ptr() % 8 == 0
             and codes.is_contiguous() and codes.data_ptr() % 4 == 0 and scale.stride(1) == 1
-            and torch.cuda.get_device_capability(x.device)[0] >= 8)
+            and _has_mma_sync(x.device.index or 0))
+
+
+@functools.cache
+def _has_mma_sync(device_index: int) -> bool:
+    """mma.sync.m16n8k16 with bf16: compute capability 8.0 and later."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 8
 
 
 def int4_mma_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, warps: int = 0) -> torch.Tensor:

@@ -37,10 +37,10 @@ from kernels._triton import next_pow2, pdl, pdl_enter, tl, triton
 
 GEMV_MAX_ROWS = 8  # the kernels' limit: their row loop is unrolled
 # Rows the dispatch (int4_linear, scaled_linear) sends here; more go to quant_matmul (tensor cores)
-# (int4 on CUDA in bf16 / fp16 with group sizes of 128 multiples takes kernels/int4_mma_gemv.py first)
 # up to its SMALL_M, then dequantize + cuBLAS. On an H100 (bf16 activations, 8B shapes, in CUDA
 # graphs, 2026-11-25) the GEMVs beat quant_matmul at one row (int4: 8.9-40 µs vs 13.4-43.9) and
-# lost 3-7x at eight (int4 gate_up 207 µs vs 47), where every row repeats the unpacking.
+# lost 3-7x at eight (int4 gate_up 207 µs vs 47), where every row repeats the unpacking. int4 on
+# CUDA in bf16 / fp16 with group sizes of 128 multiples takes kernels/int4_mma_gemv.py first (1-8 rows).
 DISPATCH_MAX_ROWS = 1
 
 # int4: 16 weight rows x 2,048 columns (1 KiB of codes a row, 16 groups of 128) a program and K
