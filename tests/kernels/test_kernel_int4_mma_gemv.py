@@ -31,6 +31,10 @@ def test_ptx_operands_match_the_constraints(dtype):
     assert asm.count("mma.sync.aligned.m16n8k16") == 8 and asm.count(f".{dtype}.{dtype}.f32") == 8
 
 
+def _exact(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.double().cpu() @ dequantize_int4(codes.cpu(), scale.cpu(), torch.float64).T
+
+
 class _Warp:
     """The PTX of `_asm` run on 32 lanes in numpy (uint32 registers): the instructions it uses, with
     mma.sync's fragment layout as the PTX ISA gives it (lane = 4 * group + thread in group)."""
@@ -155,10 +159,6 @@ def test_warps_for_the_8b_shapes():
 def test_not_taken_off_cuda():
     codes, scale = quantize_int4(torch.randn(32, 256) * 0.05, 128, torch.bfloat16)
     assert not mg.supported(torch.randn(1, 256, dtype=torch.bfloat16), codes, scale)
-
-
-def _exact(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x.double().cpu() @ dequantize_int4(codes.cpu(), scale.cpu(), torch.float64).T
 
 
 CASES = [(1024, 4096, 128, 0), (512, 14336, 128, 8), (256, 2048, 256, 4), (4096, 1536, 128, 16), (48, 640, 128, 0)]
