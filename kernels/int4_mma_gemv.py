@@ -23,8 +23,9 @@ dialect) pins which lane holds which word, which plain Triton cannot promise.
 
 The group scale multiplies a slab's partial sums once (a slab of 128 columns lies in one group:
 G % 128 == 0), adding them to the accumulators (c0, c1: row g, x rows 2t, 2t + 1; c2, c3: row g + 8).
-A program is one 16-row tile; its warps split K (a warp takes every W-th slab) and are summed once
-at the end. Per shape the warps are chosen by `warps_for`.
+A program is one 16-row tile, or two at more than two rows of x (a lane's x registers then serve both:
+eight rows of x are twice the bytes of a slab's codes); its warps split K (a warp takes every W-th
+slab) and are summed once at the end. `tiles_and_warps` picks both per shape.
 
 Products are exact in float32 from (q - 8) and x; the scale multiplies the float32 sum. The
 reference (kernels.quant_matmul.quant_matmul_ref) rounds W to x's dtype first, so bf16 results differ
@@ -91,61 +92,73 @@ if HAS_GLUON:
     _CONSTRAINTS = gl.constexpr(CONSTRAINTS)
 
     @gluon.jit
-    def _slab(acc, lo_ptrs, hi_ptrs, x_ptrs, slo_ptrs, shi_ptrs, kw, slab, x_ok, K,
-              GROUP: gl.constexpr, ASM: gl.constexpr):
-        """acc + this slab's products; kw: the step's first word, slab [W, 1, 1]: each warp's."""
-        ok = slab * 8 < K  # per warp: its slab lies inside K (masked loads read nothing)
-        lo = gl.load(lo_ptrs + kw, mask=ok, other=0)
-        hi = gl.load(hi_ptrs + kw, mask=ok, other=0)
-        x03 = gl.load(x_ptrs + kw * 2, mask=ok & x_ok, other=0)
-        x47 = gl.load(x_ptrs + kw * 2 + 1, mask=ok & x_ok, other=0)
-        group = (slab * 8) // GROUP
-        s_lo = gl.load(slo_ptrs + group, mask=ok, other=0.0).to(gl.float32)
-        s_hi = gl.load(shi_ptrs + group, mask=ok, other=0.0).to(gl.float32)
-        return gl.inline_asm_elementwise(ASM, _CONSTRAINTS, [lo, hi, x03, x47, s_lo, s_hi, acc],
-                                         dtype=gl.float32, is_pure=True, pack=4)
-
-    @gluon.jit
     def _int4_mma_gemv_kernel(x_ptr, words_ptr, scale_ptr, y_ptr, M, N, K,
                               stride_xm, stride_wn, stride_sn, stride_ym,
-                              GROUP: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr, ASM: gl.constexpr,
-                              PDL: gl.constexpr):
+                              GROUP: gl.constexpr, T: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr,
+                              ASM: gl.constexpr, PDL: gl.constexpr):
         if PDL:  # as kernels._triton.pdl_enter: wait for the previous kernel, let the next one be scheduled
             gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
             gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
                                       is_pure=False, pack=1)
-        # every tensor is [W warps, 8 g, 16 (t, u)]: lane 4g + t of warp w holds its 4 u in registers
-        LAYOUT: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 8, 4], [W, 1, 1], [2, 1, 0])
-        w = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, LAYOUT)))[:, None, None]
-        g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LAYOUT)))[None, :, None]
-        tu = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, LAYOUT)))[None, None, :]
-        n0 = gl.program_id(0) * 16
-        rows = (n0 + g).to(gl.int64)
+        # [T tiles, W warps, 8 g, 16 (t, u)]: lane 4g + t of warp w holds its T x 4 words in registers
+        L: gl.constexpr = gl.BlockedLayout([T, 1, 1, 4], [1, 1, 8, 4], [1, W, 1, 1], [3, 2, 1, 0])
+        tile = gl.arange(0, T, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L))))[:, None, None, None]
+        w = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L))))[None, :, None, None]
+        g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L))))[None, None, :, None]
+        tu = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L))))[None, None, None, :]
+        n0 = gl.program_id(0) * (16 * T)
+        rows = (n0 + 16 * tile + g).to(gl.int64)
         lo_ptrs = words_ptr + rows * stride_wn + w * 16 + tu
         hi_ptrs = lo_ptrs + 8 * stride_wn
-        # x as int64 (four columns each): lane g reads x's row g, zero past M
+        # x as int64 (four columns each): lane g reads x's row g (shared by the T tiles), zero past M
         x_ptrs = (x_ptr.to(gl.pointer_type(gl.int64), bitcast=True) + g.to(gl.int64) * (stride_xm // 4)
                   + (w * 16 + tu) * 2)
         x_ok = g < M
         slo_ptrs = scale_ptr + rows * stride_sn
         shi_ptrs = slo_ptrs + 8 * stride_sn
-        acc = gl.zeros([W, 8, 16], gl.float32, LAYOUT)
+        acc = gl.zeros([T, W, 8, 16], gl.float32, L)
         for k0 in range(0, K // 8, W * 16 * UNROLL):
             for r in gl.static_range(UNROLL):
                 kw = k0 + r * (W * 16)
-                acc = _slab(acc, lo_ptrs, hi_ptrs, x_ptrs, slo_ptrs, shi_ptrs, kw, kw + w * 16, x_ok, K, GROUP, ASM)
-        out = gl.sum(acc, axis=0)  # the warps' slabs added: [8 g, 16 (t, u)], u = accumulator c_u
-        OUT: gl.constexpr = gl.SliceLayout(0, LAYOUT)
-        og = gl.arange(0, 8, layout=gl.SliceLayout(1, OUT))[:, None]
-        ou = gl.arange(0, 16, layout=gl.SliceLayout(0, OUT))[None, :]
-        row = n0 + og + 8 * ((ou % 4) // 2)  # c0, c1: row g; c2, c3: row g + 8
+                slab = kw + w * 16  # each warp's first word
+                ok = slab * 8 < K  # per warp: its slab lies inside K (masked loads read nothing)
+                lo = gl.load(lo_ptrs + kw, mask=ok, other=0)
+                hi = gl.load(hi_ptrs + kw, mask=ok, other=0)
+                x03 = gl.load(x_ptrs + kw * 2, mask=ok & x_ok, other=0)
+                x47 = gl.load(x_ptrs + kw * 2 + 1, mask=ok & x_ok, other=0)
+                group = (slab * 8) // GROUP
+                s_lo = gl.load(slo_ptrs + group, mask=ok, other=0.0).to(gl.float32)
+                s_hi = gl.load(shi_ptrs + group, mask=ok, other=0.0).to(gl.float32)
+                acc = gl.inline_asm_elementwise(ASM, _CONSTRAINTS, [lo, hi, x03, x47, s_lo, s_hi, acc],
+                                                dtype=gl.float32, is_pure=True, pack=4)
+        out = gl.sum(acc, axis=1)  # the warps' slabs added: [T, 8 g, 16 (t, u)], u = accumulator c_u
+        OUT: gl.constexpr = gl.SliceLayout(1, L)
+        ot = gl.arange(0, T, layout=gl.SliceLayout(1, gl.SliceLayout(2, OUT)))[:, None, None]
+        og = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, OUT)))[None, :, None]
+        ou = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, OUT)))[None, None, :]
+        row = n0 + 16 * ot + og + 8 * ((ou % 4) // 2)  # c0, c1: row g; c2, c3: row g + 8
         m = 2 * (ou // 4) + ou % 2  # c0, c2: x row 2t; c1, c3: 2t + 1
         gl.store(y_ptr + m.to(gl.int64) * stride_ym + row, out.to(y_ptr.dtype.element_ty), mask=(m < M) & (row < N))
 
 
+def tiles_and_warps(m: int, n: int, k: int) -> tuple[int, int]:
+    """(16-row tiles a warp, warps a program splits K over) for x of m rows and a weight [n, k].
+    One or two rows: one tile, `warps_for`. More: two tiles a warp where N allows (x's loads, up to
+    eight rows of them, then serve twice the codes), and fewer warps: at most one a 512 columns and
+    1,024 in all, at least two. On an H200 (2026-12-01, BENCHMARKS.md session 11), a layer's four
+    linears: 4 rows 61.9 µs against 69.3 for one tile, 8 rows 70.8 against 97.8 (gate_up 30.2
+    against 45.2); 2 rows 60.4 against 60.1."""
+    if m <= 2 or n % 32:
+        return 1, warps_for(n, k)
+    warps = 16
+    while warps > 2 and (warps * 512 > k or n // 32 * warps > 1024):
+        warps //= 2
+    return 2, warps
+
+
 def warps_for(n: int, k: int) -> int:
-    """Warps a 16-row program splits K over: at most one a 512 columns (two slabs each), and at most
-    4,096 warps for the whole weight, at least 4. On an H200 (2026-12-01, µs a call at one row,
+    """Warps a 16-row program splits K over at one row: at most one a 512 columns (two slabs each), and
+    at most 4,096 warps for the whole weight, at least 4. On an H200 (2026-12-01, µs a call at one row,
     BENCHMARKS.md session 10): qkv 8 warps 9.0 (16: 12.6), o 8: 7.5 (4: 8.9), gate_up 4: 23.6
     (8: 32.0), down (K = 14,336) 16: 16.0 (8: 16.6, 4: 26.2)."""
     warps = 16
@@ -173,16 +186,20 @@ def _has_mma_sync(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 8
 
 
-def int4_mma_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, warps: int = 0) -> torch.Tensor:
-    """x [M <= 8, K] times the int4 weight [N, K] transposed -> [M, N] in x.dtype (see `supported`)."""
+def int4_mma_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                  tiles: int = 0, warps: int = 0) -> torch.Tensor:
+    """x [M <= 8, K] times the int4 weight [N, K] transposed -> [M, N] in x.dtype (see `supported`).
+    `tiles` / `warps` (tests, bench) override `tiles_and_warps`."""
     assert supported(x, codes, scale), "int4_mma_gemv: unsupported operands (see supported())"
     m, k = x.shape
     n = codes.shape[0]
     words = codes.view(torch.int32)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    warps = warps or warps_for(n, k)
-    _int4_mma_gemv_kernel[(n // 16,)](
+    rule = tiles_and_warps(m, n, k)
+    tiles, warps = tiles or rule[0], warps or rule[1]
+    assert n % (16 * tiles) == 0, "int4_mma_gemv: N must be a multiple of 16 x tiles"
+    _int4_mma_gemv_kernel[(n // (16 * tiles),)](
         x, words, scale, y, m, n, k, x.stride(0), words.stride(0), scale.stride(0), y.stride(0),
-        GROUP=k // scale.shape[1], W=warps, UNROLL=UNROLL, ASM=_ASM_BF16 if x.dtype == torch.bfloat16 else _ASM_F16,
-        num_warps=warps, **pdl(x.device))
+        GROUP=k // scale.shape[1], T=tiles, W=warps, UNROLL=UNROLL,
+        ASM=_ASM_BF16 if x.dtype == torch.bfloat16 else _ASM_F16, num_warps=warps, **pdl(x.device))
     return y

@@ -123,9 +123,21 @@ def int4_mma_gemv() -> Tuple[Build, int]:
     b = build(mg._int4_mma_gemv_kernel,
               {"x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
                "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32"},
-              {"GROUP": 128, "W": 8, "UNROLL": mg.UNROLL, "ASM": mg._ASM_BF16.value, "PDL": True}, num_warps=8,
+              {"GROUP": 128, "T": 1, "W": 8, "UNROLL": mg.UNROLL, "ASM": mg._ASM_BF16.value, "PDL": True}, num_warps=8,
               unspecialized=("M",))
     return b, mg.UNROLL * 2 * 4 * 8  # slabs x rows g, g + 8 x words x codes
+
+
+def fp8_mma_gemv() -> Tuple[Build, int]:
+    """The fp8 MMA GEMV (one row, 8 warps), and the codes a thread takes per loop step."""
+    from kernels import fp8_mma_gemv as fmg
+
+    b = build(fmg._fp8_mma_gemv_kernel,
+              {"x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N": "i32",
+               "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"},
+              {"T": 1, "W": 8, "UNROLL": fmg.UNROLL, "ASM": fmg._ASM_BF16.value, "PDL": True}, num_warps=8,
+              unspecialized=("M",))
+    return b, fmg.UNROLL * 2 * 4 * 4  # slabs x rows g, g + 8 x words x codes
 
 
 def fp8_gemv() -> Tuple[Build, int]:
@@ -157,6 +169,7 @@ def main() -> None:
     assert available(), "needs Triton's CUDA backend tools (ptxas, cuobjdump, nvdisasm)"
     print(f"sm_{HOPPER} builds, triton {triton.__version__}; loop instructions a weight (per thread)")
     for name, make in (("int4 (group 128)", int4_gemv), ("int4 MMA GEMV", int4_mma_gemv), ("fp8", fp8_gemv),
+                       ("fp8 MMA GEMV", fp8_mma_gemv),
                        ("bf16", bf16_gemv)):
         b, weights = make()
         top = ", ".join(f"{op} {n / weights:.2f}" for op, n in b.opcodes.most_common(6))

@@ -14,6 +14,7 @@ import torch
 from framework.layers.quantization.int4 import dequantize_int4, quantize_int4
 from kernels import int4_mma_gemv as mg
 from kernels.quant_matmul import quant_matmul_ref
+from tests.kernels.ptx_warp import Warp
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "f16"])
@@ -33,87 +34,6 @@ def test_ptx_operands_match_the_constraints(dtype):
 
 def _exact(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.double().cpu() @ dequantize_int4(codes.cpu(), scale.cpu(), torch.float64).T
-
-
-class _Warp:
-    """The PTX of `_asm` run on 32 lanes in numpy (uint32 registers): the instructions it uses, with
-    mma.sync's fragment layout as the PTX ISA gives it (lane = 4 * group + thread in group)."""
-
-    def __init__(self, dtype: str, inputs: list):
-        self.half = dtype  # "bf16" or "f16"
-        # $0-$3 are the outputs; each register a uint32 [32] (the int64 operands uint64)
-        self.regs = {f"${4 + i}": v for i, v in enumerate(inputs)}
-
-    def _halves(self, r: np.ndarray) -> np.ndarray:  # uint32 [32] -> float32 [32, 2] (low, high)
-        h = np.stack([r & 0xFFFF, r >> 16], -1).astype(np.uint32)
-        if self.half == "bf16":
-            return (h << 16).view(np.float32)
-        return h.astype(np.uint16).view(np.float16).astype(np.float32)
-
-    def _pack(self, f: np.ndarray) -> np.ndarray:  # float32 [32, 2] -> uint32 [32], rounded to nearest even
-        t = torch.from_numpy(np.ascontiguousarray(f))
-        bits = t.to(torch.bfloat16 if self.half == "bf16" else torch.float16).view(torch.int16).numpy()
-        h = bits.astype(np.uint32) & 0xFFFF
-        return h[:, 0] | (h[:, 1] << 16)
-
-    def _val(self, tok: str) -> np.ndarray:
-        if tok.startswith("0f"):
-            return np.full(32, int(tok[2:], 16), np.uint32)
-        return self.regs[tok] if tok in self.regs else np.full(32, int(tok, 0), np.uint32)
-
-    def run(self, asm: str) -> None:
-        for line in asm.splitlines():
-            line = line.strip().rstrip(";")
-            if not line or line in "{}" or line.startswith(".reg"):
-                continue
-            op, rest = line.split(None, 1)
-            if op == "mov.b64":  # {lo, hi}, $n: a 64-bit operand split into its halves
-                lo, hi, src = re.match(r"\{(\w+), (\w+)\}, (\$\d+)", rest).groups()
-                self.regs[lo], self.regs[hi] = (self.regs[src] & 0xFFFFFFFF).astype(np.uint32), \
-                    (self.regs[src] >> 32).astype(np.uint32)
-                continue
-            if op.startswith("mma.sync"):
-                d, a, b, c = (re.findall(r"[\w$]+", grp) for grp in re.findall(r"\{([^}]*)\}", rest))
-                self._mma(d, a, b, c)
-                continue
-            dst, *src = [t.strip() for t in rest.split(",")]
-            v = [self._val(t) for t in src]
-            if op in ("mov.b32", "mov.f32"):
-                out = v[0]
-            elif op == "lop3.b32":
-                assert src[3] == "0xea"  # (a & b) | c
-                out = (v[0] & v[1]) | v[2]
-            elif op == "shr.u32":
-                out = v[0] >> v[1]
-            elif op == "prmt.b32":  # default mode: result byte i = byte sel_i of {b, a}
-                both = v[0].astype(np.uint64) | (v[1].astype(np.uint64) << 32)
-                out = np.zeros(32, np.uint32)
-                for i in range(4):
-                    sel = (int(src[2], 0) >> (4 * i)) & 0x7
-                    out |= (((both >> (8 * sel)) & 0xFF).astype(np.uint32)) << (8 * i)
-            elif op.startswith("fma.rn.") and op.endswith("x2"):
-                out = self._pack(self._halves(v[0]) * self._halves(v[1]) + self._halves(v[2]))
-            elif op == "fma.rn.f32":
-                f = [x.view(np.float32) for x in v]
-                out = (f[0] * f[1] + f[2]).astype(np.float32).view(np.uint32)
-            else:
-                raise AssertionError(f"the emulator does not know {op}")
-            self.regs[dst] = out.astype(np.uint32)
-
-    def _mma(self, d: list, a: list, b: list, c: list) -> None:
-        lane = np.arange(32)
-        g, t = lane // 4, lane % 4
-        A, B = np.zeros((16, 16), np.float32), np.zeros((16, 8), np.float32)
-        for i, (row, col) in enumerate(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8))):
-            h = self._halves(self.regs[a[i]])
-            A[row, col], A[row, col + 1] = h[:, 0], h[:, 1]
-        for i, k in enumerate((2 * t, 2 * t + 8)):
-            h = self._halves(self.regs[b[i]])
-            B[k, g], B[k + 1, g] = h[:, 0], h[:, 1]
-        D = A.astype(np.float64) @ B.astype(np.float64)
-        for i, (row, col) in enumerate(((g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1))):
-            acc = self.regs[c[i]].view(np.float32) + D[row, col]
-            self.regs[d[i]] = acc.astype(np.float32).view(np.uint32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -139,13 +59,22 @@ def test_ptx_run_on_an_emulated_warp_matches_the_reference(dtype, rows):
         operands = ([words[g, w] for w in word] + [words[g + 8, w] for w in word]
                     + [x_int64[g, 2 * w] for w in word] + [x_int64[g, 2 * w + 1] for w in word]
                     + [s32[g, slab * 8 // group]] * 4 + [s32[g + 8, slab * 8 // group]] * 4 + acc)
-        warp = _Warp("bf16" if dtype == torch.bfloat16 else "f16", operands)
+        warp = Warp("bf16" if dtype == torch.bfloat16 else "f16", operands)
         warp.run(mg._asm(warp.half))
         acc = [warp.regs[f"${i}"] for i in range(4)]
     y = np.zeros((mg.MAX_ROWS, 16), np.float32)
     for u, (row, m) in enumerate(((g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1))):
         y[m, row] = acc[u].view(np.float32)
     torch.testing.assert_close(torch.from_numpy(y[:rows]).double(), _exact(x, codes, scale), atol=1e-5, rtol=1e-5)
+
+
+def test_tiles_and_warps_for_the_8b_shapes():
+    shapes = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))  # qkv, o, gate_up, down
+    for m in (1, 2):
+        assert [mg.tiles_and_warps(m, n, k) for n, k in shapes] == [(1, mg.warps_for(n, k)) for n, k in shapes]
+    # more rows: two tiles a warp, the warps measured best at eight rows on an H200
+    assert [mg.tiles_and_warps(8, n, k) for n, k in shapes] == [(2, 4), (2, 8), (2, 2), (2, 8)]
+    assert mg.tiles_and_warps(8, 48, 1024) == (1, 4)  # 48 rows: no whole pair of 16-row tiles
 
 
 def test_warps_for_the_8b_shapes():
@@ -161,13 +90,14 @@ def test_not_taken_off_cuda():
     assert not mg.supported(torch.randn(1, 256, dtype=torch.bfloat16), codes, scale)
 
 
-CASES = [(1024, 4096, 128, 0), (512, 14336, 128, 8), (256, 2048, 256, 4), (4096, 1536, 128, 16), (48, 640, 128, 0)]
+CASES = [(1024, 4096, 128, 0, 0), (512, 14336, 128, 2, 8), (256, 2048, 256, 1, 4), (4096, 1536, 128, 1, 16),
+         (48, 640, 128, 0, 0), (96, 1024, 128, 2, 2)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,k,group,warps", CASES)
+@pytest.mark.parametrize("n,k,group,tiles,warps", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_matches_references(n, k, group, warps, dtype):
+def test_gpu_matches_references(n, k, group, tiles, warps, dtype):
     """K past the last full step of the warps (1,536, 640, 14,336 over 16 or 8 warps) is masked."""
     gen = torch.Generator().manual_seed(n + k)
     codes, scale = quantize_int4(torch.randn(n, k, generator=gen) * 0.05, group, dtype)
@@ -175,7 +105,7 @@ def test_gpu_matches_references(n, k, group, warps, dtype):
     for rows in (1, 3, mg.MAX_ROWS):
         x = torch.randn(rows, k, generator=gen).to(dtype).cuda()
         assert mg.supported(x, codes, scale)
-        got = mg.int4_mma_gemv(x, codes, scale, warps)
+        got = mg.int4_mma_gemv(x, codes, scale, tiles, warps)
         assert got.dtype == dtype and got.shape == (rows, n)
         torch.testing.assert_close(got.double().cpu(), _exact(x, codes, scale), atol=2e-2, rtol=1e-2)
         torch.testing.assert_close(got, quant_matmul_ref(x, codes, scale), atol=3e-2, rtol=2e-2)
@@ -186,12 +116,13 @@ def test_gpu_rows_and_columns_land_where_they_belong():
     """x's rows are unit vectors: output row m is column m of the weight, rounded once to bf16
     ((q - 8) * scale is exact in float32), so any lane or register mix-up shows as inequality."""
     codes, scale = quantize_int4(torch.randn(64, 512) * 0.05, 128, torch.bfloat16)
+    weight = dequantize_int4(codes, scale, torch.float32).to(torch.bfloat16)
     for first in (0, 130, 504):  # columns in different slabs, words and nibbles
-        x = torch.zeros(mg.MAX_ROWS, 512, dtype=torch.bfloat16)
-        x[torch.arange(mg.MAX_ROWS), first + torch.arange(mg.MAX_ROWS)] = 1
-        got = mg.int4_mma_gemv(x.cuda(), codes.cuda(), scale.cuda()).cpu()
-        weight = dequantize_int4(codes, scale, torch.float32).to(torch.bfloat16)
-        assert torch.equal(got, weight[:, first:first + mg.MAX_ROWS].T)
+        for tiles in (1, 2):
+            x = torch.zeros(mg.MAX_ROWS, 512, dtype=torch.bfloat16)
+            x[torch.arange(mg.MAX_ROWS), first + torch.arange(mg.MAX_ROWS)] = 1
+            got = mg.int4_mma_gemv(x.cuda(), codes.cuda(), scale.cuda(), tiles).cpu()
+            assert torch.equal(got, weight[:, first:first + mg.MAX_ROWS].T)
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""kernels.sass: the one-row int4 GEMVs' loops, built for sm_90 off the card, stay at few
+"""kernels.sass: the one-row int4 and fp8 GEMVs' loops, built for sm_90 off the card, stay at few
 instructions a code (one-row int4 is bound by instruction issue: BENCHMARKS.md, session 8).
 The builds run in a process of their own: this one has Triton's interpreter on."""
 
@@ -17,7 +17,7 @@ _PROBE = """
 import json
 from kernels import sass
 out = {}
-for name in ("int4_gemv", "int4_mma_gemv"):
+for name in ("int4_gemv", "int4_mma_gemv", "fp8_mma_gemv"):
     build, codes = getattr(sass, name)()
     out[name] = {"codes": codes, "loop": build.loop_instructions, "stack": build.stack_bytes,
                  "ffma": build.opcodes["FFMA"], "hmma": build.opcodes["HMMA"], "top": build.opcodes.most_common(8)}
@@ -47,4 +47,12 @@ def test_int4_mma_gemv_loop_takes_under_three_instructions_a_code(builds):
     # the loop found is the K step: a slab's 8 MMAs for each 64 codes of a thread, the products on tensor cores
     assert got["hmma"] * 8 == got["codes"] and got["ffma"] * 16 == got["codes"], got["top"]
     assert got["loop"] / got["codes"] < 3.0, got["top"]  # 2.5-2.6 (triton 3.6-3.9); the FMA-pipe GEMV 4.2-4.4
+    assert got["stack"] == 0
+
+
+def test_fp8_mma_gemv_loop_takes_under_three_and_a_half_instructions_a_code(builds):
+    got = builds["fp8_mma_gemv"]
+    # the K step: a slab's 4 MMAs for each 32 codes of a thread, no FMA-pipe products
+    assert got["hmma"] * 8 == got["codes"] and got["ffma"] == 0, got["top"]
+    assert got["loop"] / got["codes"] < 3.5, got["top"]  # 2.97 (triton 3.6): 4 for 2 codes + loads, addresses
     assert got["stack"] == 0

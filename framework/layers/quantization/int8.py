@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import kernels
 from framework.layers.quantization.base import LoadTimeQuant, Spec
-from kernels import quant_gemv as qg, quant_matmul as qmm
+from kernels import fp8_mma_gemv as fmg, quant_gemv as qg, quant_matmul as qmm
 
 QMAX = 127  # -128 unused: a symmetric grid keeps zero exact and the range balanced
 # Up to this many rows (tokens) a call stays weight-only (the GEMV, then quant_matmul), as fp8
@@ -41,12 +41,15 @@ def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 
 def scaled_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                   bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x @ (scale * codes).T + bias, with the per-row scale applied to the output. On GPU, decode
-    rows take the GEMV (kernels/quant_gemv.py) and somewhat more the fused matmul
-    (kernels/quant_matmul.py); both read one byte per weight."""
+    """x @ (scale * codes).T + bias, with the per-row scale applied to the output. On GPU, one decode
+    row takes the GEMV (kernels/quant_gemv.py), 2-8 rows of fp8 the MMA GEMV (kernels/fp8_mma_gemv.py,
+    where `faster`), and somewhat more rows the fused matmul (kernels/quant_matmul.py); all read one
+    byte per weight."""
     x2 = x.reshape(-1, x.shape[-1])
     triton = kernels.use_triton(x)
-    if triton and x2.shape[0] <= qg.DISPATCH_MAX_ROWS:
+    if triton and fmg.supported(x2, codes, scale) and fmg.faster(x2, codes):
+        y = fmg.fp8_mma_gemv(x2, codes, scale).view(*x.shape[:-1], codes.shape[0])
+    elif triton and x2.shape[0] <= qg.DISPATCH_MAX_ROWS:
         y = qg.rowscaled_gemv(x2, codes, scale).view(*x.shape[:-1], codes.shape[0])
     elif triton and x2.shape[0] <= qmm.SMALL_M and qmm.supported(codes, scale):
         y = qmm.quant_matmul(x2, codes, scale).view(*x.shape[:-1], codes.shape[0])
