@@ -12,8 +12,9 @@ Two matmuls, chosen per call:
   no dequantized weight copy.
 - Weight-only (int8.scaled_linear): the codes convert exactly to the activation dtype and the
   row scale multiplies the output. Decode batches up to WEIGHT_ONLY_MAX_ROWS on GPU stay here
-  (the one-row GEMV and the fused kernel of quant_matmul measured faster than cuBLAS's fp8 GEMM
-  there, and x stays exact), and so do the CPU, cards without fp8 and float32 models.
+  (the one-row GEMV, the tensor-core GEMV of kernels/fp8_mma_gemv.py at 2-8 rows and the fused
+  kernel of quant_matmul measured faster than cuBLAS's fp8 GEMM there, and x stays exact), and so
+  do the CPU, cards without fp8 and float32 models.
 `quantize_activations=False` (a compressed-tensors checkpoint that quantizes only its weights)
 always runs weight-only.
 """
