@@ -25,19 +25,16 @@ emulated warp (tests/kernels/ptx_warp.py).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from kernels._mma_gemv import HAS_GLUON, has_mma_sync
 from kernels._triton import pdl
 
-try:
+if HAS_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
 
-    HAS_GLUON = True
-except Exception:  # pragma: no cover - Tritons without Gluon, or no Triton
-    HAS_GLUON = False
+    from kernels._mma_gemv import lanes, outputs, pdl_enter
 
 FP8 = torch.float8_e4m3fn
 MAX_ROWS = 8  # x's rows are the MMA's eight B columns
@@ -95,16 +92,10 @@ if HAS_GLUON:
     def _fp8_mma_gemv_kernel(x_ptr, words_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                              T: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr, ASM: gl.constexpr,
                              PDL: gl.constexpr):
-        if PDL:  # as kernels._triton.pdl_enter: wait for the previous kernel, let the next one be scheduled
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
+        pdl_enter(PDL)
         # [T tiles, W warps, 8 g, 16 (t, u)]: lane 4g + t of warp w holds its T x 4 words in registers
         L: gl.constexpr = gl.BlockedLayout([T, 1, 1, 4], [1, 1, 8, 4], [1, W, 1, 1], [3, 2, 1, 0])
-        tile = gl.arange(0, T, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L))))[:, None, None, None]
-        w = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L))))[None, :, None, None]
-        g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L))))[None, None, :, None]
-        tu = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L))))[None, None, None, :]
+        tile, w, g, tu = lanes(L, T, W)
         n0 = gl.program_id(0) * (16 * T)
         lo_ptrs = words_ptr + (n0 + 16 * tile + g).to(gl.int64) * stride_wn + w * 16 + tu
         hi_ptrs = lo_ptrs + 8 * stride_wn
@@ -122,12 +113,7 @@ if HAS_GLUON:
                 acc = gl.inline_asm_elementwise(ASM, _CONSTRAINTS, [lo, hi, x, acc],
                                                 dtype=gl.float32, is_pure=True, pack=4)
         out = gl.sum(acc, axis=1)  # the warps' slabs added: [T, 8 g, 16 (t, u)], u = accumulator c_u
-        OUT: gl.constexpr = gl.SliceLayout(1, L)
-        ot = gl.arange(0, T, layout=gl.SliceLayout(1, gl.SliceLayout(2, OUT)))[:, None, None]
-        og = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, OUT)))[None, :, None]
-        ou = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, OUT)))[None, None, :]
-        row = n0 + 16 * ot + og + 8 * ((ou % 4) // 2)  # c0, c1: row g; c2, c3: row g + 8
-        m = 2 * (ou // 4) + ou % 2  # c0, c2: x row 2t; c1, c3: 2t + 1
+        row, m = outputs(n0, L, T)  # each accumulator's weight row and x row
         out = out * gl.load(scale_ptr + row)
         gl.store(y_ptr + m.to(gl.int64) * stride_ym + row, out.to(y_ptr.dtype.element_ty), mask=m < M)
 
@@ -164,13 +150,7 @@ def supported(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> bool
             and x.stride(1) == 1 and x.stride(0) % 4 == 0 and x.data_ptr() % 8 == 0
             and codes.is_contiguous() and codes.data_ptr() % 4 == 0
             and scale.dtype == torch.float32 and scale.shape == (n,) and scale.is_contiguous()
-            and _has_mma_sync(x.device.index or 0))
-
-
-@functools.cache
-def _has_mma_sync(device_index: int) -> bool:
-    """mma.sync.m16n8k16 with bf16: compute capability 8.0 and later."""
-    return torch.cuda.get_device_capability(device_index)[0] >= 8
+            and has_mma_sync(x.device.index or 0))
 
 
 def fp8_mma_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
