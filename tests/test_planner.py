@@ -482,6 +482,17 @@ def test_tinygemm_and_compile_workers_where_they_cannot_act_are_said(tiny_model)
                            "group sizes 32 and 64); its copy costs another 1/2 byte a weight"]
     cfg.quantization.group_size = 64
     assert notes(True) == []
+    # auto: as the method resolves for the checkpoint; one stored in int4 keeps no tinygemm copy
+    cfg.quantization.method = "auto"
+    assert notes(True) == ["quantization.int4_tinygemm=true: not used with quantization.method=auto (resolved to "
+                           "none for this checkpoint) (int4 on CUDA in bf16 only)"]
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+    hf.quantization_config = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                              "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
+    assert notes(True) == ["quantization.int4_tinygemm=true: not used: the checkpoint is stored in int4 and loads "
+                           "as stored, with no tinygemm copy"]
+    del hf.quantization_config
+    cfg.quantization.method = "int4"
     cfg.compilation.compile_workers = 4
     assert [n for _, n in inert_knobs(cfg, hf, on_gpu=False, multimodal=False) if "compile_workers" in n] == [
         "compilation.compile_workers=4: not used on the CPU backend (its kernels are not compiled by Triton)"]

@@ -179,6 +179,30 @@ def _check_bidirectional_runs(cfg: FrameworkConfig, hf_config: Any) -> None:
                           "computed in one prefill chunk (or run on text with multimodal=text_only)")
 
 
+def _tinygemm_notes(cfg: FrameworkConfig, hf_config: Any, on_gpu: bool) -> List[Tuple[int, str]]:
+    """quantization.int4_tinygemm=true acts only where int4 quantizes at load on CUDA, as the method
+    resolves (`auto`: the checkpoint's own; a checkpoint stored in int4 keeps no tinygemm copy), and
+    pays only at group sizes below 128."""
+    from framework.layers.quantization import resolve_quantization
+    from framework.resolve import load_time_method
+
+    q = cfg.quantization
+    resolved = resolve_quantization(q, hf_config, load_time_method(cfg))
+    key = "quantization.int4_tinygemm=true"
+    if not on_gpu or resolved.method != "int4":
+        why = "on the CPU backend" if not on_gpu else f"with quantization.method={q.method}" + (
+            f" (resolved to {resolved.method} for this checkpoint)" if q.method != resolved.method else "")
+        return [(logging.WARNING, f"{key}: not used {why} (int4 on CUDA in bf16 only)")]
+    if not resolved.int4_tinygemm:
+        return [(logging.WARNING, f"{key}: not used: the checkpoint is stored in int4 and loads as stored, with "
+                 "no tinygemm copy")]
+    if resolved.group_size % 128 == 0:
+        return [(logging.WARNING, f"{key}: decode steps of 2-4 tokens take tinygemm, slower than the default int4 "
+                 f"path at group_size={resolved.group_size} (kernels/int4_mma_gemv.py; tinygemm pays off for group "
+                 "sizes 32 and 64); its copy costs another 1/2 byte a weight")]
+    return []
+
+
 def validate_device_present(cfg: FrameworkConfig) -> None:
     """model.device=cuda needs a GPU in this process, unless the ranks run on a Ray cluster
     named by launcher.address (a CPU-only driver of GPU nodes) or task=plan plans for a GPU
@@ -218,14 +242,8 @@ def inert_knobs(cfg: FrameworkConfig, hf_config: Any, on_gpu: bool, multimodal: 
             notes.append((logging.INFO, "compilation.programmatic_dependent_launch=false: nothing to switch off on "
                           "the CPU backend (GPU kernels only)"))
     notes += _kv_size_notes(cfg.cache, on_gpu)
-    q = cfg.quantization
-    if q.int4_tinygemm and (not on_gpu or q.method not in ("int4", "auto")):
-        why = "on the CPU backend" if not on_gpu else f"with quantization.method={q.method}"
-        notes.append((logging.WARNING, f"quantization.int4_tinygemm=true: not used {why} (int4 on CUDA in bf16 only)"))
-    elif q.int4_tinygemm and q.group_size % 128 == 0:
-        notes.append((logging.WARNING, f"quantization.int4_tinygemm=true: decode steps of 2-4 tokens take tinygemm, "
-                      f"slower than the default int4 path at group_size={q.group_size} (kernels/int4_mma_gemv.py; "
-                      "tinygemm pays off for group sizes 32 and 64); its copy costs another 1/2 byte a weight"))
+    if cfg.quantization.int4_tinygemm:
+        notes += _tinygemm_notes(cfg, hf_config, on_gpu)
     if not cfg.parallelism.custom_all_reduce and (not on_gpu or cfg.parallelism.tensor_parallel_size == 1):
         why = "on the CPU backend" if not on_gpu else "at tensor_parallel_size=1"
         notes.append((logging.INFO, f"parallelism.custom_all_reduce=false: nothing to switch off {why} "
