@@ -18,8 +18,8 @@ land on bf16 / fp16 subnormals); one `fma` by 2^120 (2^8) restores it, exactly. 
 for two codes, no shared memory.
 
 The row scale multiplies the float32 sums once at the end. Products are exact in float32 (codes and
-x are exact in x's dtype); the reference (kernels.quant_matmul.quant_matmul_ref, quant_gemv's
-rowscaled_gemv) differs by summation order only. PTX only: the CPU tests run `_asm`'s PTX on an
+x are exact in x's dtype), so results differ from the one-row GEMV (quant_gemv.rowscaled_gemv) and
+from float64 products by summation order only. PTX only: the CPU tests run `_asm`'s PTX on an
 emulated warp (tests/kernels/ptx_warp.py).
 """
 
