@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 
 from kernels._mma_gemv import HAS_GLUON, has_mma_sync
-from kernels._triton import pdl
 
 if HAS_GLUON:
     from triton.experimental import gluon
@@ -165,8 +164,11 @@ def fp8_mma_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     rule = tiles_and_warps(m, n, k)
     tiles, warps = tiles or rule[0], warps or rule[1]
     assert n % (16 * tiles) == 0, "fp8_mma_gemv: N must be a multiple of 16 x tiles"
+    # Launched without programmatic dependent launch, unlike the other decode kernels: through the
+    # engine (8 requests x 256 tokens, 8-row decode steps, H200, BENCHMARKS.md session 11) decode took
+    # 1.021 s with it, 0.884 s without, 0.918 s on quant_matmul.
     _fp8_mma_gemv_kernel[(n // (16 * tiles),)](
         x, words, scale, y, m, n, k, x.stride(0), words.stride(0), y.stride(0),
         T=tiles, W=warps, UNROLL=UNROLL, ASM=_ASM_BF16 if x.dtype == torch.bfloat16 else _ASM_F16,
-        num_warps=warps, **pdl(x.device))
+        num_warps=warps, PDL=False)
     return y
