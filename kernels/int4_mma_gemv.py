@@ -178,8 +178,12 @@ def int4_mma_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     rule = tiles_and_warps(m, n, k)
     tiles, warps = tiles or rule[0], warps or rule[1]
     assert n % (16 * tiles) == 0, "int4_mma_gemv: N must be a multiple of 16 x tiles"
+    # Programmatic dependent launch at one row only: through the engine on an H200 batch-1 decode ran
+    # 406.7 tok/s with it against 398.6 (session 10), but 8-row decode steps took 0.830 s with it against
+    # 0.795 without (8 requests x 256 tokens, BENCHMARKS.md session 11)
     _int4_mma_gemv_kernel[(n // (16 * tiles),)](
         x, words, scale, y, m, n, k, x.stride(0), words.stride(0), scale.stride(0), y.stride(0),
         GROUP=k // scale.shape[1], T=tiles, W=warps, UNROLL=UNROLL,
-        ASM=_ASM_BF16 if x.dtype == torch.bfloat16 else _ASM_F16, num_warps=warps, **pdl(x.device))
+        ASM=_ASM_BF16 if x.dtype == torch.bfloat16 else _ASM_F16, num_warps=warps,
+        **(pdl(x.device) if m == 1 else {"PDL": False}))
     return y
