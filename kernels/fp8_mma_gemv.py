@@ -33,7 +33,7 @@ if HAS_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
 
-    from kernels._mma_gemv import lanes, outputs, pdl_enter
+    from kernels._mma_gemv import lanes, outputs
 
 FP8 = torch.float8_e4m3fn
 MAX_ROWS = 8  # x's rows are the MMA's eight B columns
@@ -89,9 +89,7 @@ if HAS_GLUON:
 
     @gluon.jit
     def _fp8_mma_gemv_kernel(x_ptr, words_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                             T: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr, ASM: gl.constexpr,
-                             PDL: gl.constexpr):
-        pdl_enter(PDL)
+                             T: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr, ASM: gl.constexpr):
         # [T tiles, W warps, 8 g, 16 (t, u)]: lane 4g + t of warp w holds its T x 4 words in registers
         L: gl.constexpr = gl.BlockedLayout([T, 1, 1, 4], [1, 1, 8, 4], [1, W, 1, 1], [3, 2, 1, 0])
         tile, w, g, tu = lanes(L, T, W)
@@ -164,11 +162,11 @@ def fp8_mma_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     rule = tiles_and_warps(m, n, k)
     tiles, warps = tiles or rule[0], warps or rule[1]
     assert n % (16 * tiles) == 0, "fp8_mma_gemv: N must be a multiple of 16 x tiles"
-    # Launched without programmatic dependent launch, unlike the other decode kernels: through the
-    # engine (8 requests x 256 tokens, 8-row decode steps, H200, BENCHMARKS.md session 11) decode took
+    # No programmatic dependent launch (no griddepcontrol in the kernel), unlike the other decode
+    # kernels: through the engine (8 requests x 256 tokens, 8-row decode steps, H200, BENCHMARKS.md session 11) decode took
     # 1.021 s with it, 0.884 s without, 0.918 s on quant_matmul.
     _fp8_mma_gemv_kernel[(n // (16 * tiles),)](
         x, words, scale, y, m, n, k, x.stride(0), words.stride(0), y.stride(0),
         T=tiles, W=warps, UNROLL=UNROLL, ASM=_ASM_BF16 if x.dtype == torch.bfloat16 else _ASM_F16,
-        num_warps=warps, PDL=False)
+        num_warps=warps)
     return y

@@ -135,7 +135,7 @@ def fp8_mma_gemv() -> Tuple[Build, int]:
     b = build(fmg._fp8_mma_gemv_kernel,
               {"x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N": "i32",
                "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"},
-              {"T": 1, "W": 8, "UNROLL": fmg.UNROLL, "ASM": fmg._ASM_BF16.value, "PDL": True}, num_warps=8,
+              {"T": 1, "W": 8, "UNROLL": fmg.UNROLL, "ASM": fmg._ASM_BF16.value}, num_warps=8,
               unspecialized=("M",))
     return b, fmg.UNROLL * 2 * 4 * 4  # slabs x rows g, g + 8 x words x codes
 

@@ -47,7 +47,7 @@ def scaled_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     byte per weight."""
     x2 = x.reshape(-1, x.shape[-1])
     triton = kernels.use_triton(x)
-    if triton and fmg.supported(x2, codes, scale) and fmg.faster(x2, codes):
+    if triton and fmg.faster(x2, codes) and fmg.supported(x2, codes, scale):
         y = fmg.fp8_mma_gemv(x2, codes, scale).view(*x.shape[:-1], codes.shape[0])
     elif triton and x2.shape[0] <= qg.DISPATCH_MAX_ROWS:
         y = qg.rowscaled_gemv(x2, codes, scale).view(*x.shape[:-1], codes.shape[0])
