@@ -37,6 +37,7 @@ class Build:
     stack_bytes: int  # a thread's local memory: spilled registers
     loop_instructions: int  # in the body of the kernel's largest loop
     opcodes: Counter  # that body's, by opcode (FFMA, LOP3, ...)
+    kernel_opcodes: Counter  # the whole kernel's (a kernel without a K loop: kernels/int4_tma_gemv.py)
 
 
 def _tool(name: str) -> str:
@@ -57,8 +58,8 @@ def _run(tool: str, cubin: bytes, *args: str) -> str:
         return subprocess.run([_tool(tool), *args, f.name], capture_output=True, text=True, check=True).stdout
 
 
-def _largest_loop(sass: str) -> Counter:
-    """Opcodes between a label and the furthest backward branch to it: the largest loop body."""
+def _instructions(sass: str) -> Tuple[List[Tuple[str, str]], Dict[str, int]]:
+    """(opcode, operands) of every instruction, and the index each label points at."""
     labels: Dict[str, int] = {}
     ops: List[Tuple[str, str]] = []
     for line in sass.splitlines():
@@ -69,6 +70,12 @@ def _largest_loop(sass: str) -> Counter:
         ins = re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)\S*\s*(.*)", line)
         if ins:
             ops.append((ins.group(1), ins.group(2)))
+    return ops, labels
+
+
+def _largest_loop(sass: str) -> Counter:
+    """Opcodes between a label and the furthest backward branch to it: the largest loop body."""
+    ops, labels = _instructions(sass)
     body = (0, 0)
     for end, (op, rest) in enumerate(ops):
         target = re.search(r"(L_x_\d+)", rest) if op == "BRA" else None
@@ -100,8 +107,10 @@ def build(fn: Any, signature: Dict[str, str], constexprs: Dict[str, Any], num_wa
     cubin = kernel.asm["cubin"]
     usage = re.search(r"REG:(\d+).*?STACK:(\d+)", _run("cuobjdump", cubin, "--dump-resource-usage"))
     assert usage, "cuobjdump printed no resource usage"
-    loop = _largest_loop(_run("nvdisasm", cubin, "-c"))
-    return Build(int(usage.group(1)), int(usage.group(2)), sum(loop.values()), loop)
+    sass = _run("nvdisasm", cubin, "-c")
+    loop = _largest_loop(sass)
+    return Build(int(usage.group(1)), int(usage.group(2)), sum(loop.values()), loop,
+                 Counter(op for op, _ in _instructions(sass)[0]))
 
 
 def int4_gemv() -> Tuple[Build, int]:
@@ -126,6 +135,20 @@ def int4_mma_gemv() -> Tuple[Build, int]:
               {"GROUP": 128, "T": 1, "W": 8, "UNROLL": mg.UNROLL, "ASM": mg._ASM_BF16.value, "PDL": True}, num_warps=8,
               unspecialized=("M",))
     return b, mg.UNROLL * 2 * 4 * 8  # slabs x rows g, g + 8 x words x codes
+
+
+def int4_tma_gemv() -> Tuple[Build, int]:
+    """The TMA-fed int4 GEMV (group 128, K = 4,096), and the codes a thread takes in the whole kernel."""
+    from kernels import int4_tma_gemv as tg
+
+    slabs = tg.CHUNK // 128
+    layout = repr(tg._TILE_LAYOUT)
+    b = build(tg._int4_tma_gemv_kernel,
+              {"desc": f"tensordesc<i32[16, {slabs}, 16],{layout}>", "x_ptr": "*bf16", "scale_ptr": "*bf16",
+               "y_ptr": "*bf16", "stride_sn": "i32"},
+              {"GROUP": 128, "S": slabs, "CHUNKS": tg.MAX_K // tg.CHUNK, "W": tg.WARPS, "ASM": tg._ASM_BF16.value,
+               "PDL": True}, num_warps=tg.WARPS, unspecialized=("desc",))
+    return b, tg.MAX_K * 16 // (32 * tg.WARPS)  # 16 rows x K codes over the program's threads
 
 
 def fp8_mma_gemv() -> Tuple[Build, int]:

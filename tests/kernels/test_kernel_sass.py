@@ -17,10 +17,13 @@ _PROBE = """
 import json
 from kernels import sass
 out = {}
-for name in ("int4_gemv", "int4_mma_gemv", "fp8_mma_gemv"):
+for name in ("int4_gemv", "int4_mma_gemv", "fp8_mma_gemv", "int4_tma_gemv"):
     build, codes = getattr(sass, name)()
+    whole = build.kernel_opcodes
     out[name] = {"codes": codes, "loop": build.loop_instructions, "stack": build.stack_bytes,
-                 "ffma": build.opcodes["FFMA"], "hmma": build.opcodes["HMMA"], "top": build.opcodes.most_common(8)}
+                 "registers": build.registers, "ffma": build.opcodes["FFMA"], "hmma": build.opcodes["HMMA"],
+                 "top": build.opcodes.most_common(8), "kernel": {op: whole[op] for op in ("HMMA", "FFMA", "UTMALDG")},
+                 "kernel_instructions": sum(whole.values())}
 print(json.dumps(out))
 """
 
@@ -56,3 +59,13 @@ def test_fp8_mma_gemv_loop_takes_under_three_and_a_half_instructions_a_code(buil
     assert got["hmma"] * 8 == got["codes"] and got["ffma"] == 0, got["top"]
     assert got["loop"] / got["codes"] < 3.5, got["top"]  # 2.97 (triton 3.6): 4 for 2 codes + loads, addresses
     assert got["stack"] == 0
+
+
+def test_int4_tma_gemv_brings_each_chunk_by_one_tma_load(builds):
+    got = builds["int4_tma_gemv"]
+    # a thread's share of a 16-row tile at K = 4,096: 8 MMAs a slab, one scale FMA an accumulator a slab,
+    # one TMA load a 2,048-column chunk (two), no other products
+    assert got["kernel"] == {"HMMA": got["codes"] // 8, "FFMA": got["codes"] // 16, "UTMALDG": 2}, got["kernel"]
+    assert got["kernel_instructions"] / got["codes"] < 3.0  # 2.67 (triton 3.6 and 3.9), unrolled: no K loop
+    # three programs of 128 threads an SM (kernels.int4_tma_gemv.PROGRAMS_AN_SM): at most 168 registers
+    assert got["registers"] <= 168 and got["stack"] == 0

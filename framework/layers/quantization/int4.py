@@ -15,6 +15,9 @@ On GPU (group sizes that are multiples of 16), by rows (tokens) of a call:
 - 2 to TINYGEMM_MAX_ROWS, with bf16 activations on CUDA where the layer has the copy: PyTorch's
   tinygemm (kernels/int4_tinygemm.py), on a second copy of the codes in its own layout
   (`weight_int4pack`, `weight_scale_zeros`), repacked as each block of rows is quantized;
+- one row on Hopper where the weight's 16-row tiles fit one wave and K is 2,048 or 4,096 (an 8B model's
+  qkv and o): kernels/int4_tma_gemv.py (the next kernel's arithmetic, each program's whole tile brought
+  into shared memory by TMA at once);
 - up to 8 rows on CUDA in bf16 / fp16 where the group size is a multiple of 128 (and N of 16):
   kernels/int4_mma_gemv.py (each code unpacked once into an MMA register, x's rows the MMA's
   columns, so 1-8 rows cost about the same);
@@ -30,7 +33,8 @@ another half byte a weight: it is kept for a model on CUDA where `quantization.i
 checkpoint leaves it out; `rebuild` remakes it). On an H200 (BENCHMARKS.md, 2026-12-01, issue 17, 8B
 shapes, µs a layer's four linears): the MMA GEMV 54.8 / 69.8 / 97.7 at 1 / 4 / 8 rows, against the
 Triton GEMV's 65.0 at one row, tinygemm's 68.2 / 96.3 / 156.6 and quant_matmul's 123.3 / 122.8 at 4 / 8
-(batch-1 decode through the engine: 406.2 tok/s, 1.69x bf16; 352.3 with the Triton GEMV); tinygemm
+(batch-1 decode through the engine: 406.2 tok/s, 1.69x bf16; 352.3 with the Triton GEMV; 419.6 against
+404.8 with qkv and o on kernels/int4_tma_gemv.py, session 13); tinygemm
 at 16 rows is 2-3x slower than quant_matmul, hence its threshold; w4a16_matmul at 256 rows runs at 0.5-0.6x
 bf16 cuBLAS, ahead of the unpack + cuBLAS up to about 1,000 rows, behind it from there
 (DEQUANT_ROWS; 256 requests through the engine: 0.83x bf16 in session 9, 0.78x with w4a16 for the
@@ -47,7 +51,8 @@ import torch.nn.functional as F
 import kernels
 from framework.config.errors import ConfigError
 from framework.layers.quantization.base import LoadTimeQuant, Spec
-from kernels import int4_mma_gemv as mg, int4_tinygemm as tg, quant_gemv as qg, quant_matmul as qmm
+from kernels import int4_mma_gemv as mg, int4_tinygemm as tg, int4_tma_gemv as tma, quant_gemv as qg
+from kernels import quant_matmul as qmm
 from kernels import w4a16_matmul as w4
 
 QMAX = 7
@@ -107,6 +112,8 @@ def int4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias:
     rows, group = x2.shape[0], x2.shape[1] // scale.shape[1]
     if tinygemm is not None and 1 < rows <= TINYGEMM_MAX_ROWS and x.is_cuda and x.dtype == torch.bfloat16:
         y = tg.int4pack_mm(x2, *tinygemm, group)
+    elif rows == 1 and tma.takes(x2, codes, scale):
+        y = tma.int4_tma_gemv(x2, codes, scale)
     elif rows <= mg.MAX_ROWS and mg.supported(x2, codes, scale):
         y = mg.int4_mma_gemv(x2, codes, scale)
     elif rows <= qg.DISPATCH_MAX_ROWS:
