@@ -4,10 +4,10 @@ o projections at batch 1).
 
 Why: kernels/int4_mma_gemv.py loads codes into registers, two slabs a warp before it computes them, so
 a small weight is read in several short round trips of each warp and the kernel waits on them (on gate_up
-at one row, 46% of its warps' stall samples on the loads' scoreboard; Nsight Compute, H200). Here a program of four warps
-owns 16 weight rows and, before touching anything else, asks for all of them (16 x K/2 bytes, K <= 4,096:
-at most 32 KiB) by `cp.async.bulk.tensor` into shared memory, in chunks of 2,048 columns with an mbarrier
-each. With at most three programs an SM (142-146 registers a thread) every byte of a weight of up to
+at one row, 46% of its warps' stall samples on the loads' scoreboard; Nsight Compute, H200). Here a
+program of four warps owns 16 weight rows and, before anything else, asks for all of them (16 x K/2 bytes,
+K <= 4,096: at most 32 KiB) by `cp.async.bulk.tensor` into shared memory, in chunks of 2,048 columns with
+an mbarrier each. With at most three programs an SM (142-146 registers a thread) every byte of a weight of up to
 3 x SMs tiles is in flight from the start. The warps then read the chunks back in the MMA GEMV's lane
 layout (lane 4g + t: words 4t..4t+3 of each 128-column slab, rows g and g + 8; warp w takes slabs
 w, w + 4, ...) and run its PTX (`int4_mma_gemv._asm`), so the arithmetic is that kernel's, bit for bit.
