@@ -88,7 +88,7 @@ if HAS_TMA:
         word = s * 16 + j  # within a chunk
         # x as int64 (four columns each), lanes g = 0 only: the MMA's other B columns stay zero
         x_ptrs = x_ptr.to(gl.pointer_type(gl.int64), bitcast=True) + word * 2
-        x_ok = (g == 0) & (word >= 0)
+        x_ok = (g == 0) & (word >= 0)  # (word >= 0: the mask in the operands' full shape)
         slo_ptrs = scale_ptr + (n0 + g).to(gl.int64) * stride_sn + j * 0
         shi_ptrs = slo_ptrs + 8 * stride_sn
         acc = gl.zeros([8, S, 16], gl.float32, L)

@@ -16,8 +16,8 @@ On GPU (group sizes that are multiples of 16), by rows (tokens) of a call:
   tinygemm (kernels/int4_tinygemm.py), on a second copy of the codes in its own layout
   (`weight_int4pack`, `weight_scale_zeros`), repacked as each block of rows is quantized;
 - one row on Hopper where the weight's 16-row tiles fit one wave and K is 2,048 or 4,096 (an 8B model's
-  qkv and o): kernels/int4_tma_gemv.py (the next kernel's arithmetic, each program's whole tile brought
-  into shared memory by TMA at once);
+  qkv and o): kernels/int4_tma_gemv.py (int4_mma_gemv's arithmetic on each program's whole tile,
+  brought into shared memory by TMA at once);
 - up to 8 rows on CUDA in bf16 / fp16 where the group size is a multiple of 128 (and N of 16):
   kernels/int4_mma_gemv.py (each code unpacked once into an MMA register, x's rows the MMA's
   columns, so 1-8 rows cost about the same);
