@@ -44,12 +44,18 @@ if HAS_GLUON:
         return tile, w, g, tu
 
     @gluon.jit
+    def fragment(tu):
+        """For lane slot tu = 4t + u (u = C fragment register c_u) of a lane 4g + t: the weight row past g
+        (c0, c1: + 0; c2, c3: + 8) and the x row (c0, c2: 2t; c1, c3: 2t + 1) of its accumulator."""
+        return 8 * ((tu % 4) // 2), 2 * (tu // 4) + tu % 2
+
+    @gluon.jit
     def outputs(n0, L: gl.constexpr, T: gl.constexpr):
-        """For the warps' summed accumulators [T, 8 g, 16 (t, u)] (layout SliceLayout(1, L)), u = C
-        fragment register c_u: the weight row (c0, c1: row g; c2, c3: g + 8) and x row (c0, c2: x row
-        2t; c1, c3: 2t + 1) of each."""
+        """For the warps' summed accumulators [T, 8 g, 16 (t, u)] (layout SliceLayout(1, L)): the weight
+        row and x row of each (`fragment`)."""
         OUT: gl.constexpr = gl.SliceLayout(1, L)
         ot = gl.arange(0, T, layout=gl.SliceLayout(1, gl.SliceLayout(2, OUT)))[:, None, None]
         og = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, OUT)))[None, :, None]
         ou = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, OUT)))[None, None, :]
-        return n0 + 16 * ot + og + 8 * ((ou % 4) // 2), 2 * (ou // 4) + ou % 2
+        past_g, m = fragment(ou)
+        return n0 + 16 * ot + og + past_g, m

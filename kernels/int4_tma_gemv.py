@@ -47,7 +47,7 @@ if HAS_TMA:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
 
-    from kernels._mma_gemv import pdl_enter
+    from kernels._mma_gemv import fragment, pdl_enter
 
     # one TMA load into shared memory: `async_load` in newer Tritons, the older name in 3.6 (the GPU image's)
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -109,10 +109,9 @@ if HAS_TMA:
         out = gl.sum(acc, axis=1)  # the warps' slabs added: [8 g, 16 (t, u)], u = accumulator c_u
         OUT: gl.constexpr = gl.SliceLayout(1, L)
         og = gl.arange(0, 8, layout=gl.SliceLayout(1, OUT))[:, None]
-        ou = gl.arange(0, 16, layout=gl.SliceLayout(0, OUT))[None, :]
-        # c0 / c2: weight rows g / g + 8 for x row 2t: x's row 0 is lane t = 0's c0 and c2
-        row = n0 + og + 8 * ((ou % 4) // 2)
-        gl.store(y_ptr + row, out.to(y_ptr.dtype.element_ty), mask=(ou == 0) | (ou == 2))
+        past_g, m = fragment(gl.arange(0, 16, layout=gl.SliceLayout(0, OUT))[None, :])
+        row = n0 + og + past_g
+        gl.store(y_ptr + row, out.to(y_ptr.dtype.element_ty), mask=m == 0)  # x's one row
 
 
 @functools.cache

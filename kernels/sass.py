@@ -73,9 +73,8 @@ def _instructions(sass: str) -> Tuple[List[Tuple[str, str]], Dict[str, int]]:
     return ops, labels
 
 
-def _largest_loop(sass: str) -> Counter:
+def _largest_loop(ops: List[Tuple[str, str]], labels: Dict[str, int]) -> Counter:
     """Opcodes between a label and the furthest backward branch to it: the largest loop body."""
-    ops, labels = _instructions(sass)
     body = (0, 0)
     for end, (op, rest) in enumerate(ops):
         target = re.search(r"(L_x_\d+)", rest) if op == "BRA" else None
@@ -107,10 +106,9 @@ def build(fn: Any, signature: Dict[str, str], constexprs: Dict[str, Any], num_wa
     cubin = kernel.asm["cubin"]
     usage = re.search(r"REG:(\d+).*?STACK:(\d+)", _run("cuobjdump", cubin, "--dump-resource-usage"))
     assert usage, "cuobjdump printed no resource usage"
-    sass = _run("nvdisasm", cubin, "-c")
-    loop = _largest_loop(sass)
-    return Build(int(usage.group(1)), int(usage.group(2)), sum(loop.values()), loop,
-                 Counter(op for op, _ in _instructions(sass)[0]))
+    ops, labels = _instructions(_run("nvdisasm", cubin, "-c"))
+    loop = _largest_loop(ops, labels)
+    return Build(int(usage.group(1)), int(usage.group(2)), sum(loop.values()), loop, Counter(op for op, _ in ops))
 
 
 def int4_gemv() -> Tuple[Build, int]:
